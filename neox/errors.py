@@ -1,0 +1,25 @@
+"""Errors neox raises. Library code raises; only entry points turn these into one line + exit code."""
+
+
+class NeoxError(Exception):
+    """Base class: the message is one line that names the problem and the fix."""
+
+
+class ConfigError(NeoxError):
+    """The run config is invalid or the layout is impossible."""
+
+
+class LaunchError(NeoxError):
+    """Workers cannot be started here (hostfile, GPUs, launcher, Slurm)."""
+
+
+class DataError(NeoxError):
+    """A data file, tokenizer or dataset spec is missing, malformed or inconsistent."""
+
+
+class CheckpointError(NeoxError):
+    """A checkpoint is missing, corrupt or incompatible with the run."""
+
+
+class KernelError(NeoxError):
+    """A fused kernel was asked for but cannot run on this input or machine."""
