@@ -37,7 +37,7 @@ class ModelConfig:
     bias: bool = True
     dropout: float = 0.0
     attn_dropout: float = 0.0
-    init: str = "small_init"  # normal | small_init | wang_init
+    init: str = "wang_init"  # normal (GPT-2) | small_init | wang_init (small_init + wang_init outputs)
     init_std: float = 0.02  # used by init=normal
     activation_checkpointing: str = "none"  # none | full
     kernels: str = "auto"  # auto | fused | reference

@@ -1,0 +1,288 @@
+"""Validate a composed run config and derive everything that follows from it, in one place.
+
+`make_plan(cfg, resources)` either raises one `ConfigError`/`LaunchError` whose message names the
+fix, or returns a frozen `RunPlan`: the layout (world, tp, pp, dp), the batch triad, the padded
+vocab, the resolved model shape and the FLOP count. The config itself is never mutated.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from neox.errors import ConfigError, LaunchError
+from neox.model.gpt import GPTConfig, count_params
+
+# Layout features and the issue that brings each. A preset that needs one that is not here fails
+# validation saying so; it is never silently ignored.
+AVAILABLE_FEATURES: frozenset = frozenset()
+PENDING_FEATURES = {
+    "tensor_parallel": "tensor parallelism (tp>1) is not available yet (issue #4); use parallelism=single or zero1",
+    "sequence_parallel": "sequence parallelism is not available yet (issue #4); set parallelism.sequence_parallel=false",
+    "pipeline": "pipeline parallelism (pp>1) is not available yet (issue #5); use parallelism=single or zero1",
+}
+
+CHOICES = {
+    "model.position": ("learned", "rotary", "alibi"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.init": ("normal", "small_init", "wang_init"),
+    "model.activation_checkpointing": ("none", "full"),
+    "model.kernels": ("auto", "fused", "reference"),
+    "optim.decay": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.kind": ("embedded", "prepared"),
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What this launch can use: found by `neox.launch.resources`, or given by tests."""
+
+    kind: str  # local | hostfile | slurm
+    device: str  # cuda | cpu
+    slots: int  # GPUs (or CPU processes) available in all
+    slots_per_node: int
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    seq_len: int
+    precision: str
+    device: str
+    model: GPTConfig
+    params: dict
+    flops_per_token: float
+    run_dir: Path
+    resources: Resources
+    warnings: tuple = ()
+    blockers: tuple = ()  # why this plan cannot launch yet (kept only for dry runs)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Expected idle fraction of a 1F1B pipeline: (p-1)/(m+p-1)."""
+        return (self.pp - 1) / (self.grad_accum + self.pp - 1)
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """Pad to a multiple that does not depend on tp, so checkpoint shapes never change with layout."""
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ConfigError(f"model.vocab_multiple={multiple!r} must be a positive integer (e.g. 128)")
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def gpt_config(model: DictConfig) -> GPTConfig:
+    """Resolve the model section into the frozen shape the model is built from."""
+    d, heads = model.d_model, model.n_heads
+    kv = model.n_kv_heads or heads
+    if model.d_ff:
+        d_ff = model.d_ff
+    elif model.mlp == "swiglu":
+        d_ff = int(math.ceil(8 * d / 3 / 64) * 64)
+    else:
+        d_ff = 4 * d
+    head_dim = d // heads
+    rotary_dims = int(head_dim * model.rotary_pct) // 2 * 2 if model.position == "rotary" else 0
+    return GPTConfig(
+        n_layers=model.n_layers, d_model=d, n_heads=heads, n_kv_heads=kv, d_ff=d_ff, seq_len=model.seq_len,
+        vocab_size=padded_vocab(model.vocab_size, model.vocab_multiple), position=model.position,
+        rotary_dims=rotary_dims, rotary_base=model.rotary_base, rotary_interleaved=model.rotary_interleaved,
+        parallel_residual=model.parallel_residual, norm=model.norm, norm_eps=model.norm_eps, mlp=model.mlp,
+        tied_embeddings=model.tied_embeddings, bias=model.bias, dropout=model.dropout,
+        attn_dropout=model.attn_dropout, init=model.init, init_std=model.init_std,
+        activation_checkpointing=model.activation_checkpointing,
+    )
+
+
+def flops_per_token(m: GPTConfig, params: dict) -> float:
+    """Training FLOPs per token: 6 * (non-embedding params + vocab * d) + 12 * L * d * seq (attention)."""
+    return 6 * (params["non_embedding"] + m.vocab_size * m.d_model) + 12 * m.n_layers * m.d_model * m.seq_len
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_model(m: DictConfig) -> None:
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}")
+    if m.position == "rotary" and not 0 < m.rotary_pct <= 1:
+        raise ConfigError(f"model.rotary_pct={m.rotary_pct} must be in (0, 1]")
+    if m.position == "rotary" and int(m.d_model // m.n_heads * m.rotary_pct) < 2:
+        raise ConfigError("model.rotary_pct leaves fewer than 2 rotary dims per head; raise it")
+    for name in ("n_layers", "seq_len", "vocab_size"):
+        if _get(m, name) < 1:
+            raise ConfigError(f"model.{name}={_get(m, name)} must be at least 1")
+
+
+def _check_layout(cfg: DictConfig) -> list:
+    """Raise on an impossible layout; return the features it needs that are not available yet."""
+    p, m = cfg.parallelism, cfg.model
+    if p.tp < 1 or p.pp < 1 or (p.dp is not None and p.dp < 1):
+        raise ConfigError("parallelism.tp, pp and dp must be at least 1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallelism.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.zero_stage >= 2 and p.pp > 1:
+        raise ConfigError(f"parallelism.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed does not support "
+                          "ZeRO-2/3 with pipeline parallelism; use zero_stage=1 or pp=1")
+    kv = m.n_kv_heads or m.n_heads
+    for what, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv), ("model.d_model", m.d_model)):
+        if value % p.tp:
+            raise ConfigError(f"{what}={value} is not divisible by parallelism.tp={p.tp}; choose a tp that divides it")
+    d_ff = gpt_config(m).d_ff
+    if d_ff % p.tp:
+        raise ConfigError(f"the FFN size {d_ff} is not divisible by parallelism.tp={p.tp}; set model.d_ff")
+    if padded_vocab(m.vocab_size, m.vocab_multiple) % p.tp:
+        raise ConfigError(f"the padded vocab is not divisible by tp={p.tp}; use a model.vocab_multiple that tp divides")
+    if m.n_layers < p.pp:
+        raise ConfigError(f"model.n_layers={m.n_layers} is fewer than parallelism.pp={p.pp} stages; lower pp")
+    if p.pipe_partition not in ("uniform", "parameters") and not p.pipe_partition.startswith("type:"):
+        raise ConfigError(f"parallelism.pipe_partition={p.pipe_partition!r} must be uniform, parameters or type:<Layer>")
+    needs = []
+    if p.tp > 1:
+        needs.append("tensor_parallel")
+    if p.sequence_parallel:
+        needs.append("sequence_parallel")
+    if p.pp > 1:
+        needs.append("pipeline")
+    return [f"parallelism={p.name}: {PENDING_FEATURES[f]}" for f in needs if f not in AVAILABLE_FEATURES]
+
+
+def _world(cfg: DictConfig, res: Resources, dry_run: bool) -> tuple[int, int, list]:
+    """World size and dp from the layout and what is available."""
+    p = cfg.parallelism
+    model_parallel = p.tp * p.pp
+    warnings = []
+    if p.tp > res.slots_per_node and res.device == "cuda" and not p.tp_across_nodes_is_slow:
+        raise ConfigError(f"parallelism.tp={p.tp} spans more GPUs than one node has ({res.slots_per_node}); "
+                          "lower tp, or set parallelism.tp_across_nodes_is_slow=true to force it")
+    if p.dp is not None:
+        world = model_parallel * p.dp
+        if world > res.slots:
+            msg = (f"the layout tp={p.tp} x pp={p.pp} x dp={p.dp} needs {world} "
+                   f"{'GPUs' if res.device == 'cuda' or dry_run else 'processes'}, but {res.slots} are available here")
+            if not dry_run:
+                raise LaunchError(msg + "; use a smaller layout or a cluster with more GPUs")
+            warnings.append(msg + " (dry run: launching would fail)")
+        return world, p.dp, warnings
+    if res.slots % model_parallel:
+        raise ConfigError(f"{res.slots} {'GPUs' if res.device == 'cuda' else 'processes'} cannot be split into "
+                          f"tp={p.tp} x pp={p.pp} groups; set parallelism.dp or use a multiple of {model_parallel}")
+    return res.slots, res.slots // model_parallel, warnings
+
+
+def batch_triad(micro: Optional[int], accum: Optional[int], global_: Optional[int], dp: int) -> tuple[int, int, int]:
+    """global = micro * accum * dp: any two determine the third; all three must agree."""
+    given = {k: v for k, v in (("micro_batch", micro), ("grad_accum", accum), ("global_batch", global_)) if v is not None}
+    for k, v in given.items():
+        if v < 1:
+            raise ConfigError(f"train.{k}={v} must be at least 1")
+    if micro is None and accum is None and global_ is None:
+        raise ConfigError("set two of train.micro_batch, train.grad_accum, train.global_batch")
+    if micro is not None and accum is not None:
+        if global_ is not None and global_ != micro * accum * dp:
+            raise ConfigError(f"inconsistent batch: global_batch={global_} != micro_batch={micro} x grad_accum={accum} "
+                              f"x dp={dp} = {micro * accum * dp}; drop one of the three")
+        return micro, accum, micro * accum * dp
+    if global_ is None:  # only one of micro/accum given: the other defaults (accum 1, or micro 1)
+        micro, accum = micro or 1, accum or 1
+        return micro, accum, micro * accum * dp
+    if micro is None and accum is None:
+        accum = 1
+    known = micro if micro is not None else accum
+    if global_ % (known * dp):
+        what = "micro_batch" if micro is not None else "grad_accum"
+        raise ConfigError(f"inconsistent batch: global_batch={global_} is not divisible by train.{what}={known} x dp={dp}")
+    other = global_ // (known * dp)
+    return (micro, other, global_) if micro is not None else (other, accum, global_)
+
+
+def _check_output(run_dir: Path) -> None:
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output directory {run_dir} is not writable (at {probe}); set run_dir=<a writable path>")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.kind != "prepared":
+        return
+    if not data.prefixes:
+        raise ConfigError("data.kind=prepared needs data.prefixes=[<path without .bin/.idx>, ...]")
+    for prefix in data.prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(os.path.expanduser(prefix) + ext).is_file():
+                raise ConfigError(f"data file {prefix}{ext} does not exist; prepare it with "
+                                  "`python -m neox.data.prepare` or fix data.prefixes")
+    if data.weights is not None and len(data.weights) != len(data.prefixes):
+        raise ConfigError(f"data.weights has {len(data.weights)} entries for {len(data.prefixes)} prefixes")
+    if data.tokenizer and not Path(os.path.expanduser(data.tokenizer)).is_file():
+        raise ConfigError(f"data.tokenizer {data.tokenizer} does not exist; fix the path")
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    name = cfg.run_name or f"{cfg.model.name}-{cfg.parallelism.name}-{cfg.data.name}"
+    return Path(cfg.run_dir if cfg.run_dir else os.path.join("runs", name)).expanduser().absolute()
+
+
+def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
+    """Validate `cfg` against what is available and derive the run plan. Raises on the first problem."""
+    _check_choices(cfg)
+    _check_model(cfg.model)
+    blockers = _check_layout(cfg)
+    if blockers and not cfg.dry_run:
+        raise ConfigError(blockers[0])
+    world, dp, warnings = _world(cfg, res, cfg.dry_run)
+    t = cfg.train
+    micro, accum, global_ = batch_triad(t.micro_batch, t.grad_accum, t.global_batch, dp)
+    if cfg.parallelism.pp > 1 and accum < cfg.parallelism.pp:
+        warnings.append(f"grad_accum={accum} micro-batches is below pp={cfg.parallelism.pp} stages: "
+                        f"the pipeline bubble is {(cfg.parallelism.pp - 1) / (accum + cfg.parallelism.pp - 1):.0%}")
+    for name in ("steps", "eval_every", "save_every", "log_every", "collective_timeout_s"):
+        if t[name] < 1:
+            raise ConfigError(f"train.{name}={t[name]} must be at least 1")
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if res.device == "cuda" else "fp32"
+    if precision == "fp16" and res.device == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    run_dir = default_run_dir(cfg)
+    _check_output(run_dir)
+    _check_data(cfg)
+    model = gpt_config(cfg.model)
+    params = count_params(model)
+    return RunPlan(world_size=world, tp=cfg.parallelism.tp, pp=cfg.parallelism.pp, dp=dp, micro_batch=micro,
+                   grad_accum=accum, global_batch=global_, seq_len=model.seq_len, precision=precision,
+                   device=res.device, model=model, params=params, flops_per_token=flops_per_token(model, params),
+                   run_dir=run_dir, resources=res, warnings=tuple(warnings), blockers=tuple(blockers))

@@ -1,0 +1,302 @@
+"""The GPT-NeoX family of models, in one file that reads top to bottom as the architecture.
+
+Positions: learned, rotary (full or partial, NeoX or GPT-J layout) or ALiBi. Residual: parallel
+(GPT-J/NeoX) or sequential. Norm: LayerNorm or RMSNorm. MLP: GeLU or SwiGLU. Attention: torch SDPA
+with grouped-query heads. Embeddings tied or untied.
+
+The model is a flat list of layers (embedding, blocks, final norm, head) so the same definition runs
+as a plain module (`GPT`) or as a DeepSpeed pipeline (`neox.parallel.pipeline`). Parallelism is
+applied from outside: tensor parallelism swaps the linear layers for sharded ones, and every module
+here reads its local head/width counts off its weights, so it runs unchanged on a shard.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Fully resolved model shape; built by `neox.config.plan.gpt_config` from the run config."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    seq_len: int
+    vocab_size: int  # padded
+    position: str = "rotary"
+    rotary_dims: int = 0
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    parallel_residual: bool = False
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    tied_embeddings: bool = False
+    bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    init: str = "small_init"
+    init_std: float = 0.02
+    activation_checkpointing: str = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------- positions
+def rotary_tables(dims: int, seq_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [seq, dims/2], computed in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool) -> torch.Tensor:
+    """Rotate the first `dims` channels of each head of x [b, s, h, hd]; the rest pass through."""
+    rot, rest = x[..., :dims].float(), x[..., dims:]
+    cos, sin = cos[: x.shape[1], None, :], sin[: x.shape[1], None, :]  # [s, 1, dims/2]
+    if interleaved:  # GPT-J: pairs (2i, 2i+1)
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:  # NeoX: halves (i, i + dims/2)
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out.to(x.dtype), rest), dim=-1)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al.), including the non-power-of-two rule."""
+    def pow2_slopes(n: int) -> List[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(pow2_slopes(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = pow2_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(pow2_slopes(closest) + extra)
+
+
+# ---------------------------------------------------------------------------------------- attention
+class CausalSelfAttention(nn.Module):
+    """Grouped-query attention. The qkv projection is laid out per kv group as
+    [q heads of the group..., k, v], so sharding its rows into contiguous blocks (tensor
+    parallelism) keeps whole groups together."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd, groups = cfg.head_dim, cfg.n_kv_heads
+        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
+        self.qkv = nn.Linear(cfg.d_model, groups * (self.q_per_kv + 2) * hd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.bias)
+        self.head_offset = 0  # first global head of this shard (ALiBi slopes under tp)
+        if cfg.position == "rotary":
+            cos, sin = rotary_tables(cfg.rotary_dims, cfg.seq_len, cfg.rotary_base)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+        if cfg.position == "alibi":
+            self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hd = self.cfg.head_dim
+        qkv = self.qkv(x).view(b, s, -1, self.q_per_kv + 2, hd)  # [b, s, local groups, q+2, hd]
+        groups = qkv.shape[2]
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, groups * self.q_per_kv, hd)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if self.cfg.position == "rotary":
+            q = apply_rotary(q, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved)
+            k = apply_rotary(k, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
+        p = self.cfg.attn_dropout if self.training else 0.0
+        if self.cfg.position == "alibi":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._alibi_bias(q.shape[1], s, q),
+                                               dropout_p=p, enable_gqa=self.q_per_kv > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.q_per_kv > 1)
+        return self.proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _alibi_bias(self, local_heads: int, s: int, like: torch.Tensor) -> torch.Tensor:
+        slopes = self.slopes[self.head_offset: self.head_offset + local_heads].to(torch.float32)
+        pos = torch.arange(s, device=like.device)
+        dist = (pos[None, :] - pos[:, None]).to(torch.float32)  # key - query, <= 0 in the past
+        bias = slopes[:, None, None] * dist[None]
+        bias = bias.masked_fill(dist[None] > 0, float("-inf"))
+        return bias.to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------- mlp
+class MLP(nn.Module):
+    """GeLU MLP, or SwiGLU with fc_in's outputs laid out as (gate, up) pairs so that a
+    contiguous row shard under tensor parallelism holds whole pairs."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
+        if self.swiglu:
+            h = h.unflatten(-1, (-1, 2))
+            h = F.silu(h[..., 0]) * h[..., 1]
+        else:
+            h = F.gelu(h)
+        return self.fc_out(h)
+
+
+# ---------------------------------------------------------------------------------------- layers
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.ln_attn = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_mlp = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel_residual:  # GPT-J / NeoX: both branches read the same input
+            return x + self.drop(self.attn(self.ln_attn(x))) + self.drop(self.mlp(self.ln_mlp(x)))
+        x = x + self.drop(self.attn(self.ln_attn(x)))
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok(tokens)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer to build: `cls(cfg)`. `tied_key` marks the embedding/head pair that share weights."""
+
+    cls: type
+    tied_key: Optional[str] = None
+
+
+def layer_specs(cfg: GPTConfig) -> List[LayerSpec]:
+    """The model as a flat list: embedding, blocks, final norm, head."""
+    tied = "embed" if cfg.tied_embeddings else None
+    return ([LayerSpec(Embedding, tied)] + [LayerSpec(Block)] * cfg.n_layers
+            + [LayerSpec(FinalNorm), LayerSpec(Embedding if tied else Head, tied)])
+
+
+def tied_head_forward(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The output projection of a tied model: logits = x @ E^T."""
+    return F.linear(x, embedding.tok.weight)
+
+
+# ---------------------------------------------------------------------------------------- init
+def init_weights(module: nn.Module, cfg: GPTConfig) -> None:
+    """`normal`: init_std everywhere, residual-branch outputs scaled by 1/sqrt(2L) (GPT-2).
+    `small_init` (Nguyen & Salazar): std = sqrt(2 / 5d) everywhere.
+    `wang_init`: small_init, with residual-branch outputs at std = 2 / (L * sqrt(d)) (GPT-NeoX's pairing)."""
+    d, n_layers = cfg.d_model, cfg.n_layers
+    if cfg.init == "normal":
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * n_layers)
+    else:
+        std = math.sqrt(2 / (5 * d))
+        out_std = 2 / (n_layers * math.sqrt(d)) if cfg.init == "wang_init" else std
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+        elif name.endswith(("attn.proj.weight", "mlp.fc_out.weight")):
+            nn.init.normal_(p, std=out_std)
+        else:
+            nn.init.normal_(p, std=std)
+
+
+# ---------------------------------------------------------------------------------------- model
+class GPT(nn.Module):
+    """The layers of `layer_specs` run as one module (no pipeline)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        specs = layer_specs(cfg)
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(spec.cls(cfg) for spec in specs[1:-2])
+        self.norm_f = FinalNorm(cfg)
+        self.head = None if cfg.tied_embeddings else Head(cfg)
+        init_weights(self, cfg)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing == "full" and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm_f(x)
+        return tied_head_forward(self.embed, x) if self.head is None else self.head(x)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def count_params(cfg: GPTConfig) -> dict:
+    """Parameter counts computed from the shape, without building the model."""
+    d, f, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    b = 1 if cfg.bias else 0
+    qkv = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + b * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+    proj = cfg.n_heads * hd * d + b * d
+    mlp_in = d * f * (2 if cfg.mlp == "swiglu" else 1) + b * f * (2 if cfg.mlp == "swiglu" else 1)
+    mlp_out = f * d + b * d
+    norm = d * (2 if cfg.norm == "layernorm" else 1)
+    block = qkv + proj + mlp_in + mlp_out + 2 * norm
+    embed = cfg.vocab_size * d + (cfg.seq_len * d if cfg.position == "learned" else 0)
+    head = 0 if cfg.tied_embeddings else cfg.vocab_size * d
+    total = embed + cfg.n_layers * block + norm + head
+    return {"total": total, "non_embedding": cfg.n_layers * block + norm, "embedding": embed + head}

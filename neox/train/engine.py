@@ -1,0 +1,77 @@
+"""The DeepSpeed engine: its config from the run plan, torch's AdamW, and the lr schedule."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from neox.config.plan import RunPlan
+from neox.train.schedule import lr_multiplier
+
+
+def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
+    zero = cfg.parallelism.zero_stage
+    bucket = int(cfg.parallelism.zero_bucket_size)
+    config = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": zero, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,  # neox logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if zero == 3:
+        config["zero_optimization"].update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=0)
+    if plan.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif plan.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW (fused on GPU): no JIT-built DeepSpeed optimizer. Biases and norms get no decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optim
+    decay_steps = o.decay_steps or cfg.train.steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_multiplier(o.warmup_steps, decay_steps, o.decay, o.min_lr / o.lr))
+
+
+def initialize(model: torch.nn.Module, cfg: DictConfig, plan: RunPlan, device: torch.device,
+               mpu: Optional[Any] = None):
+    """Wrap the model in a DeepSpeed engine; returns (engine, scheduler)."""
+    import deepspeed
+
+    opt = optimizer(model, cfg, device)
+    sched = lr_scheduler(opt, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, plan), mpu=mpu)
+    _record_fp32_grad_norm(engine)
+    return engine, sched
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """In plain fp32 without ZeRO, DeepSpeed clips but drops the norm it computed; keep it so
+    `get_global_grad_norm()` reports it as it does for the ZeRO and bf16 optimizers."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

@@ -1,0 +1,221 @@
+"""What each rank runs: topology, then model, then engine, then data, then the loop.
+
+Started by the deepspeed launcher (`python -m neox.train <run_dir>/config.yaml`) or by a Slurm task;
+ranks come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from neox.checkpoint import CheckpointManager
+from neox.config.plan import RunPlan, make_plan
+from neox.launch.resources import from_worker_env
+from neox.model.gpt import GPT, cross_entropy_loss
+from neox.train import distributed, engine as engine_lib
+from neox.train.metrics import MetricsLogger
+from neox.train.plot import plot_losses
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0  # global samples consumed by training
+    tokens: int = 0
+    skipped_steps: int = 0
+
+
+def load_config(path: str) -> DictConfig:
+    from neox.config.schema import RunConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    return cfg
+
+
+def run(config_path: str) -> int:
+    cfg = load_config(config_path)
+    info = distributed.init(cfg.train.collective_timeout_s)
+    plan = make_plan(cfg, from_worker_env(info.device.type))
+    if plan.world_size != info.world_size:
+        raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
+    return Trainer(cfg, plan, info).fit()
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB -> GiB)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, plan: RunPlan, info: distributed.WorkerInfo):
+        self.cfg, self.plan, self.info = cfg, plan, info
+        self.run_dir = plan.run_dir
+        self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+
+        # topology (data parallel only until tensor/pipeline parallelism land)
+        self.dp_rank, self.dp_size = info.rank, info.world_size
+
+        # model, then engine
+        self.model = GPT(plan.model)
+        self.loss_fn: Callable = cross_entropy_loss
+        self.engine, self.scheduler = engine_lib.initialize(self.model, cfg, plan, info.device)
+
+        # data
+        from neox.data import build_datasets
+
+        evals = cfg.train.eval_batches * plan.micro_batch * self.dp_size
+        self.data = build_datasets(cfg.data, seq_len=plan.seq_len,
+                                   num_samples={"train": cfg.train.steps * plan.global_batch,
+                                                "valid": evals, "test": evals},
+                                   seed=cfg.train.seed, model_vocab_size=plan.model.vocab_size,
+                                   is_builder=info.is_main, barrier=dist.barrier)
+        self.say(self.data.describe())
+
+        # resume
+        self.state = RunState()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info.is_main)
+        client = self.checkpoints.load(self.engine)
+        if client is not None:
+            self.state = RunState(**client["run_state"])
+            self.say(f"resumed from {self.checkpoints.latest_tag()} at step {self.state.step}")
+        self.metrics = MetricsLogger(self.run_dir, cfg, enabled=info.is_main)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def say(self, msg: str) -> None:
+        if self.info.is_main:
+            print(msg, flush=True)
+
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        return value.item() / self.dp_size
+
+    def loader(self, split, consumed: int):
+        from neox.data import make_loader
+
+        return make_loader(split, micro_batch=self.plan.micro_batch, dp_rank=self.dp_rank,
+                           dp_size=self.dp_size, consumed_samples=consumed)
+
+    def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.info.device, non_blocking=True)
+        logits = self.engine(tokens[:, :-1])
+        return self.loss_fn(logits, tokens[:, 1:])
+
+    # ------------------------------------------------------------------------------------ steps
+    def train_step(self, batches) -> tuple[torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, data wait s)."""
+        total, wait = torch.zeros((), device=self.info.device), 0.0
+        for _ in range(self.plan.grad_accum):
+            t0 = time.perf_counter()
+            tokens = next(batches)
+            wait += time.perf_counter() - t0
+            loss = self.forward_loss(tokens)
+            self.engine.backward(loss)
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach().float()
+        return total / self.plan.grad_accum, wait
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.data.valid is None:
+            return None
+        self.engine.eval()
+        batches = self.loader(self.data.valid, 0)
+        losses = [self.forward_loss(next(batches)).float() for _ in range(self.cfg.train.eval_batches)]
+        self.engine.train()
+        return self.mean_over_dp(torch.stack(losses).mean())
+
+    def save(self) -> None:
+        path = self.checkpoints.save(self.engine, self.state.step, {
+            "run_state": vars(self.state).copy(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        })
+        self.say(f"saved checkpoint {path}")
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> int:
+        cfg, plan, state = self.cfg, self.plan, self.state
+        t = cfg.train
+        batches = self.loader(self.data.train, state.consumed_samples)
+        peak = peak_tflops(self.info.device)
+        self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
+        window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
+        while state.step < t.steps:
+            loss, wait = self.train_step(batches)
+            state.step += 1
+            state.consumed_samples = batches.consumed_samples
+            state.tokens += plan.tokens_per_step
+            window_steps, window_wait = window_steps + 1, window_wait + wait
+            window_loss.append(loss)
+            if state.step % t.log_every == 0 or state.step == t.steps:
+                if self.info.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_start
+                mean_loss = self.mean_over_dp(torch.stack(window_loss).mean())
+                tok_s = plan.tokens_per_step * window_steps / elapsed
+                tflops = plan.flops_per_token * tok_s / plan.world_size / 1e12
+                grad_norm = self.engine.get_global_grad_norm()
+                record = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                          "tokens_per_s": tok_s, "tflops_per_device": tflops,
+                          "mfu": tflops / peak if peak else math.nan,
+                          "data_wait_frac": window_wait / elapsed, "memory_gb": memory_gb(self.info.device),
+                          "tokens": state.tokens}
+                self.metrics.log(state.step, record)
+                mfu = f" mfu {record['mfu']:.1%}" if peak else ""
+                self.say(f"step {state.step:>6}/{t.steps}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  "
+                         f"grad {record['grad_norm']:.3f}  {tok_s:,.0f} tok/s  {tflops:.2f} TFLOP/s{mfu}  "
+                         f"data wait {record['data_wait_frac']:.1%}  mem {record['memory_gb']:.2f} GB")
+                window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
+            if state.step % t.eval_every == 0 or state.step == t.steps:
+                val = self.evaluate()
+                if val is not None:
+                    self.metrics.log(state.step, {"loss": val, "ppl": math.exp(min(val, 50))}, prefix="valid")
+                    self.say(f"step {state.step:>6}/{t.steps}  validation loss {val:.4f}")
+            if state.step % t.save_every == 0 or state.step == t.steps:
+                self.save()
+        self.finish()
+        return 0
+
+    def finish(self) -> None:
+        self.metrics.close()
+        if self.info.is_main:
+            png = plot_losses(self.run_dir)
+            print(f"done: {self.state.step} steps; loss curve {png}; checkpoints {self.checkpoints.directory}",
+                  flush=True)
+
+
+def main(argv: list) -> int:
+    from neox.errors import NeoxError
+
+    if len(argv) != 1:
+        print("usage: python -m neox.train <run_dir>/config.yaml", file=sys.stderr)
+        return 2
+    try:
+        return run(argv[0])
+    except NeoxError as exc:
+        print(f"neox: error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr, flush=True)
+        return 2
