@@ -1,0 +1,187 @@
+"""Autograd-aware collectives at the edges of tensor-parallel regions.
+
+Each function is a pair (forward collective, backward collective) that are transposes of each
+other, so a sharded layer gets correct gradients without the model knowing about sharding:
+
+    copy_to_tp           identity        | all-reduce       (replicated input enters a TP region)
+    reduce_from_tp       all-reduce      | identity         (partial sums leave a TP region)
+    gather_from_tp       all-gather last | split last       (sharded features -> full features)
+    scatter_to_tp        split last      | all-gather last
+    gather_from_sp       all-gather seq  | reduce-scatter   (sequence-parallel -> TP region)
+    reduce_scatter_to_sp reduce-scatter  | all-gather seq   (TP region -> sequence-parallel)
+    scatter_to_sp        split seq       | all-gather seq
+
+Activations are [batch, seq, features], so the sequence dimension is 1. With a group of size 1
+every function is the identity (no communication), which keeps TP=1 free.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from neox.errors import ConfigError
+
+Group = Optional[dist.ProcessGroup]
+
+SEQ_DIM = 1
+
+# torch 2.14 renamed the tensor-in/tensor-out collectives (the old names warn); older torch
+# (the GPU machine has 2.11) only has the old ones.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group: Group) -> int:
+    return dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    # all_gather_into_tensor concatenates along dim 0; move `dim` there and back.
+    xt = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * xt.shape[0],) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_into(out, xt, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:  # uneven chunks would make the matching all-gather fail or hang
+        raise ConfigError(f"cannot split dim {dim} of size {x.shape[dim]} over {n} tensor-parallel ranks; "
+                          f"with sequence parallelism the sequence length must be divisible by tp")
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    xt = x.movedim(dim, 0).contiguous()
+    out = torch.empty((xt.shape[0] // n,) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_into(out, xt, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None  # clone: autograd may share g
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)  # clone: never reduce into the caller's tensor
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, -1, ctx.group), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, -1, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    # The consumer is a column-parallel linear: each rank's input gradient is a partial sum
+    # over its output shard, so the transpose of the all-gather is a reduce-scatter.
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, SEQ_DIM, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, SEQ_DIM, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, SEQ_DIM, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _GatherFromTP.apply(x, group) if _size(group) > 1 else x
+
+
+def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ScatterToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _GatherFromSP.apply(x, group) if _size(group) > 1 else x
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ReduceScatterToSP.apply(x, group) if _size(group) > 1 else x
+
+
+def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ScatterToSP.apply(x, group) if _size(group) > 1 else x
+
+
+def all_gather_no_grad(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Plain all-gather along `dim` for tests, evaluation and checkpoint resharding."""
+    return _all_gather(x.detach(), dim, group)

@@ -1,0 +1,304 @@
+"""Tensor (and sequence) parallelism, applied to the model from outside.
+
+`TP_PLAN` says, per model class, which child is sharded how; `apply_tensor_parallel` walks any
+module tree (a `GPT`, or a pipeline stage built from the same layer classes) and swaps those
+children for sharded ones, sliced from the weights already there, so a TP model starts from
+exactly the weights of the TP=1 model built with the same seed.
+
+Styles:
+  colwise  nn.Linear rows (outputs) split; input replicated (or sequence-gathered), output sharded
+  rowwise  nn.Linear columns (inputs) split; partial outputs all-reduced (or reduce-scattered)
+  vocab    nn.Embedding rows split by vocab range; lookups outside the range give 0, then all-reduce
+
+The model's own layouts make contiguous shards meaningful: qkv rows are grouped per kv group
+([q..., k, v]) so a shard holds whole GQA groups, and SwiGLU's fc_in rows are (gate, up) pairs.
+The head stays vocab-sharded (no gather): the loss is `vocab_parallel_cross_entropy`.
+
+Sequence parallelism (Korthikanti et al.): between a rowwise output and the next colwise input
+(norms, dropout, residual adds) activations are split along the sequence instead of replicated.
+The edges become reduce-scatter (rowwise out) and all-gather (colwise in); norm parameters then
+see only their tokens, so their gradients are summed over the TP group (`SequenceParallelNorm`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neox.errors import ConfigError
+from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm, GPTConfig, Head
+from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, gather_from_sp, reduce_from_tp,
+                                reduce_scatter_to_sp, scatter_to_sp)
+from neox.parallel.random import TPDropout, TPRandom
+from neox.parallel.topology import Topology, check_tp_divisible
+
+# The declarative plan: class -> {child attribute: style}.
+TP_PLAN: Dict[type, Dict[str, str]] = {
+    CausalSelfAttention: {"qkv": "colwise", "proj": "rowwise"},
+    MLP: {"fc_in": "colwise", "fc_out": "rowwise"},
+    Embedding: {"tok": "vocab"},
+    Head: {"proj": "colwise"},
+}
+
+# Which dimension of each parameter a style splits (None: replicated on every TP rank).
+_STYLE_DIMS: Dict[str, Dict[str, Optional[int]]] = {
+    "colwise": {"weight": 0, "bias": 0},
+    "rowwise": {"weight": 1, "bias": None},
+    "vocab": {"weight": 0},
+}
+
+
+def _mark_sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
+    # DeepSpeed's is_model_parallel_parameter reads `tensor_model_parallel` (or `model_parallel`):
+    # marked params count in every TP rank's gradient norm, unmarked ones only on tp_rank 0.
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    return p
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    return t.detach().chunk(size, dim=dim)[rank].clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., shard] = x @ W[shard].T + b[shard] for a replicated x.
+
+    Under SP the input edge (all-gather along the sequence) is not here but on the module that
+    owns the linear (`_gather_sequence_on_input`): attention reads the sequence length from its
+    own input, so that input must already be the full sequence."""
+
+    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool):
+        super().__init__()
+        r, n = topo.tp_rank, topo.tp_size
+        self.topo, self.sequence_parallel = topo, sequence_parallel
+        self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 0, r, n)), 0)
+        self.bias = (None if linear.bias is None
+                     else _mark_sharded(nn.Parameter(_shard(linear.bias, 0, r, n)), 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            x = copy_to_tp(x, self.topo.tp_group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x[..., shard] @ W[:, shard].T, plus a replicated bias."""
+
+    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool):
+        super().__init__()
+        r, n = topo.tp_rank, topo.tp_size
+        self.topo, self.sequence_parallel = topo, sequence_parallel
+        self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 1, r, n)), 1)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sp(y, self.topo.tp_group)
+            # The bias is added to this rank's tokens only: sum its gradient over the group.
+            return y if self.bias is None else y + copy_to_tp(self.bias, self.topo.tp_group)
+        y = reduce_from_tp(y, self.topo.tp_group)
+        return y if self.bias is None else y + self.bias  # after the reduce: added once
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + V/tp) of the table; output all-reduced, so it is replicated."""
+
+    def __init__(self, emb: nn.Embedding, topo: Topology):
+        super().__init__()
+        r, n = topo.tp_rank, topo.tp_size
+        self.topo = topo
+        self.vocab_start = r * (emb.num_embeddings // n)
+        self.weight = _mark_sharded(nn.Parameter(_shard(emb.weight, 0, r, n)), 0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.topo.tp_group)
+
+
+class ScatterToSequence(nn.Module):
+    """Sequence-parallel entry after the embedding: keep this rank's tokens, then dropout
+    with a per-rank mask (the tokens differ across ranks)."""
+
+    def __init__(self, p: float, rng: TPRandom, topo: Topology):
+        super().__init__()
+        self.topo = topo
+        self.drop = TPDropout(p, rng)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(scatter_to_sp(x, self.topo.tp_group))
+
+
+class SequenceParallelNorm(nn.Module):
+    """LayerNorm/RMSNorm on this rank's tokens, sharing the original parameters (same names).
+    Each rank's weight gradient covers only its tokens, so the parameters enter through
+    `copy_to_tp`: identity forward, gradient summed over the TP group in backward."""
+
+    def __init__(self, norm: nn.Module, topo: Topology):
+        super().__init__()
+        if not isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
+            raise ConfigError(f"sequence parallelism supports LayerNorm and RMSNorm, not {type(norm).__name__}")
+        self.topo, self.is_layernorm = topo, isinstance(norm, nn.LayerNorm)
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias if self.is_layernorm else None
+        for p in self.parameters():
+            p.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.topo.tp_group
+        w = None if self.weight is None else copy_to_tp(self.weight, g)
+        if self.is_layernorm:
+            b = None if self.bias is None else copy_to_tp(self.bias, g)
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
+# Sequence parallelism, also declarative: the regions between a rowwise output and the next
+# colwise input hold this rank's tokens. Its entry edges (all-gather) sit on the input of the
+# modules that start a TP region (`_SP_GATHER_INPUT`), because attention reads the sequence
+# length from its own input.
+SP_PLAN: Dict[type, Dict[str, str]] = {
+    Embedding: {"drop": "scatter_dropout"},
+    Block: {"ln_attn": "norm", "ln_mlp": "norm", "drop": "dropout"},
+    FinalNorm: {"norm": "norm"},
+}
+_SP_GATHER_INPUT = (CausalSelfAttention, MLP, Head)
+
+_BUILDERS: Dict[str, Callable[[nn.Module, Topology, bool, TPRandom], nn.Module]] = {
+    "colwise": lambda m, topo, sp, rng: ColumnParallelLinear(m, topo, sp),
+    "rowwise": lambda m, topo, sp, rng: RowParallelLinear(m, topo, sp),
+    "vocab": lambda m, topo, sp, rng: VocabParallelEmbedding(m, topo),
+    "norm": lambda m, topo, sp, rng: SequenceParallelNorm(m, topo),
+    "dropout": lambda m, topo, sp, rng: TPDropout(m.p, rng),
+    "scatter_dropout": lambda m, topo, sp, rng: ScatterToSequence(m.p, rng, topo),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _on_tp_stream(cls: type) -> type:
+    """A subclass of `cls` whose forward runs on the per-rank random stream (attention dropout
+    falls on this rank's heads). Swapping `__class__` keeps parameters, state_dict keys, isinstance
+    and deepcopy intact, unlike patching `forward` on the instance."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.cfg.attn_dropout == 0.0:  # no random numbers drawn: no fork
+            return cls.forward(self, x)
+        with self.tp_rng.fork(x.device):
+            return cls.forward(self, x)
+
+    return type(f"TP{cls.__name__}", (cls,), {"forward": forward, "__doc__": cls.__doc__})
+
+
+def _gather_sequence_on_input(group):
+    """Forward pre-hook: the sequence-parallel -> TP edge at the input of attention, MLP, head."""
+    def hook(module, args):
+        return (gather_from_sp(args[0], group),) + tuple(args[1:])
+    return hook
+
+
+def _head_input_edge(topo: Topology, sequence_parallel: bool):
+    """Forward hook for the final norm of a tied model: the tied head is a plain F.linear on the
+    vocab shard, so its input must enter the TP region the way a colwise input does."""
+    def hook(module, args, out):
+        return gather_from_sp(out, topo.tp_group) if sequence_parallel else copy_to_tp(out, topo.tp_group)
+    return hook
+
+
+def apply_tensor_parallel(model: nn.Module, topo: Topology, sequence_parallel: bool = False,
+                          cfg: Optional[GPTConfig] = None) -> nn.Module:
+    """Shard `model` in place following `TP_PLAN`; returns it.
+
+    `model` is a `GPT` or any module tree made of the model's layer classes (a pipeline stage:
+    pass `cfg` then, since a stage may hold no module that carries it).
+    """
+    cfg = cfg or getattr(model, "cfg", None)
+    if cfg is None:
+        raise ConfigError("apply_tensor_parallel needs the GPTConfig: pass cfg= for a pipeline stage")
+    tp = topo.tp_size
+    check_tp_divisible(cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_ff, cfg.vocab_size, tp)
+    if sequence_parallel and cfg.seq_len % tp:
+        raise ConfigError(f"sequence_parallel needs seq_len ({cfg.seq_len}) divisible by tp={tp}")
+    if any(isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
+           for m in model.modules()):
+        raise ConfigError("apply_tensor_parallel was already applied to this model")
+    sp = sequence_parallel and tp > 1
+    rng = TPRandom(topo.tp_rank)
+
+    plans = [TP_PLAN] + ([SP_PLAN] if sp else [])
+    for module in list(model.modules()):
+        for plan in plans:
+            for cls, children in plan.items():
+                if isinstance(module, cls):
+                    for name, style in children.items():
+                        setattr(module, name, _BUILDERS[style](getattr(module, name), topo, sp, rng))
+        if isinstance(module, CausalSelfAttention):
+            module.head_offset = topo.tp_rank * (cfg.n_heads // tp)  # ALiBi slopes of our heads
+            module.tp_rng = rng
+            module.__class__ = _on_tp_stream(type(module))
+        if sp and isinstance(module, _SP_GATHER_INPUT):
+            module.register_forward_pre_hook(_gather_sequence_on_input(topo.tp_group))
+        if isinstance(module, FinalNorm) and cfg.tied_embeddings:
+            module.register_forward_hook(_head_input_edge(topo, sp))
+    model.tp_size, model.sequence_parallel = tp, sp  # lets the trainer and checkpointer tell a TP model
+    return model
+
+
+# ---------------------------------------------------------------------------- state dicts
+def shard_dims(model: nn.Module) -> Dict[str, Optional[int]]:
+    """Parameter name -> the dimension TP splits (None: replicated). Works on the plain model and
+    on its TP version (same names), so checkpoints can be resharded without building either."""
+    dims: Dict[str, Optional[int]] = {}
+    styled: Dict[str, str] = {}
+    for mname, module in model.named_modules():
+        for cls, children in TP_PLAN.items():
+            if isinstance(module, cls):
+                for child, style in children.items():
+                    styled[f"{mname}.{child}" if mname else child] = style
+    for pname, _ in model.named_parameters():
+        owner, _, leaf = pname.rpartition(".")
+        style = styled.get(owner)
+        dims[pname] = None if style is None else _STYLE_DIMS[style].get(leaf)
+    return dims
+
+
+def shard_state_dict(full_sd: Mapping[str, torch.Tensor], dims: Mapping[str, Optional[int]],
+                     tp_rank: int, tp_size: int) -> Dict[str, torch.Tensor]:
+    """The TP shard `tp_rank` of a full (TP=1) state dict."""
+    out = {}
+    for k, v in full_sd.items():
+        d = dims.get(k)
+        if d is not None and v.shape[d] % tp_size:
+            raise ConfigError(f"{k}: dim {d} of size {v.shape[d]} does not split into tp={tp_size}")
+        out[k] = v if d is None else v.chunk(tp_size, dim=d)[tp_rank].clone()
+    return out
+
+
+def merge_state_dicts(shards: List[Mapping[str, torch.Tensor]],
+                      dims: Mapping[str, Optional[int]]) -> Dict[str, torch.Tensor]:
+    """Inverse of `shard_state_dict`: the full state dict from all TP ranks' shards, in rank order."""
+    return {k: (shards[0][k] if dims.get(k) is None else torch.cat([s[k] for s in shards], dim=dims[k]))
+            for k in shards[0]}
+
+
+def load_full_state_dict(model: nn.Module, full_sd: Mapping[str, torch.Tensor], topo: Topology) -> None:
+    """Copy TP=1 weights into a TP model (each rank takes its shard)."""
+    model.load_state_dict(shard_state_dict(full_sd, shard_dims(model), topo.tp_rank, topo.tp_size))
+
+
+def gather_full_state_dict(model: nn.Module, topo: Topology, grads: bool = False) -> Dict[str, torch.Tensor]:
+    """Collective: the full parameters (or their gradients) of a TP model, on every TP rank."""
+    dims = shard_dims(model)
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p
+        if t is None:
+            continue
+        d = dims[name]
+        out[name] = t.detach().clone() if d is None else all_gather_no_grad(t, d, topo.tp_group)
+    return out

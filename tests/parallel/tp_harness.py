@@ -1,0 +1,51 @@
+"""Run a function on N real CPU processes over gloo, with a free port, a timeout and cleanup.
+
+Workers are started with torch.multiprocessing (spawn); a worker's exception fails the test with
+its traceback. Each worker gets OMP_NUM_THREADS=1 (2-core CI machine) and a process-group
+timeout, so a mismatched collective raises instead of hanging for 30 minutes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> None:
+    """Run fn(rank, world, *args) on `world` processes; raise if any fails or time runs out."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children before torch import
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} did not finish on {world} processes in {timeout} s")
+    finally:
+        for p in ctx.processes:  # only the processes this call started
+            if p.is_alive():
+                p.kill()
+                p.join()
