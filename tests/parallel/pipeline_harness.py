@@ -1,0 +1,233 @@
+"""Pipeline runs on real CPU processes over gloo, and the single-process reference they must follow.
+
+`run_workers` starts N spawned processes with a free port, OMP_NUM_THREADS=1 and a deadline; each
+joins through the trainer's own `neox.train.distributed.init` (collective timeout, DeepSpeed's
+/dev/shm all-reduce op never built, so no /dev/shm/deepspeed* files are left behind).
+
+`train` is what a trainer rank does with pp > 1: Topology -> build_pipeline_module -> the lead's
+engine.initialize -> train_batch / eval_batch / CheckpointManager. `reference` trains `GPT` with
+plain torch on the same global batches, with the same optimizer, schedule and clipping.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Dict
+
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+SEED = 1234
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from neox.train import distributed
+
+    distributed.init(timeout_s=60)
+    try:
+        fn(rank, world, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 150.0) -> None:
+    """Run fn(rank, world, *args) on `world` processes; raise if any fails or time runs out."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    shm_before = set(glob.glob("/dev/shm/deepspeed*"))
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} did not finish on {world} processes in {timeout} s")
+    finally:
+        for p in ctx.processes:  # only the processes this call started
+            if p.is_alive():
+                p.kill()
+                p.join()
+    leaked = set(glob.glob("/dev/shm/deepspeed*")) - shm_before
+    assert not leaked, f"the workers left DeepSpeed shared-memory files: {sorted(leaked)}"
+
+
+# ------------------------------------------------------------------------------------ run setup
+def model_config(**overrides):
+    from neox.model.gpt import GPTConfig
+
+    base = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
+                position="rotary", rotary_dims=8, mlp="swiglu", init="wang_init")
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def train_config(run: Dict[str, Any], dp: int):
+    """The lead's engine config inputs: a DictConfig with the fields engine.py reads, and a plan."""
+    cfg = OmegaConf.create({
+        "parallelism": {"zero_stage": run["zero"], "zero_bucket_size": 50_000_000},
+        "optim": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
+                  "grad_clip": run.get("clip", 1.0), "warmup_steps": 2, "decay_steps": None,
+                  "decay": "cosine", "min_lr": 3e-4},
+        "train": {"steps": run["steps"]},
+    })
+    plan = SimpleNamespace(global_batch=run["micro"] * run["accum"] * dp, micro_batch=run["micro"],
+                           grad_accum=run["accum"], precision=run.get("precision", "fp32"))
+    return cfg, plan
+
+
+def token_batches(run: Dict[str, Any], dp: int, split: str = "train") -> torch.Tensor:
+    """[steps, dp * accum, micro, seq+1]: step s of data-parallel rank d reads micro-batches
+    d*accum .. (d+1)*accum-1; the reference reads all of them as one global batch."""
+    g = torch.Generator().manual_seed(7 if split == "train" else 8)
+    steps = run["steps"] if split == "train" else 1
+    n = dp * (run["accum"] if split == "train" else run["eval_micro"])
+    m = model_config(**run["model"])
+    return torch.randint(0, m.vocab_size, (steps, n, run["micro"], m.seq_len + 1), generator=g)
+
+
+# ------------------------------------------------------------------------------------ the worker
+def _check_init(module, model_cfg, topo) -> None:
+    """This stage's weights are GPT(cfg)'s under the same seed (its TP shard when tp > 1)."""
+    from neox.model.gpt import GPT
+    from neox.parallel.pipeline import stage_state_dict
+    from neox.parallel.tensor import shard_dims, shard_state_dict
+
+    torch.manual_seed(SEED)
+    ref = GPT(model_cfg)
+    want = shard_state_dict(ref.state_dict(), shard_dims(ref), topo.tp_rank, topo.tp_size)
+    got = stage_state_dict(module)
+    assert got, "this stage holds no weights"
+    for name, t in got.items():
+        assert torch.equal(t.cpu(), want[name]), f"stage {topo.pp_rank}: {name} differs from GPT(cfg)"
+
+
+def _engine(run: Dict[str, Any], topo, announce: bool):
+    """What a trainer rank builds with pp > 1: the pipeline module, then the lead's engine."""
+    from neox.model.gpt import cross_entropy_loss
+    from neox.parallel import make_loss_fn
+    from neox.parallel.pipeline import (build_pipeline_module, describe_stages, install_grad_clipping,
+                                        pipeline_deepspeed_config)
+    from neox.train import engine as engine_lib
+
+    model_cfg = model_config(**run["model"])
+    loss_fn = make_loss_fn(topo.tp_group) if topo.tp_size > 1 else cross_entropy_loss
+    module = build_pipeline_module(model_cfg, topo, run["partition"], run["checkpointing"], loss_fn, seed=SEED,
+                                   sequence_parallel=run.get("sequence_parallel", False))
+    if announce:
+        print(describe_stages(module), flush=True)
+    _check_init(module, model_cfg, topo)
+    cfg, plan = train_config(run, topo.dp_size)
+    # Until engine.py does both for pp > 1 (see the integration notes): the pipeline section of the
+    # DeepSpeed config, and correct fp32 clipping.
+    sp = run.get("sequence_parallel", False)
+    base = engine_lib.__dict__.setdefault("_base_deepspeed_config", engine_lib.deepspeed_config)
+    engine_lib.deepspeed_config = lambda c, p: pipeline_deepspeed_config(base(c, p), sp)
+    engine = engine_lib.initialize(module, cfg, plan, torch.device("cpu"), mpu=None)[0]
+    install_grad_clipping(engine)
+    if run["checkpointing"] == "full":  # Blocks are checkpointed, the embedding chunk never
+        flags = dict(zip(range(module._local_start, module._local_stop), module.is_checkpointable_results))
+        for i, flag in flags.items():
+            assert flag == (type(module._layer_specs[i]).__name__ != "TiedLayerSpec"
+                            and module._layer_specs[i].typename.__name__ == "Block"), f"layer {i}: {flag}"
+    return engine
+
+
+def _train_steps(engine, run, topo, start: int, checkpoints=None) -> Dict[int, Any]:
+    from neox.parallel.pipeline import pipeline_batches
+
+    a = run["accum"]
+    mine = token_batches(run, topo.dp_size)[:, topo.dp_rank * a:(topo.dp_rank + 1) * a]
+    losses, norms = {}, {}
+    for step in range(start, run["steps"]):
+        loss = engine.train_batch(pipeline_batches(iter(mine[step])))
+        losses[step + 1] = loss.item()
+        norm = engine.get_global_grad_norm()
+        norms[step + 1] = None if norm is None else float(norm)
+        if checkpoints is not None and run.get("save_at") == step + 1:
+            checkpoints.save(engine, step + 1, {})
+    return {"losses": losses, "norms": norms}
+
+
+def train(rank: int, world: int, run: Dict[str, Any], out_dir: str) -> None:
+    from neox.checkpoint import CheckpointManager
+    from neox.parallel import Topology
+    from neox.parallel.pipeline import pipeline_batches
+
+    topo = Topology.build(tp=run["tp"], pp=run["pp"])
+    engine = _engine(run, topo, announce=rank == 0)
+    checkpoints = CheckpointManager(Path(run.get("checkpoints") or Path(out_dir) / "checkpoints"), keep=2,
+                                    is_main=rank == 0)
+    start = checkpoints.load(engine)["step"] if run.get("resume") else 0
+    result = _train_steps(engine, run, topo, start, checkpoints)
+    e = run["eval_micro"]
+    evals = token_batches(run, topo.dp_size, "valid")[0, topo.dp_rank * e:(topo.dp_rank + 1) * e]
+    result["eval"] = engine.eval_batch(pipeline_batches(iter(evals)), num_micro_batches=e).item()
+    if run.get("reload"):  # a fresh module and engine in the same processes resume the saved step
+        engine = _engine(run, topo, announce=False)
+        start = CheckpointManager(checkpoints.directory, keep=2, is_main=rank == 0).load(engine)["step"]
+        result["reloaded"] = _train_steps(engine, run, topo, start)["losses"]
+    # every rank reports; the test checks they agree
+    with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+def run_pipeline(run: Dict[str, Any], out_dir: Path, timeout: float = 150.0) -> Dict[str, Any]:
+    """Train `run` on pp*tp*dp processes; returns rank 0's losses (after checking all ranks agree)."""
+    world = run["pp"] * run["tp"] * run.get("dp", 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_workers(train, world, run, str(out_dir), timeout=timeout)
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    for r, res in enumerate(results[1:], 1):
+        assert res["losses"] == results[0]["losses"], f"rank {r} reports other losses than rank 0"
+        assert res["eval"] == results[0]["eval"], f"rank {r} reports another eval loss than rank 0"
+    out = results[0]
+    return {"losses": {int(k): v for k, v in out["losses"].items()},
+            "norms": {int(k): v for k, v in out["norms"].items()}, "eval": out["eval"],
+            "reloaded": {int(k): v for k, v in out.get("reloaded", {}).items()}}
+
+
+# ------------------------------------------------------------------------------------ the reference
+def reference(run: Dict[str, Any]) -> Dict[str, Any]:
+    """One process, plain torch: GPT(cfg) on the global batch (all dp ranks' micro-batches),
+    with the trainer's AdamW groups, lr schedule and gradient clipping."""
+    from neox.model.gpt import GPT, cross_entropy_loss
+    from neox.train import engine as engine_lib
+
+    dp = run.get("dp", 1)
+    model_cfg = model_config(**run["model"])
+    cfg, _ = train_config(run, dp)
+    torch.manual_seed(SEED)
+    model = GPT(model_cfg)
+    opt = engine_lib.optimizer(model, cfg, torch.device("cpu"))
+    sched = engine_lib.lr_scheduler(opt, cfg)
+    losses, norms = {}, {}
+    for step, batch in enumerate(token_batches(run, dp)):
+        total = 0.0
+        for tokens in batch:
+            loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]) / len(batch)
+            loss.backward()
+            total += loss.item()
+        norms[step + 1] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses[step + 1] = total
+    model.eval()
+    with torch.no_grad():
+        evals = token_batches(run, dp, "valid")[0]
+        eval_loss = sum(cross_entropy_loss(model(t[:, :-1]), t[:, 1:]).item() for t in evals) / len(evals)
+    return {"losses": losses, "norms": norms, "eval": eval_loss}
