@@ -23,3 +23,7 @@ class CheckpointError(NeoxError):
 
 class KernelError(NeoxError):
     """A fused kernel was asked for but cannot run on this input or machine."""
+
+
+class TrainingError(NeoxError):
+    """Training cannot go on: repeated non-finite steps, or a dead or hung peer rank."""

@@ -19,7 +19,7 @@ from neox.model.gpt import GPTConfig, count_params
 
 # Layout features and the issue that brings each. A preset that needs one that is not here fails
 # validation saying so; it is never silently ignored.
-AVAILABLE_FEATURES: frozenset = frozenset()
+AVAILABLE_FEATURES: frozenset = frozenset({"tensor_parallel", "sequence_parallel", "pipeline"})
 PENDING_FEATURES = {
     "tensor_parallel": "tensor parallelism (tp>1) is not available yet (issue #4); use parallelism=single or zero1",
     "sequence_parallel": "sequence parallelism is not available yet (issue #4); set parallelism.sequence_parallel=false",
@@ -264,6 +264,11 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     if blockers and not cfg.dry_run:
         raise ConfigError(blockers[0])
     world, dp, warnings = _world(cfg, res, cfg.dry_run)
+    if cfg.parallelism.tp > 1:
+        from neox.parallel.topology import check_tp_layout  # seq split, kv heads, node width
+
+        check_tp_layout(gpt_config(cfg.model), cfg.parallelism, res.slots_per_node if not cfg.dry_run
+                        else max(res.slots_per_node, 8))
     t = cfg.train
     micro, accum, global_ = batch_triad(t.micro_batch, t.grad_accum, t.global_batch, dp)
     if cfg.parallelism.pp > 1 and accum < cfg.parallelism.pp:

@@ -71,6 +71,8 @@ def run(cluster: DictConfig, plan: RunPlan, config_path: Path) -> int:
     cmd = deepspeed_command(cluster, plan, config_path, port)
     print(f"launching {plan.world_size} workers: {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, env=worker_env(plan), start_new_session=True)
+    # The workers run in their own session; pass a SIGTERM (scheduler, timeout) on to all of them.
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: os.killpg(proc.pid, signum))
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -81,4 +83,5 @@ def run(cluster: DictConfig, plan: RunPlan, config_path: Path) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         clean_shm(port)

@@ -44,6 +44,10 @@ def init(timeout_s: int) -> WorkerInfo:
     # that only its inference path uses; training never calls it.
     ds_torch.build_shm_op = lambda: None
     _single_process_env()
+    # Groups made later with new_group() (DeepSpeed's data-parallel group, our tp/pp groups) take
+    # torch's module default of 30 minutes, not the world group's timeout; make it ours everywhere.
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

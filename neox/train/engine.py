@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from neox.config.plan import RunPlan
+from neox.train.guards import SkipNonFiniteAdamW
 from neox.train.schedule import lr_multiplier
 
 
@@ -30,11 +31,16 @@ def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
     elif plan.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    if plan.pp > 1:  # refuses ZeRO-2/3 and bf16+ZeRO-0; adds the `pipeline` section
+        from neox.parallel.pipeline import pipeline_deepspeed_config
+
+        config = pipeline_deepspeed_config(config, cfg.parallelism.sequence_parallel)
     return config
 
 
 def optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW (fused on GPU): no JIT-built DeepSpeed optimizer. Biases and norms get no decay."""
+    """torch AdamW (fused on GPU; no JIT-built DeepSpeed optimizer) that skips non-finite steps.
+    Biases and norms get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -42,7 +48,7 @@ def optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> 
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+    return SkipNonFiniteAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
 
 
 def lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -54,7 +60,7 @@ def lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig) -> torch.optim.lr_
 
 def initialize(model: torch.nn.Module, cfg: DictConfig, plan: RunPlan, device: torch.device,
                mpu: Optional[Any] = None):
-    """Wrap the model in a DeepSpeed engine; returns (engine, scheduler)."""
+    """Wrap the model in a DeepSpeed engine; returns (engine, optimizer, scheduler)."""
     import deepspeed
 
     opt = optimizer(model, cfg, device)
@@ -62,16 +68,13 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, plan: RunPlan, device: t
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, plan), mpu=mpu)
     _record_fp32_grad_norm(engine)
-    return engine, sched
+    return engine, opt, sched
 
 
 def _record_fp32_grad_norm(engine) -> None:
-    """In plain fp32 without ZeRO, DeepSpeed clips but drops the norm it computed; keep it so
-    `get_global_grad_norm()` reports it as it does for the ZeRO and bf16 optimizers."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+    """In plain fp32 without ZeRO, DeepSpeed clips but drops the norm it computed, and under pipeline
+    parallelism computes it wrongly (first stage's unsharded parameters only, tied copies twice).
+    Clip with the pipe x tensor aware norm and keep it for `get_global_grad_norm()`."""
+    from neox.parallel.pipeline import install_grad_clipping
 
-    def clip_and_record():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_record
+    install_grad_clipping(engine)

@@ -23,7 +23,11 @@ from neox.checkpoint import CheckpointManager
 from neox.config.plan import RunPlan, make_plan
 from neox.launch.resources import from_worker_env
 from neox.model.gpt import GPT, cross_entropy_loss
+from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_all
+from neox.parallel.pipeline import build_pipeline_module, describe_stages, pipeline_batches
+from neox.errors import TrainingError
 from neox.train import distributed, engine as engine_lib
+from neox.train.guards import Heartbeats, maybe_hang, nan_fault_steps
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 
@@ -51,7 +55,16 @@ def run(config_path: str) -> int:
     plan = make_plan(cfg, from_worker_env(info.device.type))
     if plan.world_size != info.world_size:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
-    return Trainer(cfg, plan, info).fit()
+    trainer = Trainer(cfg, plan, info)
+    try:
+        return trainer.fit()
+    except RuntimeError as exc:  # gloo/nccl raise RuntimeError subclasses when a peer is gone
+        stalled = trainer.heartbeats.stalled()
+        who = (f"rank(s) {', '.join(map(str, stalled))} did not reach it" if stalled
+               else "a peer rank died or hung")
+        raise TrainingError(f"a collective failed at step {trainer.state.step + 1}: {who} "
+                            f"(collective timeout {cfg.train.collective_timeout_s} s); "
+                            f"cause: {str(exc).splitlines()[0][:200]}") from exc
 
 
 def peak_tflops(device: torch.device) -> Optional[float]:
@@ -72,16 +85,30 @@ class Trainer:
         self.cfg, self.plan, self.info = cfg, plan, info
         self.run_dir = plan.run_dir
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
-        torch.manual_seed(cfg.train.seed)
+        # topology: pipe x data x model groups; the data shard follows the dp rank
+        self.topo = Topology.build(tp=plan.tp, pp=plan.pp, dp=plan.dp)
+        self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
+        seed_all(cfg.train.seed, self.topo.pp_rank)  # identical on every tp rank: same full weights
         np.random.seed(cfg.train.seed)
 
-        # topology (data parallel only until tensor/pipeline parallelism land)
-        self.dp_rank, self.dp_size = info.rank, info.world_size
-
-        # model, then engine
-        self.model = GPT(plan.model)
-        self.loss_fn: Callable = cross_entropy_loss
-        self.engine, self.scheduler = engine_lib.initialize(self.model, cfg, plan, info.device)
+        # model (one layer list: a plain module, or pipeline stages), tensor parallelism applied from
+        # outside, then the engine
+        self.pipelined = plan.pp > 1
+        self.loss_fn: Callable = make_loss_fn(self.topo.tp_group) if plan.tp > 1 else cross_entropy_loss
+        mpu = None  # a PipelineEngine takes its groups from the module's grid (same layout as topo)
+        if self.pipelined:
+            self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
+                                               plan.model.activation_checkpointing, self.loss_fn,
+                                               seed=cfg.train.seed, sequence_parallel=cfg.parallelism.sequence_parallel)
+            self.say(describe_stages(self.model))
+        else:
+            self.model = GPT(plan.model)
+            if plan.tp > 1:
+                self.model = apply_tensor_parallel(self.model, self.topo,
+                                                   sequence_parallel=cfg.parallelism.sequence_parallel)
+                mpu = self.topo.mpu()
+        self.engine, self.optimizer, self.scheduler = engine_lib.initialize(self.model, cfg, plan, info.device,
+                                                                             mpu=mpu)
 
         # data
         from neox.data import build_datasets
@@ -102,6 +129,8 @@ class Trainer:
             self.state = RunState(**client["run_state"])
             self.say(f"resumed from {self.checkpoints.latest_tag()} at step {self.state.step}")
         self.metrics = MetricsLogger(self.run_dir, cfg, enabled=info.is_main)
+        self.heartbeats = Heartbeats(self.run_dir, info.rank)
+        self.nan_steps = nan_fault_steps()
 
     # ------------------------------------------------------------------------------------ helpers
     def say(self, msg: str) -> None:
@@ -110,7 +139,7 @@ class Trainer:
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         value = value.detach().float().clone()
-        dist.all_reduce(value)
+        dist.all_reduce(value, group=self.topo.dp_group)  # tp ranks already agree on the loss
         return value.item() / self.dp_size
 
     def loader(self, split, consumed: int):
@@ -127,21 +156,40 @@ class Trainer:
     # ------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, data wait s)."""
+        if self.pipelined:
+            return self.pipeline_train_step(batches)
         total, wait = torch.zeros((), device=self.info.device), 0.0
         for _ in range(self.plan.grad_accum):
             t0 = time.perf_counter()
             tokens = next(batches)
             wait += time.perf_counter() - t0
             loss = self.forward_loss(tokens)
+            if self.state.step + 1 in self.nan_steps:
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
         return total / self.plan.grad_accum, wait
 
+    def pipeline_train_step(self, batches) -> tuple[torch.Tensor, float]:
+        """The grad_accum micro-batches flow through the stages (1F1B) in one `train_batch`; its loss
+        is already the mean over micro-batches and data-parallel ranks, on every stage."""
+        t0 = time.perf_counter()
+        # Every stage reads the step's batches (only the first and last use them), so the loader's
+        # consumed_samples is the same on all ranks.
+        micro = [next(batches) for _ in range(self.plan.grad_accum)]
+        wait = time.perf_counter() - t0
+        loss = self.engine.train_batch(pipeline_batches(iter(micro)))
+        return loss.detach().float(), wait
+
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         if self.data.valid is None:
             return None
+        if self.pipelined:  # mean over micro-batches and dp ranks, broadcast to every stage
+            batches = self.loader(self.data.valid, 0)
+            micro = [next(batches) for _ in range(self.cfg.train.eval_batches)]
+            return self.engine.eval_batch(pipeline_batches(iter(micro)), num_micro_batches=len(micro)).item()
         self.engine.eval()
         batches = self.loader(self.data.valid, 0)
         losses = [self.forward_loss(next(batches)).float() for _ in range(self.cfg.train.eval_batches)]
@@ -164,8 +212,20 @@ class Trainer:
         self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
         window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
         while state.step < t.steps:
+            maybe_hang(self.info.rank, state.step + 1)
+            self.heartbeats.beat(state.step + 1)  # "entered step N": a rank that never got here is named
             loss, wait = self.train_step(batches)
             state.step += 1
+            if self.optimizer.skipped_steps > state.skipped_steps:
+                state.skipped_steps = self.optimizer.skipped_steps
+                self.say(f"step {state.step}: non-finite loss or gradients, step skipped "
+                         f"({self.optimizer.consecutive_skips} in a row, {state.skipped_steps} in all)")
+                if self.optimizer.consecutive_skips >= t.max_nonfinite_steps:
+                    last = self.checkpoints.latest_tag()
+                    raise TrainingError(
+                        f"{self.optimizer.consecutive_skips} non-finite steps in a row (train.max_nonfinite_steps="
+                        f"{t.max_nonfinite_steps}) at step {state.step}; stopping without saving. The last good "
+                        f"checkpoint is {last or 'none'}; lower optim.lr or check the data, then rerun to resume")
             state.consumed_samples = batches.consumed_samples
             state.tokens += plan.tokens_per_step
             window_steps, window_wait = window_steps + 1, window_wait + wait
@@ -183,7 +243,7 @@ class Trainer:
                           "tokens_per_s": tok_s, "tflops_per_device": tflops,
                           "mfu": tflops / peak if peak else math.nan,
                           "data_wait_frac": window_wait / elapsed, "memory_gb": memory_gb(self.info.device),
-                          "tokens": state.tokens}
+                          "tokens": state.tokens, "skipped_steps": state.skipped_steps}
                 self.metrics.log(state.step, record)
                 mfu = f" mfu {record['mfu']:.1%}" if peak else ""
                 self.say(f"step {state.step:>6}/{t.steps}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  "
