@@ -81,7 +81,12 @@ def _hydra_multirun(argv: List[str]) -> int:
         task()
     finally:
         sys.argv = saved
+    from neox.launch import slurm
+
+    # cluster=slurm submitted each job without waiting, so the sweep runs in parallel; wait for all
+    # of them here (each one's outcome is printed; a no-op when nothing went to Slurm).
+    slurm_failed = slurm.wait_pending() != 0
     failed = sum(1 for s in statuses if s != 0)
     if failed:
         print(f"neox: {failed} of {len(statuses)} sweep jobs failed", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or slurm_failed else 0

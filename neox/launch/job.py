@@ -1,6 +1,7 @@
 """One run: resources -> plan -> summary -> saved config -> workers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     """Write the resolved config the workers read (atomically: a reader never sees half a file)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = path.with_suffix(f".yaml.{os.getpid()}.tmp")  # several Slurm tasks may write it at once
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tmp.replace(path)
     return path

@@ -30,6 +30,7 @@ from neox.train import distributed, engine as engine_lib
 from neox.train.guards import Heartbeats, maybe_hang, nan_fault_steps
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
+from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
 
@@ -50,6 +51,7 @@ def load_config(path: str) -> DictConfig:
 
 
 def run(config_path: str) -> int:
+    watcher = PreemptionWatcher()  # first thing: a stop signal during startup is kept as a flag
     cfg = load_config(config_path)
     info = distributed.init(cfg.train.collective_timeout_s)
     plan = make_plan(cfg, from_worker_env(info.device.type))
@@ -57,7 +59,7 @@ def run(config_path: str) -> int:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer = Trainer(cfg, plan, info)
     try:
-        return trainer.fit()
+        return trainer.fit(watcher)
     except RuntimeError as exc:  # gloo/nccl raise RuntimeError subclasses when a peer is gone
         stalled = trainer.heartbeats.stalled()
         who = (f"rank(s) {', '.join(map(str, stalled))} did not reach it" if stalled
@@ -204,7 +206,7 @@ class Trainer:
         self.say(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------------------------ loop
-    def fit(self) -> int:
+    def fit(self, watcher: Optional[PreemptionWatcher] = None) -> int:
         cfg, plan, state = self.cfg, self.plan, self.state
         t = cfg.train
         batches = self.loader(self.data.train, state.consumed_samples)
@@ -255,8 +257,16 @@ class Trainer:
                 if val is not None:
                     self.metrics.log(state.step, {"loss": val, "ppl": math.exp(min(val, 50))}, prefix="valid")
                     self.say(f"step {state.step:>6}/{t.steps}  validation loss {val:.4f}")
-            if state.step % t.save_every == 0 or state.step == t.steps:
+            saved = state.step % t.save_every == 0 or state.step == t.steps
+            if saved:
                 self.save()
+            if watcher is not None and state.step < t.steps and watcher.should_stop():
+                if not saved:
+                    self.save()  # collective: every rank agreed to stop at this step
+                self.say(f"stopping at step {state.step} ({watcher.signal_name}): checkpoint saved, "
+                         "the job resumes from it")
+                self.metrics.close()
+                return EXIT_REQUEUE
         self.finish()
         return 0
 
