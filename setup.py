@@ -1,22 +1,66 @@
-"""Build hook for neox's kernels in csrc/.
+"""Build hook for neox's kernels in csrc/ (see csrc/README.md).
 
 Compiled once, at install time (`pip install --no-build-isolation -e .`), never at train start:
-- `neox._C_cpu`  : every csrc/<op>/*.cpp  (always built)
-- `neox._C_cuda` : every csrc/<op>/*.cu plus its bindings, when torch has CUDA and nvcc is found.
-A build failure prints one clear message and the install still succeeds; neox then announces at
-train start that it is using the pure-PyTorch reference ops.
+- `neox._C_cpu`  : csrc/bindings_cpu.cpp + csrc/<op>/*_cpu.cpp            (always tried)
+- `neox._C_cuda` : csrc/bindings_cuda.cpp + csrc/<op>/*.cu  when torch has CUDA and nvcc is found.
+Arch list: $TORCH_CUDA_ARCH_LIST if set (named arches and "9.0a" are fine), else the visible GPU's,
+else "8.0;9.0". NEOX_BUILD_CUDA=0 skips the CUDA extension.
+
+A failed extension prints one clear message and the install still succeeds; the outcome of each
+extension is written to neox/kernels/_build_status.json, which `neox.kernels.describe()` reads to say
+at train start why a fused path is not in use.
 """
 import glob
+import json
 import os
 import sys
+import time
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+STATUS_REL = os.path.join("neox", "kernels", "_build_status.json")
 
 
 def _log(msg: str) -> None:
     print(f"[neox build] {msg}", file=sys.stderr, flush=True)
+
+
+def _cuda_arch_list(torch) -> str:
+    """TORCH_CUDA_ARCH_LIST wins; else the visible GPU's capability; else Ampere + Hopper."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{major}.{minor}"
+    return "8.0;9.0"
+
+
+def _fix_cuda_home(cpp_extension) -> None:
+    """torch guesses CUDA_HOME from `which nvcc`; a wrapper script there (/usr/local/bin/nvcc) makes it
+    guess /usr/local, which has no CUDA runtime, and the link fails with -lcudart. Prefer a real toolkit."""
+    home = cpp_extension.CUDA_HOME
+    if home and glob.glob(os.path.join(home, "lib*", "libcudart.so*")):
+        return
+    for cand in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")) and glob.glob(os.path.join(cand, "lib*", "libcudart.so*")):
+            _log(f"CUDA_HOME={home!r} has no CUDA runtime; using {cand} (export CUDA_HOME to choose)")
+            cpp_extension.CUDA_HOME = cand
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
+def _cuda_skip_reason(torch, cpp_extension) -> str:
+    """Why the CUDA extension cannot be built here, or '' if it can."""
+    if os.environ.get("NEOX_BUILD_CUDA", "1") == "0":
+        return "NEOX_BUILD_CUDA=0"
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} has no CUDA"
+    home = cpp_extension.CUDA_HOME
+    if not home or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return f"nvcc not found (CUDA_HOME={home!r}; export CUDA_HOME=/usr/local/cuda)"
+    return ""
 
 
 def _extensions():
@@ -25,24 +69,81 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:
         _log("torch is not installed yet; skipping kernels (install torch, then reinstall neox)")
-        return [], {}
+        return [], {}, {}
+
+    status = {"torch": torch.__version__}
     exts = []
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
-    if cpu_sources:
-        exts.append(cpp_extension.CppExtension(
-            "neox._C_cpu", cpu_sources,
-            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
-    cuda_bind = sorted(glob.glob(os.path.join("csrc", "*", "*_cuda.cpp")))
-    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    if cuda_sources and torch.version.cuda and nvcc and os.environ.get("NEOX_BUILD_CUDA", "1") != "0":
+    cpu_sources = ["csrc/bindings_cpu.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    exts.append(cpp_extension.CppExtension(
+        "neox._C_cpu", cpu_sources,
+        extra_compile_args=["-O3", "-g0", "-fopenmp"], extra_link_args=["-fopenmp"]))
+
+    _fix_cuda_home(cpp_extension)
+    reason = _cuda_skip_reason(torch, cpp_extension)
+    if reason:
+        _log(f"CUDA kernels not built: {reason}")
+        status["neox._C_cuda"] = {"built": False, "reason": reason}
+    else:
+        arch = _cuda_arch_list(torch)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # read by cpp_extension when it forms -gencode flags
+        status["cuda_arch_list"] = arch
+        _log(f"building CUDA kernels for TORCH_CUDA_ARCH_LIST={arch}")
         exts.append(cpp_extension.CUDAExtension(
-            "neox._C_cuda", cuda_bind + cuda_sources,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}))
-    elif cuda_sources:
-        _log("CUDA kernels not built (no CUDA torch or no nvcc; set CUDA_HOME=/usr/local/cuda)")
-    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+            "neox._C_cuda", ["csrc/bindings_cuda.cpp"] + sorted(glob.glob("csrc/*/*.cu")),
+            extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]}))
+
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        """Build each extension on its own; a failure is reported once and does not fail the install."""
+
+        def build_extension(self, ext):
+            t0 = time.time()
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # compiler errors arrive as several exception types
+                first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                _log(f"FAILED to build {ext.name}: {first}. neox will use the pure-PyTorch reference ops "
+                     f"for it; the compiler output is above.")
+                status[ext.name] = {"built": False, "reason": f"build failed: {first}"}
+                return
+            status[ext.name] = {"built": True, "seconds": round(time.time() - t0, 1)}
+            _log(f"built {ext.name} in {time.time() - t0:.0f} s")
+
+        def _built_only(self, method, *args):
+            """Call a base method with the failed extensions hidden (they have no file to copy or list)."""
+            every = self.extensions
+            self.extensions = [e for e in every if status.get(e.name, {}).get("built", True)]
+            try:
+                return method(*args)
+            finally:
+                self.extensions = every
+
+        def copy_extensions_to_source(self):
+            return self._built_only(super().copy_extensions_to_source)
+
+        def get_outputs(self):
+            return self._built_only(super().get_outputs)
+
+        def get_output_mapping(self):
+            return self._built_only(super().get_output_mapping)
+
+        def run(self):
+            super().run()
+            text = json.dumps(status, indent=1) + "\n"
+            # build_lib serves wheels; the source tree serves in-place/editable builds (only those, so a
+            # wheel build does not overwrite the status of the editable install beside it).
+            dirs = {os.path.abspath(self.build_lib)}
+            if self.inplace or getattr(self, "editable_mode", False):
+                dirs.add(ROOT)
+            for base_dir in dirs:
+                path = os.path.join(base_dir, STATUS_REL)
+                if os.path.isdir(os.path.dirname(path)):
+                    with open(path, "w") as f:
+                        f.write(text)
+
+    return exts, {"build_ext": BuildExtension}, status
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, _ = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

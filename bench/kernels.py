@@ -1,0 +1,193 @@
+"""Benchmark neox's fused kernels against PyTorch eager and torch.compile of the same reference code.
+
+    python bench/kernels.py                      # GPU: 8192 tokens, hidden 2048 and 4096, vocab 50304
+    python bench/kernels.py --device cpu --tokens 1024 --hidden 1024 --no-compile   # decides AUTO_FUSED on CPU
+
+Each op runs forward + backward on bf16 inputs (fp32 on CPU by default: --dtype). Reported: median time
+over --iters runs, the fused kernel's achieved bandwidth (the bytes an ideal fused fwd+bwd must move,
+over its time) as a share of measured device copy bandwidth, the speed-up against eager and compiled,
+and for cross-entropy the peak extra memory of each contender. Goals (issue #6): >= 1.5x eager,
+>= 1.0x torch.compile, fused CE peak memory <= 1/2 of eager's. Prints a markdown table as it goes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+from neox import kernels as K  # noqa: E402
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    inputs: list[torch.Tensor]  # grads are taken w.r.t. the floating ones that require grad
+    fn: Callable[..., object]  # fn(*inputs, impl=...) -> tensor or tuple
+    bytes_moved: int  # what an ideal fused forward + backward reads and writes
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(step: Callable[[], None], device: str, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of step()."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a large device-to-device copy (read + write)."""
+    n = (1 << 28) if device == "cuda" else (1 << 25)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src), device, iters=20)
+    return 2 * n / ms / 1e6
+
+
+def _fwd_bwd(case: Case, impl: Optional[str], compiled: Optional[Callable], grads: list[torch.Tensor]) -> Callable[[], None]:
+    leaves = [t for t in case.inputs if t.requires_grad]
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        out = compiled(*case.inputs) if compiled is not None else case.fn(*case.inputs, impl=impl)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, grads[: len(outs)])
+
+    return step
+
+
+def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab: Optional[int]) -> list[Case]:
+    T, H, e = tokens, hidden, torch.tensor([], dtype=dtype).element_size()
+
+    def t(*shape, grad=True, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_(grad)
+
+    hd = 128 if H % 128 == 0 else H
+    heads = H // hd
+    seq = min(T, 2048)
+    batch = max(1, T // seq)
+    f = 256 * ((8 * H // 3 + 255) // 256)  # SwiGLU width, Llama-style
+    cases = [
+        Case("layer_norm", f"[{T}, {H}]", [t(T, H), t(H), t(H)], lambda x, w, b, impl: K.layer_norm(x, w, b, 1e-5, impl=impl),
+             5 * T * H * e),
+        Case("layer_norm+residual", f"[{T}, {H}]", [t(T, H), t(H), t(H), t(T, H)],
+             lambda x, w, b, r, impl: K.layer_norm(x, w, b, 1e-5, residual=r, impl=impl), 8 * T * H * e),
+        Case("rms_norm", f"[{T}, {H}]", [t(T, H), t(H)], lambda x, w, impl: K.rms_norm(x, w, 1e-5, impl=impl), 5 * T * H * e),
+        Case("rotary (full, neox)", f"[{batch}, {seq}, {heads}, {hd}]",
+             [t(batch, seq, heads, hd), t(seq, hd // 2, grad=False, dt=torch.float32),
+              t(seq, hd // 2, grad=False, dt=torch.float32)],
+             lambda x, c, s, impl: K.rotary(x, c, s, hd, impl=impl), 4 * T * H * e),
+        Case("masked_softmax", f"[{batch}, {heads}, {seq}, {seq}]", [t(batch, heads, seq, seq)],
+             lambda x, impl: K.masked_softmax(x, 0.088, impl=impl), 4 * batch * heads * seq * seq * e),
+        Case("bias_gelu", f"[{T}, {4 * H}]", [t(T, 4 * H), t(4 * H)], lambda x, b, impl: K.bias_gelu(x, b, impl=impl),
+             5 * T * 4 * H * e),
+        Case("swiglu", f"[{T}, {2 * f}]", [t(T, 2 * f)], lambda x, impl: K.swiglu(x, impl=impl), 6 * T * f * e),
+    ]
+    if vocab:
+        tg = torch.randint(0, vocab, (T,), device=device)
+        cases.append(Case("cross_entropy", f"[{T}, {vocab}]", [t(T, vocab, scale=2.0), tg],
+                          lambda x, y, impl: K.cross_entropy(x, y, impl=impl), 2 * T * vocab * e))
+    return cases
+
+
+def bench_case(case: Case, device: str, iters: int, use_compile: bool) -> dict:
+    out = case.fn(*case.inputs, impl="reference")
+    outs = out if isinstance(out, tuple) else (out,)
+    grads = [torch.randn_like(o) for o in outs]
+    res = {}
+    contenders: list[tuple[str, Optional[str], Optional[Callable]]] = [("eager", "reference", None)]
+    if use_compile:
+        ref = case.fn
+        torch._dynamo.reset()  # each case compiles afresh: no recompile limit carried across cases
+        contenders.append(("compile", None, torch.compile(lambda *a: ref(*a, impl="reference"))))
+    contenders.append(("fused", "fused", None))
+    for name, impl, compiled in contenders:
+        step = _fwd_bwd(case, impl, compiled, grads)
+        t0 = time.time()
+        try:
+            step()  # compiles / warms up
+        except Exception as e:  # keep the table going: one broken contender is a row note, not a crash
+            res[name] = float("nan")
+            res[name + "_err"] = f"{type(e).__name__}: {str(e)[:120]}"
+            continue
+        res[name + "_warm_s"] = time.time() - t0
+        for t in case.inputs:
+            t.grad = None  # peak memory below counts the gradients this contender allocates
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        if device == "cuda":
+            step()
+            torch.cuda.synchronize()
+            res[name + "_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        res[name] = _time(step, device, iters)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--ops", nargs="*", default=None, help="only ops whose name starts with one of these")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (e.g. on CPU)")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    bw = copy_bandwidth(args.device)
+    print(f"# neox kernels: fwd+bwd, {dev_name}, torch {torch.__version__}, {dtype}, copy bandwidth {bw:.0f} GB/s")
+    print(f"# {K.describe('fused', args.device)}\n")
+    print("| op | shape | eager ms | compile ms | fused ms | fused GB/s (% copy) | x eager | x compile | peak MB eager/compile/fused | goals |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for i, hidden in enumerate(args.hidden):
+        for case in make_cases(args.device, dtype, args.tokens, hidden, args.vocab if i == 0 else None):
+            if args.ops and not any(case.op.startswith(o) for o in args.ops):
+                continue
+            r = bench_case(case, args.device, args.iters, not args.no_compile)
+            e, c, f = r.get("eager", float("nan")), r.get("compile", float("nan")), r.get("fused", float("nan"))
+            gbs = case.bytes_moved / f / 1e6
+            goals = [e / f >= 1.5, (c / f >= 1.0) if c == c else True]
+            peak = "/".join(f"{r.get(k + '_peak_mb', float('nan')):.0f}" for k in ("eager", "compile", "fused"))
+            if case.op == "cross_entropy" and args.device == "cuda":
+                goals.append(r.get("fused_peak_mb", float("inf")) <= 0.5 * r.get("eager_peak_mb", 0.0))
+            errs = "; ".join(f"{k}: {v}" for k, v in r.items() if k.endswith("_err"))
+            print(f"| {case.op} | {case.shape} | {e:.3f} | {c:.3f} | {f:.3f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | "
+                  f"{e / f:.2f} | {c / f:.2f} | {peak} | {'met' if all(goals) else 'MISSED'}{' ' + errs if errs else ''} |",
+                  flush=True)
+            del case
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+// Declarations of the kernel launchers, one set per backend (suffix _cpu or _cuda).
+// Each csrc/<op>/ file defines and instantiates its own; csrc/bindings_*.cpp call them.
+// NEOX_OPS(SUFFIX, EXTRA) declares the set; EXTRA is the trailing parameter (e.g. a stream) or nothing.
+// part/part_rows: an fp32 scratch of part_rows x (columns) for per-block partial column sums (CUDA;
+// the CPU kernels ignore it and keep per-thread partials of their own).
+#pragma once
+#include <cstdint>
+
+#define NEOX_OPS(SUFFIX, ...)                                                                            \
+  template <typename T>                                                                                  \
+  void norm_forward##SUFFIX(const T* x, const T* residual, const float* w, const float* b, T* y, T* h,   \
+                            float* mean, float* rstd, int64_t N, int64_t C, float eps, bool rms __VA_ARGS__); \
+  template <typename T>                                                                                  \
+  void norm_backward##SUFFIX(const T* dy, const T* h, const float* w, const float* mean, const float* rstd, \
+                             const T* dh, T* dx, float* dw, float* db, float* part, int64_t part_rows, int64_t N,       \
+                             int64_t C, bool rms __VA_ARGS__); \
+  template <typename T>                                                                                  \
+  void rotary##SUFFIX(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S,      \
+                      int64_t H, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);       \
+  template <typename T>                                                                                  \
+  void masked_softmax_forward##SUFFIX(const T* x, T* y, int64_t rows, int64_t SQ, int64_t SK,            \
+                                      float scale __VA_ARGS__);                                          \
+  template <typename T>                                                                                  \
+  void masked_softmax_backward##SUFFIX(const T* dy, const T* y, T* dx, int64_t rows, int64_t SQ,         \
+                                       int64_t SK, float scale __VA_ARGS__);                             \
+  template <typename T>                                                                                  \
+  void bias_gelu_forward##SUFFIX(const T* x, const float* bias, T* y, int64_t N, int64_t C,              \
+                                 bool tanh_approx __VA_ARGS__);                                          \
+  template <typename T>                                                                                  \
+  void bias_gelu_backward##SUFFIX(const T* dy, const T* x, const float* bias, T* dx, float* dbias,       \
+                                  float* part, int64_t part_rows, int64_t N, int64_t C,                 \
+                                  bool tanh_approx __VA_ARGS__);                    \
+  template <typename T>                                                                                  \
+  void swiglu_forward##SUFFIX(const T* x, T* y, int64_t N, int64_t F __VA_ARGS__);                       \
+  template <typename T>                                                                                  \
+  void swiglu_backward##SUFFIX(const T* dy, const T* x, T* dx, int64_t N, int64_t F __VA_ARGS__);        \
+  template <typename T>                                                                                  \
+  void cross_entropy_forward##SUFFIX(const T* logits, const int64_t* targets, float* row_max,            \
+                                     float* row_sum, float* tgt_logit, int64_t N, int64_t V,             \
+                                     int64_t vocab_start, int64_t ignore_index __VA_ARGS__);             \
+  template <typename T>                                                                                  \
+  void cross_entropy_backward##SUFFIX(T* logits, const int64_t* targets, const float* lse,               \
+                                      const float* gscale, int64_t N, int64_t V, int64_t vocab_start,    \
+                                      int64_t ignore_index __VA_ARGS__);

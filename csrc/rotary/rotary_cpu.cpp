@@ -1,0 +1,42 @@
+// Rotary position embedding on CPU (forward; the backward is the inverse rotation, sin -> -sin).
+//
+// x, out: [B, S, H, D] contiguous; cos, sin: [S, R/2] fp32, one entry per frequency; R = rotary dims.
+//   NeoX layout      : pairs (x[i], x[i + R/2])  for i < R/2
+//   interleaved (GPT-J): pairs (x[2i], x[2i + 1])
+//   each pair (a, b) -> (a*cos - b*sin, b*cos + a*sin); dims >= R pass through unchanged.
+#include "../common/cpu_common.h"
+
+namespace neox {
+
+template <typename T>
+void rotary_cpu(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S, int64_t H,
+                int64_t D, int64_t R, bool interleaved, bool inverse) {
+  const int64_t half = R / 2;
+  const float sgn = inverse ? -1.f : 1.f;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bi = 0; bi < B; bi++) {
+    for (int64_t s = 0; s < S; s++) {
+      const float* cs = cos + s * half;
+      const float* sn = sin + s * half;
+      for (int64_t h = 0; h < H; h++) {
+        const int64_t off = ((bi * S + s) * H + h) * D;
+        const T* xr = x + off;
+        T* yr = out + off;
+        for (int64_t i = 0; i < half; i++) {
+          const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+          float a = to_float(xr[ia]), b = to_float(xr[ib]), c = cs[i], sv = sgn * sn[i];
+          yr[ia] = from_float<T>(a * c - b * sv);
+          yr[ib] = from_float<T>(b * c + a * sv);
+        }
+        for (int64_t i = R; i < D; i++) yr[i] = xr[i];
+      }
+    }
+  }
+}
+
+#define INSTANTIATE(T)                                                                            \
+  template void rotary_cpu<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, \
+                              int64_t, int64_t, bool, bool);
+NEOX_FOR_EACH_DTYPE(INSTANTIATE)
+
+}  // namespace neox

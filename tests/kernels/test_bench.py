@@ -1,0 +1,16 @@
+"""bench/kernels.py runs end to end (tiny CPU shapes, no torch.compile), so the GPU benchmark cannot rot."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_runs_on_cpu():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "kernels.py"), "--device", "cpu", "--tokens", "64",
+                          "--hidden", "128", "--vocab", "300", "--iters", "1", "--no-compile"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "eager ms" not in line]
+    assert len(rows) == 8, out.stdout  # 7 ops + the residual LayerNorm variant
+    assert all("nan" not in r.split("|")[5] for r in rows), out.stdout  # every fused contender ran
