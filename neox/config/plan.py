@@ -113,7 +113,7 @@ def gpt_config(model: DictConfig) -> GPTConfig:
         parallel_residual=model.parallel_residual, norm=model.norm, norm_eps=model.norm_eps, mlp=model.mlp,
         tied_embeddings=model.tied_embeddings, bias=model.bias, dropout=model.dropout,
         attn_dropout=model.attn_dropout, init=model.init, init_std=model.init_std,
-        activation_checkpointing=model.activation_checkpointing,
+        activation_checkpointing=model.activation_checkpointing, kernels=model.kernels,
     )
 
 

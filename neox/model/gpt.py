@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from neox import kernels
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -47,16 +49,37 @@ class GPTConfig:
     init: str = "small_init"
     init_std: float = 0.02
     activation_checkpointing: str = "none"
+    kernels: str = "auto"  # auto | fused | reference: see neox.kernels
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed by neox.kernels (fused where built and faster; fp32 statistics)."""
+
+    def __init__(self, dim: int, eps: float, impl: str):
+        super().__init__(dim, eps=eps)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, impl=self.impl)
+
+
+class RMSNorm(nn.RMSNorm):
+    def __init__(self, dim: int, eps: float, impl: str):
+        super().__init__(dim, eps=eps)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
 
 
 # ---------------------------------------------------------------------------------------- positions
@@ -67,8 +90,13 @@ def rotary_tables(dims: int, seq_len: int, base: float, device=None) -> tuple[to
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool) -> torch.Tensor:
-    """Rotate the first `dims` channels of each head of x [b, s, h, hd]; the rest pass through."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool,
+                 impl: str = "reference") -> torch.Tensor:
+    """Rotate the first `dims` channels of each head of x [b, s, h, hd]; the rest pass through.
+    The code below is the definition; impl=auto|fused runs neox.kernels.rotary instead."""
+    if impl != "reference":
+        s = x.shape[1]
+        return kernels.rotary(x, cos[:s], sin[:s], dims, interleaved=interleaved, impl=impl)
     rot, rest = x[..., :dims].float(), x[..., dims:]
     cos, sin = cos[: x.shape[1], None, :], sin[: x.shape[1], None, :]  # [s, 1, dims/2]
     if interleaved:  # GPT-J: pairs (2i, 2i+1)
@@ -122,8 +150,8 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, groups * self.q_per_kv, hd)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if self.cfg.position == "rotary":
-            q = apply_rotary(q, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved)
-            k = apply_rotary(k, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved)
+            rot = (self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, self.cfg.kernels)
+            q, k = apply_rotary(q, *rot), apply_rotary(k, *rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
         p = self.cfg.attn_dropout if self.training else 0.0
         if self.cfg.position == "alibi":
@@ -150,14 +178,14 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.impl = cfg.kernels
         self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.swiglu else 1), bias=cfg.bias)
         self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
-        if self.swiglu:
-            h = h.unflatten(-1, (-1, 2))
-            h = F.silu(h[..., 0]) * h[..., 1]
+        if self.swiglu:  # silu(gate) * up over (gate, up) pairs
+            h = kernels.swiglu(h, impl=self.impl)
         else:
             h = F.gelu(h)
         return self.fc_out(h)

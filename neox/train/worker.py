@@ -87,6 +87,9 @@ class Trainer:
         self.cfg, self.plan, self.info = cfg, plan, info
         self.run_dir = plan.run_dir
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
+        from neox import kernels
+
+        self.say(kernels.describe(cfg.model.kernels, info.device))
         # topology: pipe x data x model groups; the data shard follows the dp rank
         self.topo = Topology.build(tp=plan.tp, pp=plan.pp, dp=plan.dp)
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size

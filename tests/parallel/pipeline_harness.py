@@ -78,14 +78,15 @@ def model_config(**overrides):
 def train_config(run: Dict[str, Any], dp: int):
     """The lead's engine config inputs: a DictConfig with the fields engine.py reads, and a plan."""
     cfg = OmegaConf.create({
-        "parallelism": {"zero_stage": run["zero"], "zero_bucket_size": 50_000_000},
+        "parallelism": {"zero_stage": run["zero"], "zero_bucket_size": 50_000_000,
+                        "sequence_parallel": run.get("sequence_parallel", False)},
         "optim": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
                   "grad_clip": run.get("clip", 1.0), "warmup_steps": 2, "decay_steps": None,
                   "decay": "cosine", "min_lr": 3e-4},
         "train": {"steps": run["steps"]},
     })
     plan = SimpleNamespace(global_batch=run["micro"] * run["accum"] * dp, micro_batch=run["micro"],
-                           grad_accum=run["accum"], precision=run.get("precision", "fp32"))
+                           grad_accum=run["accum"], precision=run.get("precision", "fp32"), pp=2)
     return cfg, plan
 
 
@@ -119,8 +120,7 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
     """What a trainer rank builds with pp > 1: the pipeline module, then the lead's engine."""
     from neox.model.gpt import cross_entropy_loss
     from neox.parallel import make_loss_fn
-    from neox.parallel.pipeline import (build_pipeline_module, describe_stages, install_grad_clipping,
-                                        pipeline_deepspeed_config)
+    from neox.parallel.pipeline import build_pipeline_module, describe_stages
     from neox.train import engine as engine_lib
 
     model_cfg = model_config(**run["model"])
@@ -131,13 +131,8 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
         print(describe_stages(module), flush=True)
     _check_init(module, model_cfg, topo)
     cfg, plan = train_config(run, topo.dp_size)
-    # Until engine.py does both for pp > 1 (see the integration notes): the pipeline section of the
-    # DeepSpeed config, and correct fp32 clipping.
-    sp = run.get("sequence_parallel", False)
-    base = engine_lib.__dict__.setdefault("_base_deepspeed_config", engine_lib.deepspeed_config)
-    engine_lib.deepspeed_config = lambda c, p: pipeline_deepspeed_config(base(c, p), sp)
+    # engine.py adds the pipeline section of the DeepSpeed config and the pipe-aware fp32 clipping.
     engine = engine_lib.initialize(module, cfg, plan, torch.device("cpu"), mpu=None)[0]
-    install_grad_clipping(engine)
     if run["checkpointing"] == "full":  # Blocks are checkpointed, the embedding chunk never
         flags = dict(zip(range(module._local_start, module._local_stop), module.is_checkpointable_results))
         for i, flag in flags.items():
