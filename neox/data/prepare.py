@@ -1,0 +1,296 @@
+"""Prepare a corpus once into `.bin/.idx` files: `python -m neox.data.prepare --help`.
+
+    python -m neox.data.prepare 'corpus/*.jsonl.gz' -o data/corpus --tokenizer tokenizer.json
+    python -m neox.data.prepare hf:wikitext --hf-config wikitext-2-raw-v1 -o data/wt2 \\
+        --tokenizer bpe:16384
+
+The main process reads and parses documents and writes tokens; worker processes tokenize.
+Batches go out in order and at most a few are in flight, so memory stays flat on any corpus
+size. Beside the output we write `PREFIX.tokenizer.json` (the tokenizer used, which the
+trainer finds on its own) and `PREFIX.meta.json` (what went in, counts, timings). Every file
+appears under its final name only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from neox.data.fsutil import atomic_path, temp_name
+from neox.data.indexed import IndexedDatasetWriter, best_dtype
+from neox.data.sources import ReadStats, iter_documents, resolve_inputs
+from neox.data.tokenizer import Tokenizer, encode_documents, load_tokenizer, train_bpe
+from neox.errors import DataError, NeoxError
+
+
+@dataclass
+class PrepareResult:
+    prefix: str
+    documents: int
+    tokens: int
+    seconds: float
+    vocab_size: int
+    eod_id: int
+    dtype: str
+    skipped_invalid_utf8: int
+    skipped_empty_files: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def batches(docs: Iterable[str], max_chars: int = 1 << 20, max_docs: int = 4096
+            ) -> Iterator[list[str]]:
+    """Group documents into batches of about `max_chars` characters."""
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# Worker side: each process loads the tokenizer once, then encodes whole batches.
+_worker_tok: Tokenizer | None = None
+_worker_dtype: np.dtype | None = None
+
+
+def _init_worker(tokenizer_spec: str, eod_token: str | None, dtype: str) -> None:
+    global _worker_tok, _worker_dtype
+    _worker_tok = load_tokenizer(tokenizer_spec, eod_token)
+    _worker_dtype = np.dtype(dtype)
+
+
+def _encode(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    assert _worker_tok is not None and _worker_dtype is not None
+    flat, lengths = encode_documents(_worker_tok, batch)
+    return flat.astype(_worker_dtype), lengths  # narrow before pickling: half the bytes
+
+
+def _read_ahead(items: Iterator[list[str]], depth: int) -> Iterator[list[str]]:
+    """Iterate `items` in a background thread, at most `depth` ahead; errors re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        """Queue `item` unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def fill() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    thread = threading.Thread(target=fill, name="neox-prepare-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _encoded_in_order(tok_spec: str, eod_token: str | None, dtype: np.dtype,
+                      batch_iter: Iterator[list[str]], workers: int
+                      ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
+    """(docs in batch, encoded batch), in input order, with a bounded number in flight."""
+    if workers <= 1:
+        # In-process: Rust's own threads use every core and release the GIL, so a reader
+        # thread parses the next batches meanwhile.
+        _init_worker(tok_spec, eod_token, dtype.str)
+        for batch in _read_ahead(batch_iter, depth=4):
+            yield len(batch), _encode(batch)
+        return
+    # fork is cheap and inherits imports; the tokenizers library turns its own threads off
+    # in forked children, which is what we want since processes are the parallelism here.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # Processes are the parallelism: workers inherit this and keep Rust single-threaded.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(workers, _init_worker, (tok_spec, eod_token, dtype.str))
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
+        pending: collections.deque = collections.deque()
+        for batch in batch_iter:
+            pending.append((len(batch), pool.apply_async(_encode, (batch,))))
+            if len(pending) >= 2 * workers:
+                n, res = pending.popleft()
+                yield n, res.get()
+        while pending:
+            n, res = pending.popleft()
+            yield n, res.get()
+
+
+def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
+            text_field: str = "text", split: str = "train", hf_config: str | None = None,
+            streaming: bool = False, workers: int | None = None, invalid_utf8: str = "skip",
+            eod_token: str | None = None, model_vocab_size: int | None = None,
+            progress: bool = True, batch_chars: int = 1 << 20) -> PrepareResult:
+    """Tokenize `inputs` into `output.bin/.idx` (+ `.tokenizer.json`, `.meta.json`).
+
+    `tokenizer` is a tokenizer.json path, `bytes`, or `bpe:VOCAB` to train a byte-level BPE
+    on the inputs first (one extra pass over them).
+    """
+    t0 = time.perf_counter()
+    sources = resolve_inputs(list(inputs))
+    read = dict(text_field=text_field, split=split, hf_config=hf_config, streaming=streaming,
+                invalid_utf8=invalid_utf8)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok_sidecar = Path(f"{output}.tokenizer.json")
+
+    tok_tmp = temp_name(tok_sidecar)
+    try:
+        tok = _make_tokenizer(tokenizer, lambda: iter_documents(sources, **read), eod_token,
+                              progress)
+        if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+            raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's "
+                            f"padded vocab is {model_vocab_size}; use a smaller tokenizer or "
+                            "a bigger model vocab")
+        tok.save(tok_tmp)
+        dtype = best_dtype(tok.vocab_size)
+        # Workers load the tokenizer from the saved file; bytes needs no file.
+        worker_spec = "bytes" if tok.name == "bytes" else str(tok_tmp)
+
+        stats = ReadStats()
+        docs = iter_documents(sources, stats=stats, **read)
+        with IndexedDatasetWriter(output, dtype) as writer, _progress_bar(progress) as bar:
+            for n, (flat, lengths) in _encoded_in_order(
+                    worker_spec, eod_token, dtype, batches(docs, batch_chars), workers):
+                writer.add_documents(flat, lengths)
+                bar.update(n)  # tqdm shows docs/s; we add tokens/s
+                rate = writer.num_tokens / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix_str(f"{rate / 1e6:.2f} M tok/s", refresh=False)
+            bar.close()
+            if writer.num_documents == 0:
+                raise DataError(f"the inputs {' '.join(inputs)} hold no documents "
+                                f"({stats.skipped_invalid_utf8} skipped as invalid UTF-8, "
+                                f"{stats.skipped_empty_files} empty files); check them")
+            result = PrepareResult(str(out), writer.num_documents, writer.num_tokens,
+                                   time.perf_counter() - t0, tok.vocab_size, tok.eod_id,
+                                   dtype.name, stats.skipped_invalid_utf8,
+                                   stats.skipped_empty_files)
+            meta = {**asdict(result), "inputs": list(inputs), "tokenizer": tokenizer,
+                    "text_field": text_field, "files": stats.files}
+            # Sidecars first; leaving this block renames the .bin, then the .idx, last.
+            with atomic_path(f"{output}.meta.json") as meta_tmp:
+                meta_tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tok_tmp, tok_sidecar)
+    finally:
+        if tok_tmp.exists():
+            tok_tmp.unlink()
+    # The .bin/.idx and sidecars are in place now (the .idx renamed last of the data files).
+    _log(progress, f"wrote {output}.bin/.idx: {result.documents} docs, "
+         f"{result.tokens / 1e6:.2f} M tokens in {result.seconds:.1f} s "
+         f"({result.tokens_per_s / 1e6:.2f} M tok/s); skipped {result.skipped_invalid_utf8} "
+         f"invalid-UTF-8 docs and {result.skipped_empty_files} empty files")
+    return result
+
+
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"[neox.data.prepare] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress_bar(enabled: bool) -> "tqdm":  # noqa: F821
+    from tqdm import tqdm
+
+    return tqdm(unit=" docs", unit_scale=True, file=sys.stderr, mininterval=0.5,
+                disable=not enabled)
+
+
+def _make_tokenizer(spec: str, documents: Callable[[], Iterator[str]], eod_token: str | None,
+                    progress: bool) -> Tokenizer:
+    """Load `spec`, or for `bpe:VOCAB` train a byte-level BPE on the documents."""
+    if not spec.startswith("bpe:"):
+        return load_tokenizer(spec, eod_token)
+    try:
+        vocab = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise DataError(f"tokenizer {spec!r}: write bpe:VOCAB_SIZE, e.g. bpe:32000") from None
+    _log(progress, f"training a byte-level BPE (vocab {vocab}) on the inputs...")
+    return train_bpe(documents(), vocab)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m neox.data.prepare",
+        description="Tokenize text into Megatron/GPT-NeoX-compatible .bin/.idx files.")
+    p.add_argument("inputs", nargs="+", help="files, folders, globs (quoted), or "
+                   "hf:<dataset name or local path>; .jsonl/.json/.parquet (optionally .gz/.zst)"
+                   " or any other file as plain text (one document per file)")
+    p.add_argument("-o", "--output", required=True, help="output prefix (writes PREFIX.bin/.idx)")
+    p.add_argument("-t", "--tokenizer", default="bytes",
+                   help="tokenizer.json path, 'bytes', or 'bpe:VOCAB' to train one on the inputs")
+    p.add_argument("--text-field", default="text", help="JSON/parquet/datasets text field")
+    p.add_argument("--split", default="train", help="datasets split (hf: inputs)")
+    p.add_argument("--hf-config", default=None, help="datasets config name (hf: inputs)")
+    p.add_argument("--streaming", action="store_true", help="stream the hf: dataset")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: one per core; 1: in this process)")
+    p.add_argument("--invalid-utf8", choices=("skip", "fail"), default="skip",
+                   help="skip (and count) documents that are not valid UTF-8, or stop")
+    p.add_argument("--eod-token", default=None, help="end-of-document token in the tokenizer "
+                   "(default: the first of <|endoftext|>, </s>, ... it has)")
+    p.add_argument("--model-vocab-size", type=int, default=None,
+                   help="fail if the tokenizer's vocab exceeds the model's padded vocab")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        prepare(args.inputs, args.output, args.tokenizer, text_field=args.text_field,
+                split=args.split, hf_config=args.hf_config, streaming=args.streaming,
+                workers=args.workers, invalid_utf8=args.invalid_utf8,
+                eod_token=args.eod_token, model_vocab_size=args.model_vocab_size,
+                progress=not args.quiet)
+    except NeoxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written under the final name", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

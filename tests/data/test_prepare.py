@@ -1,0 +1,194 @@
+"""The preparation command: every input kind, tokenizer choice, and bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neox.data.indexed import IndexedDataset
+from neox.data.prepare import main, prepare
+from neox.errors import DataError
+
+DOCS = ["def f(x):\n    return x + 1\n", "héllo wörld ✓", "a", "class A:\n    pass\n" * 20]
+
+
+def run(inputs, out: Path, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return prepare([str(i) for i in inputs], str(out), **kw)
+
+
+def byte_docs(prefix: Path) -> list[bytes]:
+    """Documents of a bytes-tokenized output, with the trailing EOD checked and dropped."""
+    ds = IndexedDataset(prefix)
+    out = []
+    for i in range(len(ds)):
+        assert ds[i][-1] == 256
+        out.append(bytes(ds[i][:-1].astype(np.uint8)))
+    return out
+
+
+def write_jsonl(path: Path, docs, field="text") -> Path:
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def assert_no_output(out: Path) -> None:
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(out.name)]
+    assert leftovers == []
+
+
+def test_jsonl_bytes(tmp_path: Path) -> None:
+    r = run([write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path / "out")
+    assert byte_docs(tmp_path / "out") == [d.encode() for d in DOCS]
+    assert (r.documents, r.vocab_size, r.eod_id, r.dtype) == (4, 257, 256, "uint16")
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    assert meta["tokens"] == r.tokens == sum(len(d.encode()) + 1 for d in DOCS)
+    assert (tmp_path / "out.tokenizer.json").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_compressed_and_globs(tmp_path: Path) -> None:
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"content": d}) + "\n" for d in DOCS[:2]))
+    write_jsonl(tmp_path / "c.jsonl", DOCS[2:], field="content")
+    run([str(tmp_path / "*.jsonl*")], tmp_path / "out", text_field="content")
+    assert byte_docs(tmp_path / "out") == [d.encode() for d in DOCS]
+
+
+def test_zstd(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    raw = "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    run([tmp_path / "d.jsonl.zst"], tmp_path / "out")
+    assert byte_docs(tmp_path / "out") == [d.encode() for d in DOCS]
+
+
+def test_text_folder_one_doc_per_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    for i, d in enumerate(DOCS):
+        (src / "pkg" / f"m{i}.py").write_text(d)
+    (src / "pkg" / "__init__.py").write_text("")  # empty files found by a walk are skipped
+    r = run([src], tmp_path / "out")
+    assert byte_docs(tmp_path / "out") == [d.encode() for d in DOCS]
+    assert r.skipped_empty_files == 1
+
+
+def test_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS, "n": list(range(4))}), tmp_path / "p.parquet")
+    run([tmp_path / "p.parquet"], tmp_path / "out")
+    assert byte_docs(tmp_path / "out") == [d.encode() for d in DOCS]
+    with pytest.raises(DataError, match="no column 'body'"):
+        run([tmp_path / "p.parquet"], tmp_path / "out2", text_field="body")
+
+
+def test_hf_local_paths_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    run([f"hf:{tmp_path / 'saved'}"], tmp_path / "out1")
+    assert byte_docs(tmp_path / "out1") == [d.encode() for d in DOCS]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", DOCS)
+    run([f"hf:{folder}"], tmp_path / "out2", streaming=True, split="train")
+    assert byte_docs(tmp_path / "out2") == [d.encode() for d in DOCS]
+
+
+def test_hf_tokenizer_and_trained_bpe(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    corpus = write_jsonl(tmp_path / "a.jsonl", DOCS * 10)
+    r = run([corpus], tmp_path / "bpe", tokenizer="bpe:270")
+    assert r.vocab_size == 270
+    tok = Tokenizer.from_file(str(tmp_path / "bpe.tokenizer.json"))
+    ds = IndexedDataset(tmp_path / "bpe")
+    assert tok.decode(ds[1][:-1].tolist()) == DOCS[1] and ds[1][-1] == r.eod_id
+    # The saved tokenizer.json, given back, reproduces the same tokens (and in 2 processes).
+    run([corpus], tmp_path / "again", tokenizer=str(tmp_path / "bpe.tokenizer.json"), workers=2)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"again{ext}").read_bytes() == (tmp_path / f"bpe{ext}").read_bytes()
+
+
+def test_prepared_output_feeds_build_datasets(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from neox.config.schema import DataConfig
+    from neox.data import build_datasets
+
+    run([write_jsonl(tmp_path / "a.jsonl", DOCS * 50)], tmp_path / "out")
+    cfg = OmegaConf.structured(DataConfig(name="t", kind="prepared",
+                                          prefixes=[str(tmp_path / "out")]))
+    b = build_datasets(cfg, seq_len=8, num_samples={"train": 10}, seed=0, model_vocab_size=512,
+                       is_builder=True, barrier=lambda: None)
+    assert b.tokenizer_path.endswith("out.tokenizer.json") and len(b.train) == 10
+
+
+def test_invalid_utf8_skip_or_fail(tmp_path: Path) -> None:
+    good = json.dumps({"text": "ok"}).encode()
+    (tmp_path / "a.jsonl").write_bytes(good + b"\n" + b'{"text": "bad \xff"}\n' + good + b"\n")
+    (tmp_path / "b.txt").write_bytes(b"latin-1 caf\xe9")
+    r = run([tmp_path / "a.jsonl", tmp_path / "b.txt"], tmp_path / "out")
+    assert r.skipped_invalid_utf8 == 2 and byte_docs(tmp_path / "out") == [b"ok", b"ok"]
+    with pytest.raises(DataError, match=r"a.jsonl:2 is not valid UTF-8"):
+        run([tmp_path / "a.jsonl"], tmp_path / "out2", invalid_utf8="fail")
+    assert_no_output(tmp_path / "out2")
+
+
+def test_json_line_without_text_field(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    with path.open("a") as f:
+        f.write(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"a.jsonl:5 has no string field 'text'"):
+        run([path], tmp_path / "out")
+    assert_no_output(tmp_path / "out")  # the interrupted run leaves nothing behind
+
+
+def test_malformed_json(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"a.jsonl:2 is not valid JSON"):
+        run([tmp_path / "a.jsonl"], tmp_path / "out")
+
+
+def test_missing_and_empty_inputs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        run([tmp_path / "nope.jsonl"], tmp_path / "out")
+    with pytest.raises(DataError, match="matches no files"):
+        run([str(tmp_path / "*.jsonl")], tmp_path / "out")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        run([tmp_path / "empty.jsonl"], tmp_path / "out")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="hold no documents"):
+        run([tmp_path / "blank.jsonl"], tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="257 tokens but the model's padded vocab is 128"):
+        run([write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path / "out", model_vocab_size=128)
+    assert_no_output(tmp_path / "out")
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: input") and "does not exist" in err[0]
+    corpus = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    done = subprocess.run([sys.executable, "-m", "neox.data.prepare", str(corpus), "-o",
+                           str(tmp_path / "o"), "--workers", "2"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "docs" in done.stderr and "M tok/s" in done.stderr
+    assert byte_docs(tmp_path / "o") == [d.encode() for d in DOCS]
