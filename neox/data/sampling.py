@@ -26,7 +26,7 @@ from neox.data.indexed import IndexedDataset
 from neox.errors import DataError
 
 SPLITS = ("train", "valid", "test")
-INDEX_FORMAT = 1  # bump when the arrays' meaning changes, so stale caches are not reused
+INDEX_FORMAT = 2  # bump when the arrays' meaning changes, so stale caches are not reused
 
 
 def parse_split(split: str) -> list[float]:
@@ -73,32 +73,43 @@ def epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int,
 def build_index_arrays(sizes: np.ndarray, documents: np.ndarray, seq_len: int,
                        num_samples: int, seed: int, allow_repeats: bool = True,
                        name: str = "data") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc_idx, sample_idx, shuffle_idx) for `num_samples` samples of seq_len+1 tokens."""
+    """(doc_idx, sample_idx, shuffle_idx) for `num_samples` samples of seq_len+1 tokens.
+
+    The order is prefix-stable: asking for more samples (a longer run, or a resumed run with more
+    steps) extends the sequence without changing its beginning. Each epoch's document order and
+    each block's sample order come from their own seeded stream, and samples are laid out for
+    whole blocks before the list is cut to `num_samples`.
+    """
     tokens_per_epoch = int(sizes[documents].sum(dtype=np.int64))
-    epochs = epochs_needed(tokens_per_epoch, seq_len, num_samples, allow_repeats, name)
-    rng = np.random.default_rng(seed)
+    epochs_needed(tokens_per_epoch, seq_len, num_samples, allow_repeats, name)
+    block = max(1, tokens_per_epoch // seq_len)  # about one epoch of samples
+    laid_out = -(-num_samples // block) * block
+    if not allow_repeats:  # never lay out more than one pass holds
+        laid_out = min(laid_out, max(num_samples, (tokens_per_epoch - 1) // seq_len))
+    epochs = epochs_needed(tokens_per_epoch, seq_len, laid_out, True, name)
 
     # One independent shuffle of the documents per epoch.
     doc_idx = np.empty(epochs * len(documents), dtype=_int_dtype(int(documents.max())))
     for e in range(epochs):
+        rng = np.random.default_rng([seed, 0, e])
         doc_idx[e * len(documents):(e + 1) * len(documents)] = rng.permutation(documents)
 
     # Sample j starts at token j*seq_len of the stream; find its document and offset.
     stream_sizes = sizes[doc_idx].astype(np.int64)
     ends = np.cumsum(stream_sizes)
-    starts = np.arange(num_samples, dtype=np.int64) * seq_len
+    starts = np.arange(laid_out, dtype=np.int64) * seq_len
     pos = np.searchsorted(ends, starts, side="right")  # skips empty documents too
     offset = starts - (ends[pos] - stream_sizes[pos])
     sample_idx = np.stack([pos, offset], axis=1).astype(
         _int_dtype(max(len(doc_idx), int(offset.max(initial=0)))))
 
-    # Shuffle samples within blocks of one epoch, so repeated documents stay an epoch apart.
-    block = max(1, tokens_per_epoch // seq_len)
-    shuffle_idx = np.empty(num_samples, dtype=_int_dtype(num_samples))
-    for start in range(0, num_samples, block):
-        stop = min(start + block, num_samples)
-        shuffle_idx[start:stop] = start + rng.permutation(stop - start)
-    return doc_idx, sample_idx, shuffle_idx
+    # Shuffle samples within blocks of one epoch, so repeated documents stay an epoch apart; a
+    # block cut short keeps the full block's order restricted to the samples that exist.
+    shuffle_idx = np.empty(laid_out, dtype=_int_dtype(laid_out))
+    for b, start in enumerate(range(0, laid_out, block)):
+        order = start + np.random.default_rng([seed, 1, b]).permutation(block)
+        shuffle_idx[start:start + block] = order[order < laid_out][: block]
+    return doc_idx, sample_idx, shuffle_idx[:num_samples]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,21 @@ def test_each_epoch_is_a_permutation(small_corpus) -> None:
     assert len(ds.doc_idx) % n == 0 and len(ds.doc_idx) >= 2 * n
     for e in range(len(ds.doc_idx) // n):
         assert sorted(ds.doc_idx[e * n:(e + 1) * n]) == list(range(n))
-    assert sorted(ds.shuffle_idx) == list(range(3000))
+    # Samples are shuffled within epoch-sized blocks: every sample appears once, and each complete
+    # block of the layout is a permutation of its own positions.
+    shuffle = np.asarray(ds.shuffle_idx)
+    assert len(set(shuffle.tolist())) == 3000
+    block = int(ds.num_tokens // ds.seq_len)
+    for start in range(0, 3000 - block + 1, block):
+        assert sorted(shuffle[start:start + block]) == list(range(start, start + block))
+
+
+def test_order_is_prefix_stable(small_corpus, tmp_path: Path) -> None:
+    """A run asking for more samples (more steps) sees the same samples first."""
+    prefix, _ = small_corpus
+    short = make_dataset(prefix, num_samples=700, cache_dir=str(tmp_path / "a"))
+    long = make_dataset(prefix, num_samples=3000, cache_dir=str(tmp_path / "b"))
+    assert all(np.array_equal(short[i], long[i]) for i in range(len(short)))
 
 
 def test_seed_determines_order(small_corpus, tmp_path: Path) -> None:
