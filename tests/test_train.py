@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, launch, read_metrics, train_losses
+from launch_helpers import REPO, TINY, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.usefixtures("embedded_ready")
 
