@@ -1,77 +1,344 @@
-"""Save and resume through the DeepSpeed engine, keeping the last N checkpoints."""
+"""Save and resume through the DeepSpeed engine: atomically, verified, keeping the last N.
+
+Layout of `<run_dir>/checkpoints`:
+
+    latest                     the tag to resume from; replaced atomically, and only after the
+                               checkpoint it names is complete (DeepSpeed's own `latest` is off)
+    step_00000100/             one complete checkpoint
+        mp_rank_00_model_states.pt, zero_*...   DeepSpeed's files (model, optimizer, lr schedule, counters,
+                                                neox's client state: run state + resolved config)
+        rng/rank_00000.pt      every random state of each rank (weights_only tensors)
+        neox_state.json        the client state as JSON (run state, config): read before any tensor
+        manifest.json          size and sha256 of every file above, the layout; written last
+    step_00000200.partial/     a save in progress (or interrupted): never loaded, removed later
+
+A save: all ranks write into `<tag>.partial`; each rank fsyncs and hashes its share of the files;
+rank 0 writes the manifest, renames the directory to `<tag>`, then moves `latest`. A crash at any
+moment leaves the previous `latest` pointing at a complete checkpoint.
+
+A load: the checkpoint named by `latest` is verified against its manifest (sizes on every rank, the
+hashes split across ranks); a missing, truncated or corrupt one is reported in one line and the
+previous checkpoint is tried instead.
+"""
 from __future__ import annotations
 
-import random
+import json
+import os
+import re
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from neox.checkpoint import files as F
+from neox.checkpoint.config_check import check_resume_config
+from neox.checkpoint.rng import rng_state, set_rng_state
+from neox.checkpoint.safe_load import safe_engine_loads, safe_load
 from neox.errors import CheckpointError
 
 TAG_PREFIX = "step_"
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+PARTIAL = ".partial"
+STATE_JSON = "neox_state.json"
+RNG_DIR = "rng"
+_TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
+# Test hook: NEOX_CHECKPOINT_FAULT=<point>@<step> kills rank 0 with SIGKILL at that point of that save.
+FAULT_ENV = "NEOX_CHECKPOINT_FAULT"
+FAULT_POINTS = ("after_shards", "before_rename", "before_latest")
 
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
+def step_of(tag: str) -> Optional[int]:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj: Any) -> List[Any]:
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    rank, world = _world()
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _maybe_fault(point: str, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and _world()[0] == 0 and spec == f"{point}@{step}":
+        print(f"neox: test fault {FAULT_ENV}={spec}: killing rank 0 now", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _layout(engine) -> Dict[str, Any]:
+    def call(name, default=None):
+        f = getattr(engine, name, None)
+        try:
+            return f() if callable(f) else (f if f is not None else default)
+        except Exception:  # noqa: BLE001 - a layout field we cannot read is just not recorded
+            return default
+    return {"world_size": _world()[1], "dp": call("dp_world_size"), "mp": call("mp_world_size"),
+            "pp": call("num_stages", 1) or 1, "zero_stage": int(call("zero_optimization_stage", 0) or 0)}
+
+
 class CheckpointManager:
-    def __init__(self, directory: Path, keep: int, is_main: bool):
-        self.directory = directory
+    def __init__(self, directory: Path, keep: int, is_main: bool, log: Optional[Callable[[str], None]] = None):
+        self.directory = Path(directory)
         self.keep = max(1, keep)
         self.is_main = is_main
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.loaded_tag: Optional[str] = None
+        self.warnings: List[str] = []
 
+    def say(self, msg: str) -> None:
+        if self.is_main:
+            self.log(f"checkpoint: {msg}")
+
+    # ------------------------------------------------------------------------------------ queries
     def latest_tag(self) -> Optional[str]:
+        """The tag `latest` names (None without one). The tag may be unusable: `load` checks it."""
         latest = self.directory / "latest"
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()
-        if not (self.directory / tag).is_dir():
-            raise CheckpointError(f"{latest} points to {tag}, which does not exist; "
-                                  "remove the `latest` file to start over, or restore the checkpoint")
-        return tag
+        return tag or None
 
+    def complete_tags(self) -> List[str]:
+        """Finished checkpoints (final name, not .partial), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        tags = [p.name for p in self.directory.iterdir() if p.is_dir() and step_of(p.name) is not None]
+        return sorted(tags, key=step_of)
+
+    def candidates(self) -> List[str]:
+        """What load tries, in order: `latest`, then every older checkpoint, newest first."""
+        latest = self.latest_tag()
+        tags = self.complete_tags()
+        if latest is None:
+            return []  # no pointer: nothing was ever committed (a crash before the first `latest`)
+        bound = step_of(latest)
+        older = [t for t in reversed(tags) if t != latest and (bound is None or step_of(t) < bound)]
+        return [latest] + older
+
+    # ------------------------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
-        tag = tag_for(step)
-        client_state = {**client_state, "rng": rng_state(), "step": step}
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
-        if dist.is_initialized():
-            dist.barrier()
-        if self.is_main:
-            self._prune()
-        return self.directory / tag
+        try:
+            return self._save(engine, step, client_state)
+        except OSError as exc:
+            raise CheckpointError(f"saving {self.directory / tag_for(step)} failed: {exc}; the previous "
+                                  f"checkpoint ({self.latest_tag() or 'none'}) is still the latest") from None
 
-    def load(self, engine) -> Optional[Dict[str, Any]]:
-        """Resume from the latest checkpoint, if any; returns neox's client state."""
-        tag = self.latest_tag()
-        if tag is None:
-            return None
-        path, client = engine.load_checkpoint(str(self.directory), tag=tag)
-        if path is None:
-            raise CheckpointError(f"could not load checkpoint {self.directory / tag}")
-        set_rng_state(client["rng"])
-        return client
+    def _save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
+        tag = tag_for(step)
+        final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
+        rank, world = _world()
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+        _barrier()
+        client_state = {**client_state, "step": step}
+        engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
+        (partial / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), partial / RNG_DIR / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            F.atomic_write_text(partial / STATE_JSON, json.dumps(_jsonable(client_state), indent=1, sort_keys=True))
+        _barrier()
+        _maybe_fault("after_shards", step)
+
+        # every rank fsyncs and hashes its share of the files
+        rels = _broadcast(F.list_files(partial) if rank == 0 else None)
+        mine = F.digest_files(partial, rels[rank::world], fsync=True)
+        digests: Dict[str, Dict[str, object]] = {}
+        for part in _gather(mine):
+            digests.update(part)
+
+        if rank == 0:
+            F.write_manifest(partial, digests, {"tag": tag, "step": step, "layout": _layout(engine),
+                                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            for sub in {partial / os.path.dirname(r) for r in rels} | {partial}:
+                F.fsync_dir(sub)
+            _maybe_fault("before_rename", step)
+            replaced = None
+            if final.exists():  # an unusable checkpoint of the same step (e.g. after a fallback)
+                replaced = self.directory / f"{tag}.replaced"
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
+            os.replace(partial, final)
+            F.fsync_dir(self.directory)
+            _maybe_fault("before_latest", step)
+            F.atomic_write_text(self.directory / "latest", tag)
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+            self._prune()
+        _barrier()
+        return final
 
     def _prune(self) -> None:
-        tags = sorted(p for p in self.directory.glob(f"{TAG_PREFIX}*") if p.is_dir())
-        for old in tags[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        latest = self.latest_tag()
+        bound = step_of(latest) if latest else None
+        tags = self.complete_tags()
+        # newer than `latest`: finished but never committed (a crash before `latest` moved)
+        doomed = [t for t in tags if bound is not None and step_of(t) > bound]
+        tags = [t for t in tags if t not in doomed]
+        doomed += [t for t in tags[: -self.keep] if t != latest]
+        for tag in doomed:
+            shutil.rmtree(self.directory / tag, ignore_errors=True)
+        for stale in self.directory.glob(f"{TAG_PREFIX}*{PARTIAL}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.directory.glob(f"{TAG_PREFIX}*.replaced"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------ verify
+    def verify(self, tag: str) -> Optional[str]:
+        """Collective: None if `tag` matches its manifest, else one line saying what is wrong."""
+        root = self.directory / tag
+        rank, world = _world()
+        problem: Optional[str] = None
+        manifest = None
+        if not root.is_dir():
+            problem = "it does not exist"
+        else:
+            try:
+                manifest = F.read_manifest(root)
+            except ValueError as exc:
+                problem = str(exc)
+            if manifest is None and problem is None:
+                problem = "it has no manifest.json (an interrupted save, or written by an older neox)"
+        problems: List[str] = []
+        if problem is None:
+            problems = F.check_sizes(root, manifest)
+            if not problems:
+                rels = sorted(manifest["files"])
+                problems = F.check_digests(root, manifest, rels[rank::world])
+        found: List[str] = []
+        for part in _gather([problem] if problem else problems):
+            found += [p for p in part if p not in found]  # every rank checks every size: report once
+        if not found:
+            return None
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        return f"{found[0]}{more}"
+
+    def read_state(self, tag: str) -> Dict[str, Any]:
+        """neox's client state (run state, config) as saved, without touching any tensor file."""
+        path = self.directory / tag / STATE_JSON
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is unreadable ({exc})") from None
+
+    # ------------------------------------------------------------------------------------ load
+    def load(self, engine, current_config: Optional[dict] = None) -> Optional[Dict[str, Any]]:
+        """Resume from the newest usable checkpoint, if any; returns neox's client state.
+
+        With `current_config` (the resolved run config), a change of model shape raises
+        CheckpointError naming the fields; other changes are reported (also kept in `.warnings`).
+        """
+        candidates = _broadcast(self.candidates())
+        if not candidates:
+            return None
+        failures = []
+        for i, tag in enumerate(candidates):
+            problem = self.verify(tag)
+            if problem is not None:
+                failures.append(f"{tag}: {problem}")
+                nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+                self.say(f"{self.directory / tag} is unusable: {problem}; "
+                         + (f"falling back to {nxt}" if nxt else "no older checkpoint left"))
+                continue
+            return self._load_tag(engine, tag, current_config)
+        raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(failures)}); "
+                              "restore one, or move the directory away to start over")
+
+    def _load_tag(self, engine, tag: str, current_config: Optional[dict]) -> Dict[str, Any]:
+        root = self.directory / tag
+        saved = self.read_state(tag)
+        if current_config is not None and "config" in saved:
+            self.warnings = check_resume_config(saved["config"], current_config)
+            for w in self.warnings:
+                self.say(f"warning: {w}")
+        manifest = F.read_manifest(root) or {}
+        layout, now = manifest.get("layout", {}), _layout(engine)
+        full = None
+        if layout and _changed(layout, now):
+            self.say(f"resharding {tag}: saved with dp={layout.get('dp')} mp={layout.get('mp')} "
+                     f"zero={layout.get('zero_stage')}, loading into dp={now.get('dp')} mp={now.get('mp')} "
+                     f"zero={now.get('zero_stage')}")
+            if (layout.get("mp"), layout.get("pp", 1)) != (now.get("mp"), now.get("pp", 1)):
+                raise CheckpointError(
+                    f"{tag} was saved with tp={layout.get('mp')} pp={layout.get('pp', 1)}, this run has "
+                    f"tp={now.get('mp')} pp={now.get('pp', 1)}: resuming across a tensor/pipeline layout change is "
+                    "not supported yet; `python -m neox.checkpoint.consolidate` gives the full weights")
+            if (layout.get("zero_stage") or 0) > 0 or (now.get("zero_stage") or 0) > 0:
+                from neox.checkpoint import reshard
+
+                full = reshard.full_state(root, engine.module)  # DeepSpeed cannot re-partition ZeRO state
+        with safe_engine_loads(engine):
+            try:
+                path, client = engine.load_checkpoint(str(self.directory), tag=tag,
+                                                      load_optimizer_states=full is None)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many types; report one line
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise CheckpointError(f"DeepSpeed could not load {root}: {type(exc).__name__}: {first[:300]}") from None
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {root} (no model states file for this layout)")
+        if full is not None:
+            from neox.checkpoint import reshard
+
+            reshard.restore(engine, *full)
+            client.pop("optimizer", None)
+        rank = _world()[0]
+        rng_file = root / RNG_DIR / f"rank_{rank:05d}.pt"
+        if not rng_file.is_file():
+            rng_file = root / RNG_DIR / "rank_00000.pt"  # a new, larger layout: rank 0's streams
+        if rng_file.is_file():
+            set_rng_state(safe_load(rng_file))
+        elif "rng" in client:  # checkpoints of the first neox version kept it in the client state
+            set_rng_state(client["rng"])
+        client.pop("rng", None)
+        self.loaded_tag = tag
+        return client
+
+
+def _changed(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:
+    return any(saved.get(k, 1 if k == "pp" else None) != now.get(k) for k in ("dp", "mp", "pp", "zero_stage"))
+
+
+def _jsonable(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _jsonable(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_jsonable(v) for v in tree]
+    if isinstance(tree, (str, int, float, bool)) or tree is None:
+        return tree
+    if isinstance(tree, torch.Tensor) and tree.numel() == 1:
+        return tree.item()
+    return repr(tree)

@@ -1,0 +1,175 @@
+"""Consolidate a checkpoint into one safetensors file of full (tp=1, pp=1, unpartitioned) fp32 weights.
+
+    python -m neox.checkpoint.consolidate runs/x/checkpoints/step_00000100 model.safetensors
+    python -m neox.checkpoint.consolidate runs/x model.safetensors        # the run's `latest`
+
+The keys are those of `neox.model.gpt.GPT.state_dict()`, so `GPT(cfg).load_state_dict(...)` takes
+them as they are, at any later layout. The file's metadata holds the tag, the step and the resolved
+config (JSON). The checkpoint is verified against its manifest first, and every file is opened with
+`torch.load(weights_only=True)` (see `neox.checkpoint.safe_load`).
+
+Sources, by layout:
+* ZeRO-0/1/2 without pipeline: `mp_rank_XX_model_states.pt`, one per tensor-parallel rank, merged
+  along each parameter's split dimension (`neox.parallel.tensor.shard_dims`);
+* ZeRO-1/2/3 in bf16/fp16, or ZeRO-3: the fp32 master weights from DeepSpeed's ZeRO files
+  (tp=1 only);
+* pipeline: `layer_XX-model_YY-model_states.pt`, layer XX being GPT's layer_specs order
+  (embedding, blocks..., final norm, head).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from neox.checkpoint import files as F
+from neox.checkpoint.safe_load import check_files_safe, safe_load
+from neox.errors import CheckpointError, NeoxError
+
+_MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory from a tag directory, a checkpoints directory or a run directory."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            return root / latest.read_text().strip()
+    if path.is_dir():
+        return path
+    raise CheckpointError(f"{path} is not a checkpoint, a checkpoints directory or a run directory")
+
+
+def verify_local(root: Path) -> Optional[dict]:
+    """Single-process manifest check (sizes, then every hash); raises CheckpointError on a mismatch."""
+    try:
+        manifest = F.read_manifest(root)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if manifest is None:
+        return None
+    problems = F.check_sizes(root, manifest) or F.check_digests(root, manifest, sorted(manifest["files"]))
+    if problems:
+        raise CheckpointError(f"{root} does not match its manifest: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return manifest
+
+
+def _config(root: Path) -> Optional[dict]:
+    path = root / "neox_state.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get("config")
+    return None
+
+
+def _shard_dims(config: Optional[dict]) -> Dict[str, Optional[int]]:
+    if config is None:
+        raise CheckpointError("a tensor-parallel checkpoint needs its config (neox_state.json) to merge shards")
+    from omegaconf import OmegaConf
+
+    from neox.config.plan import gpt_config
+    from neox.model.gpt import GPT
+    from neox.parallel.tensor import shard_dims
+
+    with torch.device("meta"):
+        model = GPT(gpt_config(OmegaConf.create(config["model"])))
+    return shard_dims(model)
+
+
+def _layer_names(config: Optional[dict], n_files: int) -> List[str]:
+    """Pipeline layer index -> GPT module name (`neox.parallel.pipeline.gpt_layer_names`)."""
+    if config is not None:
+        from omegaconf import OmegaConf
+
+        from neox.config.plan import gpt_config
+        from neox.parallel.pipeline import gpt_layer_names
+
+        return gpt_layer_names(gpt_config(OmegaConf.create(config["model"])))
+    return ["embed"] + [f"blocks.{i}" for i in range(n_files - 3)] + ["norm_f", "head"]
+
+
+def _module_shards(root: Path, names: List[str], config: Optional[dict]) -> List[Dict[str, torch.Tensor]]:
+    """One full-depth state dict per tensor-parallel rank."""
+    mp = sorted((int(m.group(1)), n) for n in names if (m := _MP.match(n)))
+    layers = sorted((int(m.group(2)), int(m.group(1)), n) for n in names if (m := _LAYER.match(n)))
+    if layers:
+        layer_names = _layer_names(config, len({lay for _, lay, _ in layers}))
+        shards: Dict[int, Dict[str, torch.Tensor]] = {}
+        for tp, lay, name in layers:  # in layer order: the embedding's copy of a tied weight wins
+            prefix = layer_names[lay] if lay < len(layer_names) else f"layer_{lay}"
+            shard = shards.setdefault(tp, {})
+            for k, v in safe_load(root / name).items():
+                shard.setdefault(f"{prefix}.{k}", v)
+        return [shards[t] for t in sorted(shards)]
+    if not mp:
+        return []  # ZeRO-3: every rank's zero_pp_rank_* files hold the weights
+    return [safe_load(root / name)["module"] for _, name in mp]
+
+
+def consolidate(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The full fp32 state dict of a checkpoint, and metadata for the output file."""
+    root = resolve(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root} does not exist")
+    manifest = verify_local(root)
+    names = sorted(p.name for p in root.iterdir() if p.is_file())
+    check_files_safe(root, [n for n in names if n.endswith(".pt")])
+    config = _config(root)
+    shards = _module_shards(root, names, config)
+    zero_files = [n for n in names if n.startswith(("zero_", "bf16_zero_")) and n.endswith("optim_states.pt")]
+    if not shards and not zero_files:
+        raise CheckpointError(f"{root} holds no DeepSpeed model states file")
+    half = any(v.is_floating_point() and v.dtype != torch.float32 for s in shards[:1] for v in s.values())
+    empty = any(v.numel() == 0 for s in shards[:1] for v in s.values())  # ZeRO-3 placeholders
+    if zero_files and (half or empty or not shards):
+        if len(shards) > 1:
+            raise CheckpointError("consolidating ZeRO master weights with tp > 1 is not supported yet")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = dict(get_fp32_state_dict_from_zero_checkpoint(str(root.parent), tag=root.name))
+    elif len(shards) > 1:
+        from neox.parallel.tensor import merge_state_dicts
+
+        full = merge_state_dicts(shards, _shard_dims(config))
+    else:
+        full = shards[0]
+    out = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in full.items()
+           if isinstance(v, torch.Tensor)}
+    meta = {"neox.tag": root.name, "neox.step": str((manifest or {}).get("step", "")),
+            "neox.tp_shards": str(len(shards))}
+    if config is not None:
+        meta["neox.config"] = json.dumps(config, sort_keys=True)
+    return out, meta
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m neox.checkpoint.consolidate", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a step_XXXXXXXX directory, a checkpoints directory or a run dir")
+    parser.add_argument("out", type=Path, help="the .safetensors file to write")
+    args = parser.parse_args(argv)
+    try:
+        tensors, meta = consolidate(args.checkpoint)
+        from safetensors.torch import save_file
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        F.fsync_file(tmp)
+        tmp.replace(args.out)
+    except NeoxError as exc:
+        print(f"neox: error: {exc}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in tensors.values())
+    print(f"wrote {args.out}: {len(tensors)} tensors, {n:,} parameters, from {meta['neox.tag']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

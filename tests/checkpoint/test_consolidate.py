@@ -1,0 +1,114 @@
+"""Consolidation to one safetensors file from synthetic DeepSpeed layouts: tp=2 model files,
+pipeline layer files (tp=1 and tp=2), and a refusal on a damaged checkpoint. No processes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from neox.checkpoint.consolidate import consolidate, main
+from neox.checkpoint.files import digest_files, list_files, write_manifest
+from neox.config.plan import gpt_config
+from neox.errors import CheckpointError
+from neox.model.gpt import GPT
+from neox.parallel.pipeline import gpt_layer_names
+from neox.parallel.tensor import shard_dims, shard_state_dict
+
+MODEL = {"name": "t", "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": None, "d_ff": None,
+         "seq_len": 16, "vocab_size": 100, "vocab_multiple": 8, "position": "rotary", "rotary_pct": 1.0,
+         "rotary_base": 10000.0, "rotary_interleaved": False, "parallel_residual": False, "norm": "layernorm",
+         "norm_eps": 1e-5, "mlp": "gelu", "tied_embeddings": False, "bias": True, "dropout": 0.0,
+         "attn_dropout": 0.0, "init": "wang_init", "init_std": 0.02, "activation_checkpointing": "none",
+         "kernels": "auto"}
+
+
+def _model(tied=False):
+    torch.manual_seed(0)
+    return GPT(gpt_config(OmegaConf.create({**MODEL, "tied_embeddings": tied})))
+
+
+def _finish(root: Path, tied=False):
+    (root / "neox_state.json").write_text(json.dumps({"config": {"model": {**MODEL, "tied_embeddings": tied}}}))
+    write_manifest(root, digest_files(root, list_files(root)), {"tag": root.name, "step": 5})
+
+
+def _assert_same(got, model):
+    want = model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_tp2_model_files_merge_to_the_full_model(tmp_path):
+    model = _model()
+    root = tmp_path / "step_00000005"
+    root.mkdir()
+    dims = shard_dims(model)
+    for r in range(2):
+        torch.save({"module": shard_state_dict(model.state_dict(), dims, r, 2)}, root / f"mp_rank_{r:02d}_model_states.pt")
+    _finish(root)
+    got, meta = consolidate(root)
+    _assert_same(got, model)
+    assert meta["neox.tp_shards"] == "2" and meta["neox.step"] == "5"
+
+
+@pytest.mark.parametrize("tp,tied", [(1, False), (2, False), (1, True)])
+def test_pipeline_layer_files_merge_to_the_full_model(tmp_path, tp, tied):
+    model = _model(tied)
+    root = tmp_path / "step_00000005"
+    root.mkdir()
+    names = gpt_layer_names(model.cfg)
+    dims = shard_dims(model)
+    full = model.state_dict()
+    for r in range(tp):
+        sd = shard_state_dict(full, dims, r, tp)
+        for i, name in enumerate(names):
+            layer = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+            torch.save(layer, root / f"layer_{i:02d}-model_{r:02d}-model_states.pt")
+    _finish(root, tied)
+    got, _ = consolidate(root)
+    _assert_same(got, model)
+
+
+def test_cli_writes_safetensors_that_load_strictly(tmp_path, capsys):
+    model = _model()
+    ckpts = tmp_path / "checkpoints"
+    root = ckpts / "step_00000005"
+    root.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, root / "mp_rank_00_model_states.pt")
+    _finish(root)
+    (ckpts / "latest").write_text("step_00000005")
+    out = tmp_path / "model.safetensors"
+    assert main([str(tmp_path), str(out)]) == 0  # a run dir: follows checkpoints/latest
+    assert "from step_00000005" in capsys.readouterr().out
+    fresh = GPT(gpt_config(OmegaConf.create(MODEL)))
+    fresh.load_state_dict(load_file(str(out)), strict=True)
+    _assert_same(fresh.state_dict(), model)
+
+
+def test_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    model = _model()
+    root = tmp_path / "step_00000005"
+    root.mkdir()
+    torch.save({"module": model.state_dict()}, root / "mp_rank_00_model_states.pt")
+    _finish(root)
+    with open(root / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="does not match its manifest: mp_rank_00_model_states.pt is truncated"):
+        consolidate(root)
+    assert main([str(root), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neox: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        consolidate(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no DeepSpeed model states file"):
+        consolidate(tmp_path / "empty")

@@ -1,0 +1,272 @@
+"""Fast, in-process checks of CheckpointManager with a stand-in engine: atomic saves, manifests,
+fallback, retention, random states and safe loading."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fake_engine import FakeEngine
+from neox.checkpoint import CheckpointManager, register_rng_state, rng_state, set_rng_state
+from neox.checkpoint.files import atomic_write_text
+from neox.checkpoint.safe_load import safe_load
+from neox.errors import CheckpointError
+
+HERE = Path(__file__).resolve().parent
+SHARD = "mp_rank_00_model_states.pt"
+
+
+def _client(step):
+    return {"run_state": {"step": step, "consumed_samples": 8 * step, "tokens": 512 * step, "skipped_steps": 0},
+            "config": {"model": {"n_layers": 2}, "optim": {"lr": 1e-3}}}
+
+
+def _manager(tmp_path, keep=3, log=None):
+    msgs = []
+    m = CheckpointManager(tmp_path / "checkpoints", keep, True, log=log or msgs.append)
+    return m, msgs
+
+
+def _save_steps(m, steps):
+    for s in steps:
+        m.save(FakeEngine(float(s)), s, _client(s))
+
+
+def test_save_layout_and_round_trip(tmp_path):
+    m, _ = _manager(tmp_path)
+    path = m.save(FakeEngine(3.0), 3, _client(3))
+    assert path == tmp_path / "checkpoints" / "step_00000003"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {SHARD, "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                      "neox_state.json", "rng/rank_00000.pt"}
+    assert manifest["step"] == 3 and manifest["layout"]["dp"] == 1
+    engine = FakeEngine()
+    client = m.load(engine)
+    assert torch.equal(engine.w, torch.full((4,), 3.0))
+    assert client["run_state"] == _client(3)["run_state"] and client["step"] == 3
+    assert m.loaded_tag == "step_00000003"
+    assert m.read_state("step_00000003")["config"] == _client(3)["config"]
+
+
+def test_no_checkpoint_is_a_fresh_start(tmp_path):
+    m, _ = _manager(tmp_path)
+    assert m.load(FakeEngine()) is None
+    assert m.latest_tag() is None
+
+
+def test_every_random_state_is_restored(tmp_path):
+    m, _ = _manager(tmp_path)
+    extra = {"n": torch.tensor([7])}
+    register_rng_state("test_tracker", lambda: {"n": extra["n"].clone()}, lambda s: extra.update(n=s["n"]))
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    m.save(FakeEngine(), 1, _client(1))
+    want = (random.random(), np.random.rand(), torch.rand(2), np.random.randn())
+    extra["n"] = torch.tensor([99])
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    m.load(FakeEngine())
+    got = (random.random(), np.random.rand(), torch.rand(2), np.random.randn())
+    assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2]) and got[3] == want[3]
+    assert extra["n"].item() == 7
+
+
+def test_rng_state_loads_weights_only(tmp_path):
+    np.random.randn()  # a cached gaussian in numpy's state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    set_rng_state(state)
+
+
+def test_retention_keeps_the_last_n(tmp_path):
+    m, _ = _manager(tmp_path, keep=2)
+    _save_steps(m, [1, 2, 3, 4])
+    assert m.complete_tags() == ["step_00000003", "step_00000004"]
+    assert m.latest_tag() == "step_00000004"
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("truncate", "mp_rank_00_model_states.pt is truncated: "),
+    ("flip", "mp_rank_00_model_states.pt is corrupt: sha256 "),
+    ("delete", "mp_rank_00_model_states.pt is missing"),
+    ("extend", "mp_rank_00_model_states.pt is too long"),
+    ("manifest_garbage", "manifest.json is unreadable"),
+    ("manifest_missing", "it has no manifest.json"),
+    ("rng_truncate", "rng/rank_00000.pt is truncated"),
+    ("dir_missing", "it does not exist"),
+])
+def test_damaged_latest_falls_back_with_one_line(tmp_path, damage, expect):
+    m, msgs = _manager(tmp_path)
+    _save_steps(m, [1, 2])
+    d = tmp_path / "checkpoints" / "step_00000002"
+    shard = d / SHARD
+    if damage == "truncate":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "extend":
+        with open(shard, "ab") as f:
+            f.write(b"\0")
+    elif damage == "manifest_garbage":
+        (d / "manifest.json").write_text("{not json")
+    elif damage == "manifest_missing":
+        (d / "manifest.json").unlink()
+    elif damage == "rng_truncate":
+        os.truncate(d / "rng" / "rank_00000.pt", 10)
+    elif damage == "dir_missing":
+        import shutil
+        shutil.rmtree(d)
+    engine = FakeEngine()
+    client = m.load(engine)
+    assert client["run_state"]["step"] == 1 and torch.equal(engine.w, torch.full((4,), 1.0))
+    assert len(msgs) == 1 and "\n" not in msgs[0], msgs
+    assert "step_00000002 is unusable: " in msgs[0] and expect in msgs[0] and "falling back to step_00000001" in msgs[0]
+
+
+def test_latest_pointing_at_garbage_falls_back(tmp_path):
+    m, msgs = _manager(tmp_path)
+    _save_steps(m, [1, 2])
+    atomic_write_text(tmp_path / "checkpoints" / "latest", "nonsense")
+    assert m.load(FakeEngine())["step"] == 2
+    assert "nonsense is unusable: it does not exist" in msgs[0]
+
+
+def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):
+    m, _ = _manager(tmp_path)
+    _save_steps(m, [1, 2])
+    for s in (1, 2):
+        os.truncate(tmp_path / "checkpoints" / f"step_{s:08d}" / SHARD, 5)
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*move the directory away"):
+        m.load(FakeEngine())
+
+
+def test_save_over_an_unusable_checkpoint_of_the_same_step(tmp_path):
+    m, _ = _manager(tmp_path)
+    _save_steps(m, [1, 2])
+    os.truncate(tmp_path / "checkpoints" / "step_00000002" / SHARD, 5)
+    assert m.load(FakeEngine())["step"] == 1
+    m.save(FakeEngine(22.0), 2, _client(2))  # the resumed run reaches step 2 again
+    engine = FakeEngine()
+    assert m.load(engine)["step"] == 2 and engine.w[0] == 22.0
+    assert not list((tmp_path / "checkpoints").glob("*.replaced"))
+
+
+def test_save_failure_is_one_line_and_keeps_latest(tmp_path):
+    m, _ = _manager(tmp_path)
+    _save_steps(m, [1])
+
+    class Full(FakeEngine):
+        def save_checkpoint(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="No space left on device.*step_00000001. is still the latest"):
+        m.save(Full(), 2, _client(2))
+    assert m.load(FakeEngine())["step"] == 1
+
+
+CRASH = textwrap.dedent("""
+    import sys; sys.path.insert(0, {here!r})
+    from pathlib import Path
+    from fake_engine import FakeEngine
+    from neox.checkpoint import CheckpointManager
+    m = CheckpointManager(Path({d!r}), 3, True)
+    m.save(FakeEngine(1.0), 1, {{"run_state": {{"step": 1}}}})
+    m.save(FakeEngine(2.0), 2, {{"run_state": {{"step": 2}}}})  # NEOX_CHECKPOINT_FAULT kills us here
+    print("survived")
+""")
+
+
+@pytest.mark.parametrize("point", ["after_shards", "before_rename", "before_latest"])
+def test_kill9_during_save_leaves_previous_latest(tmp_path, point):
+    d = tmp_path / "checkpoints"
+    env = dict(os.environ, NEOX_CHECKPOINT_FAULT=f"{point}@2")
+    proc = subprocess.run([sys.executable, "-c", CRASH.format(here=str(HERE), d=str(d))], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9 and "survived" not in proc.stdout, proc.stderr[-2000:]
+    m, msgs = _manager(tmp_path)
+    assert m.latest_tag() == "step_00000001"
+    engine = FakeEngine()
+    assert m.load(engine)["run_state"]["step"] == 1 and engine.w[0] == 1.0
+    assert msgs == []  # the newer, unfinished or uncommitted step 2 is never considered
+    m.save(FakeEngine(2.0), 2, {"run_state": {"step": 2}})  # the resumed run saves step 2 again
+    assert m.load(FakeEngine())["run_state"]["step"] == 2
+    assert sorted(p.name for p in d.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/neox_ckpt_exploit_marker"
+
+
+def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
+    m, _ = _manager(tmp_path)
+    _save_steps(m, [1])
+    d = tmp_path / "checkpoints" / "step_00000001"
+    if os.path.exists(MARKER):
+        os.unlink(MARKER)
+    torch.save({"module": {"w": torch.zeros(4)}, "evil": Exploit()}, d / SHARD)
+    # an attacker who also rewrites the manifest gets past the checksums, but not the unpickler
+    from neox.checkpoint.files import digest_files, list_files, write_manifest
+    write_manifest(d, digest_files(d, list_files(d)), {"tag": d.name, "step": 1})
+    with pytest.raises(CheckpointError, match="refusing to load: the file holds pickled objects.*posix.system"):
+        m.load(FakeEngine())
+    assert not os.path.exists(MARKER)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        safe_load(d / SHARD)
+    assert not os.path.exists(MARKER)
+
+
+def test_garbage_shard_with_matching_manifest_is_one_line(tmp_path):
+    m, _ = _manager(tmp_path)
+    _save_steps(m, [1])
+    d = tmp_path / "checkpoints" / "step_00000001"
+    (d / SHARD).write_bytes(b"this is not a torch file")
+    from neox.checkpoint.files import digest_files, list_files, write_manifest
+    write_manifest(d, digest_files(d, list_files(d)), {"tag": d.name, "step": 1})
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: unreadable"):
+        m.load(FakeEngine())
+
+
+def test_shape_change_is_checked_before_any_tensor_is_read(tmp_path):
+    m, msgs = _manager(tmp_path)
+    _save_steps(m, [1])
+    current = {"model": {"n_layers": 4}, "optim": {"lr": 1e-3}}
+    with pytest.raises(CheckpointError, match="model.n_layers 2 -> 4"):
+        m.load(FakeEngine(), current_config=current)
+    client = m.load(FakeEngine(), current_config={"model": {"n_layers": 2}, "optim": {"lr": 5e-4}})
+    assert client["step"] == 1
+    assert any("optim.lr changed from 0.001 to 0.0005" in s for s in msgs)
+
+
+
+def test_uncommitted_newer_checkpoints_are_pruned_by_the_next_save(tmp_path):
+    m, msgs = _manager(tmp_path)
+    _save_steps(m, [1, 2, 3])
+    atomic_write_text(tmp_path / "checkpoints" / "latest", "step_00000001")  # 2 and 3 never committed
+    assert m.load(FakeEngine())["step"] == 1 and msgs == []
+    m.save(FakeEngine(2.0), 2, _client(2))
+    assert m.complete_tags() == ["step_00000001", "step_00000002"]
+
+
+def test_tensor_parallel_layout_change_is_refused_in_one_line(tmp_path):
+    class Tp2(FakeEngine):
+        mp_world_size = 2
+
+    m, _ = _manager(tmp_path)
+    m.save(Tp2(), 1, _client(1))
+    with pytest.raises(CheckpointError, match="saved with tp=2 pp=1, this run has tp=1 pp=1: resuming across"):
+        m.load(FakeEngine())

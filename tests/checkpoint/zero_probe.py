@@ -1,0 +1,60 @@
+"""One process: train a tiny engine 3 steps at ZeRO stage S, save through CheckpointManager, train 2
+more; then for each stage T in 0, 1, 2 build a fresh engine at stage T, load, train the same 2 steps.
+Prints one JSON line: {"source": [...2 losses], "0": [...], "1": [...], "2": [...]}.
+
+    python tests/checkpoint/zero_probe.py <run_dir with config.yaml> <S> <scratch dir>
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+def main(run_dir: str, source_stage: str, scratch: str) -> None:
+    from neox.checkpoint import CheckpointManager
+    from neox.config.plan import gpt_config
+    from neox.model.gpt import GPT, cross_entropy_loss
+    from neox.train import distributed, engine as engine_lib
+    from neox.train.worker import load_config
+
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    info = distributed.init(60)
+    plan = SimpleNamespace(global_batch=8, micro_batch=4, grad_accum=2, precision="fp32", pp=1, tp=1, dp=1)
+    tokens = torch.randint(0, 8192, (4, 33), generator=torch.Generator().manual_seed(1))
+
+    def make(stage: int):
+        cfg.parallelism.zero_stage = stage
+        torch.manual_seed(1234)
+        return engine_lib.initialize(GPT(gpt_config(cfg.model)), cfg, plan, info.device)[0]
+
+    def steps(engine, first: int, n: int):
+        losses = []
+        for i in range(first, first + n):
+            for m in range(2):  # two micro-batches per optimizer step
+                t = tokens.roll(i * 2 + m, 1)
+                loss = cross_entropy_loss(engine(t[:, :-1]), t[:, 1:])
+                engine.backward(loss)
+                engine.step()
+            losses.append(loss.item())
+        return losses
+
+    ckpts = Path(scratch)
+    shutil.rmtree(ckpts, ignore_errors=True)
+    src = make(int(source_stage))
+    steps(src, 0, 3)
+    CheckpointManager(ckpts, 3, True).save(src, 3, {"run_state": {"step": 3}})
+    out = {"source": steps(src, 3, 2)}
+    for stage in (0, 1, 2):
+        engine = make(stage)
+        CheckpointManager(ckpts, 3, True).load(engine)
+        out[str(stage)] = steps(engine, 3, 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
