@@ -25,7 +25,7 @@ def test_two_processes_train_save_and_resume(tmp_path):
     assert "2 CPU processes (gloo) = tp 1 x pp 1 x dp 2" in first.stdout
     losses = train_losses(run)
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
-    assert losses[-1][1] < losses[0][1] - 0.5, losses
+    assert losses[-1][1] < losses[0][1] - 0.3, losses
     assert any("valid/loss" in r for r in read_metrics(run))
     for artifact in ("config.yaml", "loss.png", "checkpoints/latest", "tb", "wandb"):
         assert (run / artifact).exists(), artifact

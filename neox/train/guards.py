@@ -22,8 +22,7 @@ import torch.distributed as dist
 class SkipNonFiniteAdamW(torch.optim.AdamW):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        self.skip_events = 0  # calls that skipped (ZeRO calls once per parameter group)
 
     @torch.no_grad()
     def grads_finite(self) -> bool:
@@ -40,11 +39,9 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         if not self.grads_finite():
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
+            self.skip_events += 1
             self.zero_grad(set_to_none=True)
             return None
-        self.consecutive_skips = 0
         return super().step(closure)
 
 

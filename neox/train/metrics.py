@@ -36,13 +36,14 @@ def _wandb_mode() -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         self.wandb = None
         if not enabled:
             return
+        self._drop_after(resume_step)
         self.file = open(self.path, "a")
         if cfg.logging.tensorboard:
             try:
@@ -71,6 +72,16 @@ class MetricsLogger:
         except Exception as exc:
             self.warn(f"W&B logging off: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             return None
+
+    def _drop_after(self, step: int) -> None:
+        """A run killed after its last checkpoint logged steps that the resumed run redoes: drop them,
+        so metrics.jsonl holds one record per step and kind."""
+        records = read_metrics(self.path)
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) != len(records):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
 
     @staticmethod
     def warn(msg: str) -> None:

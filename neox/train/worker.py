@@ -129,11 +129,11 @@ class Trainer:
         # resume
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info.is_main)
-        client = self.checkpoints.load(self.engine)
+        client = self.checkpoints.load(self.engine, current_config=OmegaConf.to_container(cfg, resolve=True))
         if client is not None:
             self.state = RunState(**client["run_state"])
-            self.say(f"resumed from {self.checkpoints.latest_tag()} at step {self.state.step}")
-        self.metrics = MetricsLogger(self.run_dir, cfg, enabled=info.is_main)
+            self.say(f"resumed from {self.checkpoints.loaded_tag} at step {self.state.step}")
+        self.metrics = MetricsLogger(self.run_dir, cfg, enabled=info.is_main, resume_step=self.state.step)
         self.heartbeats = Heartbeats(self.run_dir, info.rank)
         self.nan_steps = nan_fault_steps()
 
@@ -216,21 +216,27 @@ class Trainer:
         peak = peak_tflops(self.info.device)
         self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
         window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
+        skip_events, in_a_row = self.optimizer.skip_events, 0
         while state.step < t.steps:
             maybe_hang(self.info.rank, state.step + 1)
             self.heartbeats.beat(state.step + 1)  # "entered step N": a rank that never got here is named
             loss, wait = self.train_step(batches)
             state.step += 1
-            if self.optimizer.skipped_steps > state.skipped_steps:
-                state.skipped_steps = self.optimizer.skipped_steps
+            # ZeRO calls the optimizer once per parameter group: count steps, not calls.
+            if self.optimizer.skip_events > skip_events:
+                skip_events = self.optimizer.skip_events
+                state.skipped_steps += 1
+                in_a_row += 1
                 self.say(f"step {state.step}: non-finite loss or gradients, step skipped "
-                         f"({self.optimizer.consecutive_skips} in a row, {state.skipped_steps} in all)")
-                if self.optimizer.consecutive_skips >= t.max_nonfinite_steps:
+                         f"({in_a_row} in a row, {state.skipped_steps} in all)")
+                if in_a_row >= t.max_nonfinite_steps:
                     last = self.checkpoints.latest_tag()
                     raise TrainingError(
-                        f"{self.optimizer.consecutive_skips} non-finite steps in a row (train.max_nonfinite_steps="
+                        f"{in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
                         f"{t.max_nonfinite_steps}) at step {state.step}; stopping without saving. The last good "
                         f"checkpoint is {last or 'none'}; lower optim.lr or check the data, then rerun to resume")
+            else:
+                in_a_row = 0
             state.consumed_samples = batches.consumed_samples
             state.tokens += plan.tokens_per_step
             window_steps, window_wait = window_steps + 1, window_wait + wait
