@@ -136,8 +136,10 @@ def test_swiglu(device, seed, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,vocab_start", [((1, 5), 0), ((2, 9, 1001), 0), ((37, 50304), 0), ((13, 777), 500)])
+@pytest.mark.parametrize("shape,vocab_start", [((4, 5), 0), ((2, 9, 1001), 0), ((37, 50304), 0), ((13, 777), 500)])
 def test_cross_entropy(device, seed, dtype, shape, vocab_start):
+    # Several rows even in the smallest case: a single confidently-right row gives a loss near zero,
+    # whose relative error is rounding noise (seen once in ~30 CUDA runs with one row).
     V = shape[-1]
     targets = torch.randint(0, V + vocab_start, shape[:-1])
     if targets.numel() > 1:
