@@ -214,7 +214,10 @@ class Trainer:
         t = cfg.train
         batches = self.loader(self.data.train, state.consumed_samples)
         peak = peak_tflops(self.info.device)
-        self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
+        if state.step >= t.steps:
+            self.say(f"already at step {state.step} of {t.steps}: nothing to train (raise train.steps to go on)")
+        else:
+            self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
         window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
         skip_events, in_a_row = self.optimizer.skip_events, 0
         while state.step < t.steps:
