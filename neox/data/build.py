@@ -179,3 +179,16 @@ def _plan(cfg: Any, prefixes: list[str], tokenizer_path: str, seq_len: int,
 
 
 __all__ = ["DataBundle", "Source", "build_datasets"]
+
+
+def unigram_entropy(prefixes: list[str]) -> float:
+    """Entropy (nats/token) of the token frequencies over every token of these prepared files: the
+    loss of the best model that ignores context, the bar a language model must get well below."""
+    counts = [np.bincount(np.memmap(prefix + ".bin", dtype=IndexedDataset(prefix).dtype, mode="r"))
+              for prefix in prefixes]
+    total = np.zeros(max(len(c) for c in counts))
+    for c in counts:
+        total[:len(c)] += c
+    p = total[total > 0] / total.sum()
+    return float(-(p * np.log(p)).sum())
+

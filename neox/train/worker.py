@@ -283,9 +283,15 @@ class Trainer:
         return 0
 
     def finish(self) -> None:
+        if self.info.is_main:
+            from neox.data.build import unigram_entropy
+
+            entropy = unigram_entropy([src.prefix for src in self.data.sources])
+            self.metrics.log(self.state.step, {"unigram_entropy": entropy}, prefix="data")
+            print(f"unigram entropy of the data: {entropy:.3f} nats/token (a context-free model's loss)", flush=True)
         self.metrics.close()
         if self.info.is_main:
-            png = plot_losses(self.run_dir)
+            png = plot_losses(self.run_dir, reference=entropy)
             print(f"done: {self.state.step} steps; loss curve {png}; checkpoints {self.checkpoints.directory}",
                   flush=True)
 

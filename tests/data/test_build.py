@@ -120,3 +120,19 @@ def test_embedded(embedded_cache: Path) -> None:
 
     text = Tokenizer.from_file(b.tokenizer_path).decode(sample.tolist())
     assert len(text) > 16  # real source text, not noise
+
+
+def test_unigram_entropy_matches_a_hand_count(tmp_path) -> None:
+    import math
+
+    from neox.data.build import unigram_entropy
+    from neox.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(str(tmp_path / "a"), np.uint16) as w:
+        w.add_document(np.array([0, 0, 1, 1]))
+    with IndexedDatasetWriter(str(tmp_path / "b"), np.uint16) as w:
+        w.add_document(np.array([2, 2, 2, 2, 2, 2, 2, 2]))
+    assert math.isclose(unigram_entropy([str(tmp_path / "a")]), math.log(2), rel_tol=1e-12)
+    # a and b together: p = (1/6, 1/6, 2/3)
+    expected = -(2 * (1 / 6) * math.log(1 / 6) + (2 / 3) * math.log(2 / 3))
+    assert math.isclose(unigram_entropy([str(tmp_path / "a"), str(tmp_path / "b")]), expected, rel_tol=1e-12)
