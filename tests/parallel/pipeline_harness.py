@@ -10,59 +10,22 @@ plain torch on the same global batches, with the same optimizer, schedule and cl
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict
 
 import torch
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 SEED = 1234
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
-    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from neox.train import distributed
-
-    distributed.init(timeout_s=60)
-    try:
-        fn(rank, world, *args)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 150.0) -> None:
-    """Run fn(rank, world, *args) on `world` processes; raise if any fails or time runs out."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    shm_before = set(glob.glob("/dev/shm/deepspeed*"))
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} did not finish on {world} processes in {timeout} s")
-    finally:
-        for p in ctx.processes:  # only the processes this call started
-            if p.is_alive():
-                p.kill()
-                p.join()
-    leaked = set(glob.glob("/dev/shm/deepspeed*")) - shm_before
-    assert not leaked, f"the workers left DeepSpeed shared-memory files: {sorted(leaked)}"
+    """Run fn(rank, world, *args) on `world` processes started with the trainer's own init."""
+    from tp_harness import run_workers as spawn
+
+    spawn(fn, world, *args, timeout=timeout, init="neox")
 
 
 # ------------------------------------------------------------------------------------ run setup

@@ -6,6 +6,7 @@ timeout, so a mismatched collective raises instead of hanging for 30 minutes.
 """
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import time
@@ -23,21 +24,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple, init: str) -> None:
     os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    if init == "neox":  # the trainer's own init (DeepSpeed comm, collective timeout)
+        from neox.train import distributed
+
+        distributed.init(timeout_s=60)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> None:
-    """Run fn(rank, world, *args) on `world` processes; raise if any fails or time runs out."""
+def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0, init: str = "gloo") -> None:
+    """Run fn(rank, world, *args) on `world` processes; raise if any fails or time runs out.
+    init: "gloo" (a plain process group) or "neox" (the trainer's distributed.init)."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children before torch import
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world,
+    shm_before = set(glob.glob("/dev/shm/deepspeed*"))
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args, init), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
@@ -49,3 +57,5 @@ def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
             if p.is_alive():
                 p.kill()
                 p.join()
+    leaked = set(glob.glob("/dev/shm/deepspeed*")) - shm_before
+    assert not leaked, f"the workers left DeepSpeed shared-memory files: {sorted(leaked)}"
