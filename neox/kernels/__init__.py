@@ -17,7 +17,7 @@ Every op takes impl = "auto" | "fused" | "reference" (ModelConfig.kernels):
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

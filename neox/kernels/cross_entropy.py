@@ -13,7 +13,6 @@ all-reduce scheme with a group) materializes fp32 logits and is what the fused p
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_helpers import launch, train_losses
+from ckpt_helpers import launch
 from neox.checkpoint.manager import CheckpointManager
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,6 @@
 uninterrupted reference run (12 steps, saves at 4, 8, 12)."""
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path

@@ -4,7 +4,6 @@ GQA/MHA, SwiGLU/GeLU, tied/untied, RMSNorm/LayerNorm, parallel/sequential residu
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
 from neox.model.gpt import GPT, GPTConfig
 from neox.parallel import (Topology, TPRandom, apply_tensor_parallel, gather_full_state_dict, get_rng_state,
