@@ -57,3 +57,13 @@ def init(timeout_s: int) -> WorkerInfo:
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
     return WorkerInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly after a finished run: exiting with it still alive lets
+    torch's communication threads be torn down mid-flight (seen as `terminate called without an
+    active exception` and exit code -6 on CPU)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+

@@ -58,7 +58,9 @@ def run(config_path: str) -> int:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer = Trainer(cfg, plan, info)
     try:
-        return trainer.fit(watcher)
+        status = trainer.fit(watcher)
+        distributed.shutdown()  # only on success: after a failure a peer may never arrive
+        return status
     except RuntimeError as exc:  # gloo/nccl raise RuntimeError subclasses when a peer is gone
         stalled = trainer.heartbeats.stalled()
         who = (f"rank(s) {', '.join(map(str, stalled))} did not reach it" if stalled
