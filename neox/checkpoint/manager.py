@@ -103,8 +103,11 @@ def _layout(engine) -> Dict[str, Any]:
             return f() if callable(f) else (f if f is not None else default)
         except Exception:  # noqa: BLE001 - a layout field we cannot read is just not recorded
             return default
+    from neox.checkpoint.reshard import tp_coords
+
     return {"world_size": _world()[1], "dp": call("dp_world_size"), "mp": call("mp_world_size"),
-            "pp": call("num_stages", 1) or 1, "zero_stage": int(call("zero_optimization_stage", 0) or 0)}
+            "tp": tp_coords(engine)[1], "pp": call("num_stages", 1) or 1,
+            "zero_stage": int(call("zero_optimization_stage", 0) or 0)}
 
 
 class CheckpointManager:
@@ -285,24 +288,24 @@ class CheckpointManager:
                 self.say(f"warning: {w}")
         manifest = F.read_manifest(root) or {}
         layout, now = manifest.get("layout", {}), _layout(engine)
-        full = None
         if layout and _changed(layout, now):
-            self.say(f"resharding {tag}: saved with dp={layout.get('dp')} mp={layout.get('mp')} "
-                     f"zero={layout.get('zero_stage')}, loading into dp={now.get('dp')} mp={now.get('mp')} "
-                     f"zero={now.get('zero_stage')}")
-            if (layout.get("mp"), layout.get("pp", 1)) != (now.get("mp"), now.get("pp", 1)):
-                raise CheckpointError(
-                    f"{tag} was saved with tp={layout.get('mp')} pp={layout.get('pp', 1)}, this run has "
-                    f"tp={now.get('mp')} pp={now.get('pp', 1)}: resuming across a tensor/pipeline layout change is "
-                    "not supported yet; `python -m neox.checkpoint.consolidate` gives the full weights")
-            if (layout.get("zero_stage") or 0) > 0 or (now.get("zero_stage") or 0) > 0:
-                from neox.checkpoint import reshard
+            self.say(f"resharding {tag}: saved with {_describe(layout)}, loading into {_describe(now)}")
+            if max(layout.get("zero_stage") or 0, now.get("zero_stage") or 0) > 2:
+                raise CheckpointError(f"{tag} was saved with {_describe(layout)}, this run has {_describe(now)}: "
+                                      "resharding to or from ZeRO-3 is not supported yet; resume with the "
+                                      "checkpoint's layout")
+            if "config" not in saved:
+                raise CheckpointError(f"{root}: resharding needs the saved config in {STATE_JSON}")
+            from neox.checkpoint import reshard
 
-                full = reshard.full_state(root, engine.module)  # DeepSpeed cannot re-partition ZeRO state
+            # DeepSpeed's own loader knows neither our tensor shards nor other pipeline depths, and
+            # restarts Adam across ZeRO partitionings: go through the layout-free full state instead
+            reshard.load_across_layouts(engine, root, saved["config"], layout, self.say)
+            client = {k: v for k, v in saved.items() if k in ("run_state", "config", "step")}
+            return self._finish_load(root, tag, client)
         with safe_engine_loads(engine):
             try:
-                path, client = engine.load_checkpoint(str(self.directory), tag=tag,
-                                                      load_optimizer_states=full is None)
+                path, client = engine.load_checkpoint(str(self.directory), tag=tag)
             except CheckpointError:
                 raise
             except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many types; report one line
@@ -310,11 +313,10 @@ class CheckpointManager:
                 raise CheckpointError(f"DeepSpeed could not load {root}: {type(exc).__name__}: {first[:300]}") from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {root} (no model states file for this layout)")
-        if full is not None:
-            from neox.checkpoint import reshard
+        return self._finish_load(root, tag, client)
 
-            reshard.restore(engine, *full)
-            client.pop("optimizer", None)
+    def _finish_load(self, root: Path, tag: str, client: Dict[str, Any]) -> Dict[str, Any]:
+        """Every rank's random streams, then the client state."""
         rank = _world()[0]
         rng_file = root / RNG_DIR / f"rank_{rank:05d}.pt"
         if not rng_file.is_file():
@@ -326,6 +328,19 @@ class CheckpointManager:
         client.pop("rng", None)
         self.loaded_tag = tag
         return client
+
+
+def _pp(layout: Dict[str, Any]) -> int:
+    return int(layout.get("pp") or 1)
+
+
+def _tp(layout: Dict[str, Any]) -> int:
+    """Tensor-parallel size; older manifests only have DeepSpeed's mp (= tp x pp under a pipeline)."""
+    return int(layout.get("tp") or (layout.get("mp") or 1) // _pp(layout))
+
+
+def _describe(layout: Dict[str, Any]) -> str:
+    return f"tp={_tp(layout)} pp={_pp(layout)} dp={layout.get('dp')} zero={layout.get('zero_stage')}"
 
 
 def _changed(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:

@@ -40,11 +40,12 @@ def allowed_globals() -> List[Any]:
     return allowed
 
 
-def safe_load(path, map_location: Any = "cpu") -> Any:
-    """`torch.load(weights_only=True)` with DeepSpeed's plain classes allowed; refuses anything else."""
+def safe_load(path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` with DeepSpeed's plain classes allowed; refuses anything else.
+    With mmap, tensors stay on disk until read (for reading slices of large files)."""
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "global" in ln.lower()),
                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

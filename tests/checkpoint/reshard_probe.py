@@ -45,8 +45,10 @@ def main(run_dir: str, tag: str, consolidated: str, zero_stage: str = "") -> Non
         ref.eval()
         logits_file = ref(tokens)
     # the saved full state (per name, from whatever layout wrote it) against the live engine's
+    from neox.checkpoint.files import read_manifest
     from neox.checkpoint.reshard import full_state
-    saved, saved_step = full_state(ckpts / tag, engine.module)
+    saved, saved_step = full_state(ckpts / tag, OmegaConf.to_container(cfg, resolve=True),
+                                   read_manifest(ckpts / tag)["layout"])
     stage = cfg.parallelism.zero_stage
     opt_equal = True
     for name, p in engine.module.named_parameters():

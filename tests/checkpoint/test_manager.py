@@ -262,11 +262,23 @@ def test_uncommitted_newer_checkpoints_are_pruned_by_the_next_save(tmp_path):
     assert m.complete_tags() == ["step_00000001", "step_00000002"]
 
 
-def test_tensor_parallel_layout_change_is_refused_in_one_line(tmp_path):
-    class Tp2(FakeEngine):
+def test_layout_change_without_a_saved_config_is_refused_in_one_line(tmp_path):
+    class Mp2(FakeEngine):
         mp_world_size = 2
 
     m, _ = _manager(tmp_path)
-    m.save(Tp2(), 1, _client(1))
-    with pytest.raises(CheckpointError, match="saved with tp=2 pp=1, this run has tp=1 pp=1: resuming across"):
+    m.save(Mp2(), 1, {"run_state": _client(1)["run_state"]})
+    with pytest.raises(CheckpointError, match=r"step_00000001: resharding needs the saved config in neox_state.json"):
         m.load(FakeEngine())
+
+
+def test_zero3_layout_change_is_refused_in_one_line(tmp_path):
+    class Zero3(FakeEngine):
+        def zero_optimization_stage(self) -> int:
+            return 3
+
+    m, _ = _manager(tmp_path)
+    m.save(FakeEngine(), 1, _client(1))
+    with pytest.raises(CheckpointError, match=r"saved with tp=1 pp=1 dp=1 zero=0, this run has tp=1 pp=1 dp=1 "
+                                              r"zero=3: resharding to or from ZeRO-3 is not supported yet"):
+        m.load(Zero3())

@@ -47,7 +47,9 @@ def main(run_dir: str, source_stage: str, scratch: str) -> None:
     shutil.rmtree(ckpts, ignore_errors=True)
     src = make(int(source_stage))
     steps(src, 0, 3)
-    CheckpointManager(ckpts, 3, True).save(src, 3, {"run_state": {"step": 3}})
+    from omegaconf import OmegaConf
+    CheckpointManager(ckpts, 3, True).save(src, 3, {"run_state": {"step": 3},
+                                                    "config": OmegaConf.to_container(cfg, resolve=True)})
     out = {"source": steps(src, 3, 2)}
     for stage in (0, 1, 2):
         engine = make(stage)
