@@ -76,11 +76,104 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return warp_max(v);
 }
 
+// V consecutive fp32 values (weights, biases, partial sums) as 16-byte accesses when V % 4 == 0; the
+// caller guarantees 16-byte alignment then (the launchers pass these pointers to pack_width too).
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < V / 4; j++) {
+      const float4 q = __ldg(reinterpret_cast<const float4*>(p) + j);
+      out[4 * j] = q.x, out[4 * j + 1] = q.y, out[4 * j + 2] = q.z, out[4 * j + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; i++) out[i] = __ldg(p + i);
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_f32(float* p, const float (&in)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < V / 4; j++)
+      reinterpret_cast<float4*>(p)[j] = make_float4(in[4 * j], in[4 * j + 1], in[4 * j + 2], in[4 * j + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; i++) p[i] = in[i];
+  }
+}
+
+// K sums over the block at once (two barriers for all K); every thread gets the results.
+// `scratch` holds 32 * K floats; blockDim.x % 32 == 0.
+template <int K>
+__device__ __forceinline__ void block_sum_k(float (&v)[K], float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+#pragma unroll
+  for (int k = 0; k < K; k++) v[k] = warp_sum(v[k]);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; k++) scratch[k * 32 + warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; k++) v[k] = warp_sum(lane < nwarps ? scratch[k * 32 + lane] : 0.f);
+}
+
+// Column sums of a row-major fp32 matrix of per-block partials: for c < cols,
+//   s = sum_{r < rows} part[r * stride + c];  c < split ? out0[c] = s : out1[c - split] = s  (out1 may be null).
+// A 32 x 32 block takes 32 columns: each warp reads one 128-byte row segment per step, the 32 warps take
+// every 32nd row, and the 32 per-warp sums are added in shared memory in a fixed order (deterministic).
+// Launch: column_sum_v2_kernel<<<(cols + 31) / 32, dim3(32, 32)>>>.
+template <int BY = 32>
+__global__ void __launch_bounds__(32 * BY)
+column_sum_v2_kernel(const float* __restrict__ part, int rows, int64_t stride, int64_t cols, int64_t split,
+                     float* __restrict__ out0, float* __restrict__ out1) {
+  __shared__ float s[BY][33];
+  const int64_t c = blockIdx.x * 32LL + threadIdx.x;
+  float acc = 0.f;
+  if (c < cols) {
+#pragma unroll 4
+    for (int r = threadIdx.y; r < rows; r += BY) acc += part[r * stride + c];
+  }
+  s[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float t = 0.f;
+#pragma unroll
+    for (int y = 0; y < BY; y++) t += s[y][threadIdx.x];
+    if (c < split) out0[c] = t;
+    else if (out1) out1[c - split] = t;
+  }
+}
+
 inline int sm_count() {
   int dev = 0, n = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
   return n > 0 ? n : 1;
+}
+
+// Blocks of `kernel` that fit on the whole device at once (one wave of a persistent grid). The occupancy
+// query runs once per (kernel, block size, device) and thread; later calls read a small memo, since these
+// kernels take tens of microseconds and a driver query per launch would show.
+template <typename K>
+inline int resident_blocks(K kernel, int threads, size_t smem = 0) {
+  struct Entry { const void* fn; int dev, threads; size_t smem; int blocks; };
+  static thread_local Entry memo[64];
+  static thread_local int used = 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  for (int i = 0; i < used; i++)
+    if (memo[i].fn == fn && memo[i].dev == dev && memo[i].threads == threads && memo[i].smem == smem)
+      return memo[i].blocks;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess || per_sm < 1)
+    per_sm = 1;
+  const int blocks = per_sm * sm_count();
+  if (used < 64) memo[used++] = {fn, dev, threads, smem, blocks};
+  return blocks;
 }
 
 // Threads per block for a row of `elems` packs: enough warps to cover it, at most `cap`.

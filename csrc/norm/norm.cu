@@ -5,9 +5,17 @@
 //   backward = a persistent grid of ~4 blocks per SM walking rows; per row two sweeps (the two dot
 //   products, then dx). dw/db accumulate in shared memory, each column owned by one thread (no atomics),
 //   and a second kernel sums the per-block partials.
-// v2: the same, but each thread keeps its (at most kCachePacks) packs of the row in registers, so the row
-//   is read from memory once per pass. Used when the row fits (C <= 256 * V * kCachePacks: 8192 bf16,
-//   4096 fp32 with aligned rows); v1 otherwise.
+// v2 (removed; v3 covers every size it took): v1 with the row cached in registers.
+// v3: the row lives in registers: a block of <= 256 threads covers it with P packs per thread
+//   (C <= 1024 packs, i.e. 8192 bf16/fp16, 4096 fp32, 1024 unaligned), and takes R rows at once so that
+//   R * P independent 16-byte loads are in flight per thread and the R row reductions share two barriers
+//   (block_sum_k). w/b are read as float4. Forward: one block per R rows. Backward: a one-wave persistent
+//   grid, each block a contiguous band of rows; since a thread owns the same columns in every row, its
+//   dw/db partials stay in registers and are written once per block; column_sum_v2 (a 32 x 32 tiled,
+//   deterministic reduction) adds the per-block rows. v1 remains for wider rows (with column_sum_v2
+//   in place of its old one-thread-per-column serial sum).
+#include <algorithm>
+
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -110,132 +118,264 @@ __global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restri
 }
 
 
-constexpr int kCachePacks = 4;
+// ---- v3 ----
+// Packs of a row: thread t holds packs k * blockDim.x + t, k < P (coalesced for each k). Loaded packs stay
+// raw (4 registers per 8 bf16) and are widened to fp32 where used: fewer registers, more blocks per SM,
+// more loads in flight.
 
-template <typename T, int V, int P>
-__global__ void norm_forward_kernel_v2(const T* __restrict__ x, const T* __restrict__ res, const float* __restrict__ w,
-                                       const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
-                                       float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t C, float eps,
-                                       bool rms) {
-  __shared__ float scratch[32];
-  const int64_t base = blockIdx.x * C;
-  float v[P][V], r[V];
-  float sum = 0.f;
+template <typename T, int V>
+__device__ __forceinline__ void widen(const Pack<T, V>& p, float (&out)[V]) {
 #pragma unroll
-  for (int k = 0; k < P; k++) {
-    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
-    if (c < C) {
-      load<T, V>(x + base + c, v[k]);
-      if (res) {  // h = x + residual, stored in T; the statistics use the stored (rounded) values
-        load<T, V>(res + base + c, r);
+  for (int i = 0; i < V; i++) out[i] = to_f(p.d[i]);
+}
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> zero_pack() {
+  Pack<T, V> p;
 #pragma unroll
-        for (int i = 0; i < V; i++) v[k][i] = to_f(from_f<T>(v[k][i] + r[i]));
-        store<T, V>(h + base + c, v[k]);
-      }
-#pragma unroll
-      for (int i = 0; i < V; i++) sum += v[k][i];
-    }
-  }
-  const float mean = rms ? 0.f : block_sum(sum, scratch) / C;
-  float ss = 0.f;
-#pragma unroll
-  for (int k = 0; k < P; k++) {
-    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
-    if (c < C) {
-#pragma unroll
-      for (int i = 0; i < V; i++) ss += (v[k][i] - mean) * (v[k][i] - mean);
-    }
-  }
-  const float rstd = rsqrtf(block_sum(ss, scratch) / C + eps);
-#pragma unroll
-  for (int k = 0; k < P; k++) {
-    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
-    if (c < C) {
-#pragma unroll
-      for (int i = 0; i < V; i++) v[k][i] = (v[k][i] - mean) * rstd * w[c + i] + (b ? b[c + i] : 0.f);
-      store<T, V>(y + base + c, v[k]);
-    }
-  }
-  if (threadIdx.x == 0) {
-    mean_out[blockIdx.x] = mean;
-    rstd_out[blockIdx.x] = rstd;
-  }
+  for (int i = 0; i < V; i++) p.d[i] = from_f<T>(0.f);
+  return p;
 }
 
-template <typename T, int V, int P>
-__global__ void norm_backward_kernel_v2(const T* __restrict__ dy, const T* __restrict__ h,
-                                        const float* __restrict__ w, const float* __restrict__ mean,
-                                        const float* __restrict__ rstd, const T* __restrict__ dh, T* __restrict__ dx,
-                                        float* __restrict__ part, int64_t N, int64_t C, bool rms) {
-  extern __shared__ float smem[];  // [dw partial: C][db partial: C]
-  __shared__ float scratch[32];
-  float* sdw = smem;
-  float* sdb = smem + C;
-  for (int64_t c = threadIdx.x; c < 2 * C; c += blockDim.x) smem[c] = 0.f;
-  __syncthreads();
-  float g[P][V], xh[P][V], e[V];
-  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
-    const int64_t base = row * C;
-    const float m = mean[row], s = rstd[row];
-    float sum_gw = 0.f, sum_gwx = 0.f;
+// MINB: blocks per SM the register budget is cut for (launch bounds); the launchers pick the most that
+// compile without spills for each (P, R).
+template <typename T, int V, int P, int R, int MINB>
+__global__ void __launch_bounds__(256, MINB)
+norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const float* __restrict__ w,
+                       const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
+                       float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N, int64_t C, float eps,
+                       bool rms) {
+  using PK = Pack<T, V>;
+  __shared__ float scratch[32 * R];
+  const int64_t row0 = (int64_t)blockIdx.x * R;
+  PK raw[R][P];  // x, then h = x + residual; zero outside the rows and the row length
+  // All loads first: R * P (twice with a residual) independent 16-byte loads in flight.
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+      const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+      raw[r][k] = row0 + r < N && c < C ? *reinterpret_cast<const PK*>(x + (row0 + r) * C + c) : zero_pack<T, V>();
+    }
+  }
+  if (res) {  // h = x + residual, stored in T; the statistics use the stored (rounded) values
+    PK e[R][P];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+      for (int k = 0; k < P; k++) {
+        const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+        e[r][k] = row0 + r < N && c < C ? *reinterpret_cast<const PK*>(res + (row0 + r) * C + c) : zero_pack<T, V>();
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+      for (int k = 0; k < P; k++) {
+        const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+#pragma unroll
+        for (int i = 0; i < V; i++) raw[r][k].d[i] = from_f<T>(to_f(raw[r][k].d[i]) + to_f(e[r][k].d[i]));
+        if (row0 + r < N && c < C) *reinterpret_cast<PK*>(h + (row0 + r) * C + c) = raw[r][k];
+      }
+    }
+  }
+  float mean[R], rstd[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    mean[r] = 0.f;
+    if (!rms) {
+#pragma unroll
+      for (int k = 0; k < P; k++) {
+#pragma unroll
+        for (int i = 0; i < V; i++) mean[r] += to_f(raw[r][k].d[i]);  // out-of-range entries are 0
+      }
+    }
+  }
+  if (!rms) {
+    block_sum_k<R>(mean, scratch);
+#pragma unroll
+    for (int r = 0; r < R; r++) mean[r] /= C;
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    rstd[r] = 0.f;
 #pragma unroll
     for (int k = 0; k < P; k++) {
       const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
       if (c < C) {
-        load<T, V>(dy + base + c, g[k]);
-        load<T, V>(h + base + c, xh[k]);
 #pragma unroll
         for (int i = 0; i < V; i++) {
-          xh[k][i] = (xh[k][i] - m) * s;
-          const float gw = g[k][i] * w[c + i];
-          sum_gw += gw;
-          sum_gwx += gw * xh[k][i];
-          sdw[c + i] += g[k][i] * xh[k][i];  // column c + i belongs to this thread in every row: no race
-          sdb[c + i] += g[k][i];
+          const float d = to_f(raw[r][k].d[i]) - mean[r];
+          rstd[r] += d * d;
         }
       }
     }
-    const float a = rms ? 0.f : block_sum(sum_gw, scratch) / C;
-    const float bb = block_sum(sum_gwx, scratch) / C;
+  }
+  block_sum_k<R>(rstd, scratch);
 #pragma unroll
-    for (int k = 0; k < P; k++) {
-      const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
-      if (c < C) {
-        if (dh) load<T, V>(dh + base + c, e);
+  for (int r = 0; r < R; r++) rstd[r] = rsqrtf(rstd[r] / C + eps);
 #pragma unroll
-        for (int i = 0; i < V; i++) g[k][i] = s * (g[k][i] * w[c + i] - a - xh[k][i] * bb) + (dh ? e[i] : 0.f);
-        store<T, V>(dx + base + c, g[k]);
+  for (int k = 0; k < P; k++) {
+    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+    if (c < C) {
+      float wv[V], bv[V];
+      load_f32<V>(w + c, wv);
+      if (b) {
+        load_f32<V>(b + c, bv);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; i++) bv[i] = 0.f;
+      }
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        if (row0 + r < N) {
+          float o[V];
+#pragma unroll
+          for (int i = 0; i < V; i++) o[i] = (to_f(raw[r][k].d[i]) - mean[r]) * rstd[r] * wv[i] + bv[i];
+          store<T, V>(y + (row0 + r) * C + c, o);
+        }
       }
     }
   }
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < 2 * C; c += blockDim.x) part[blockIdx.x * 2 * C + c] = smem[c];
+  if (threadIdx.x < R && row0 + threadIdx.x < N) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      if (r == threadIdx.x) {  // constant register index
+        mean_out[row0 + r] = mean[r];
+        rstd_out[row0 + r] = rstd[r];
+      }
+    }
+  }
 }
 
-// dw[c] = sum_b part[b][c], db[c] = sum_b part[b][C + c]
-__global__ void norm_reduce_kernel(const float* __restrict__ part, float* __restrict__ dw, float* __restrict__ db,
-                                   int blocks, int64_t C) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  float sw = 0.f, sb = 0.f;
-  for (int b = 0; b < blocks; b++) {
-    sw += part[b * 2 * C + c];
-    sb += part[b * 2 * C + C + c];
+// Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db].
+template <typename T, int V, int P, int R, int MINB>
+__global__ void __launch_bounds__(256, MINB)
+norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const float* __restrict__ w,
+                        const float* __restrict__ mean, const float* __restrict__ rstd, const T* __restrict__ dh,
+                        T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C, bool rms) {
+  using PK = Pack<T, V>;
+  __shared__ float scratch[32 * 2 * R];
+  const int64_t r_begin = N * blockIdx.x / gridDim.x, r_end = N * (blockIdx.x + 1) / gridDim.x;
+  float wv[P][V], acc_w[P][V], acc_b[P][V];
+#pragma unroll
+  for (int k = 0; k < P; k++) {
+    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+    if (c < C) {
+      load_f32<V>(w + c, wv[k]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; i++) wv[k][i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < V; i++) acc_w[k][i] = acc_b[k][i] = 0.f;
   }
-  dw[c] = sw;
-  if (db) db[c] = sb;
+  for (int64_t row0 = r_begin; row0 < r_end; row0 += R) {
+    PK gp[R][P], hp[R][P];  // zero outside the band and the row, so they add nothing below
+    float m[R], s[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const bool live = row0 + r < r_end;
+      m[r] = live ? mean[row0 + r] : 0.f;
+      s[r] = live ? rstd[row0 + r] : 0.f;
+#pragma unroll
+      for (int k = 0; k < P; k++) {
+        const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+        const bool in = live && c < C;
+        gp[r][k] = in ? *reinterpret_cast<const PK*>(dy + (row0 + r) * C + c) : zero_pack<T, V>();
+        hp[r][k] = in ? *reinterpret_cast<const PK*>(h + (row0 + r) * C + c) : zero_pack<T, V>();
+      }
+    }
+    float sums[2 * R];  // [sum(g*w) for each row | sum(g*w*xhat) for each row]
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      sums[r] = sums[R + r] = 0.f;
+#pragma unroll
+      for (int k = 0; k < P; k++) {
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+          const float g = to_f(gp[r][k].d[i]), xh = (to_f(hp[r][k].d[i]) - m[r]) * s[r], gw = g * wv[k][i];
+          sums[r] += gw;
+          sums[R + r] += gw * xh;
+          acc_w[k][i] += g * xh;
+          acc_b[k][i] += g;
+        }
+      }
+    }
+    block_sum_k<2 * R>(sums, scratch);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const float a = rms ? 0.f : sums[r] / C, bb = sums[R + r] / C;
+      if (row0 + r < r_end) {
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+          const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+          if (c < C) {
+            float e[V];
+            if (dh) {
+              load<T, V>(dh + (row0 + r) * C + c, e);
+            } else {
+#pragma unroll
+              for (int i = 0; i < V; i++) e[i] = 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+              const float g = to_f(gp[r][k].d[i]), xh = (to_f(hp[r][k].d[i]) - m[r]) * s[r];
+              e[i] += s[r] * (g * wv[k][i] - a - xh * bb);
+            }
+            store<T, V>(dx + (row0 + r) * C + c, e);
+          }
+        }
+      }
+    }
+  }
+  float* pw = part + blockIdx.x * 2 * C;
+#pragma unroll
+  for (int k = 0; k < P; k++) {
+    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+    if (c < C) {
+      store_f32<V>(pw + c, acc_w[k]);
+      if (!rms) store_f32<V>(pw + C + c, acc_b[k]);
+    }
+  }
+}
+
+// v3 covers C <= kMaxPacks packs with blocks of <= 256 threads. (P, R, MINB) per size class were picked
+// with a variant sweep on an H200 (bf16, 8192 rows; bench/RESULTS.md, 2026-11-26): forward C = 2048 (1, 4, 3)
+// 29 us vs 30-34 for R = 1, 2, 8; C = 4096 (4, 1, 3) 46 us vs 48-63 for P = 2 with R = 1, 2, 4;
+// backward C = 2048 (1, 2, 3) 44 us vs 46-59 for R = 1, 4, 8; C = 4096 (2, 1, 2) 76 us vs 83-125.
+constexpr int64_t kMaxPacks = 1024;
+inline int threads_for(int64_t packs, int P) { return static_cast<int>((packs + P - 1) / P + 31) / 32 * 32; }
+
+template <typename T, int V, int P, int R, int MINB>
+void launch_forward_v3(const T* x, const T* residual, const float* w, const float* b, T* y, T* h, float* mean,
+                       float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream) {
+  const int threads = threads_for(C / V, P);
+  norm_forward_kernel_v3<T, V, P, R, MINB><<<(N + R - 1) / R, threads, 0, stream>>>(x, residual, w, b, y, h, mean, rstd,
+                                                                                N, C, eps, rms);
+}
+
+template <typename T, int V, int P, int R, int MINB>
+int launch_backward_v3(const T* dy, const T* h, const float* w, const float* mean, const float* rstd, const T* dh,
+                       T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream) {
+  const int threads = threads_for(C / V, P);
+  auto kernel = norm_backward_kernel_v3<T, V, P, R, MINB>;
+  const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads), part_rows, (N + R - 1) / R});
+  kernel<<<blocks, threads, 0, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
+  return static_cast<int>(blocks);
 }
 
 template <typename T>
 void norm_forward_cuda(const T* x, const T* residual, const float* w, const float* b, T* y, T* h, float* mean,
                        float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream) {
-  const int vec = pack_width<T>(C, {x, residual, y, h});
+  const int vec = pack_width<T>(C, {x, residual, y, h, w, b});
   NEOX_WITH_PACK(T, vec, {
-    const int threads = row_threads(C / V);
-    if (C / V <= (int64_t)threads * kCachePacks)
-      norm_forward_kernel_v2<T, V, kCachePacks><<<N, threads, 0, stream>>>(x, residual, w, b, y, h, mean, rstd, C, eps, rms);
-    else
-      norm_forward_kernel<T, V><<<N, threads, 0, stream>>>(x, residual, w, b, y, h, mean, rstd, C, eps, rms);
+    const int64_t packs = C / V;
+    if (packs > kMaxPacks) {
+      norm_forward_kernel<T, V><<<N, row_threads(packs), 0, stream>>>(x, residual, w, b, y, h, mean, rstd, C, eps, rms);
+    } else {
+      if (packs <= 256) launch_forward_v3<T, V, 1, 4, 3>(x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, stream);
+      else launch_forward_v3<T, V, 4, 1, 3>(x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, stream);
+    }
   });
 }
 
@@ -243,18 +383,26 @@ template <typename T>
 void norm_backward_cuda(const T* dy, const T* h, const float* w, const float* mean, const float* rstd, const T* dh,
                         T* dx, float* dw, float* db, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms,
                         cudaStream_t stream) {
-  // part: part_rows x 2C floats from the caller (torch's allocator); one block per partial row.
-  const int vec = pack_width<T>(C, {dy, h, dh, dx});
-  const int blocks = static_cast<int>(part_rows);
-  const size_t smem = 2 * C * sizeof(float);
+  // part: part_rows x 2C floats from the caller (torch's allocator); one partial row per block.
+  const int vec = pack_width<T>(C, {dy, h, dh, dx, w});
+  int blocks = 0;
   NEOX_WITH_PACK(T, vec, {
-    const int threads = row_threads(C / V);
-    auto kernel = C / V <= (int64_t)threads * kCachePacks ? norm_backward_kernel_v2<T, V, kCachePacks>
-                                                          : norm_backward_kernel<T, V>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<blocks, threads, smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
+    const int64_t packs = C / V;
+    if (packs > kMaxPacks) {
+      blocks = static_cast<int>(part_rows);
+      const size_t smem = 2 * C * sizeof(float);
+      auto kernel = norm_backward_kernel<T, V>;
+      if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      kernel<<<blocks, row_threads(packs), smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
+    } else {
+      auto launch = packs <= 256   ? launch_backward_v3<T, V, 1, 2, 3>
+                    : packs <= 512 ? launch_backward_v3<T, V, 2, 1, 2>
+                                   : launch_backward_v3<T, V, 4, 1, 1>;
+      blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream);
+    }
   });
-  norm_reduce_kernel<<<(C + 255) / 256, 256, 0, stream>>>(part, dw, db, blocks, C);
+  const int64_t cols = db ? 2 * C : C;
+  column_sum_v2_kernel<<<(cols + 31) / 32, dim3(32, 32), 0, stream>>>(part, blocks, 2 * C, cols, C, dw, db);
 }
 
 #define INSTANTIATE(T)                                                                                      \

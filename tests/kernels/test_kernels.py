@@ -147,3 +147,84 @@ def test_cross_entropy(device, seed, dtype, shape, vocab_start):
     t = {"logits": torch.randn(shape) * 3, "targets": targets}
     _compare(_fused(K.cross_entropy), _ref(K.cross_entropy), t, {"logits"}, dtype, device, seed,
              vocab_start=vocab_start)
+
+
+# ---- The CUDA kernels' size classes, at each boundary (GPU only: the CPU kernels have no size classes) ----
+# Each class is chosen from the row length in 16-byte packs (8 bf16/fp16 or 4 fp32 elements; 1 when the row
+# is not a multiple of that). Lengths below sit on both sides of every switch in csrc/*/*.cu.
+CUDA_ONLY = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="no CUDA device visible")])]
+
+
+def _elems(packs: int, dtype: torch.dtype) -> int:
+    return packs * (4 if dtype == torch.float32 else 8)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("residual", [False, True])
+# norm v3: forward 1 pack per thread up to 256 packs, then 4; backward 1, 2, 4 up to 256, 512, 1024; v1 above.
+# Rows: not a multiple of the 4 rows a forward block takes, and enough that backward blocks walk bands of
+# several rows.
+@pytest.mark.parametrize("packs", [1, 256, 257, 512, 513, 1024, 1025])
+def test_norm_size_classes(device, seed, dtype, op, residual, packs):
+    C = _elems(packs, dtype)
+    N = 4099 if C <= 2048 else 1031
+    fn = getattr(K, op)
+    t = {"x": torch.randn(N, C) * 2 + (0.5 if op == "layer_norm" else 0.0), "weight": 1 + 0.3 * torch.randn(C)}
+    if op == "layer_norm":
+        t["bias"] = 0.3 * torch.randn(C)
+    ref = _ref(fn)
+    if residual:
+        t["residual"] = torch.randn(N, C)
+        ref = _ref_rounded_residual(fn, dtype)
+    _compare(_fused(fn), ref, t, set(t), dtype, device, seed, eps=1e-5)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1023, 1025, 1031])  # unaligned rows: v3 with 1-element packs, then v1
+def test_norm_unaligned_rows(device, seed, dtype, C):
+    t = {"x": torch.randn(77, C), "weight": 1 + 0.3 * torch.randn(C), "bias": 0.3 * torch.randn(C)}
+    _compare(_fused(K.layer_norm), _ref(K.layer_norm), t, set(t), dtype, device, seed, eps=1e-5)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+# softmax v2: a warp with 1, 2, 4 packs per thread up to 32, 64, 128 packs; then teams of 64 ... 512 threads
+# with 4 packs each up to 256, 512, 1024, 2048 packs; v1 above (and for rows that are not whole packs).
+@pytest.mark.parametrize("packs", [1, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024, 1025, 2048, 2049])
+def test_masked_softmax_size_classes(device, seed, dtype, packs):
+    sk = _elems(packs, dtype)
+    # Every prefix length of a causal row up to ~1000 keys; longer rows: the last queries of a cached-key
+    # block (sq < sk), whose rows are nearly full and end inside a pack.
+    sq = sk if sk <= 1100 else 37
+    _compare(_fused(K.masked_softmax), _ref(K.masked_softmax), {"scores": torch.randn(1, 3, sq, sk) * 3},
+             {"scores"}, dtype, device, seed, scale=0.37)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk", [(1, 8), (5, 8), (9, 1032), (1031, 1031), (2, 2056), (130, 4104)])
+def test_masked_softmax_rows(device, seed, dtype, sq, sk):
+    """Row counts that do not fill the last block, single-row queries, and rows seeing a few keys only."""
+    _compare(_fused(K.masked_softmax), _ref(K.masked_softmax), {"scores": torch.randn(3, sq, sk) * 3}, {"scores"},
+             dtype, device, seed, scale=0.37)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+# bias_gelu v2: column tiles of up to 256 packs x bands of rows (bands of uneven length), one partial dbias
+# row per band; the last tile partly filled.
+@pytest.mark.parametrize("shape", [(1, 8), (1001, 1024), (3, 333, 1032), (97, 8192), (5, 4099)])
+def test_bias_gelu_size_classes(device, seed, dtype, approximate, shape):
+    t = {"x": torch.randn(shape) * 2, "bias": torch.randn(shape[-1])}
+    _compare(_fused(K.bias_gelu), _ref(K.bias_gelu), t, set(t), dtype, device, seed, approximate=approximate)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_bias_gelu_without_bias(device, seed):
+    _compare(_fused(K.bias_gelu), _ref(K.bias_gelu), {"x": torch.randn(33, 264)}, {"x"}, torch.bfloat16, device, seed,
+             bias=None)
