@@ -23,13 +23,17 @@ OPS = ("layer_norm", "rms_norm", "rotary", "masked_softmax", "bias_gelu", "swigl
 IMPLS = ("auto", "fused", "reference")
 
 # Ops for which `impl="auto"` takes the compiled kernel, per device type. Chosen by measurement with
-# bench/kernels.py (numbers in csrc/README.md). On CPU the C++ kernels are plain scalar loops: they win
-# where PyTorch eager is a chain of unfused ops (rms_norm, rotary, masked_softmax, swiglu: 2-7x) and lose
-# where eager has vectorised transcendental or fused CPU kernels (layer_norm ~0.7-1.1x, bias_gelu's erf
-# 0.05-0.25x, fp32 cross_entropy's exp ~0.5-1.3x), so auto keeps the reference for those on CPU.
-# On CUDA (H100, bf16, 8192 tokens) the fused rotary, masked_softmax, bias_gelu, swiglu and cross_entropy
-# beat eager (1.2-6.9x) and torch.compile (1.5-2.8x); the v1 layer_norm/rms_norm kernels do not yet
-# (0.4-0.8x eager: their dw/db column reduction is serial), so auto keeps PyTorch's norms on CUDA.
+# bench/kernels.py (numbers in csrc/README.md and bench/RESULTS.md). On CPU the C++ kernels are plain
+# scalar loops: they win where PyTorch eager is a chain of unfused ops (rms_norm, rotary, masked_softmax,
+# swiglu: 2-7x) and lose where eager has vectorised transcendental or fused CPU kernels (layer_norm
+# ~0.7-1.1x, bias_gelu's erf 0.05-0.25x, fp32 cross_entropy's exp ~0.5-1.3x), so auto keeps the
+# reference for those on CPU.
+# On CUDA (H200, bf16, 8192 tokens, bench/RESULTS.md 2026-11-26) the fused rotary, masked_softmax (v2:
+# 11.7-13.5x eager, 2.5-2.6x compile), bias_gelu (v2: 1.2-1.9x eager, 1.45-1.8x compile), swiglu and
+# cross_entropy beat eager and torch.compile end to end. The v3 norms spend 1.4-1.6x less GPU time than
+# PyTorch's fused LayerNorm/RMSNorm kernels, but a call is an autograd.Function with 3-5 launches and the
+# lent GPU host is slow on the CPU side (~74 us for an empty Function's fwd+bwd, ~10 us per small torch
+# op), so the benchmark's fwd+bwd step measured 0.35-1.04x eager: auto keeps PyTorch's norms on CUDA.
 AUTO_FUSED: dict[str, frozenset[str]] = {
     "cpu": frozenset({"rms_norm", "rotary", "masked_softmax", "swiglu"}),
     "cuda": frozenset({"rotary", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy"}),
