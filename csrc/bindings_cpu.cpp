@@ -19,4 +19,6 @@ using F16 = neox::half_t;
 #define POST_LAUNCH
 #define PART_ROWS(t, N) int64_t{0}
 
+#define NEOX_NATIVE_PARAMS 0
+
 #include "common/bindings.inc"

@@ -33,4 +33,6 @@ static int64_t part_rows(const torch::Tensor& t, int64_t N) {
 }
 #define PART_ROWS(t, N) part_rows((t), (N))
 
+#define NEOX_NATIVE_PARAMS 1
+
 #include "common/bindings.inc"

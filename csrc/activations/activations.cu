@@ -187,7 +187,7 @@ static void bias_gelu_backward_v2(const T* dy, const T* x, const float* bias, T*
   auto kernel = bias_gelu_backward_kernel_v2<T, V, 1, TANH>;
   const dim3 grid = gelu_grid(kernel, threads, N, C, V, part_rows);
   kernel<<<grid, threads, 0, stream>>>(dy, x, bias, dx, part, N, C);
-  column_sum_v2_kernel<<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, grid.y, C, C, C, dbias, nullptr);
+  column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, grid.y, C, C, C, dbias, nullptr);
 }
 
 template <typename T>

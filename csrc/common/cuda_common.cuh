@@ -124,11 +124,11 @@ __device__ __forceinline__ void block_sum_k(float (&v)[K], float* scratch) {
 //   s = sum_{r < rows} part[r * stride + c];  c < split ? out0[c] = s : out1[c - split] = s  (out1 may be null).
 // A 32 x 32 block takes 32 columns: each warp reads one 128-byte row segment per step, the 32 warps take
 // every 32nd row, and the 32 per-warp sums are added in shared memory in a fixed order (deterministic).
-// Launch: column_sum_v2_kernel<<<(cols + 31) / 32, dim3(32, 32)>>>.
-template <int BY = 32>
+// Launch: column_sum_v2_kernel<32, O><<<(cols + 31) / 32, dim3(32, 32)>>>; O is the output type.
+template <int BY = 32, typename O = float>
 __global__ void __launch_bounds__(32 * BY)
 column_sum_v2_kernel(const float* __restrict__ part, int rows, int64_t stride, int64_t cols, int64_t split,
-                     float* __restrict__ out0, float* __restrict__ out1) {
+                     O* __restrict__ out0, O* __restrict__ out1) {
   __shared__ float s[BY][33];
   const int64_t c = blockIdx.x * 32LL + threadIdx.x;
   float acc = 0.f;
@@ -142,8 +142,8 @@ column_sum_v2_kernel(const float* __restrict__ part, int rows, int64_t stride, i
     float t = 0.f;
 #pragma unroll
     for (int y = 0; y < BY; y++) t += s[y][threadIdx.x];
-    if (c < split) out0[c] = t;
-    else if (out1) out1[c - split] = t;
+    if (c < split) out0[c] = from_f<O>(t);
+    else if (out1) out1[c - split] = from_f<O>(t);
   }
 }
 

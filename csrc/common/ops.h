@@ -1,18 +1,20 @@
 // Declarations of the kernel launchers, one set per backend (suffix _cpu or _cuda).
 // Each csrc/<op>/ file defines and instantiates its own; csrc/bindings_*.cpp call them.
 // NEOX_OPS(SUFFIX, EXTRA) declares the set; EXTRA is the trailing parameter (e.g. a stream) or nothing.
+// W, the norms' weight/bias type: float everywhere; also the activations' type T on CUDA
+// (NEOX_NATIVE_PARAMS), where the kernels read 16-bit parameters as they are.
 // part/part_rows: an fp32 scratch of part_rows x (columns) for per-block partial column sums (CUDA;
 // the CPU kernels ignore it and keep per-thread partials of their own).
 #pragma once
 #include <cstdint>
 
 #define NEOX_OPS(SUFFIX, ...)                                                                            \
-  template <typename T>                                                                                  \
-  void norm_forward##SUFFIX(const T* x, const T* residual, const float* w, const float* b, T* y, T* h,   \
+  template <typename T, typename W>                                                                      \
+  void norm_forward##SUFFIX(const T* x, const T* residual, const W* w, const W* b, T* y, T* h,           \
                             float* mean, float* rstd, int64_t N, int64_t C, float eps, bool rms __VA_ARGS__); \
-  template <typename T>                                                                                  \
-  void norm_backward##SUFFIX(const T* dy, const T* h, const float* w, const float* mean, const float* rstd, \
-                             const T* dh, T* dx, float* dw, float* db, float* part, int64_t part_rows, int64_t N,       \
+  template <typename T, typename W>                                                                      \
+  void norm_backward##SUFFIX(const T* dy, const T* h, const W* w, const float* mean, const float* rstd,  \
+                             const T* dh, T* dx, W* dw, W* db, float* part, int64_t part_rows, int64_t N,  \
                              int64_t C, bool rms __VA_ARGS__); \
   template <typename T>                                                                                  \
   void rotary##SUFFIX(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S,      \

@@ -6,6 +6,7 @@
 //   products, then dx). dw/db accumulate in shared memory, each column owned by one thread (no atomics),
 //   and a second kernel sums the per-block partials.
 // v2 (removed; v3 covers every size it took): v1 with the row cached in registers.
+// All versions take weight/bias (and write dw/db) as fp32 or as the activations' 16-bit type (W).
 // v3: the row lives in registers: a block of <= 256 threads covers it with P packs per thread
 //   (C <= 1024 packs, i.e. 8192 bf16/fp16, 4096 fp32, 1024 unaligned), and takes R rows at once so that
 //   R * P independent 16-byte loads are in flight per thread and the R row reductions share two barriers
@@ -15,14 +16,23 @@
 //   deterministic reduction) adds the per-block rows. v1 remains for wider rows (with column_sum_v2
 //   in place of its old one-thread-per-column serial sum).
 #include <algorithm>
+#include <type_traits>
 
 #include "../common/cuda_common.cuh"
 
 namespace neox {
 
-template <typename T, int V>
-__global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ res, const float* __restrict__ w,
-                                    const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
+// Weight and bias as stored: fp32, or the activations' 16-bit type (how bf16/fp16 engines keep them);
+// reading them as they are spares a cast launch before the forward and after the backward.
+template <typename W, int V>
+__device__ __forceinline__ void load_param(const W* p, float (&out)[V]) {
+  if constexpr (std::is_same<W, float>::value) load_f32<V>(p, out);
+  else load<W, V>(p, out);
+}
+
+template <typename T, typename W, int V>
+__global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ res, const W* __restrict__ w,
+                                    const W* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                                     float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t C, float eps,
                                     bool rms) {
   __shared__ float scratch[32];
@@ -61,7 +71,7 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict
   for (int64_t c = threadIdx.x * V; c < C; c += blockDim.x * V) {
     load<T, V>(src + c, v);
 #pragma unroll
-    for (int i = 0; i < V; i++) v[i] = (v[i] - mean) * rstd * w[c + i] + (b ? b[c + i] : 0.f);
+    for (int i = 0; i < V; i++) v[i] = (v[i] - mean) * rstd * to_f(w[c + i]) + (b ? to_f(b[c + i]) : 0.f);
     store<T, V>(y + row * C + c, v);
   }
   if (threadIdx.x == 0) {
@@ -70,8 +80,8 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict
   }
 }
 
-template <typename T, int V>
-__global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ h, const float* __restrict__ w,
+template <typename T, typename W, int V>
+__global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ w,
                                      const float* __restrict__ mean, const float* __restrict__ rstd,
                                      const T* __restrict__ dh, T* __restrict__ dx, float* __restrict__ part,
                                      int64_t N, int64_t C, bool rms) {
@@ -92,7 +102,7 @@ __global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restri
       load<T, V>(hr + c, hv);
 #pragma unroll
       for (int i = 0; i < V; i++) {
-        const float gw = g[i] * w[c + i], xh = (hv[i] - m) * s;
+        const float gw = g[i] * to_f(w[c + i]), xh = (hv[i] - m) * s;
         sum_gw += gw;
         sum_gwx += gw * xh;
         sdw[c + i] += g[i] * xh;  // column c + i belongs to this thread in every row: no race
@@ -108,7 +118,7 @@ __global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restri
 #pragma unroll
       for (int i = 0; i < V; i++) {
         const float xh = (hv[i] - m) * s;
-        g[i] = s * (g[i] * w[c + i] - a - xh * bb) + (dh ? e[i] : 0.f);
+        g[i] = s * (g[i] * to_f(w[c + i]) - a - xh * bb) + (dh ? e[i] : 0.f);
       }
       store<T, V>(dx + row * C + c, g);
     }
@@ -138,10 +148,10 @@ __device__ __forceinline__ Pack<T, V> zero_pack() {
 
 // MINB: blocks per SM the register budget is cut for (launch bounds); the launchers pick the most that
 // compile without spills for each (P, R).
-template <typename T, int V, int P, int R, int MINB>
+template <typename T, typename W, int V, int P, int R, int MINB>
 __global__ void __launch_bounds__(256, MINB)
-norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const float* __restrict__ w,
-                       const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
+norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const W* __restrict__ w,
+                       const W* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                        float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N, int64_t C, float eps,
                        bool rms) {
   using PK = Pack<T, V>;
@@ -218,9 +228,9 @@ norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const
     const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
     if (c < C) {
       float wv[V], bv[V];
-      load_f32<V>(w + c, wv);
+      load_param<W, V>(w + c, wv);
       if (b) {
-        load_f32<V>(b + c, bv);
+        load_param<W, V>(b + c, bv);
       } else {
 #pragma unroll
         for (int i = 0; i < V; i++) bv[i] = 0.f;
@@ -248,9 +258,9 @@ norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const
 }
 
 // Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db].
-template <typename T, int V, int P, int R, int MINB>
+template <typename T, typename W, int V, int P, int R, int MINB>
 __global__ void __launch_bounds__(256, MINB)
-norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const float* __restrict__ w,
+norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ w,
                         const float* __restrict__ mean, const float* __restrict__ rstd, const T* __restrict__ dh,
                         T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C, bool rms) {
   using PK = Pack<T, V>;
@@ -261,7 +271,7 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
   for (int k = 0; k < P; k++) {
     const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
     if (c < C) {
-      load_f32<V>(w + c, wv[k]);
+      load_param<W, V>(w + c, wv[k]);
     } else {
 #pragma unroll
       for (int i = 0; i < V; i++) wv[k][i] = 0.f;
@@ -346,42 +356,42 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
 constexpr int64_t kMaxPacks = 1024;
 inline int threads_for(int64_t packs, int P) { return static_cast<int>((packs + P - 1) / P + 31) / 32 * 32; }
 
-template <typename T, int V, int P, int R, int MINB>
-void launch_forward_v3(const T* x, const T* residual, const float* w, const float* b, T* y, T* h, float* mean,
+template <typename T, typename W, int V, int P, int R, int MINB>
+void launch_forward_v3(const T* x, const T* residual, const W* w, const W* b, T* y, T* h, float* mean,
                        float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream) {
   const int threads = threads_for(C / V, P);
-  norm_forward_kernel_v3<T, V, P, R, MINB><<<(N + R - 1) / R, threads, 0, stream>>>(x, residual, w, b, y, h, mean, rstd,
+  norm_forward_kernel_v3<T, W, V, P, R, MINB><<<(N + R - 1) / R, threads, 0, stream>>>(x, residual, w, b, y, h, mean, rstd,
                                                                                 N, C, eps, rms);
 }
 
-template <typename T, int V, int P, int R, int MINB>
-int launch_backward_v3(const T* dy, const T* h, const float* w, const float* mean, const float* rstd, const T* dh,
+template <typename T, typename W, int V, int P, int R, int MINB>
+int launch_backward_v3(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
                        T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream) {
   const int threads = threads_for(C / V, P);
-  auto kernel = norm_backward_kernel_v3<T, V, P, R, MINB>;
+  auto kernel = norm_backward_kernel_v3<T, W, V, P, R, MINB>;
   const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads), part_rows, (N + R - 1) / R});
   kernel<<<blocks, threads, 0, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
   return static_cast<int>(blocks);
 }
 
-template <typename T>
-void norm_forward_cuda(const T* x, const T* residual, const float* w, const float* b, T* y, T* h, float* mean,
+template <typename T, typename W>
+void norm_forward_cuda(const T* x, const T* residual, const W* w, const W* b, T* y, T* h, float* mean,
                        float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream) {
   const int vec = pack_width<T>(C, {x, residual, y, h, w, b});
   NEOX_WITH_PACK(T, vec, {
     const int64_t packs = C / V;
     if (packs > kMaxPacks) {
-      norm_forward_kernel<T, V><<<N, row_threads(packs), 0, stream>>>(x, residual, w, b, y, h, mean, rstd, C, eps, rms);
+      norm_forward_kernel<T, W, V><<<N, row_threads(packs), 0, stream>>>(x, residual, w, b, y, h, mean, rstd, C, eps, rms);
     } else {
-      if (packs <= 256) launch_forward_v3<T, V, 1, 4, 3>(x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, stream);
-      else launch_forward_v3<T, V, 4, 1, 3>(x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, stream);
+      if (packs <= 256) launch_forward_v3<T, W, V, 1, 4, 3>(x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, stream);
+      else launch_forward_v3<T, W, V, 4, 1, 3>(x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, stream);
     }
   });
 }
 
-template <typename T>
-void norm_backward_cuda(const T* dy, const T* h, const float* w, const float* mean, const float* rstd, const T* dh,
-                        T* dx, float* dw, float* db, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms,
+template <typename T, typename W>
+void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
+                        T* dx, W* dw, W* db, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms,
                         cudaStream_t stream) {
   // part: part_rows x 2C floats from the caller (torch's allocator); one partial row per block.
   const int vec = pack_width<T>(C, {dy, h, dh, dx, w});
@@ -391,25 +401,30 @@ void norm_backward_cuda(const T* dy, const T* h, const float* w, const float* me
     if (packs > kMaxPacks) {
       blocks = static_cast<int>(part_rows);
       const size_t smem = 2 * C * sizeof(float);
-      auto kernel = norm_backward_kernel<T, V>;
+      auto kernel = norm_backward_kernel<T, W, V>;
       if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       kernel<<<blocks, row_threads(packs), smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
     } else {
-      auto launch = packs <= 256   ? launch_backward_v3<T, V, 1, 2, 3>
-                    : packs <= 512 ? launch_backward_v3<T, V, 2, 1, 2>
-                                   : launch_backward_v3<T, V, 4, 1, 1>;
+      auto launch = packs <= 256   ? launch_backward_v3<T, W, V, 1, 2, 3>
+                    : packs <= 512 ? launch_backward_v3<T, W, V, 2, 1, 2>
+                                   : launch_backward_v3<T, W, V, 4, 1, 1>;
       blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream);
     }
   });
   const int64_t cols = db ? 2 * C : C;
-  column_sum_v2_kernel<<<(cols + 31) / 32, dim3(32, 32), 0, stream>>>(part, blocks, 2 * C, cols, C, dw, db);
+  column_sum_v2_kernel<32, W><<<(cols + 31) / 32, dim3(32, 32), 0, stream>>>(part, blocks, 2 * C, cols, C, dw, db);
 }
 
-#define INSTANTIATE(T)                                                                                      \
-  template void norm_forward_cuda<T>(const T*, const T*, const float*, const float*, T*, T*, float*, float*, \
-                                     int64_t, int64_t, float, bool, cudaStream_t);                           \
-  template void norm_backward_cuda<T>(const T*, const T*, const float*, const float*, const float*, const T*, \
-                                      T*, float*, float*, float*, int64_t, int64_t, int64_t, bool, cudaStream_t);
-NEOX_FOR_EACH_CUDA_DTYPE(INSTANTIATE)
+// W: weight/bias (and their grads) as fp32, or as the activations' 16-bit type.
+#define INSTANTIATE(T, W)                                                                                      \
+  template void norm_forward_cuda<T, W>(const T*, const T*, const W*, const W*, T*, T*, float*, float*, int64_t, \
+                                        int64_t, float, bool, cudaStream_t);                                     \
+  template void norm_backward_cuda<T, W>(const T*, const T*, const W*, const float*, const float*, const T*, T*,  \
+                                         W*, W*, float*, int64_t, int64_t, int64_t, bool, cudaStream_t);
+INSTANTIATE(float, float)
+INSTANTIATE(__nv_bfloat16, float)
+INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+INSTANTIATE(__half, float)
+INSTANTIATE(__half, __half)
 
 }  // namespace neox

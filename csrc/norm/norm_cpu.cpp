@@ -14,8 +14,9 @@
 
 namespace neox {
 
-template <typename T>
-void norm_forward_cpu(const T* x, const T* residual, const float* w, const float* b, T* y, T* h_out,
+// W (the weight/bias type) is fp32 on CPU: the bindings cast 16-bit parameters first.
+template <typename T, typename W>
+void norm_forward_cpu(const T* x, const T* residual, const W* w, const W* b, T* y, T* h_out,
                       float* mean_out, float* rstd_out, int64_t N, int64_t C, float eps, bool rms) {
 #pragma omp parallel
   {
@@ -58,9 +59,9 @@ void norm_forward_cpu(const T* x, const T* residual, const float* w, const float
   }
 }
 
-template <typename T>
-void norm_backward_cpu(const T* dy, const T* h, const float* w, const float* mean, const float* rstd,
-                       const T* dh, T* dx, float* dw, float* db, float* /*part*/, int64_t /*part_rows*/, int64_t N,
+template <typename T, typename W>
+void norm_backward_cpu(const T* dy, const T* h, const W* w, const float* mean, const float* rstd,
+                       const T* dh, T* dx, W* dw, W* db, float* /*part*/, int64_t /*part_rows*/, int64_t N,
                        int64_t C, bool rms) {
   int nt = omp_get_max_threads();
   std::vector<float> part(static_cast<size_t>(nt) * 2 * C, 0.f);  // per-thread [dw | db] partials
@@ -105,9 +106,9 @@ void norm_backward_cpu(const T* dy, const T* h, const float* w, const float* mea
 }
 
 #define INSTANTIATE(T)                                                                              \
-  template void norm_forward_cpu<T>(const T*, const T*, const float*, const float*, T*, T*, float*, \
+  template void norm_forward_cpu<T, float>(const T*, const T*, const float*, const float*, T*, T*, float*, \
                                     float*, int64_t, int64_t, float, bool);                         \
-  template void norm_backward_cpu<T>(const T*, const T*, const float*, const float*, const float*,  \
+  template void norm_backward_cpu<T, float>(const T*, const T*, const float*, const float*, const float*,  \
                                      const T*, T*, float*, float*, float*, int64_t, int64_t, int64_t, bool);
 NEOX_FOR_EACH_DTYPE(INSTANTIATE)
 
