@@ -1,6 +1,10 @@
 // Rotary embedding on CUDA (forward; backward = inverse rotation). Math and layouts as rotary_cpu.cpp.
 // v1: one thread per output "slot" of a head: slot j < R/2 rotates pair j (both elements), slot j >= R/2
-// copies one pass-through element. Consecutive threads touch consecutive elements of a head.
+// copies one pass-through element. Consecutive threads touch consecutive elements of a head. Any shape.
+// v2: the same with 16-byte packs: a slot is V consecutive pairs (NeoX layout: a pack of each half;
+// interleaved: one pack holding V/2 pairs) or one pass-through pack, with cos/sin read as float4 and
+// 32-bit index math. Taken when the head, the rotary part and the pointers are whole packs (any usual
+// head size), else v1.
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -26,9 +30,72 @@ __global__ void rotary_kernel(const T* __restrict__ x, const float* __restrict__
   }
 }
 
+template <typename T, int V, bool INTERLEAVED>
+__global__ void rotary_kernel_v2(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
+                                 T* __restrict__ out, uint32_t total, uint32_t slots, uint32_t rot_slots, uint32_t S,
+                                 uint32_t H, uint32_t D, uint32_t R, float sgn) {
+  const uint32_t k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= total) return;
+  const uint32_t row = k / slots, p = k - row * slots;  // row: one head of one token
+  const uint32_t s = (row / H) % S, half = R / 2;
+  const T* xr = x + (size_t)row * D;
+  T* yr = out + (size_t)row * D;
+  if (p >= rot_slots) {  // pass-through pack
+    const uint32_t e = R + (p - rot_slots) * V;
+    *reinterpret_cast<Pack<T, V>*>(yr + e) = *reinterpret_cast<const Pack<T, V>*>(xr + e);
+    return;
+  }
+  const float* cr = cos + (size_t)s * half;
+  const float* sr = sin + (size_t)s * half;
+  if constexpr (!INTERLEAVED) {  // pairs (j, j + half) for j in [p * V, p * V + V)
+    const uint32_t j = p * V;
+    float a[V], b[V], c[V], sn[V];
+    load<T, V>(xr + j, a);
+    load<T, V>(xr + half + j, b);
+    load_f32<V>(cr + j, c);
+    load_f32<V>(sr + j, sn);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+      const float sv = sgn * sn[i], ya = a[i] * c[i] - b[i] * sv, yb = b[i] * c[i] + a[i] * sv;
+      a[i] = ya;
+      b[i] = yb;
+    }
+    store<T, V>(yr + j, a);
+    store<T, V>(yr + half + j, b);
+  } else {  // pairs (2j, 2j + 1) for j in [p * V / 2, p * V / 2 + V / 2)
+    const uint32_t e = p * V;
+    float v[V], c[V / 2], sn[V / 2];
+    load<T, V>(xr + e, v);
+    load_f32<V / 2>(cr + e / 2, c);
+    load_f32<V / 2>(sr + e / 2, sn);
+#pragma unroll
+    for (int i = 0; i < V / 2; i++) {
+      const float a = v[2 * i], b = v[2 * i + 1], sv = sgn * sn[i];
+      v[2 * i] = a * c[i] - b * sv;
+      v[2 * i + 1] = b * c[i] + a * sv;
+    }
+    store<T, V>(yr + e, v);
+  }
+}
+
 template <typename T>
 void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S, int64_t H, int64_t D,
                  int64_t R, bool interleaved, bool inverse, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t rot_elems = interleaved ? R : R / 2;  // elements per head whose packs a rotating slot starts
+  const int64_t slots = rot_elems / V + (D - R) / V, rows = B * S * H;
+  // float4 reads of cos/sin need (R / 2) % 4 == 0 and 16-byte rows; with V / 2 == 2 (fp32, interleaved)
+  // they are plain loads
+  const bool whole_packs = D % V == 0 && (D - R) % V == 0 && rot_elems % V == 0 && (R / 2) % 4 == 0 &&
+                           pack_width<T>(D, {x, out}) == V && reinterpret_cast<uintptr_t>(cos) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(sin) % 16 == 0;
+  if (whole_packs && rows * slots < (int64_t{1} << 31) && rows * D < (int64_t{1} << 40)) {
+    const uint32_t total = static_cast<uint32_t>(rows * slots), blocks = (total + 255) / 256;
+    auto kernel = interleaved ? rotary_kernel_v2<T, V, true> : rotary_kernel_v2<T, V, false>;
+    kernel<<<blocks, 256, 0, stream>>>(x, cos, sin, out, total, (uint32_t)slots, (uint32_t)(rot_elems / V),
+                                       (uint32_t)S, (uint32_t)H, (uint32_t)D, (uint32_t)R, inverse ? -1.f : 1.f);
+    return;
+  }
   const int64_t total = B * S * H * (D - R / 2);
   const int64_t blocks = (total + 255) / 256;
   const int grid = static_cast<int>(blocks < 32 * sm_count() ? blocks : 32 * sm_count());

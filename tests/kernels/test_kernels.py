@@ -102,8 +102,12 @@ def _angles(s: int, rotary_dims: int, layout: str) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
+# The first four: odd head sizes (CUDA v1). Then whole 16-byte packs (CUDA v2): full, partial (a quarter,
+# as Pythia) and 64-wide heads; the last has a rotary part that is not whole packs for 16-bit types (v1).
 @pytest.mark.parametrize("b,s,h,hd,rd,layout", [(2, 1, 3, 10, 10, "half"), (3, 77, 5, 18, 8, "half"),
-                                                (1, 8192, 2, 24, 6, "half"), (2, 33, 3, 16, 4, "dup")])
+                                                (1, 8192, 2, 24, 6, "half"), (2, 33, 3, 16, 4, "dup"),
+                                                (2, 33, 3, 128, 128, "half"), (3, 17, 5, 128, 32, "half"),
+                                                (1, 9, 2, 64, 64, "dup"), (2, 5, 3, 128, 120, "half")])
 def test_rotary(device, seed, dtype, interleaved, b, s, h, hd, rd, layout):
     if layout == "dup" and interleaved:  # the duplicated interleaved form is repeat_interleave(f, 2)
         c, sn = _angles(s, rd, "half")
@@ -228,3 +232,35 @@ def test_bias_gelu_size_classes(device, seed, dtype, approximate, shape):
 def test_bias_gelu_without_bias(device, seed):
     _compare(_fused(K.bias_gelu), _ref(K.bias_gelu), {"x": torch.randn(33, 264)}, {"x"}, torch.bfloat16, device, seed,
              bias=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("params", ["fp32", "weight 16-bit, bias fp32"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_parameters_in_another_dtype(device, seed, dtype, params, residual):
+    """16-bit activations with fp32 (or mixed) weight and bias: the kernels take fp32 parameters, and each
+    parameter's grad comes back in its own dtype. (With parameters in the activations' dtype, as in the
+    tests above, CUDA reads them as they are.)"""
+    C = 1003
+    x = (torch.randn(61, C) * 2 + 0.5).to(device, dtype).requires_grad_()
+    res = torch.randn(61, C).to(device, dtype).requires_grad_() if residual else None
+    w = (1 + 0.3 * torch.randn(C)).to(device, torch.float32 if params == "fp32" else dtype).requires_grad_()
+    b = (0.3 * torch.randn(C)).to(device, torch.float32).requires_grad_()
+    out = K.layer_norm(x, w, b, 1e-5, residual=res, impl="fused")
+    out = out if isinstance(out, tuple) else (out,)
+    g = [torch.randn_like(o) for o in out]
+    torch.autograd.backward(out, g)
+    leaves = [x, w, b] + ([res] if residual else [])
+    r_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    rx, rw, rb = r_leaves[:3]
+    rres = r_leaves[3] if residual else None
+    if residual:
+        h = (rx + rres).to(dtype).float()
+        r_out = (K.layer_norm(h, rw, rb, 1e-5, impl="reference"), h)
+    else:
+        r_out = (K.layer_norm(rx, rw, rb, 1e-5, impl="reference"),)
+    torch.autograd.backward(r_out, [t.float() for t in g])
+    _check("out", out[0].float(), r_out[0], dtype, seed)
+    for name, t, r in zip(["x", "weight", "bias", "residual"], leaves, r_leaves):
+        assert t.grad.dtype == t.dtype, f"grad {name} is {t.grad.dtype}, the parameter {t.dtype}"
+        _check(f"grad {name}", t.grad.float(), r.grad, dtype, seed)
