@@ -6,7 +6,9 @@
 Each op runs forward + backward on bf16 inputs (fp32 on CPU by default: --dtype). Reported: median time
 over --iters runs, the fused kernel's achieved bandwidth (the bytes an ideal fused fwd+bwd must move,
 over its time) as a share of measured device copy bandwidth, the speed-up against eager and compiled,
-and for cross-entropy the peak extra memory of each contender. Goals (issue #6): >= 1.5x eager,
+and for cross-entropy the peak extra memory of each contender. On a GPU each contender is timed twice:
+as a step the host must first launch (wall, the GPU idles meanwhile), and with the host hidden behind a
+sleep kernel (GPU-only: its work alone, as in a training step where the host runs ahead). Goals (issue #6): >= 1.5x eager,
 >= 1.0x torch.compile, fused CE peak memory <= 1/2 of eager's. Prints a markdown table as it goes.
 """
 from __future__ import annotations
@@ -38,15 +40,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(step: Callable[[], None], device: str, iters: int, warmup: int = 3) -> float:
-    """Median milliseconds of step()."""
+def _time(step: Callable[[], None], device: str, iters: int, warmup: int = 3, hide_host_ms: float = 0.0) -> float:
+    """Median milliseconds of step(), between CUDA events around it.
+
+    With hide_host_ms, a sleep kernel of that length runs first on the stream, so the host has queued the
+    whole step before the GPU reaches it: the time is the GPU's work alone, as inside a training step whose
+    host runs ahead of the GPU. Without it, launches and Python are in the time as well (the GPU idles
+    while the host catches up), as for a step that waits on the host."""
     for _ in range(warmup):
         step()
     _sync(device)
+    cycles = int(hide_host_ms * _sleep_cycles_per_ms()) if hide_host_ms and device == "cuda" else 0
     times = []
     for _ in range(iters):
         if device == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if cycles:
+                torch.cuda._sleep(cycles)
             a.record()
             step()
             b.record()
@@ -57,6 +67,23 @@ def _time(step: Callable[[], None], device: str, iters: int, warmup: int = 3) ->
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+_CYCLES_PER_MS: list[float] = []
+
+
+def _sleep_cycles_per_ms() -> float:
+    """How many `torch.cuda._sleep` cycles make a millisecond on this GPU (measured once)."""
+    if not _CYCLES_PER_MS:
+        n = 2_000_000
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(n)  # warm
+        a.record()
+        torch.cuda._sleep(n)
+        b.record()
+        b.synchronize()
+        _CYCLES_PER_MS.append(n / a.elapsed_time(b))
+    return _CYCLES_PER_MS[0]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -147,6 +174,8 @@ def bench_case(case: Case, device: str, iters: int, use_compile: bool) -> dict:
             torch.cuda.synchronize()
             res[name + "_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         res[name] = _time(step, device, iters)
+        if device == "cuda":  # the GPU's work alone: hide the host behind a sleep longer than it
+            res[name + "_gpu"] = _time(step, device, iters, hide_host_ms=2.0 + 3 * res[name])
     return res
 
 
@@ -167,23 +196,33 @@ def main() -> None:
     bw = copy_bandwidth(args.device)
     print(f"# neox kernels: fwd+bwd, {dev_name}, torch {torch.__version__}, {dtype}, copy bandwidth {bw:.0f} GB/s")
     print(f"# {K.describe('fused', args.device)}\n")
-    print("| op | shape | eager ms | compile ms | fused ms | fused GB/s (% copy) | x eager | x compile | peak MB eager/compile/fused | goals |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    gpu = args.device == "cuda"
+    print("| op | shape | eager ms | compile ms | fused ms | x eager | x compile | "
+          + ("GPU-only ms eager/compile/fused | GPU-only x eager | GPU-only x compile | " if gpu else "")
+          + "fused GB/s (% copy) | peak MB eager/compile/fused | goals |")
+    print("|---" * (13 if gpu else 10) + "|", flush=True)
     for i, hidden in enumerate(args.hidden):
         for case in make_cases(args.device, dtype, args.tokens, hidden, args.vocab if i == 0 else None):
             if args.ops and not any(case.op.startswith(o) for o in args.ops):
                 continue
             r = bench_case(case, args.device, args.iters, not args.no_compile)
             e, c, f = r.get("eager", float("nan")), r.get("compile", float("nan")), r.get("fused", float("nan"))
-            gbs = case.bytes_moved / f / 1e6
-            goals = [e / f >= 1.5, (c / f >= 1.0) if c == c else True]
+            ge, gc, gf = (r.get(k + "_gpu", float("nan")) for k in ("eager", "compile", "fused"))
+            # bandwidth of the GPU's own work where measured (the kernels' speed), else of the wall time
+            gbs = case.bytes_moved / (gf if gpu else f) / 1e6
             peak = "/".join(f"{r.get(k + '_peak_mb', float('nan')):.0f}" for k in ("eager", "compile", "fused"))
-            if case.op == "cross_entropy" and args.device == "cuda":
-                goals.append(r.get("fused_peak_mb", float("inf")) <= 0.5 * r.get("eager_peak_mb", 0.0))
+
+            def verdict(e, c, f):
+                ok = [e / f >= 1.5, (c / f >= 1.0) if c == c else True]
+                if case.op == "cross_entropy" and gpu:
+                    ok.append(r.get("fused_peak_mb", float("inf")) <= 0.5 * r.get("eager_peak_mb", 0.0))
+                return "met" if all(ok) else "MISSED"
+
+            goals = f"wall {verdict(e, c, f)}" + (f", GPU-only {verdict(ge, gc, gf)}" if gpu else "")
             errs = "; ".join(f"{k}: {v}" for k, v in r.items() if k.endswith("_err"))
-            print(f"| {case.op} | {case.shape} | {e:.3f} | {c:.3f} | {f:.3f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | "
-                  f"{e / f:.2f} | {c / f:.2f} | {peak} | {'met' if all(goals) else 'MISSED'}{' ' + errs if errs else ''} |",
-                  flush=True)
+            gpu_cols = (f"{ge:.3f}/{gc:.3f}/{gf:.3f} | {ge / gf:.2f} | {gc / gf:.2f} | " if gpu else "")
+            print(f"| {case.op} | {case.shape} | {e:.3f} | {c:.3f} | {f:.3f} | {e / f:.2f} | {c / f:.2f} | {gpu_cols}"
+                  f"{gbs:.0f} ({100 * gbs / bw:.0f}%) | {peak} | {goals}{' ' + errs if errs else ''} |", flush=True)
             del case
             if args.device == "cuda":
                 torch.cuda.empty_cache()
