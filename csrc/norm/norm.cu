@@ -14,7 +14,8 @@
 //   grid, each block a contiguous band of rows; since a thread owns the same columns in every row, its
 //   dw/db partials stay in registers and are written once per block; column_sum_v2 (a 32 x 32 tiled,
 //   deterministic reduction) adds the per-block rows. v1 remains for wider rows (with column_sum_v2
-//   in place of its old one-thread-per-column serial sum).
+//   in place of its old one-thread-per-column serial sum). The backward may issue the next rows' loads
+//   before reducing the current ones (PREFETCH), where registers allow.
 #include <algorithm>
 #include <type_traits>
 
@@ -148,8 +149,8 @@ __device__ __forceinline__ Pack<T, V> zero_pack() {
 
 // MINB: blocks per SM the register budget is cut for (launch bounds); the launchers pick the most that
 // compile without spills for each (P, R).
-template <typename T, typename W, int V, int P, int R, int MINB>
-__global__ void __launch_bounds__(256, MINB)
+template <typename T, typename W, int V, int P, int R, int MINB, int MAXT = 256>
+__global__ void __launch_bounds__(MAXT, MINB)
 norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const W* __restrict__ w,
                        const W* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                        float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N, int64_t C, float eps,
@@ -258,8 +259,8 @@ norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const
 }
 
 // Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db].
-template <typename T, typename W, int V, int P, int R, int MINB>
-__global__ void __launch_bounds__(256, MINB)
+template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT = 256>
+__global__ void __launch_bounds__(MAXT, MINB)
 norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ w,
                         const float* __restrict__ mean, const float* __restrict__ rstd, const T* __restrict__ dh,
                         T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C, bool rms) {
@@ -279,9 +280,8 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
 #pragma unroll
     for (int i = 0; i < V; i++) acc_w[k][i] = acc_b[k][i] = 0.f;
   }
-  for (int64_t row0 = r_begin; row0 < r_end; row0 += R) {
-    PK gp[R][P], hp[R][P];  // zero outside the band and the row, so they add nothing below
-    float m[R], s[R];
+  // Rows [row0, row0 + R) of dy and h into registers; zero outside the band and the row, so they add nothing.
+  auto load_rows = [&](int64_t row0, PK (&gp)[R][P], PK (&hp)[R][P], float (&m)[R], float (&s)[R]) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const bool live = row0 + r < r_end;
@@ -295,6 +295,16 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
         hp[r][k] = in ? *reinterpret_cast<const PK*>(h + (row0 + r) * C + c) : zero_pack<T, V>();
       }
     }
+  };
+  PK gp[R][P], hp[R][P];
+  float m[R], s[R];
+  load_rows(r_begin, gp, hp, m, s);
+  for (int64_t row0 = r_begin; row0 < r_end; row0 += R) {
+    // PREFETCH: the next rows' loads are issued now, so they are in flight during this step's reduction and
+    // dx (more registers: it pays where they are free)
+    PK gn[R][P], hn[R][P];
+    float mn[R], sn[R];
+    if constexpr (PREFETCH) load_rows(row0 + R, gn, hn, mn, sn);
     float sums[2 * R];  // [sum(g*w) for each row | sum(g*w*xhat) for each row]
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -337,6 +347,20 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
         }
       }
     }
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        m[r] = mn[r];
+        s[r] = sn[r];
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+          gp[r][k] = gn[r][k];
+          hp[r][k] = hn[r][k];
+        }
+      }
+    } else {
+      load_rows(row0 + R, gp, hp, m, s);
+    }
   }
   float* pw = part + blockIdx.x * 2 * C;
 #pragma unroll
@@ -349,10 +373,13 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
   }
 }
 
-// v3 covers C <= kMaxPacks packs with blocks of <= 256 threads. (P, R, MINB) per size class were picked
-// with a variant sweep on an H200 (bf16, 8192 rows; bench/RESULTS.md, 2026-11-26): forward C = 2048 (1, 4, 3)
-// 29 us vs 30-34 for R = 1, 2, 8; C = 4096 (4, 1, 3) 46 us vs 48-63 for P = 2 with R = 1, 2, 4;
-// backward C = 2048 (1, 2, 3) 44 us vs 46-59 for R = 1, 4, 8; C = 4096 (2, 1, 2) 76 us vs 83-125.
+// v3 covers C <= kMaxPacks packs with blocks of <= 256 threads (the backward: 512 for 257-512 packs).
+// (P, R, MINB) per size class were picked with variant sweeps on an H200 (bf16, 8192 rows; bench/RESULTS.md,
+// 2026-11-26): forward C = 2048 (1, 4, 3) 29 us vs 30-34 for R = 1, 2, 8; C = 4096 (4, 1, 3) 43-46 us vs
+// 48-63 for P = 2 with R = 1, 2, 4 and 51-60 for 512-thread blocks. Backward, with bf16 weights:
+// C = 2048 (1, 2, 2) with the next rows prefetched 41-43 us vs 44-47 without, 50-52 for R = 4 and 77 for
+// (1, 2, 3), which spills; C = 4096 (1, 2, 1) in 512-thread blocks, prefetched, 74-76 us vs 75-78 for
+// (2, 1, 2) and 86-100 for the other 512-thread variants.
 constexpr int64_t kMaxPacks = 1024;
 inline int threads_for(int64_t packs, int P) { return static_cast<int>((packs + P - 1) / P + 31) / 32 * 32; }
 
@@ -364,11 +391,11 @@ void launch_forward_v3(const T* x, const T* residual, const W* w, const W* b, T*
                                                                                 N, C, eps, rms);
 }
 
-template <typename T, typename W, int V, int P, int R, int MINB>
+template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT = 256>
 int launch_backward_v3(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
                        T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream) {
   const int threads = threads_for(C / V, P);
-  auto kernel = norm_backward_kernel_v3<T, W, V, P, R, MINB>;
+  auto kernel = norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT>;
   const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads), part_rows, (N + R - 1) / R});
   kernel<<<blocks, threads, 0, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
   return static_cast<int>(blocks);
@@ -405,9 +432,9 @@ void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, 
       if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       kernel<<<blocks, row_threads(packs), smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
     } else {
-      auto launch = packs <= 256   ? launch_backward_v3<T, W, V, 1, 2, 3>
-                    : packs <= 512 ? launch_backward_v3<T, W, V, 2, 1, 2>
-                                   : launch_backward_v3<T, W, V, 4, 1, 1>;
+      auto launch = packs <= 256   ? launch_backward_v3<T, W, V, 1, 2, 2, true>
+                    : packs <= 512 ? launch_backward_v3<T, W, V, 1, 2, 1, true, 512>
+                                   : launch_backward_v3<T, W, V, 4, 1, 1, false>;
       blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream);
     }
   });
