@@ -259,7 +259,7 @@ norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const
 }
 
 // Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db].
-template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT = 256>
+template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT, bool HAS_DH>
 __global__ void __launch_bounds__(MAXT, MINB)
 norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ w,
                         const float* __restrict__ mean, const float* __restrict__ rstd, const T* __restrict__ dh,
@@ -280,8 +280,9 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
 #pragma unroll
     for (int i = 0; i < V; i++) acc_w[k][i] = acc_b[k][i] = 0.f;
   }
-  // Rows [row0, row0 + R) of dy and h into registers; zero outside the band and the row, so they add nothing.
-  auto load_rows = [&](int64_t row0, PK (&gp)[R][P], PK (&hp)[R][P], float (&m)[R], float (&s)[R]) {
+  // Rows [row0, row0 + R) of dy, h and dh (the residual's grad, if any) into registers; zero outside the band
+  // and the row, so they add nothing.
+  auto load_rows = [&](int64_t row0, PK (&gp)[R][P], PK (&hp)[R][P], PK (&ep)[R][P], float (&m)[R], float (&s)[R]) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const bool live = row0 + r < r_end;
@@ -293,18 +294,19 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
         const bool in = live && c < C;
         gp[r][k] = in ? *reinterpret_cast<const PK*>(dy + (row0 + r) * C + c) : zero_pack<T, V>();
         hp[r][k] = in ? *reinterpret_cast<const PK*>(h + (row0 + r) * C + c) : zero_pack<T, V>();
+        if constexpr (HAS_DH) ep[r][k] = in ? *reinterpret_cast<const PK*>(dh + (row0 + r) * C + c) : zero_pack<T, V>();
       }
     }
   };
-  PK gp[R][P], hp[R][P];
+  PK gp[R][P], hp[R][P], ep[R][P];
   float m[R], s[R];
-  load_rows(r_begin, gp, hp, m, s);
+  load_rows(r_begin, gp, hp, ep, m, s);
   for (int64_t row0 = r_begin; row0 < r_end; row0 += R) {
     // PREFETCH: the next rows' loads are issued now, so they are in flight during this step's reduction and
     // dx (more registers: it pays where they are free)
-    PK gn[R][P], hn[R][P];
+    PK gn[R][P], hn[R][P], en[R][P];
     float mn[R], sn[R];
-    if constexpr (PREFETCH) load_rows(row0 + R, gn, hn, mn, sn);
+    if constexpr (PREFETCH) load_rows(row0 + R, gn, hn, en, mn, sn);
     float sums[2 * R];  // [sum(g*w) for each row | sum(g*w*xhat) for each row]
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -331,8 +333,8 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
           const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
           if (c < C) {
             float e[V];
-            if (dh) {
-              load<T, V>(dh + (row0 + r) * C + c, e);
+            if constexpr (HAS_DH) {
+              widen<T, V>(ep[r][k], e);
             } else {
 #pragma unroll
               for (int i = 0; i < V; i++) e[i] = 0.f;
@@ -356,10 +358,11 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
         for (int k = 0; k < P; k++) {
           gp[r][k] = gn[r][k];
           hp[r][k] = hn[r][k];
+          if constexpr (HAS_DH) ep[r][k] = en[r][k];
         }
       }
     } else {
-      load_rows(row0 + R, gp, hp, m, s);
+      load_rows(row0 + R, gp, hp, ep, m, s);
     }
   }
   float* pw = part + blockIdx.x * 2 * C;
@@ -379,7 +382,9 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
 // 48-63 for P = 2 with R = 1, 2, 4 and 51-60 for 512-thread blocks. Backward, with bf16 weights:
 // C = 2048 (1, 2, 2) with the next rows prefetched 41-43 us vs 44-47 without, 50-52 for R = 4 and 77 for
 // (1, 2, 3), which spills; C = 4096 (1, 2, 1) in 512-thread blocks, prefetched, 74-76 us vs 75-78 for
-// (2, 1, 2) and 86-100 for the other 512-thread variants.
+// (2, 1, 2) and 86-100 for the other 512-thread variants. With a residual's grad (dh, loaded with dy and
+// h): C = 2048 (1, 2, 2) 51 us with or without prefetch; C = 4096 (2, 1, 2) 89-90 us vs 95-136 for the
+// 512-thread variants, which spill.
 constexpr int64_t kMaxPacks = 1024;
 inline int threads_for(int64_t packs, int P) { return static_cast<int>((packs + P - 1) / P + 31) / 32 * 32; }
 
@@ -395,7 +400,9 @@ template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, 
 int launch_backward_v3(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
                        T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream) {
   const int threads = threads_for(C / V, P);
-  auto kernel = norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT>;
+  // with a residual, its grad dh is loaded with dy and h (and prefetched with them); without, no registers
+  auto kernel = dh ? norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT, true>
+                   : norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT, false>;
   const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads), part_rows, (N + R - 1) / R});
   kernel<<<blocks, threads, 0, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
   return static_cast<int>(blocks);
@@ -432,8 +439,10 @@ void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, 
       if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       kernel<<<blocks, row_threads(packs), smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
     } else {
+      // 257-512 packs: with a residual's grad to read as well, the 512-thread prefetching variant spills
       auto launch = packs <= 256   ? launch_backward_v3<T, W, V, 1, 2, 2, true>
-                    : packs <= 512 ? launch_backward_v3<T, W, V, 1, 2, 1, true, 512>
+                    : packs <= 512 ? (dh ? launch_backward_v3<T, W, V, 2, 1, 2, false>
+                                         : launch_backward_v3<T, W, V, 1, 2, 1, true, 512>)
                                    : launch_backward_v3<T, W, V, 4, 1, 1, false>;
       blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream);
     }
