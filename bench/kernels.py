@@ -14,6 +14,7 @@ sleep kernel (GPU-only: its work alone, as in a training step where the host run
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -69,21 +70,17 @@ def _time(step: Callable[[], None], device: str, iters: int, warmup: int = 3, hi
     return statistics.median(times)
 
 
-_CYCLES_PER_MS: list[float] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _sleep_cycles_per_ms() -> float:
     """How many `torch.cuda._sleep` cycles make a millisecond on this GPU (measured once)."""
-    if not _CYCLES_PER_MS:
-        n = 2_000_000
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(n)  # warm
-        a.record()
-        torch.cuda._sleep(n)
-        b.record()
-        b.synchronize()
-        _CYCLES_PER_MS.append(n / a.elapsed_time(b))
-    return _CYCLES_PER_MS[0]
+    n = 2_000_000
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(n)  # warm
+    a.record()
+    torch.cuda._sleep(n)
+    b.record()
+    b.synchronize()
+    return n / a.elapsed_time(b)
 
 
 def copy_bandwidth(device: str) -> float:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from neox.checkpoint import files as F
 from neox.checkpoint.config_check import check_resume_config
+from neox.checkpoint.reshard import layout_sizes, load_across_layouts, tp_coords
 from neox.checkpoint.rng import rng_state, set_rng_state
 from neox.checkpoint.safe_load import safe_engine_loads, safe_load
 from neox.errors import CheckpointError
@@ -103,8 +104,6 @@ def _layout(engine) -> Dict[str, Any]:
             return f() if callable(f) else (f if f is not None else default)
         except Exception:  # noqa: BLE001 - a layout field we cannot read is just not recorded
             return default
-    from neox.checkpoint.reshard import tp_coords
-
     return {"world_size": _world()[1], "dp": call("dp_world_size"), "mp": call("mp_world_size"),
             "tp": tp_coords(engine)[1], "pp": call("num_stages", 1) or 1,
             "zero_stage": int(call("zero_optimization_stage", 0) or 0)}
@@ -296,11 +295,9 @@ class CheckpointManager:
                                       "checkpoint's layout")
             if "config" not in saved:
                 raise CheckpointError(f"{root}: resharding needs the saved config in {STATE_JSON}")
-            from neox.checkpoint import reshard
-
             # DeepSpeed's own loader knows neither our tensor shards nor other pipeline depths, and
             # restarts Adam across ZeRO partitionings: go through the layout-free full state instead
-            reshard.load_across_layouts(engine, root, saved["config"], layout, self.say)
+            load_across_layouts(engine, root, saved["config"], layout, self.say)
             client = {k: v for k, v in saved.items() if k in ("run_state", "config", "step")}
             return self._finish_load(root, tag, client)
         with safe_engine_loads(engine):
@@ -330,17 +327,9 @@ class CheckpointManager:
         return client
 
 
-def _pp(layout: Dict[str, Any]) -> int:
-    return int(layout.get("pp") or 1)
-
-
-def _tp(layout: Dict[str, Any]) -> int:
-    """Tensor-parallel size; older manifests only have DeepSpeed's mp (= tp x pp under a pipeline)."""
-    return int(layout.get("tp") or (layout.get("mp") or 1) // _pp(layout))
-
-
 def _describe(layout: Dict[str, Any]) -> str:
-    return f"tp={_tp(layout)} pp={_pp(layout)} dp={layout.get('dp')} zero={layout.get('zero_stage')}"
+    tp, pp = layout_sizes(layout)
+    return f"tp={tp} pp={pp} dp={layout.get('dp')} zero={layout.get('zero_stage')}"
 
 
 def _changed(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:

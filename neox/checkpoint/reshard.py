@@ -107,17 +107,25 @@ class ModelNames:
 
 
 # ------------------------------------------------------------------------------------ reading
-def full_state(root: Path, config: dict, layout: Dict[str, Any]) -> Tuple[FullState, float]:
-    """The full training state of a checkpoint written by `config` under `layout` (the manifest's)."""
-    names = ModelNames.from_config(config)
+def layout_sizes(layout: Dict[str, Any]) -> Tuple[int, int]:
+    """(tp, pp) of a manifest's layout; older manifests only have DeepSpeed's mp (= tp x pp under a pipeline)."""
     pp = int(layout.get("pp") or 1)
-    tp = int(layout.get("tp") or (layout.get("mp") or 1) // pp)
+    return int(layout.get("tp") or (layout.get("mp") or 1) // pp), pp
+
+
+def full_state(root: Path, config: dict, layout: Dict[str, Any],
+               names: Optional[ModelNames] = None) -> Tuple[FullState, float]:
+    """The full training state of a checkpoint written by `config` under `layout` (the manifest's)."""
+    names = names or ModelNames.from_config(config)
+    tp, pp = layout_sizes(layout)
     specs, parts = None, [0, None]
+    locals_of_stage = [names.gpt]  # (local name, dim) of each stage's parameters
     if pp > 1:
         from neox.parallel.pipeline import deepspeed_layer_specs, partition_layers
 
         specs = deepspeed_layer_specs(names.cfg)
         parts = partition_layers(specs, pp, config["parallelism"]["pipe_partition"])
+        locals_of_stage = [names.stage_params(specs, parts[s], parts[s + 1]) for s in range(pp)]
     zero_files: Dict[int, List[Tuple[int, Path]]] = {}
     for p in root.iterdir():
         if m := _ZERO_OPTIM.match(p.name):
@@ -128,15 +136,12 @@ def full_state(root: Path, config: dict, layout: Dict[str, Any]) -> Tuple[FullSt
         shard: FullState = {}
         for stage in range(pp):
             mp = stage * tp + t  # DeepSpeed numbers model-parallel files pipe-major
-            if pp > 1:
-                local = names.stage_params(specs, parts[stage], parts[stage + 1])
-            else:
-                local = names.gpt
+            local = locals_of_stage[stage]
             files = [f for _, f in sorted(zero_files.get(mp, []))]
             if files:
                 got, s = _from_zero12(root, files, root / f"mp_rank_{mp:02d}_model_states.pt", local)
             else:
-                got, s = _from_zero0(root, mp, t, local, specs, parts[stage] if pp > 1 else 0, names)
+                got, s = _from_zero0(root, mp, t, local, specs)
             step = s if step is None else step
             for name, state in got.items():
                 shard.setdefault(names.gpt_name(name, specs), state)  # the tied copy of stage 0 wins
@@ -153,8 +158,8 @@ def full_state(root: Path, config: dict, layout: Dict[str, Any]) -> Tuple[FullSt
     return full, float(step)
 
 
-def _from_zero0(root: Path, mp: int, tp_rank: int, local: List[Tuple[str, int]], specs: Optional[list],
-                first_layer: int, names: ModelNames) -> Tuple[FullState, float]:
+def _from_zero0(root: Path, mp: int, tp_rank: int, local: List[Tuple[str, int]],
+                specs: Optional[list]) -> Tuple[FullState, float]:
     """One model-parallel rank of a ZeRO-0 checkpoint: torch AdamW's state by index, the weights from
     `module` (no pipeline) or from the stage's `layer_XX-model_YY` files."""
     path = root / f"mp_rank_{mp:02d}_model_states.pt"
@@ -354,8 +359,8 @@ def load_across_layouts(engine, root: Path, config: dict, layout: Dict[str, Any]
     """Resume `engine` from a checkpoint of another tensor/pipeline layout, without DeepSpeed's
     `load_checkpoint` (which only knows its own file layout): the full state, this rank's slice of
     it, then the lr schedule and the engine's step counters."""
-    full, step = full_state(root, config, layout)
     names = ModelNames.from_config(config)
+    full, step = full_state(root, config, layout, names)
     first = safe_load(root / "mp_rank_00_model_states.pt", mmap=True)
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None and first.get("lr_scheduler") is not None:
