@@ -176,6 +176,22 @@ inline int resident_blocks(K kernel, int threads, size_t smem = 0) {
   return blocks;
 }
 
+// Let `kernel` take `bytes` of dynamic shared memory, once per kernel and device per thread. Static plus
+// dynamic above 48 KB needs this opt-in, so it is made whatever the size.
+template <typename K>
+inline void allow_dynamic_smem(K kernel, size_t bytes) {
+  struct Entry { const void* fn; int dev; size_t bytes; };
+  static thread_local Entry memo[32];
+  static thread_local int used = 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  for (int i = 0; i < used; i++)
+    if (memo[i].fn == fn && memo[i].dev == dev && memo[i].bytes >= bytes) return;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (used < 32) memo[used++] = {fn, dev, bytes};
+}
+
 // Threads per block for a row of `elems` packs: enough warps to cover it, at most `cap`.
 inline int row_threads(int64_t elems, int cap = 256) {
   int t = 32;

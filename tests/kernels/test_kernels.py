@@ -168,10 +168,10 @@ def _elems(packs: int, dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("residual", [False, True])
-# norm v3: forward 1 pack per thread up to 256 packs, then 4; backward 1, 2, 4 up to 256, 512, 1024; v1 above.
-# Rows: not a multiple of the 4 rows a forward block takes, and enough that backward blocks walk bands of
-# several rows.
-@pytest.mark.parametrize("packs", [1, 256, 257, 512, 513, 1024, 1025])
+# norm v3 up to 128 packs (and for unpacked rows), v4 (rows staged through shared memory) for 129-512 with
+# 1 pack per thread up to 256 and 2 above, v3 again up to 1024 packs, v1 above. Rows: not a multiple of
+# the 4 rows a v3 forward block takes, and enough that every persistent block walks a band of several rows.
+@pytest.mark.parametrize("packs", [1, 128, 129, 256, 257, 512, 513, 1024, 1025])
 def test_norm_size_classes(device, seed, dtype, op, residual, packs):
     C = _elems(packs, dtype)
     N = 4099 if C <= 2048 else 1031
@@ -188,7 +188,8 @@ def test_norm_size_classes(device, seed, dtype, op, residual, packs):
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("C", [1023, 1025, 1031])  # unaligned rows: v3 with 1-element packs, then v1
+@pytest.mark.parametrize("C", [1023, 1025, 1031, 6143])  # unaligned rows: v3 with 1-element packs, then v1
+# (6143: v1 with 48 KB of dynamic shared memory, over the limit with its static part unless opted in)
 def test_norm_unaligned_rows(device, seed, dtype, C):
     t = {"x": torch.randn(77, C), "weight": 1 + 0.3 * torch.randn(C), "bias": 0.3 * torch.randn(C)}
     _compare(_fused(K.layer_norm), _ref(K.layer_norm), t, set(t), dtype, device, seed, eps=1e-5)
