@@ -120,6 +120,21 @@ def test_unknown_preset(capsys):
     _fails(capsys, ["model=7B", "dry_run=true"], "model=7B is not a preset")
 
 
+def test_kernel_choices(capsys):
+    _fails(capsys, ["model.kernels=turbo", "dry_run=true"], "model.kernels='turbo' is not one of auto, fused, reference")
+    _fails(capsys, ["model.kernel_ops.cross_entropy=turbo", "dry_run=true"],
+           "model.kernel_ops.cross_entropy='turbo' is not one of auto, fused, reference")
+    _fails(capsys, ["model.kernel_ops.softmax=fused", "dry_run=true"], "unknown config key 'model.kernel_ops.softmax'")
+
+
+def test_kernel_ops_reach_the_model_config():
+    from neox.config.plan import gpt_config
+
+    cfg = compose_config(["model.kernels=fused", "model.kernel_ops.cross_entropy=reference"])
+    m = gpt_config(cfg.model)
+    assert (m.impl("cross_entropy"), m.impl("layer_norm"), m.impl("bias_gelu")) == ("reference", "fused", "fused")
+
+
 def test_bad_value_type(capsys):
     _fails(capsys, ["model.n_layers=four", "dry_run=true"], "model.n_layers='four' is not a valid integer")
 

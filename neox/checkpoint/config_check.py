@@ -19,9 +19,10 @@ SHAPE_FIELDS = {
 }
 # Never worth a word: where output goes and how often evals, logs and saves happen.
 IGNORED_PREFIXES = ("logging.", "cluster.", "run_name", "run_dir", "dry_run", "model.name", "parallelism.name",
-                    "data.name", "data.cache_dir", "model.kernels", "train.eval_every", "train.eval_batches",
-                    "train.save_every", "train.keep_checkpoints", "train.log_every", "train.collective_timeout_s",
-                    "train.max_nonfinite_steps", "train.compile", "model.activation_checkpointing")
+                    "data.name", "data.cache_dir", "model.kernels", "model.kernel_ops.", "train.eval_every",
+                    "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                    "train.collective_timeout_s", "train.max_nonfinite_steps", "train.compile",
+                    "model.activation_checkpointing")
 WHY = {
     "optim.": "the optimizer continues with the new value",
     "train.steps": "the schedule length changes, and so does the sample order (the training index is built "

@@ -114,6 +114,7 @@ def gpt_config(model: DictConfig) -> GPTConfig:
         tied_embeddings=model.tied_embeddings, bias=model.bias, dropout=model.dropout,
         attn_dropout=model.attn_dropout, init=model.init, init_std=model.init_std,
         activation_checkpointing=model.activation_checkpointing, kernels=model.kernels,
+        kernel_ops=tuple(sorted(kernel_overrides(model).items())),
     )
 
 
@@ -127,6 +128,15 @@ def _check_choices(cfg: DictConfig) -> None:
         value = _get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    for op, value in kernel_overrides(cfg.model).items():
+        if value not in CHOICES["model.kernels"]:
+            raise ConfigError(f"model.kernel_ops.{op}={value!r} is not one of {', '.join(CHOICES['model.kernels'])}")
+
+
+def kernel_overrides(model: DictConfig) -> dict[str, str]:
+    """The ops whose kernel choice differs from model.kernels's: op -> auto | fused | reference."""
+    ops = model.get("kernel_ops") or {}
+    return {str(op): str(v) for op, v in ops.items() if v is not None}
 
 
 def _check_model(m: DictConfig) -> None:

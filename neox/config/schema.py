@@ -15,6 +15,18 @@ from omegaconf import MISSING
 
 
 @dataclass
+class KernelOps:
+    """Per-op choice of kernel, auto | fused | reference; unset ops follow model.kernels."""
+    layer_norm: Optional[str] = None
+    rms_norm: Optional[str] = None
+    rotary: Optional[str] = None
+    masked_softmax: Optional[str] = None  # the attention path for ALiBi (fused: materialized scores)
+    bias_gelu: Optional[str] = None
+    swiglu: Optional[str] = None
+    cross_entropy: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     n_layers: int = MISSING
@@ -40,7 +52,8 @@ class ModelConfig:
     init: str = "wang_init"  # normal (GPT-2) | small_init | wang_init (small_init + wang_init outputs)
     init_std: float = 0.02  # used by init=normal
     activation_checkpointing: str = "none"  # none | full
-    kernels: str = "auto"  # auto | fused | reference
+    kernels: str = "auto"  # auto | fused | reference, for every op (neox.kernels)
+    kernel_ops: KernelOps = field(default_factory=KernelOps)  # per-op overrides, e.g. kernel_ops.cross_entropy=reference
 
 
 @dataclass

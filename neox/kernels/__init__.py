@@ -8,16 +8,17 @@
     y = kernels.bias_gelu(x, bias) ; y = kernels.swiglu(x)
     loss = kernels.cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=0)
 
-Every op takes impl = "auto" | "fused" | "reference" (ModelConfig.kernels):
+Every op takes impl = "auto" | "fused" | "reference" (ModelConfig.kernels, per op ModelConfig.kernel_ops):
 - "reference": the PyTorch code in this package; runs anywhere.
 - "fused": the compiled kernel (neox._C_cpu / neox._C_cuda, built at install); KernelError if it is not
   available. A shape or dtype the kernel does not take falls back with a one-time warning naming it.
 - "auto": the compiled kernel where it is built and measured faster (_backend.AUTO_FUSED), else the
-  reference. `describe(mode)` says which in one line; the trainer logs it at start.
+  reference. `describe(mode)` says which in one line; the trainer logs it at start. `fuses(op, impl, device)`
+  tells a caller that lays out its work differently for the fused op (the MLP's bias, the loss) which runs.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -30,46 +31,68 @@ from .rotary import rotary, rotary_reference
 from .softmax import masked_softmax, masked_softmax_reference
 
 __all__ = [
-    "OPS", "IMPLS", "describe", "status",
+    "OPS", "IMPLS", "describe", "status", "fuses",
     "layer_norm", "rms_norm", "rotary", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy",
     "layer_norm_reference", "rms_norm_reference", "rotary_reference", "masked_softmax_reference",
     "bias_gelu_reference", "swiglu_reference", "cross_entropy_reference",
 ]
 
 
-def status(mode: str = "auto", device: Union[str, torch.device, None] = None) -> dict[str, str]:
-    """op -> "fused" | "reference" that `mode` resolves to for tensors on `device` (default: cuda if visible)."""
+def _check_mode(mode: str) -> None:
     if mode not in IMPLS:
         from neox.errors import KernelError
         raise KernelError(f"kernels mode must be one of {IMPLS}, got {mode!r}")
+
+
+def fuses(op: str, impl: str, device: Union[str, torch.device]) -> bool:
+    """Whether `impl` asks for `op`'s compiled kernel on `device`: always for "fused" (the op then raises
+    KernelError where the kernel is not built), for "auto" where it is built and in AUTO_FUSED. A shape or
+    dtype the kernel does not take may still fall back, with a warning."""
+    _check_mode(impl)
+    if impl != "auto":
+        return impl == "fused"
+    dev = torch.device(device)
+    return _backend.extension(dev.type)[0] is not None and op in AUTO_FUSED.get(dev.type, frozenset())
+
+
+def status(mode: str = "auto", device: Union[str, torch.device, None] = None,
+           overrides: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """op -> "fused" | "reference" that `mode` (or the op's entry in `overrides`) resolves to for tensors on
+    `device` (default: cuda if visible)."""
+    _check_mode(mode)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    ext, _ = _backend.extension(dev.type)
-    fused = ext is not None and mode != "reference"
-    picks = AUTO_FUSED.get(dev.type, frozenset()) if mode == "auto" else frozenset(OPS)
-    return {op: ("fused" if fused and op in picks else "reference") for op in OPS}
+    overrides = overrides or {}
+    built = _backend.extension(dev.type)[0] is not None
+    return {op: ("fused" if built and fuses(op, overrides.get(op, mode), dev) else "reference") for op in OPS}
 
 
-def describe(mode: str = "auto", device: Union[str, torch.device, None] = None) -> str:
+def describe(mode: str = "auto", device: Union[str, torch.device, None] = None,
+             overrides: Optional[dict[str, str]] = None) -> str:
     """One line for the train-start log: which ops run fused, which run the reference, and why.
 
     e.g. "kernels[auto]: fused CUDA (layer_norm, rms_norm, ...)" or
          "kernels[auto]: reference (all ops) — neox._C_cuda not built: nvcc not found (...)".
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    picks = status(mode, dev)
+    overrides = {op: v for op, v in (overrides or {}).items() if v != mode}
+    picks = status(mode, dev, overrides)
     fused = [op for op, p in picks.items() if p == "fused"]
     ref = [op for op, p in picks.items() if p == "reference"]
-    head = f"kernels[{mode}]:"
-    if mode == "reference":
+    head = f"kernels[{mode}" + "".join(f", {op}={v}" for op, v in sorted(overrides.items())) + "]:"
+    if mode == "reference" and not fused:
         return f"{head} reference (all ops) — chosen by config (model.kernels=reference)"
     ext, reason = _backend.extension(dev.type)
     if ext is None:
-        if mode == "fused":
-            return f"{head} NOT AVAILABLE on {dev.type} — {reason}; every op will raise KernelError"
+        if "fused" in (mode, *overrides.values()):
+            return f"{head} NOT AVAILABLE on {dev.type} — {reason}; the ops set to fused will raise KernelError"
         return f"{head} reference (all ops) — {reason}"
     line = f"{head} fused {dev.type.upper()} ({', '.join(fused)})"
-    if ref:
-        line += f"; reference ({', '.join(ref)}) — not faster than PyTorch on {dev.type} (measured)"
+    by_config = [op for op in ref if overrides.get(op, mode) == "reference"]
+    measured = [op for op in ref if op not in by_config]
+    if measured:
+        line += f"; reference ({', '.join(measured)}) — not faster than PyTorch on {dev.type} (measured)"
+    if by_config:
+        line += f"; reference ({', '.join(by_config)}) — chosen by config"
     if dev.type == "cpu":
         cuda_ext, cuda_reason = _backend.extension("cuda")
         if cuda_ext is None and "no CUDA device" not in cuda_reason:

@@ -50,6 +50,11 @@ class GPTConfig:
     init_std: float = 0.02
     activation_checkpointing: str = "none"
     kernels: str = "auto"  # auto | fused | reference: see neox.kernels
+    kernel_ops: tuple = ()  # (op, impl) pairs where an op's choice differs from `kernels`
+
+    def impl(self, op: str) -> str:
+        """auto | fused | reference for one op of neox.kernels."""
+        return dict(self.kernel_ops).get(op, self.kernels)
 
     @property
     def head_dim(self) -> int:
@@ -78,8 +83,8 @@ class RMSNorm(nn.RMSNorm):
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
-    return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.impl("rms_norm"))
+    return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.impl("layer_norm"))
 
 
 # ---------------------------------------------------------------------------------------- positions
@@ -150,16 +155,35 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, groups * self.q_per_kv, hd)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if self.cfg.position == "rotary":
-            rot = (self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, self.cfg.kernels)
+            rot = (self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, self.cfg.impl("rotary"))
             q, k = apply_rotary(q, *rot), apply_rotary(k, *rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
         p = self.cfg.attn_dropout if self.training else 0.0
-        if self.cfg.position == "alibi":
+        if self.cfg.position == "alibi" and kernels.fuses("masked_softmax", self.cfg.impl("masked_softmax"), x.device):
+            y = self._alibi_attention_unfused(q, k, v, p)
+        elif self.cfg.position == "alibi":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._alibi_bias(q.shape[1], s, q),
                                                dropout_p=p, enable_gqa=self.q_per_kv > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.q_per_kv > 1)
         return self.proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _alibi_attention_unfused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + alibi) v with the scores materialized and the scaled, causally masked
+        softmax by neox.kernels.masked_softmax (the same math as the SDPA call with the bias as its mask)."""
+        if self.q_per_kv > 1:  # each kv head serves q_per_kv consecutive q heads, as SDPA's enable_gqa
+            k, v = (t.repeat_interleave(self.q_per_kv, dim=1) for t in (k, v))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        s = q.shape[2]
+        slopes = self.slopes[self.head_offset: self.head_offset + q.shape[1]].to(torch.float32)
+        pos = torch.arange(s, device=q.device)
+        dist = (pos[None, :] - pos[:, None]).to(torch.float32)  # the kernel masks the future (dist > 0)
+        bias = (slopes[:, None, None] * dist[None] / scale).to(q.dtype)  # added before the kernel's scale
+        probs = kernels.masked_softmax(torch.matmul(q, k.transpose(-1, -2)) + bias, scale,
+                                       impl=self.cfg.impl("masked_softmax"))
+        if p:
+            probs = F.dropout(probs, p)
+        return torch.matmul(probs, v)
 
     def _alibi_bias(self, local_heads: int, s: int, like: torch.Tensor) -> torch.Tensor:
         slopes = self.slopes[self.head_offset: self.head_offset + local_heads].to(torch.float32)
@@ -178,17 +202,25 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        self.impl = cfg.kernels
+        self.impl = cfg.impl("swiglu" if self.swiglu else "bias_gelu")
         self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.swiglu else 1), bias=cfg.bias)
         self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc_in(x)
         if self.swiglu:  # silu(gate) * up over (gate, up) pairs
-            h = kernels.swiglu(h, impl=self.impl)
+            h = kernels.swiglu(self.fc_in(x), impl=self.impl)
+        elif kernels.fuses("bias_gelu", self.impl, x.device):  # gelu(x @ W.T + b), the add in the kernel
+            h = kernels.bias_gelu(linear_before_bias(self.fc_in, x), self.fc_in.bias, impl=self.impl)
         else:
-            h = F.gelu(h)
+            h = F.gelu(self.fc_in(x))
         return self.fc_out(h)
+
+
+def linear_before_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's output without its bias: `linear.matmul(x)` where the module defines it (a tensor-
+    parallel linear, whose input edge is part of it), else x @ weight.T."""
+    matmul = getattr(linear, "matmul", None)
+    return matmul(x) if matmul is not None else F.linear(x, linear.weight)
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -309,8 +341,11 @@ class GPT(nn.Module):
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32."""
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, impl: str = "reference") -> torch.Tensor:
+    """Mean next-token loss in fp32. Fused (neox.kernels.cross_entropy): read from the (b)f16 logits with no
+    fp32 copy, and the gradient written into the logits' storage."""
+    if kernels.fuses("cross_entropy", impl, logits.device):
+        return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), impl=impl)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 

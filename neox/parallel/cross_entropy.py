@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from neox import kernels
+
 IGNORE_INDEX = -100  # as F.cross_entropy, which the plain `cross_entropy_loss` uses
 
 
@@ -47,11 +49,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group: Any,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX, impl: str = "reference") -> torch.Tensor:
     """Mean next-token loss in fp32 from vocab-sharded logits [b, s, V/tp]; equal on all TP ranks.
 
-    Matches `neox.model.gpt.cross_entropy_loss` on the gathered logits, including ignore_index.
+    Matches `neox.model.gpt.cross_entropy_loss` on the gathered logits, including ignore_index. Fused
+    (neox.kernels.cross_entropy with the group): no fp32 copy of the shard, gradient in its storage.
     """
+    if kernels.fuses("cross_entropy", impl, logits.device):
+        vocab_start = dist.get_rank(group) * logits.shape[-1]
+        return kernels.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index, group=group,
+                                     vocab_start=vocab_start, impl=impl)
     logits = logits.flatten(0, -2).float()
     targets = targets.flatten()
     valid = targets != ignore_index
@@ -60,6 +67,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     return per_token.sum() / valid.sum().clamp(min=1)
 
 
-def make_loss_fn(tp_group: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss_fn(tp_group: Any, impl: str = "reference") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The trainer's loss under TP: `loss_fn(logits, targets)` with vocab-sharded logits."""
-    return functools.partial(vocab_parallel_cross_entropy, group=tp_group)
+    return functools.partial(vocab_parallel_cross_entropy, group=tp_group, impl=impl)

@@ -79,9 +79,14 @@ class ColumnParallelLinear(nn.Module):
                      else _mark_sharded(nn.Parameter(_shard(linear.bias, 0, r, n)), 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sequence_parallel:
-            x = copy_to_tp(x, self.topo.tp_group)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(self._input(x), self.weight, self.bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before the bias (for a fused bias + activation after it)."""
+        return F.linear(self._input(x), self.weight)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.sequence_parallel else copy_to_tp(x, self.topo.tp_group)
 
 
 class RowParallelLinear(nn.Module):

@@ -5,6 +5,8 @@ ranks come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MAST
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import resource
@@ -90,7 +92,7 @@ class Trainer:
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
         from neox import kernels
 
-        self.say(kernels.describe(cfg.model.kernels, info.device))
+        self.say(kernels.describe(cfg.model.kernels, info.device, dict(plan.model.kernel_ops)))
         # topology: pipe x data x model groups; the data shard follows the dp rank
         self.topo = Topology.build(tp=plan.tp, pp=plan.pp, dp=plan.dp)
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
@@ -100,7 +102,9 @@ class Trainer:
         # model (one layer list: a plain module, or pipeline stages), tensor parallelism applied from
         # outside, then the engine
         self.pipelined = plan.pp > 1
-        self.loss_fn: Callable = make_loss_fn(self.topo.tp_group) if plan.tp > 1 else cross_entropy_loss
+        ce_impl = plan.model.impl("cross_entropy")
+        self.loss_fn: Callable = (make_loss_fn(self.topo.tp_group, ce_impl) if plan.tp > 1
+                                  else functools.partial(cross_entropy_loss, impl=ce_impl))
         mpu = None  # a PipelineEngine takes its groups from the module's grid (same layout as topo)
         if self.pipelined:
             self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
