@@ -152,9 +152,18 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
         try:
             return self._save(engine, step, client_state)
-        except OSError as exc:
-            raise CheckpointError(f"saving {self.directory / tag_for(step)} failed: {exc}; the previous "
-                                  f"checkpoint ({self.latest_tag() or 'none'}) is still the latest") from None
+        except (OSError, RuntimeError) as exc:
+            # torch.save reports a failed write (a full disk, a quota) as a RuntimeError from its zip
+            # writer, e.g. "[enforce fail at inline_container.cc:672] . unexpected pos 9156624960 vs ..."
+            if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+                raise  # e.g. a collective that failed inside DeepSpeed's save: the worker reports it
+            cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            partial = self.directory / f"{tag_for(step)}{PARTIAL}"
+            if _world()[0] == 0:
+                shutil.rmtree(partial, ignore_errors=True)  # give the space back
+            where, free = self.directory / tag_for(step), _free_space(self.directory)
+            raise CheckpointError(f"saving {where} failed: {cause} ({free}); the previous checkpoint "
+                                  f"({self.latest_tag() or 'none'}) is still the latest") from None
 
     def _save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
         tag = tag_for(step)
@@ -330,6 +339,26 @@ class CheckpointManager:
 def _describe(layout: Dict[str, Any]) -> str:
     tp, pp = layout_sizes(layout)
     return f"tp={tp} pp={pp} dp={layout.get('dp')} zero={layout.get('zero_stage')}"
+
+
+_WRITE_FAILURE_MARKS = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed",
+                        "No space left", "Disk quota")
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    return any(mark in str(exc) for mark in _WRITE_FAILURE_MARKS)
+
+
+def _free_space(directory: Path) -> str:
+    """How much room the checkpoint's file system has left, for the error message."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**30:.1f} GiB free on that file system"
 
 
 def _changed(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:

@@ -175,6 +175,33 @@ def test_save_failure_is_one_line_and_keeps_latest(tmp_path):
     assert m.load(FakeEngine())["step"] == 1
 
 
+def test_a_full_disk_inside_torch_save_is_a_checkpoint_error(tmp_path):
+    """torch.save reports a short write as a RuntimeError from its zip writer (seen on a full 64 GB disk
+    after a few 1.4B checkpoints); it must read as a failed save, name the free space, remove the partial
+    directory and leave the previous checkpoint as the latest, not pass for a failed collective."""
+    m, _ = _manager(tmp_path)
+    _save_steps(m, [1])
+
+    class ShortWrite(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, **k):
+            Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
+            Path(save_dir, tag, SHARD).write_bytes(b"half a shard")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9156624960 vs 9156624860")
+
+    with pytest.raises(CheckpointError, match=r"step_00000002 failed: \[enforce fail.*unexpected pos .*GiB free on "
+                                              r"that file system\); the previous checkpoint \(step_00000001\)"):
+        m.save(ShortWrite(), 2, _client(2))
+    assert not list((tmp_path / "checkpoints").glob("*partial*"))
+    assert m.load(FakeEngine())["step"] == 1
+
+    class CollectiveDied(FakeEngine):
+        def save_checkpoint(self, *a, **k):
+            raise RuntimeError("Connection closed by peer")
+
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # left to the worker's diagnosis
+        m.save(CollectiveDied(), 2, _client(2))
+
+
 CRASH = textwrap.dedent("""
     import sys; sys.path.insert(0, {here!r})
     from pathlib import Path
