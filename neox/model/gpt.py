@@ -174,10 +174,7 @@ class CausalSelfAttention(nn.Module):
         if self.q_per_kv > 1:  # each kv head serves q_per_kv consecutive q heads, as SDPA's enable_gqa
             k, v = (t.repeat_interleave(self.q_per_kv, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(q.shape[-1])
-        s = q.shape[2]
-        slopes = self.slopes[self.head_offset: self.head_offset + q.shape[1]].to(torch.float32)
-        pos = torch.arange(s, device=q.device)
-        dist = (pos[None, :] - pos[:, None]).to(torch.float32)  # the kernel masks the future (dist > 0)
+        slopes, dist = self._alibi_terms(q.shape[1], q.shape[2], q.device)  # the kernel masks dist > 0
         bias = (slopes[:, None, None] * dist[None] / scale).to(q.dtype)  # added before the kernel's scale
         probs = kernels.masked_softmax(torch.matmul(q, k.transpose(-1, -2)) + bias, scale,
                                        impl=self.cfg.impl("masked_softmax"))
@@ -185,10 +182,14 @@ class CausalSelfAttention(nn.Module):
             probs = F.dropout(probs, p)
         return torch.matmul(probs, v)
 
-    def _alibi_bias(self, local_heads: int, s: int, like: torch.Tensor) -> torch.Tensor:
+    def _alibi_terms(self, local_heads: int, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's head slopes [local_heads] and the key - query distances [s, s] (<= 0 in the past)."""
         slopes = self.slopes[self.head_offset: self.head_offset + local_heads].to(torch.float32)
-        pos = torch.arange(s, device=like.device)
-        dist = (pos[None, :] - pos[:, None]).to(torch.float32)  # key - query, <= 0 in the past
+        pos = torch.arange(s, device=device)
+        return slopes, (pos[None, :] - pos[:, None]).to(torch.float32)
+
+    def _alibi_bias(self, local_heads: int, s: int, like: torch.Tensor) -> torch.Tensor:
+        slopes, dist = self._alibi_terms(local_heads, s, like.device)
         bias = slopes[:, None, None] * dist[None]
         bias = bias.masked_fill(dist[None] > 0, float("-inf"))
         return bias.to(like.dtype)
