@@ -121,7 +121,8 @@ def test_unknown_preset(capsys):
 
 
 def test_kernel_choices(capsys):
-    _fails(capsys, ["model.kernels=turbo", "dry_run=true"], "model.kernels='turbo' is not one of auto, fused, reference")
+    _fails(capsys, ["model.kernels=turbo", "dry_run=true"],
+           "model.kernels='turbo' is not one of auto, fused, reference")
     _fails(capsys, ["model.kernel_ops.cross_entropy=turbo", "dry_run=true"],
            "model.kernel_ops.cross_entropy='turbo' is not one of auto, fused, reference")
     _fails(capsys, ["model.kernel_ops.softmax=fused", "dry_run=true"], "unknown config key 'model.kernel_ops.softmax'")

@@ -53,7 +53,7 @@ class ModelConfig:
     init_std: float = 0.02  # used by init=normal
     activation_checkpointing: str = "none"  # none | full
     kernels: str = "auto"  # auto | fused | reference, for every op (neox.kernels)
-    kernel_ops: KernelOps = field(default_factory=KernelOps)  # per-op overrides, e.g. kernel_ops.cross_entropy=reference
+    kernel_ops: KernelOps = field(default_factory=KernelOps)  # per op, e.g. kernel_ops.cross_entropy=reference
 
 
 @dataclass

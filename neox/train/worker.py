@@ -6,7 +6,6 @@ ranks come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MAST
 from __future__ import annotations
 
 import functools
-
 import math
 import os
 import resource
