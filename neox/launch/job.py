@@ -7,7 +7,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from neox.config.plan import RunPlan, make_plan
-from neox.errors import ConfigError
 from neox.launch import local, resources, summary
 
 
@@ -30,8 +29,6 @@ def run_job(cfg: DictConfig) -> int:
     """Plan, print the summary and dispatch; returns the workers' exit status."""
     plan = plan_for(cfg)
     print(summary.render(cfg, plan), flush=True)
-    if plan.blockers:
-        raise ConfigError(plan.blockers[0])
     if cfg.dry_run:
         print("dry run: config valid, nothing launched")
         return 0
