@@ -1,6 +1,7 @@
 """One process: train a tiny engine 3 steps at ZeRO stage S, save through CheckpointManager, train 2
 more; then for each stage T in 0, 1, 2 build a fresh engine at stage T, load, train the same 2 steps.
-Prints one JSON line: {"source": [...2 losses], "0": [...], "1": [...], "2": [...]}.
+Prints one JSON line: {"source": [...2 losses], "0": [...], "1": [...], "2": [...], "moments_dropped": [...]}
+(the last: a stage-0 resume with Adam's moments zeroed, which the test expects to miss).
 
     python tests/checkpoint/zero_probe.py <run_dir with config.yaml> <S> <scratch dir>
 """
@@ -55,6 +56,13 @@ def main(run_dir: str, source_stage: str, scratch: str) -> None:
         engine = make(stage)
         CheckpointManager(ckpts, 3, True).load(engine)
         out[str(stage)] = steps(engine, 3, 2)
+    # The sensitivity check: a resume that loses Adam's moments must miss the curve by far.
+    engine = make(0)
+    CheckpointManager(ckpts, 3, True).load(engine)
+    for state in engine.optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key].zero_()
+    out["moments_dropped"] = steps(engine, 3, 2)
     print(json.dumps(out))
 
 
