@@ -151,7 +151,7 @@ class TrainConfig:
     log_every: int = 10
     collective_timeout_s: int = 600  # a dead or hung rank ends the job after this
     max_nonfinite_steps: int = 5  # skipped non-finite steps in a row before the run stops
-    compile: bool = False
+    compile: bool = False  # torch.compile each block in place (neox/train/compile.py)
 
 
 @dataclass

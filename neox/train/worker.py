@@ -116,6 +116,11 @@ class Trainer:
                 self.model = apply_tensor_parallel(self.model, self.topo,
                                                    sequence_parallel=cfg.parallelism.sequence_parallel)
                 mpu = self.topo.mpu()
+        if cfg.train.compile:
+            from neox.model.gpt import Block
+            from neox.train.compile import compile_blocks
+
+            compile_blocks(self.model, Block, self.say)
         self.engine, self.optimizer, self.scheduler = engine_lib.initialize(self.model, cfg, plan, info.device,
                                                                              mpu=mpu)
 
