@@ -1,0 +1,202 @@
+"""One-GPU training throughput: neox's real path against the peers, same shape, batch and accumulation.
+
+    python bench/train_throughput.py --model 1.4B --micro 4 --accum 8            # neox + every peer
+    python bench/train_throughput.py --model 1.4B --neox "train.compile=true" --neox "model.kernels=reference"
+
+Contenders, each in its own process so allocator state and compile caches never leak between them:
+  * neox: `launch.py` itself (DeepSpeed engine, bf16 weights, fused AdamW, clip 1.0, real data), steady-state
+    median of its metrics.jsonl; one row per `--neox` variant (extra overrides);
+  * HF `GPTNeoXForCausalLM` (SDPA) eager and torch.compile; a minimal GPT (pre-LN, SDPA, GeLU) compiled —
+    bf16 autocast, fused AdamW, clip 1.0, `accum` micro-batches per optimizer step, as neox.
+Every row uses the one FLOP count of the neox model shape: 6 * (non-embedding params + vocab * d) plus
+attention 12 * L * d * s (full) or 6 * L * d * s (causal mask halved); MFU over the card's dense bf16 peak.
+Prints one markdown table (also written to --out/throughput.md) with ratios against the first neox row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def model_shape(preset: str) -> dict:
+    sys.path.insert(0, str(REPO))
+    from neox.config.plan import gpt_config
+    from neox.launch.compose import compose_config
+    from neox.model.gpt import count_params
+
+    m = gpt_config(compose_config([f"model={preset}"]).model)
+    params = count_params(m)
+    return {"L": m.n_layers, "d": m.d_model, "h": m.n_heads, "s": m.seq_len, "V": m.vocab_size, "d_ff": m.d_ff,
+            "rotary_pct": m.rotary_dims / m.head_dim if m.rotary_dims else 0.0,
+            "parallel_residual": m.parallel_residual, "tied": m.tied_embeddings,
+            "non_embedding": params["non_embedding"]}
+
+
+def flops_per_token(shape: dict, causal_half: bool) -> float:
+    attn = (6 if causal_half else 12) * shape["L"] * shape["d"] * shape["s"]
+    return 6 * (shape["non_embedding"] + shape["V"] * shape["d"]) + attn
+
+
+# ---------------------------------------------------------------------------------------------- peers
+def peer(kind: str, shape: dict, micro: int, accum: int, steps: int) -> dict:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    V, d, L, h, s = shape["V"], shape["d"], shape["L"], shape["h"], shape["s"]
+
+    class MiniBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc, self.out = nn.Linear(d, shape["d_ff"]), nn.Linear(shape["d_ff"], d)
+
+        def forward(self, x):
+            B, T, D = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, h, D // h).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
+            return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+    class MiniGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(V, d), nn.Embedding(s, d)
+            self.blocks = nn.ModuleList(MiniBlock() for _ in range(L))
+            self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, V, bias=False)
+
+        def forward(self, idx):
+            x = self.emb(idx) + self.pos.weight[: idx.shape[1]]
+            for b in self.blocks:
+                x = b(x)
+            return self.head(self.lnf(x))
+
+    if kind.startswith("hf"):
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        c = GPTNeoXConfig(vocab_size=V, hidden_size=d, num_hidden_layers=L, num_attention_heads=h,
+                          intermediate_size=shape["d_ff"], max_position_embeddings=s,
+                          rotary_pct=shape["rotary_pct"] or 1.0, use_parallel_residual=shape["parallel_residual"],
+                          tie_word_embeddings=shape["tied"])
+        c._attn_implementation = "sdpa"
+        model = GPTNeoXForCausalLM(c)
+    else:
+        model = MiniGPT()
+    torch.manual_seed(0)
+    model = model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if kind.endswith("compile") else model
+    x = torch.randint(0, V, (micro, s + 1), device="cuda")
+
+    def step():
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fwd(x[:, :-1])
+                logits = out.logits if kind.startswith("hf") else out
+                loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1)) / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        return {"name": kind, "oom": True}
+    dt = (time.perf_counter() - t0) / steps
+    return {"name": kind, "tokens_per_s": micro * s * accum / dt,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ---------------------------------------------------------------------------------------------- neox
+def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path, tag: str) -> dict:
+    run = out / f"neox-{preset}-{tag}"
+    cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", f"train.micro_batch={micro}",
+           f"train.grad_accum={accum}", f"train.steps={steps}", "train.log_every=1", "train.eval_every=100000",
+           "train.save_every=100000", "train.eval_batches=1", "logging.wandb=false", "cluster.gpus=1",
+           f"run_dir={run}", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (out / f"neox-{preset}-{tag}.log").write_text(proc.stdout + proc.stderr)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+    train = [r for r in records if "train/tokens_per_s" in r][2:]  # the first steps include warm-up/compile
+    if proc.returncode != 0 or not train:
+        return {"name": f"neox {tag}", "failed": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return {"name": f"neox {tag}", "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
+            "peak_gb": max(r["train/memory_gb"] for r in train),
+            "losses": [r["train/loss"] for r in records if "train/loss" in r]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1.4B")
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="neox steps (2 warm-up steps are dropped)")
+    ap.add_argument("--peer-steps", type=int, default=3)
+    ap.add_argument("--neox", action="append", default=None,
+                    help="a neox variant: space-separated overrides (repeatable; '' is the default config)")
+    ap.add_argument("--peers", default="hf,hf_compile,mini_compile", help="comma list, or '' for none")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")))
+    ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run one peer in this process
+    args = ap.parse_args()
+    shape = model_shape(args.model)
+    if args.peer:
+        print(json.dumps(peer(args.peer, shape, args.micro, args.accum, args.peer_steps)))
+        return
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, variant in enumerate(args.neox if args.neox is not None else [""]):
+        rows.append(neox(args.model, variant.split(), args.micro, args.accum, args.steps, args.out,
+                         variant.replace(" ", ",") or "default"))
+        print(json.dumps(rows[-1]), flush=True)
+    for kind in filter(None, args.peers.split(",")):
+        proc = subprocess.run([sys.executable, __file__, "--peer", kind, "--model", args.model, "--micro",
+                               str(args.micro), "--accum", str(args.accum), "--peer-steps", str(args.peer_steps)],
+                              capture_output=True, text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        rows.append(json.loads(lines[-1]) if lines else {"name": kind, "failed": proc.stderr.strip().splitlines()[-1:]})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0].get("tokens_per_s")
+    full, half = flops_per_token(shape, False), flops_per_token(shape, True)
+    lines = [f"{args.model} on {card}, micro {args.micro} x accum {args.accum}, seq {shape['s']}; "
+             f"MFU over {peak or 'unknown'} TFLOP/s (full attention / causal-halved)", "",
+             "| contender | tokens/s | TFLOP/s | MFU full | MFU causal | peak GB | neox default / this |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['name']} | {'OOM' if r.get('oom') else 'failed: ' + ' '.join(r.get('failed', []))} "
+                         "| | | | | |")
+            continue
+        tok = r["tokens_per_s"]
+        tf = tok * full / 1e12
+        mfu = (f"{tf / peak:.1%}", f"{tok * half / 1e12 / peak:.1%}") if peak else ("unknown", "unknown")
+        ratio = f"{base / tok:.2f}x" if base else "-"
+        lines.append(f"| {r['name']} | {tok:,.0f} | {tf:.0f} | {mfu[0]} | {mfu[1]} | {r['peak_gb']:.1f} | {ratio} |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "throughput.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
