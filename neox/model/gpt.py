@@ -2,7 +2,8 @@
 
 Positions: learned, rotary (full or partial, NeoX or GPT-J layout) or ALiBi. Residual: parallel
 (GPT-J/NeoX) or sequential. Norm: LayerNorm or RMSNorm. MLP: GeLU or SwiGLU. Attention: torch SDPA
-with grouped-query heads. Embeddings tied or untied.
+with grouped-query heads. Embeddings tied or untied. Inference: `GPT.decode` runs the same layers
+incrementally over a `KVCache` (batched prompts of different lengths, left-padded).
 
 The model is a flat list of layers (embedding, blocks, final norm, head) so the same definition runs
 as a plain module (`GPT`) or as a DeepSpeed pipeline (`neox.parallel.pipeline`). Parallelism is
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from neox import kernels
+from neox.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: in
     if impl != "reference":
         s = x.shape[1]
         return kernels.rotary(x, cos[:s], sin[:s], dims, interleaved=interleaved, impl=impl)
+    return rotate(x, cos[: x.shape[1], None, :], sin[: x.shape[1], None, :], dims, interleaved)  # [s, 1, dims/2]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool) -> torch.Tensor:
+    """The rotation of `apply_rotary`, with cos/sin already at the tokens' positions: [s, 1, dims/2], or
+    [b, s, 1, dims/2] when each row has its own positions (decoding left-padded prompts)."""
     rot, rest = x[..., :dims].float(), x[..., dims:]
-    cos, sin = cos[: x.shape[1], None, :], sin[: x.shape[1], None, :]  # [s, 1, dims/2]
     if interleaved:  # GPT-J: pairs (2i, 2i+1)
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
@@ -124,6 +131,51 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     closest = 2 ** math.floor(math.log2(n_heads))
     extra = pow2_slopes(2 * closest)[0::2][: n_heads - closest]
     return torch.tensor(pow2_slopes(closest) + extra)
+
+
+# ---------------------------------------------------------------------------------------- kv cache
+class KVCache:
+    """Keys and values of every layer for incremental decoding of b rows, left-padded to one length.
+
+    Slot t of row r holds the token at position t - pad[r]. A real token attends to the slots from its
+    row's first real token up to its own; a padding slot only to itself (any finite output, never read).
+    Each decoding step appends s slots: `begin(s)` sets the step's positions and mask, every layer
+    calls `update`, and `advance` commits the step. Buffers are allocated at a layer's first update, in
+    that layer's dtype and local (tensor-parallel) head count."""
+
+    def __init__(self, n_layers: int, max_len: int, pad: torch.Tensor):
+        self.max_len, self.pad = max_len, pad  # pad: [b] padding slots before each row's first token
+        self.k: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.v: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.length = 0  # slots filled by committed steps
+        self.step = 0  # slots the current step appends
+        self.pos = self.mask = None
+
+    def begin(self, s: int) -> None:
+        if self.length + s > self.max_len:
+            raise ConfigError(f"the KV cache holds {self.max_len} positions; {self.length} + {s} do not fit")
+        self.step = s
+        query = torch.arange(self.length, self.length + s, device=self.pad.device)
+        key = torch.arange(self.length + s, device=self.pad.device)
+        self.pos = (query[None] - self.pad[:, None]).clamp(min=0)  # [b, s]
+        real = key[None, None, :] >= self.pad[:, None, None]  # [b, 1, L]
+        self.mask = ((key[None, :] <= query[:, None])[None] & real) | (key[None, :] == query[:, None])[None]
+        self.mask = self.mask[:, None]  # [b, 1, s, L]: broadcast over heads
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v [b, kv heads, s, hd] of `layer`; return all of the layer's so far."""
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        end = self.length + self.step
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self) -> None:
+        self.length += self.step
+        self.step = 0
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -147,13 +199,18 @@ class CausalSelfAttention(nn.Module):
         if cfg.position == "alibi":
             self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, s, local heads, hd] and k, v [b, s, local kv heads, hd] of x."""
         b, s, _ = x.shape
         hd = self.cfg.head_dim
         qkv = self.qkv(x).view(b, s, -1, self.q_per_kv + 2, hd)  # [b, s, local groups, q+2, hd]
         groups = qkv.shape[2]
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, groups * self.q_per_kv, hd)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        return q, qkv[:, :, :, -2], qkv[:, :, :, -1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.heads(x)
         if self.cfg.position == "rotary":
             rot = (self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, self.cfg.impl("rotary"))
             q, k = apply_rotary(q, *rot), apply_rotary(k, *rot)
@@ -166,6 +223,26 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=p, enable_gqa=self.q_per_kv > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.q_per_kv > 1)
+        return self.proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` for tokens that continue the cached sequence: rotated at each row's own positions,
+        appended to the cache, attending to the cached slots the cache's mask allows."""
+        b, s, _ = x.shape
+        q, k, v = self.heads(x)
+        if self.cfg.position == "rotary":
+            cos, sin = self.cos[cache.pos][:, :, None], self.sin[cache.pos][:, :, None]  # [b, s, 1, dims/2]
+            rot = (self.cfg.rotary_dims, self.cfg.rotary_interleaved)
+            q, k = rotate(q, cos, sin, *rot), rotate(k, cos, sin, *rot)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = cache.update(layer, k, v)
+        mask = cache.mask
+        if self.cfg.position == "alibi":  # slope * (key slot - query slot): the distance padding does not change
+            slopes = self.slopes[self.head_offset: self.head_offset + q.shape[1]].to(torch.float32)
+            query = torch.arange(cache.length, cache.length + s, device=x.device)
+            dist = (torch.arange(k.shape[2], device=x.device)[None, :] - query[:, None]).to(torch.float32)
+            mask = (slopes[:, None, None] * dist[None]).masked_fill(~mask, float("-inf")).to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_per_kv > 1)
         return self.proj(y.transpose(1, 2).reshape(b, s, -1))
 
     def _alibi_attention_unfused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
@@ -241,6 +318,13 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln_attn(x)))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` with the attention reading and extending the KV cache."""
+        if self.parallel_residual:
+            return x + self.drop(self.attn.decode(self.ln_attn(x), cache, layer)) + self.drop(self.mlp(self.ln_mlp(x)))
+        x = x + self.drop(self.attn.decode(self.ln_attn(x), cache, layer))
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
 
 class Embedding(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -249,10 +333,11 @@ class Embedding(nn.Module):
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """positions: [b, s] of each token (decoding); None: 0..s-1 for every row."""
         x = self.tok(tokens)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions)
         return self.drop(x)
 
 
@@ -335,6 +420,23 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        x = self.norm_f(x)
+        return tied_head_forward(self.embed, x) if self.head is None else self.head(x)
+
+    def new_cache(self, max_len: int, pad: torch.Tensor) -> KVCache:
+        """An empty KV cache for len(pad) rows of up to max_len slots (pad: each row's left padding)."""
+        if max_len > self.cfg.seq_len:
+            raise ConfigError(f"{max_len} positions exceed the model's context of {self.cfg.seq_len}")
+        return KVCache(len(self.blocks), max_len, pad)
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits for tokens [b, s] that continue the sequences held in `cache` (incremental decoding):
+        the prompt first (with its left padding), then one token per step."""
+        cache.begin(tokens.shape[1])
+        x = self.embed(tokens, cache.pos)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cache, i)
+        cache.advance()
         x = self.norm_f(x)
         return tied_head_forward(self.embed, x) if self.head is None else self.head(x)
 
