@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -137,8 +138,8 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
     train = [r for r in records if "train/tokens_per_s" in r][2:]  # the first steps include warm-up/compile
     if proc.returncode != 0 or not train:
-        return {"name": f"neox {tag}", "failed": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return {"name": f"neox {tag}", "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
+        return {"name": f"neox {' '.join(extra) or 'default'}", "failed": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return {"name": f"neox {' '.join(extra) or 'default'}", "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
             "peak_gb": max(r["train/memory_gb"] for r in train),
             "losses": [r["train/loss"] for r in records if "train/loss" in r]}
 
@@ -167,8 +168,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, variant in enumerate(args.neox if args.neox is not None else [""]):
-        rows.append(neox(args.model, variant.split(), args.micro, args.accum, args.steps, args.out,
-                         variant.replace(" ", ",") or "default"))
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.strip()) or "default"  # a path component and a name
+        rows.append(neox(args.model, variant.split(), args.micro, args.accum, args.steps, args.out, tag))
         print(json.dumps(rows[-1]), flush=True)
     for kind in filter(None, args.peers.split(",")):
         proc = subprocess.run([sys.executable, __file__, "--peer", kind, "--model", args.model, "--micro",
