@@ -18,6 +18,7 @@ sequences and call them documents.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -178,13 +179,21 @@ class IndexedDataset:
         bin_path, idx_path = paths(prefix)
         missing = [p for p in (bin_path, idx_path) if not p.exists()]
         if len(missing) == 2:
-            raise DataError(f"no prepared data at {self.prefix} (neither .bin nor .idx); "
+            hint = ("; drop the extension" if self.prefix.endswith((".bin", ".idx"))
+                    and exists(self.prefix[:-4]) else "")
+            raise DataError(f"no prepared data at {self.prefix} (neither .bin nor .idx){hint}; "
                             "prepare it with `python -m neox.data.prepare` or fix the prefix")
         if missing:
             raise DataError(f"{missing[0]} is missing while its pair exists; re-run the "
                             "preparation (an interrupted run or a partial copy?)")
-        self._read_index(idx_path)
-        self._open_bin(bin_path)
+        self._identity: str | None = None
+        try:
+            self._read_index(idx_path)
+            self._check_pointers(idx_path)
+            self._open_bin(bin_path)
+        except OSError as e:
+            raise DataError(f"cannot read {e.filename or self.prefix} ({e.strerror or e}); check "
+                            "the file and its permissions") from None
 
     def _read_index(self, idx_path: Path) -> None:
         file_size = idx_path.stat().st_size
@@ -222,16 +231,57 @@ class IndexedDataset:
         if (self.sizes < 0).any():
             raise DataError(f"{idx_path} has negative sequence sizes; the file is corrupt")
 
+    def _check_pointers(self, idx_path: Path) -> None:
+        """Every upstream writer stores pointers as the running sum of sizes x item size; when they
+        advance by another item size, the dtype code is wrong and the tokens would be misread."""
+        n = len(self.sizes)
+        if not n:
+            return
+        step = np.zeros(n, np.int64)
+        np.cumsum(self.sizes[:-1], dtype=np.int64, out=step[1:])  # tokens before each sequence
+        if np.array_equal(self.pointers, step * self.dtype.itemsize):
+            return
+        code = _CODE_OF[self.dtype]
+        fits = [s for s in (1, 2, 4, 8) if np.array_equal(self.pointers, step * s)]
+        if fits:
+            raise DataError(f"{idx_path} says dtype code {code} ({self.dtype}, "
+                            f"{self.dtype.itemsize} bytes/token) but its pointers advance "
+                            f"{fits[0]} bytes/token: the dtype code disagrees with the pointers "
+                            "and the tokens would be misread; re-prepare the data")
+        k = int(np.flatnonzero(self.pointers != step * self.dtype.itemsize)[0])
+        raise DataError(f"{idx_path}: sequence {k} starts at byte {int(self.pointers[k])} but "
+                        f"the sizes before it put it at {int(step[k]) * self.dtype.itemsize} "
+                        f"({self.dtype} tokens); the pointers are corrupt, re-prepare the data")
+
     def _open_bin(self, bin_path: Path) -> None:
         bin_size = bin_path.stat().st_size
-        if len(self.sizes):
-            ends = self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize
-            if self.pointers.min() < 0 or ends.max() > bin_size:
-                raise DataError(f"{self.prefix}.idx points to byte {int(ends.max())} but "
-                                f"{bin_path} has {bin_size} bytes; the .bin is truncated or "
-                                "belongs to another index, re-prepare")
+        expected = self.num_tokens * self.dtype.itemsize  # pointers checked: the data's end
+        fits = [s for s in (1, 2, 4, 8) if bin_size == self.num_tokens * s]
+        if bin_size != expected and fits:  # e.g. one sequence, so no pointer tells
+            raise DataError(f"{self.prefix}.idx says dtype code {_CODE_OF[self.dtype]} "
+                            f"({self.dtype}) but {bin_path} holds {fits[0]} bytes per token: the "
+                            "dtype code disagrees with the data; re-prepare the data")
+        if bin_size < expected:
+            raise DataError(f"{self.prefix}.idx points to byte {expected} but {bin_path} has "
+                            f"{bin_size} bytes; the .bin is truncated or belongs to another "
+                            "index, re-prepare")
+        if bin_size > expected:
+            raise DataError(f"{bin_path} has {bin_size} bytes but {self.prefix}.idx describes "
+                            f"{expected}; the .bin belongs to another index (mixed or partial "
+                            "copies), re-prepare or copy both files again")
         self._bin = (np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size
                      else np.zeros(0, np.uint8))
+
+    @property
+    def identity(self) -> str:
+        """A hash of the .idx content: everything the sample index arrays are derived from."""
+        if self._identity is None:
+            h = hashlib.sha256()
+            with open(paths(self.prefix)[1], "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            self._identity = h.hexdigest()[:16]
+        return self._identity
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -248,6 +298,10 @@ class IndexedDataset:
             raise IndexError(f"tokens {offset}:{offset + length} of a {size}-token sequence")
         start = int(self.pointers[i]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin, self.dtype, count=length, offset=start)
+
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the .bin, in order, as one memory-mapped array (no copy)."""
+        return np.frombuffer(self._bin, self.dtype, count=self.num_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -139,7 +139,8 @@ def test_pointer_past_bin_end(prefix: str) -> None:
     raw[at:at + 8] = struct.pack("<q", 10**9)
     del ds
     Path(prefix + ".idx").write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="points to byte"):
+    with pytest.raises(DataError, match=f"sequence {n - 1} starts at byte 1000000000 but the "
+                       "sizes before it put it at .*the pointers are corrupt"):
         IndexedDataset(prefix)
 
 
@@ -163,3 +164,63 @@ def test_prefix_without_pair(prefix: str, remove: str) -> None:
 def test_missing_prefix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no prepared data"):
         IndexedDataset(tmp_path / "nothing")
+
+
+def _set_dtype_code(prefix: str, code: int) -> None:
+    raw = bytearray(Path(prefix + ".idx").read_bytes())
+    raw[17] = code
+    Path(prefix + ".idx").write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("written,claimed,code", [(np.int32, "uint16", 8), (np.uint16, "int32", 4)])
+def test_dtype_code_disagreeing_with_pointers(tmp_path: Path, random_docs, write_docs, written,
+                                              claimed, code) -> None:
+    """Issue 13 #5: int32 tokens under a uint16 code were read as garbage and trained."""
+    prefix = write_docs(tmp_path / "c", random_docs(20, seed=3), written)
+    _set_dtype_code(prefix, code)
+    step = np.dtype(written).itemsize
+    with pytest.raises(DataError, match=f"c.idx says dtype code {code} \\({claimed}, "
+                       f"{np.dtype(claimed).itemsize} bytes/token\\) but its pointers advance "
+                       f"{step} bytes/token: the dtype code disagrees with the pointers"):
+        IndexedDataset(prefix)
+
+
+def test_dtype_code_disagreeing_with_a_single_sequence(tmp_path: Path, write_docs) -> None:
+    """One sequence has no second pointer to tell; the .bin's length per token does."""
+    prefix = write_docs(tmp_path / "c", [np.arange(100)], np.int32)
+    _set_dtype_code(prefix, 8)
+    with pytest.raises(DataError, match="says dtype code 8 \\(uint16\\) but .*c.bin holds 4 "
+                       "bytes per token: the dtype code disagrees"):
+        IndexedDataset(prefix)
+
+
+def test_bin_longer_than_its_index(prefix: str) -> None:
+    """Upstream writers make the .bin exactly as long as the .idx describes; extra bytes mean the
+    pair comes from two preparations."""
+    with open(prefix + ".bin", "ab") as f:
+        f.write(b"\x00" * 6)
+    with pytest.raises(DataError, match="belongs to another index"):
+        IndexedDataset(prefix)
+
+
+def test_prefix_given_with_extension(prefix: str) -> None:
+    with pytest.raises(DataError, match="drop the extension"):
+        IndexedDataset(prefix + ".bin")
+
+
+def test_identity_follows_the_index_content(tmp_path: Path, write_docs) -> None:
+    """Same document and token counts, other sizes: another identity (issue 13 #4)."""
+    a = IndexedDataset(write_docs(tmp_path / "a", [np.arange(3), np.arange(7)]))
+    b = IndexedDataset(write_docs(tmp_path / "b", [np.arange(5), np.arange(5)]))
+    c = IndexedDataset(write_docs(tmp_path / "c", [np.arange(3) + 1, np.arange(7) + 1]))
+    assert (len(a), a.num_tokens) == (len(b), b.num_tokens)
+    assert a.identity != b.identity
+    assert a.identity == c.identity  # the index arrays depend on the sizes only
+
+
+def test_unreadable_index(prefix: str) -> None:
+    """An OSError on open (here: the .idx is a folder) is one line naming the file."""
+    Path(prefix + ".idx").unlink()
+    Path(prefix + ".idx").mkdir()
+    with pytest.raises(DataError, match=f"cannot read {prefix}.idx \\(Is a directory\\)"):
+        IndexedDataset(prefix)
