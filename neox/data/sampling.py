@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neox.data.cache import cache_folder, check_writable
 from neox.data.fsutil import save_npy_atomic
 from neox.data.indexed import IndexedDataset
 from neox.errors import DataError
@@ -126,13 +127,17 @@ class IndexSpec:
     cache_dir: str | None = None
 
     def files(self, data: IndexedDataset) -> dict[str, Path]:
-        # The key covers the data's shape, so re-preparing a corpus never reuses stale arrays.
+        # Keyed on the .idx content (not its totals), so a prefix prepared again with the same
+        # document and token counts never reuses stale offsets.
         key = hashlib.sha256(repr((
-            INDEX_FORMAT, len(data), data.num_tokens, self.doc_range, self.seq_len,
-            self.num_samples, self.seed)).encode()).hexdigest()[:16]
-        folder = Path(self.cache_dir) if self.cache_dir else Path(self.prefix).parent
+            INDEX_FORMAT, data.identity, self.doc_range, self.seq_len, self.num_samples,
+            self.seed, self.allow_repeats)).encode()).hexdigest()[:16]
+        folder = cache_folder(self.prefix, self.cache_dir)
         stem = f"{Path(self.prefix).name}_{self.split}_{key}"
         return {k: folder / f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
+
+    def cached(self, data: IndexedDataset) -> bool:
+        return all(f.exists() for f in self.files(data).values())
 
     @property
     def name(self) -> str:
@@ -147,12 +152,17 @@ class IndexSpec:
     def build(self, data: IndexedDataset) -> None:
         """Build and save the arrays unless they are cached (called on the builder rank)."""
         files = self.files(data)
-        if all(f.exists() for f in files.values()):
+        if self.cached(data):
             return
         arrays = build_index_arrays(data.sizes, np.arange(*self.doc_range), self.seq_len,
                                     self.num_samples, self.seed, self.allow_repeats, self.name)
-        for path, arr in zip(files.values(), arrays):
-            save_npy_atomic(path, arr)
+        try:
+            for path, arr in zip(files.values(), arrays):
+                save_npy_atomic(path, arr)
+        except OSError as e:
+            check_writable(path.parent)  # names a file in the way or a read-only folder
+            raise DataError(f"cannot write the index cache {path} ({e.strerror}); set "
+                            "data.cache_dir to a writable folder with free space") from None
 
     def load(self, data: IndexedDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         files = self.files(data)
@@ -160,7 +170,14 @@ class IndexSpec:
         if missing:
             raise DataError(f"index cache {missing[0]} is missing after the builder rank "
                             "finished; put data.cache_dir on a filesystem all ranks share")
-        return tuple(np.load(f, mmap_mode="r") for f in files.values())  # type: ignore
+        arrays = []
+        for f in files.values():
+            try:
+                arrays.append(np.load(f, mmap_mode="r"))
+            except (OSError, ValueError) as e:
+                raise DataError(f"index cache file {f} is unreadable ({e}); delete it and run "
+                                "again") from None
+        return tuple(arrays)  # type: ignore
 
 
 class GPTDataset:
