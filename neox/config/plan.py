@@ -257,8 +257,6 @@ def _check_data(cfg: DictConfig) -> None:
                                   "`python -m neox.data.prepare` or fix data.prefixes")
     if data.weights is not None and len(data.weights) != len(data.prefixes):
         raise ConfigError(f"data.weights has {len(data.weights)} entries for {len(data.prefixes)} prefixes")
-    if data.tokenizer and not Path(os.path.expanduser(data.tokenizer)).is_file():
-        raise ConfigError(f"data.tokenizer {data.tokenizer} does not exist; fix the path")
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -296,6 +294,11 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     _check_output(run_dir)
     _check_data(cfg)
     model = gpt_config(cfg.model)
+    from neox.data.preflight import preflight  # opens every dataset and tokenizer the workers will
+
+    evals = t.eval_batches * micro * dp  # the samples the workers ask for (neox/train/worker.py)
+    warnings += preflight(cfg.data, seq_len=model.seq_len, model_vocab=model.vocab_size, seed=t.seed,
+                          num_samples={"train": t.steps * global_, "valid": evals, "test": evals})
     params = count_params(model)
     return RunPlan(world_size=world, tp=cfg.parallelism.tp, pp=cfg.parallelism.pp, dp=dp, micro_batch=micro,
                    grad_accum=accum, global_batch=global_, seq_len=model.seq_len, precision=precision,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from neox.data.indexed import IndexedDatasetWriter, best_dtype, exists
 from neox.data.tokenizer import encode_documents, train_bpe
+from neox.errors import DataError
 
 FORMAT = 1  # bump when the recipe below changes, so old caches are not reused
 # Third-party packages are not the standard library; test suites are skipped because they are
@@ -82,7 +83,11 @@ def ensure_embedded(vocab_size: int = 8192, *, quiet: bool = False) -> EmbeddedC
     files = stdlib_files()
     final = cache_root() / "embedded" / _key(files, vocab_size)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a file in the way, a read-only home
+        raise DataError(f"cannot build the embedded corpus in {final.parent} ({e.strerror}); "
+                        "set NEOX_CACHE to a writable folder") from None
     try:
         t0 = time.perf_counter()
         texts, skipped = [], 0

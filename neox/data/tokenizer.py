@@ -6,6 +6,8 @@ byte-level BPE with no merges, whose ids are exactly the byte values (and 256 fo
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -49,7 +51,17 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write an HF tokenizer.json equivalent to this tokenizer."""
+        self.hf().save(str(path))
+
+    def hf(self) -> "tokenizers.Tokenizer":  # noqa: F821
+        """The equivalent HF tokenizer."""
         raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash of the id -> token map: equal exactly when the same ids mean the same tokens,
+        however the tokenizer.json was written (field order, tokenizers version, file name)."""
+        vocab = sorted(self.hf().get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 class HFTokenizer(Tokenizer):
@@ -72,8 +84,8 @@ class HFTokenizer(Tokenizer):
         encs = self.tok.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.array(e.ids, dtype=np.int32) for e in encs]
 
-    def save(self, path: str | Path) -> None:
-        self.tok.save(str(path))
+    def hf(self) -> "tokenizers.Tokenizer":  # noqa: F821
+        return self.tok
 
 
 class BytesTokenizer(Tokenizer):
@@ -87,7 +99,7 @@ class BytesTokenizer(Tokenizer):
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32)
                 for t in texts]
 
-    def save(self, path: str | Path) -> None:
+    def hf(self) -> "tokenizers.Tokenizer":  # noqa: F821
         from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
 
         chars = _byte_to_unicode()
@@ -96,19 +108,24 @@ class BytesTokenizer(Tokenizer):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([EOD_TOKEN])  # gets id 256, the next free one
-        tok.save(str(path))
+        return tok
 
 
 def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
-    """`"bytes"` or the path of an HF tokenizer.json."""
+    """`"bytes"`, the path of an HF tokenizer.json, or a folder holding one (`~` expanded)."""
     if spec == "bytes":
         return BytesTokenizer()
+    if spec.startswith("bpe:"):
+        raise DataError(f"tokenizer {spec}: bpe:VOCAB trains a tokenizer while preparing data; "
+                        "to read prepared data give the tokenizer.json preparing wrote "
+                        "(<prefix>.tokenizer.json)")
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise DataError(f"tokenizer {spec} not found; give the path of an HF tokenizer.json "
-                        "or 'bytes'")
+        raise DataError(f"tokenizer {spec} not found; give 'bytes', the path of an HF "
+                        "tokenizer.json, or a folder holding one (hub names are not downloaded: "
+                        "save one with tokenizers' Tokenizer.from_pretrained(name).save(path))")
     from tokenizers import Tokenizer as HFTok
 
     try:

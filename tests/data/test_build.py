@@ -136,3 +136,118 @@ def test_unigram_entropy_matches_a_hand_count(tmp_path) -> None:
     # a and b together: p = (1/6, 1/6, 2/3)
     expected = -(2 * (1 / 6) * math.log(1 / 6) + (2 / 3) * math.log(2 / 3))
     assert math.isclose(unigram_entropy([str(tmp_path / "a"), str(tmp_path / "b")]), expected, rel_tol=1e-12)
+
+
+@pytest.fixture
+def bpe_tokenizer(tmp_path_factory) -> str:
+    """A byte-level BPE trained here: 300 tokens whose ids differ from the bytes tokenizer's."""
+    from neox.data.tokenizer import train_bpe
+
+    path = tmp_path_factory.mktemp("tok") / "bpe.json"
+    text = " ".join(f"w{i * 7919 % 10007}" for i in range(5000))  # plenty of distinct merges
+    tok = train_bpe([text], 300)
+    assert tok.vocab_size == 300
+    tok.save(path)
+    return str(path)
+
+
+def test_blend_of_two_tokenizers_is_refused(byte_corpora, bpe_tokenizer) -> None:
+    """Issue 13 #3: only the first prefix's tokenizer was read; byte ids were fed as BPE ids."""
+    import shutil
+
+    shutil.copy(bpe_tokenizer, byte_corpora[1] + ".tokenizer.json")
+    with pytest.raises(DataError, match=f"data.prefixes mix tokenizers: {byte_corpora[0]} was "
+                       f"prepared with .*c0.tokenizer.json \\(vocab 257\\) and {byte_corpora[1]} "
+                       "with another \\(.*c1.tokenizer.json, vocab 300\\)"):
+        build(cfg(kind="prepared", prefixes=byte_corpora, weights=[1, 1]))
+
+
+def test_blend_of_one_tokenizer_saved_twice_is_accepted(byte_corpora, tmp_path: Path) -> None:
+    """Agreement is on what the ids mean, not on the file's bytes or name."""
+    import json
+
+    saved = json.loads(Path(byte_corpora[0] + ".tokenizer.json").read_text())
+    Path(byte_corpora[1] + ".tokenizer.json").write_text(json.dumps(saved, indent=4))
+    b = build(cfg(kind="prepared", prefixes=byte_corpora, weights=[1, 1]))
+    assert b.vocab_size == 257
+
+
+def test_explicit_tokenizer_must_match_the_sidecar(byte_corpora, bpe_tokenizer) -> None:
+    with pytest.raises(DataError, match=f"data.tokenizer=.*bpe.json \\(vocab 300\\) is not the "
+                       f"tokenizer {byte_corpora[0]} was prepared with"):
+        build(cfg(kind="prepared", prefixes=byte_corpora[:1], tokenizer=bpe_tokenizer))
+
+
+def test_prefix_without_sidecar(byte_corpora) -> None:
+    """Without its .tokenizer.json a prefix is trusted only when data.tokenizer names the
+    tokenizer, and then with a note."""
+    with pytest.raises(DataError, match=f"{byte_corpora[1]} has no {byte_corpora[1]}"
+                       ".tokenizer.json, so nothing says"):
+        build(cfg(kind="prepared", prefixes=byte_corpora, weights=[1, 1]))
+    b = build(cfg(kind="prepared", prefixes=byte_corpora, weights=[1, 1], tokenizer="bytes"))
+    assert f"note: {byte_corpora[1]} has no .tokenizer.json beside it" in b.describe()
+
+
+def test_blend_config_without_weights(byte_corpora) -> None:
+    """Issue 13 #8: conf/data/blend.yaml marks weights required; they were silently by tokens."""
+    blend = OmegaConf.structured(DataConfig(name="blend", kind="prepared", prefixes=byte_corpora,
+                                            tokenizer="bytes"))
+    with pytest.raises(DataError, match="data=blend needs data.weights, one per prefix"):
+        build(blend)
+    build(cfg(kind="prepared", prefixes=byte_corpora, tokenizer="bytes"))  # data=files may
+
+
+@pytest.mark.parametrize("top,match", [
+    (600, "c.bin holds token ids up to 599 but the model's vocab is 512; set model.vocab_size "
+          "to at least 600"),
+    (400, "c.bin holds token ids up to 399 but tokenizer bytes has 257 tokens: the data was "
+          "prepared with another tokenizer"),
+])
+def test_token_ids_beyond_the_vocab(tmp_path: Path, write_docs, top, match) -> None:
+    """Issue 13 #6: ids above the vocab ended in an IndexError deep in the embedding."""
+    docs = [np.arange(50) for _ in range(30)]
+    docs[17] = np.array([1, top - 1, 2])
+    prefix = write_docs(tmp_path / "c", docs)
+    with pytest.raises(DataError, match=match):
+        build(cfg(kind="prepared", prefixes=[prefix], tokenizer="bytes"))
+
+
+def test_token_range_is_cached_per_data_version(tmp_path: Path, write_docs) -> None:
+    from neox.data.cache import token_range
+    from neox.data.indexed import IndexedDataset
+
+    prefix = write_docs(tmp_path / "c", [np.array([3, 9, 4])])
+    assert token_range(IndexedDataset(prefix), tmp_path) == (3, 9)
+    assert len(list(tmp_path.glob("c_*_tokens.json"))) == 1
+    for ext in (".bin", ".idx"):  # same sizes, other tokens: the cached value must not be used
+        Path(prefix + ext).unlink()
+    write_docs(prefix, [np.array([3, 250, 4])])
+    assert token_range(IndexedDataset(prefix), tmp_path) == (3, 250)
+
+
+def test_negative_token_ids(tmp_path: Path, write_docs) -> None:
+    prefix = write_docs(tmp_path / "c", [np.arange(40) for _ in range(20)] + [np.array([-1, 3])],
+                        np.int32)
+    with pytest.raises(DataError, match="c.bin holds token id -1; ids must be >= 0"):
+        build(cfg(kind="prepared", prefixes=[prefix], tokenizer="bytes"))
+
+
+def test_empty_prepared_data(tmp_path: Path, write_docs) -> None:
+    prefix = write_docs(tmp_path / "e", [])
+    with pytest.raises(DataError, match="e holds no tokens \\(0 documents\\)"):
+        build(cfg(kind="prepared", prefixes=[prefix], tokenizer="bytes"))
+
+
+def test_bytes_tokenizer_and_home_relative_paths(byte_corpora, monkeypatch) -> None:
+    """Issue 13 #10: the worker reads `~` as the launcher does (it did not expand prefixes)."""
+    home = Path(byte_corpora[0]).parent
+    monkeypatch.setenv("HOME", str(home))
+    b = build(cfg(kind="prepared", prefixes=["~/c1"], tokenizer="bytes",
+                  cache_dir="~/cache"))
+    assert b.sources[0].prefix == byte_corpora[1] and len(b.train) == 200
+    assert list((home / "cache").glob("c1_train_*_doc_idx.npy"))
+
+
+def test_training_with_a_bpe_spec_says_what_to_give(byte_corpora) -> None:
+    with pytest.raises(DataError, match="bpe:VOCAB trains a tokenizer while preparing data"):
+        build(cfg(kind="prepared", prefixes=byte_corpora[:1], tokenizer="bpe:300"))

@@ -52,3 +52,14 @@ def test_real_stdlib_listing() -> None:
     files = embedded.stdlib_files()
     assert len(files) > 100 and files == sorted(files)
     assert not any("site-packages" in p.parts for p in files)
+
+
+def test_cache_under_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neox.errors import DataError
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("NEOX_CACHE", str(tmp_path / "afile" / "cache"))
+    monkeypatch.setattr(embedded, "stdlib_files", lambda: [])
+    with pytest.raises(DataError, match="cannot build the embedded corpus in .*afile/cache/"
+                       "embedded .*set NEOX_CACHE to a writable folder"):
+        embedded.ensure_embedded(270)
