@@ -23,7 +23,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -47,6 +47,7 @@ class PrepareResult:
     dtype: str
     skipped_invalid_utf8: int
     skipped_empty_files: int
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -172,14 +173,20 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
     sources = resolve_inputs(list(inputs))
     read = dict(text_field=text_field, split=split, hf_config=hf_config, streaming=streaming,
                 invalid_utf8=invalid_utf8)
+    output = _check_output(output)  # before any reading or training: fail fast
+    # A folder or glob that holds this output (a second run into the same folder) must not
+    # read the output's own files back in as documents.
+    own = {os.path.abspath(output + ext) for ext in (".bin", ".idx", ".meta.json",
+                                                      ".tokenizer.json")}
+    sources = [s for s in sources if s.explicit or os.path.abspath(s.path) not in own]
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tok_sidecar = Path(f"{output}.tokenizer.json")
 
     tok_tmp = temp_name(tok_sidecar)
+    warnings: list[str] = []
     try:
         tok = _make_tokenizer(tokenizer, lambda: iter_documents(sources, **read), eod_token,
-                              progress)
+                              progress, warnings)
         if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
             raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's "
                             f"padded vocab is {model_vocab_size}; use a smaller tokenizer or "
@@ -206,13 +213,17 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
             result = PrepareResult(str(out), writer.num_documents, writer.num_tokens,
                                    time.perf_counter() - t0, tok.vocab_size, tok.eod_id,
                                    dtype.name, stats.skipped_invalid_utf8,
-                                   stats.skipped_empty_files)
+                                   stats.skipped_empty_files, warnings)
             meta = {**asdict(result), "inputs": list(inputs), "tokenizer": tokenizer,
                     "text_field": text_field, "files": stats.files}
             # Sidecars first; leaving this block renames the .bin, then the .idx, last.
             with atomic_path(f"{output}.meta.json") as meta_tmp:
                 meta_tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tok_tmp, tok_sidecar)
+    except OSError as e:  # the output side: inputs' read errors are DataErrors already
+        raise DataError(f"cannot write the output {output}.* ({e.strerror or e}: "
+                        f"{e.filename or out.parent}); choose a writable -o with free "
+                        "space") from None
     finally:
         if tok_tmp.exists():
             tok_tmp.unlink()
@@ -222,6 +233,29 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
          f"({result.tokens_per_s / 1e6:.2f} M tok/s); skipped {result.skipped_invalid_utf8} "
          f"invalid-UTF-8 docs and {result.skipped_empty_files} empty files")
     return result
+
+
+def _check_output(output: str) -> str:
+    """The output prefix, `~` expanded, once its folder exists and can be written.
+
+    A prefix naming a folder (`-o data/`) would write hidden files `.bin` and `.idx` in it.
+    """
+    prefix = Path(os.path.expanduser(output))
+    if output.endswith(("/", os.sep)) or prefix.is_dir() or prefix.name in ("", ".", ".."):
+        raise DataError(f"-o {output or repr(output)} is a folder; give a prefix for the "
+                        "files, e.g. "
+                        f"-o {prefix / 'corpus'} writes corpus.bin/.idx in it")
+    folder = prefix.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(temp_name(prefix), "xb") as probe:  # os.access is not enough (root, ro mounts)
+            os.unlink(probe.name)
+    except OSError as e:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()),
+                       None)
+        why = f"{blocker} is a file" if blocker else f"{folder}: {e.strerror or e}"
+        raise DataError(f"cannot write -o {output}: {why}; choose a writable folder") from None
+    return str(prefix)
 
 
 def _log(enabled: bool, msg: str) -> None:
@@ -236,8 +270,13 @@ def _progress_bar(enabled: bool) -> "tqdm":  # noqa: F821
                 disable=not enabled)
 
 
+def _warn(msg: str) -> None:
+    """Warnings are shown even with --quiet: they say the result differs from what was asked."""
+    print(f"[neox.data.prepare] warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _make_tokenizer(spec: str, documents: Callable[[], Iterator[str]], eod_token: str | None,
-                    progress: bool) -> Tokenizer:
+                    progress: bool, warnings: list[str]) -> Tokenizer:
     """Load `spec`, or for `bpe:VOCAB` train a byte-level BPE on the documents."""
     if not spec.startswith("bpe:"):
         return load_tokenizer(spec, eod_token)
@@ -246,7 +285,13 @@ def _make_tokenizer(spec: str, documents: Callable[[], Iterator[str]], eod_token
     except ValueError:
         raise DataError(f"tokenizer {spec!r}: write bpe:VOCAB_SIZE, e.g. bpe:32000") from None
     _log(progress, f"training a byte-level BPE (vocab {vocab}) on the inputs...")
-    return train_bpe(documents(), vocab)
+    tok = train_bpe(documents(), vocab)
+    if tok.vocab_size < vocab:
+        warnings.append(f"the trained BPE has {tok.vocab_size} tokens, fewer than the {vocab} "
+                        "asked: the inputs hold no more distinct merges; train on more text "
+                        f"for a larger vocab (model.vocab_size >= {tok.vocab_size} fits this one)")
+        _warn(warnings[-1])
+    return tok
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -285,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 eod_token=args.eod_token, model_vocab_size=args.model_vocab_size,
                 progress=not args.quiet)
     except NeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"neox: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written under the final name", file=sys.stderr)

@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
@@ -73,18 +74,90 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
     return sources
 
 
+# Compressed inputs by name, and the bytes every such file starts with.
+_COMPRESSED = {".gz": ("gzip", b"\x1f\x8b"), ".zst": ("zstd", b"\x28\xb5\x2f\xfd")}
+
+
 def _open(path: str) -> IO[bytes]:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
+    """The file's bytes, decompressed by its name; DataError when the name does not match."""
+    suffix = next((s for s in _COMPRESSED if path.endswith(s)), None)
+    raw = open(path, "rb")
+    if suffix is None:
+        return raw
+    kind, magic = _COMPRESSED[suffix]
+    head = raw.read(len(magic))
+    raw.seek(0)
+    if head != magic:
+        raw.close()
+        raise DataError(f"{path} is named {suffix} but is not {kind}-compressed (it starts with "
+                        f"{head!r}); rename it without {suffix}, or compress it with {kind}")
+    if kind == "gzip":
+        return gzip.open(raw, "rb")
+    return io.BufferedReader(_ZstdReader(raw))  # buffered: gives it line iteration
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompress a .zst file frame after frame, raising EOFError when it ends mid-frame (as
+    gzip does): zstandard's own stream reader returns a truncated file's bytes silently."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
         try:
             import zstandard
         except ImportError:
-            raise DataError(f"reading {path} needs the zstandard package; "
+            raise DataError(f"reading {raw.name} needs the zstandard package; "
                             "`pip install zstandard` or decompress the file first") from None
-        stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.BufferedReader(stream)  # gives it line iteration
-    return open(path, "rb")
+        self._zstd = zstandard
+        self._raw = raw
+        self._dec = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the zstd stream ended before the end of its last frame")
+                return 0
+            self._pending = self._decompress(chunk)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            try:
+                out.append(self._dec.decompress(chunk))
+            except self._zstd.ZstdError as e:
+                raise OSError(f"corrupt zstd data: {e}") from None
+            self._in_frame = not self._dec.eof
+            if not self._dec.eof:
+                break
+            chunk = self._dec.unused_data  # the next frame, if any
+            self._dec = self._zstd.ZstdDecompressor().decompressobj()
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _read_error(path: str, e: BaseException, line: int | None = None) -> DataError:
+    """One line for an input that cannot be read to its end."""
+    at = f" after line {line}" if line else ""
+    if isinstance(e, EOFError):
+        return DataError(f"{path} is truncated: its compressed data ends early{at}; download or "
+                         "compress it again")
+    if isinstance(e, PermissionError):
+        return DataError(f"{path} cannot be read (permission denied); fix its permissions or "
+                         "drop it from the inputs")
+    return DataError(f"{path} cannot be read{at} ({_one_line(e)}); the file is damaged, replace "
+                     "it or drop it from the inputs")
 
 
 def _kind(path: str) -> str:
@@ -119,7 +192,11 @@ def iter_documents(sources: list[Source], *, text_field: str = "text", split: st
         if src.hf:
             docs = _iter_hf(src.path, text_field, split, hf_config, streaming)
         else:
-            if os.path.getsize(src.path) == 0:
+            try:
+                size = os.path.getsize(src.path)
+            except OSError as e:
+                raise _read_error(src.path, e) from None
+            if size == 0:
                 if src.explicit:
                     raise DataError(f"input file {src.path} is empty; remove it from the inputs")
                 stats.skipped_empty_files += 1
@@ -137,31 +214,53 @@ def iter_documents(sources: list[Source], *, text_field: str = "text", split: st
 
 
 def _iter_text_file(path: str, invalid_utf8: str, stats: ReadStats) -> Iterator[str]:
-    with _open(path) as f:
-        text = _decode(f.read(), path, invalid_utf8, stats)
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_error(path, e) from None
+    text = _decode(raw, path, invalid_utf8, stats)
     if text is not None:
-        yield text
+        yield text.removeprefix("\ufeff")  # a byte-order mark is no part of the text
 
 
 def _iter_jsonl(path: str, text_field: str, invalid_utf8: str,
                 stats: ReadStats) -> Iterator[str]:
-    with _open(path) as raw:
-        for n, line in enumerate(raw, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            text = _decode(line, where, invalid_utf8, stats)
-            if text is None:
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} is not valid JSON ({e.msg}); fix or remove the "
-                                "line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DataError(f"{where} has no string field {text_field!r}; pass "
-                                "--text-field with the name of the text field")
-            yield obj[text_field]
+    n = 0
+    try:
+        with _open(path) as raw:
+            for n, line in enumerate(raw, start=1):
+                yield from _json_doc(line, f"{path}:{n}", text_field, invalid_utf8, stats)
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_error(path, e, n) from None
+
+
+def _json_doc(line: bytes, where: str, text_field: str, invalid_utf8: str,
+              stats: ReadStats) -> Iterator[str]:
+    """The document of one JSON line (nothing for a blank line or skipped invalid UTF-8)."""
+    if not line.strip():
+        return
+    text = _decode(line, where, invalid_utf8, stats)
+    if text is None:
+        return
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.strip() in ("[", "{"):  # one pretty-printed document, not JSON Lines
+            raise DataError(f"{where} opens a multi-line JSON document; inputs named .json or "
+                            ".jsonl must hold one JSON object per line (JSON Lines): convert it, "
+                            "e.g. jq -c '.[]' IN > OUT.jsonl") from None
+        raise DataError(f"{where} is not valid JSON ({e.msg}); fix or remove the "
+                        "line") from None
+    if isinstance(obj, list):
+        raise DataError(f"{where} is a JSON array; inputs named .json or .jsonl must hold one "
+                        "JSON object per line (JSON Lines): convert it, e.g. jq -c '.[]' IN > "
+                        "OUT.jsonl")
+    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+        raise DataError(f"{where} has no string field {text_field!r}; pass "
+                        "--text-field with the name of the text field")
+    yield obj[text_field]
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -170,12 +269,20 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
-        raise DataError(f"{path} is not a readable parquet file ({e})") from None
+        raise DataError(f"{path} is not a readable parquet file ({_one_line(e)})") from None
     if text_field not in pf.schema_arrow.names:
         raise DataError(f"{path} has no column {text_field!r} (columns: "
                         f"{', '.join(pf.schema_arrow.names)}); pass --text-field")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+    batches = pf.iter_batches(columns=[text_field], batch_size=4096)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group: ArrowInvalid, OSError, ...
+            raise DataError(f"{path} cannot be read after row {row} ({_one_line(e)}); the "
+                            "file is damaged, replace it or drop it from the inputs") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if not isinstance(text, str):
@@ -199,16 +306,33 @@ def _iter_hf(name: str, text_field: str, split: str, config: str | None,
         else:
             ds = datasets.load_dataset(str(local) if local.exists() else name, config,
                                        split=split, streaming=streaming)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise DataError(f"cannot load dataset {name!r} split {split!r} ({e}); check the "
-                        "name, --hf-config and --split") from None
+    except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError,
+        # ValueError for a missing config or split): each means this input cannot be read
+        raise DataError(f"dataset {name!r} (split {split!r}) could not be found locally or "
+                        f"downloaded ({_one_line(e)}); check the name, --hf-config, --split "
+                        "and the network, or give a local folder as hf:<path>") from None
     features = getattr(ds, "column_names", None)
     if features is not None and text_field not in features:
         raise DataError(f"dataset {name} has no field {text_field!r} (fields: "
                         f"{', '.join(features)}); pass --text-field")
-    for i, example in enumerate(ds):
+    examples, i = iter(ds), 0
+    while True:
+        try:
+            example = next(examples, None)
+        except Exception as e:  # a stream that breaks off midway (network, damaged shard)
+            raise DataError(f"dataset {name} failed after example {i} ({_one_line(e)}); run "
+                            "again, or save it locally first") from None
+        if example is None:
+            return
+        i += 1
         text = example.get(text_field)
         if not isinstance(text, str):
-            raise DataError(f"dataset {name} example {i} has no string field {text_field!r}; "
-                            "pass --text-field")
+            raise DataError(f"dataset {name} example {i - 1} has no string field "
+                            f"{text_field!r}; pass --text-field")
         yield text
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for errors from libraries with long messages."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
