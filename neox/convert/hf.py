@@ -12,7 +12,9 @@ Layouts that differ:
   order, which rotates the same pairs at the same frequencies and keeps every q.k product.
 * SwiGLU: neox's fc_in rows alternate (gate, up); Llama has gate_proj and up_proj.
 * vocab: neox pads the embedding to `vocab_multiple`; the export keeps only the tokenizer's rows, so
-  the padding can never be produced, and the import pads back with zero rows.
+  the padding can never be produced. The import keeps the HF rows as they are (vocab_multiple is the
+  largest power of two up to 128 dividing them); `train.init_from` pads with zero rows where the run's
+  vocab_multiple asks for more.
 * biases: neox has one switch for every linear layer. GPT-NeoX's MLP always has biases (zeros for a
   bias-free neox model); Llama has attention_bias and mlp_bias.
 
@@ -20,6 +22,7 @@ Anything with no counterpart raises ConfigError naming the feature, never a sile
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -211,7 +214,9 @@ def model_section(hf: dict, name: str) -> Tuple[str, dict]:
     return arch, {
         "name": name, "n_layers": int(hf["num_hidden_layers"]), "d_model": d, "n_heads": heads, "n_kv_heads": kv,
         "d_ff": int(hf["intermediate_size"]), "seq_len": int(hf.get("max_position_embeddings", 2048)),
-        "vocab_size": int(hf["vocab_size"]), "vocab_multiple": 128, "position": "rotary", "rotary_pct": pct,
+        # the largest power-of-two multiple (up to 128) that adds no padding: the HF rows are kept as they are
+        "vocab_size": int(hf["vocab_size"]), "vocab_multiple": math.gcd(int(hf["vocab_size"]), 128),
+        "position": "rotary", "rotary_pct": pct,
         "rotary_base": theta, "rotary_interleaved": False,
         "parallel_residual": bool(hf.get("use_parallel_residual", True)) if neox else False,
         "norm": "layernorm" if neox else "rmsnorm",

@@ -22,10 +22,15 @@ SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_s
                 "tied_embeddings", "bias")
 
 
+VOCAB_WEIGHTS = ("embed.tok.weight", "head.proj.weight")
+
+
 def check_same_model(run: GPTConfig, src: GPTConfig, where: str) -> None:
     """ConfigError naming the first field where the run's model differs from the weights' model."""
     for f in SHAPE_FIELDS:
         a, b = getattr(run, f), getattr(src, f)
+        if f == "vocab_size" and a > b:
+            continue  # the run pads the vocab further (another model.vocab_multiple): zero rows are appended
         if a != b:
             key = "model.vocab_size (padded)" if f == "vocab_size" else f"model.{f}"
             raise ConfigError(f"train.init_from={where}: the run's {key} is {a!r}, the weights' is {b!r}; "
@@ -56,11 +61,16 @@ def load_initial_weights(model: torch.nn.Module, cfg: GPTConfig, source: str, tp
             raise ConfigError(f"train.init_from={source}: it has no weight {name}")
         w = src.weights[name]
         d = names.dims.get(name)
+        rows = names.cfg.vocab_size
+        if name in VOCAB_WEIGHTS and w.shape[0] < rows:
+            w = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
         if d is not None:
             w = w.chunk(tp_size, dim=d)[tp_rank]
         if w.shape != p.shape:
             raise ConfigError(f"train.init_from={source}: {name} has shape {tuple(w.shape)} for this rank, the "
                               f"model {tuple(p.shape)}")
         p.copy_(w.to(p.dtype))
-    say(f"initialized the weights from {src.origin} (train.init_from; fresh optimizer, step 0)")
+    padded = f"; vocab padded from {src.cfg.vocab_size} to {cfg.vocab_size} rows with zeros" \
+        if cfg.vocab_size > src.cfg.vocab_size else ""
+    say(f"initialized the weights from {src.origin} (train.init_from; fresh optimizer, step 0{padded})")
     return True
