@@ -50,7 +50,7 @@ class Topology:
             dp = world // (tp * pp)
         if tp * pp * dp != world:
             raise ConfigError(f"tp={tp} x pp={pp} x dp={dp} = {tp * pp * dp} does not match the "
-                              f"world size {world}; fix parallel.tp/pp/dp or the number of processes")
+                              f"world size {world}; fix parallelism.tp/pp/dp or the number of processes")
         # Imported here: deepspeed's import costs ~2 s, and only building a topology needs it.
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -191,7 +191,7 @@ def check_tp_layout(model_cfg: Any, parallel_cfg: Any, gpus_per_node: int) -> No
     """
     tp = parallel_cfg.tp
     if tp < 1:
-        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+        raise ConfigError(f"parallelism.tp={tp} must be >= 1")
     n_kv = model_cfg.n_kv_heads if model_cfg.n_kv_heads is not None else model_cfg.n_heads
     vocab = model_cfg.vocab_size
     multiple = getattr(model_cfg, "vocab_multiple", None)
@@ -205,4 +205,4 @@ def check_tp_layout(model_cfg: Any, parallel_cfg: Any, gpus_per_node: int) -> No
     if not fits_node and not parallel_cfg.tp_across_nodes_is_slow:
         raise ConfigError(f"tp={tp} does not fit inside one node of {gpus_per_node} GPUs, so every "
                           f"layer would all-reduce across nodes; use tp dividing {gpus_per_node}, or "
-                          f"set parallel.tp_across_nodes_is_slow=true to force it")
+                          f"set parallelism.tp_across_nodes_is_slow=true to force it")
