@@ -174,9 +174,9 @@ class IndexSpec:
         for f in files.values():
             try:
                 arrays.append(np.load(f, mmap_mode="r"))
-            except (OSError, ValueError) as e:
-                raise DataError(f"index cache file {f} is unreadable ({e}); delete it and run "
-                                "again") from None
+            except (OSError, ValueError):  # numpy's message about pickles would mislead
+                raise DataError(f"index cache file {f} is not a readable .npy file (damaged?); "
+                                "delete it and run again") from None
         return tuple(arrays)  # type: ignore
 
 

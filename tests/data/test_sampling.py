@@ -182,8 +182,8 @@ def test_unreadable_index_cache_file(small_corpus, tmp_path: Path) -> None:
     make_dataset(prefix, cache_dir=str(tmp_path / "cache"))
     victim = next((tmp_path / "cache").glob("*_sample_idx.npy"))
     victim.write_bytes(b"not an npy file")
-    with pytest.raises(DataError, match=f"index cache file .*{victim.name} is unreadable .*"
-                       "delete it and run again"):
+    with pytest.raises(DataError, match=f"index cache file .*{victim.name} is not a readable "
+                       ".npy file \\(damaged\\?\\); delete it and run again"):
         make_dataset(prefix, cache_dir=str(tmp_path / "cache"))
 
 
