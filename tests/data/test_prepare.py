@@ -351,3 +351,19 @@ def test_json_that_is_not_json_lines(tmp_path: Path, content: str, match: str) -
     with pytest.raises(DataError, match=f"{match}; inputs named .json or .jsonl must hold one "
                        "JSON object per line"):
         run([tmp_path / "a.json"], tmp_path / "out")
+
+
+def test_full_disk_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write error mid-run (simulated ENOSPC) is one line and leaves no partial output."""
+    import errno
+
+    from neox.data.indexed import IndexedDatasetWriter
+
+    def full(self, flat, lengths):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self._tmp_bin))
+
+    monkeypatch.setattr(IndexedDatasetWriter, "add_documents", full)
+    with pytest.raises(DataError, match="cannot write the output .*out.\\* \\(No space left on "
+                       "device: .*out.bin.tmp-.*\\); choose a writable -o with free space"):
+        run([write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path / "out")
+    assert_no_output(tmp_path / "out")
