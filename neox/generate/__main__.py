@@ -123,6 +123,7 @@ def run(args: List[str]) -> int:
 
 def serve(gen, prompts: List[str], sampling: SamplingConfig, opts: Options, main: bool = True) -> int:
     """Generate for every prompt (in batches), then for each line of stdin in interactive mode."""
+    gen.encode(prompts)  # a prompt that does not fit fails before anything is written
     out = open(opts.output, "w") if opts.output and main else None
     try:
         for batch in batches(prompts, opts.batch_size):
@@ -135,8 +136,13 @@ def serve(gen, prompts: List[str], sampling: SamplingConfig, opts: Options, main
                 line = sys.stdin.readline()
                 if not line:
                     break
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
                     _report(gen, gen.generate([line.rstrip("\n")], sampling, opts.use_cache), opts, out, main)
+                except ConfigError as exc:  # a prompt too long for the context: say so, keep reading
+                    if main:
+                        print(f"neox: error: {exc}", file=sys.stderr, flush=True)
     finally:
         if out is not None:
             out.close()
