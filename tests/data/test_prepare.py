@@ -367,3 +367,23 @@ def test_full_disk_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                        "device: .*out.bin.tmp-.*\\); choose a writable -o with free space"):
         run([write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path / "out")
     assert_no_output(tmp_path / "out")
+
+
+def test_hf_stream_breaking_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `datasets` stream that fails midway (network, damaged shard) is one line."""
+    import datasets
+
+    class Broken:
+        column_names = ["text"]
+
+        def __iter__(self):
+            yield {"text": "one"}
+            raise ConnectionError("Read timed out.\nsecond line")
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_info.json").write_text("{}")
+    monkeypatch.setattr(datasets, "load_from_disk", lambda path: Broken())
+    with pytest.raises(DataError, match="dataset .*ds failed after example 1 \\(ConnectionError: "
+                       "Read timed out.\\); run again, or save it locally first$"):
+        run([f"hf:{tmp_path / 'ds'}"], tmp_path / "out")
+    assert_no_output(tmp_path / "out")
