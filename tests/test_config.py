@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from neox.config.plan import AVAILABLE_FEATURES, Resources, batch_triad, make_plan, padded_vocab
+from neox.config.plan import Resources, batch_triad, make_plan, padded_vocab
 from neox.errors import ConfigError, LaunchError
 from neox.launch.cli import main
 from neox.launch.compose import CONF_DIR, compose_config
@@ -30,10 +30,6 @@ def _expected_failure(model, par) -> str | None:
         return "not divisible by parallelism.tp"
     if model.n_layers < par.pp:
         return "fewer than parallelism.pp"
-    if par.tp > 1 and "tensor_parallel" not in AVAILABLE_FEATURES:
-        return "not available yet"
-    if par.pp > 1 and "pipeline" not in AVAILABLE_FEATURES:
-        return "not available yet"
     return None
 
 
@@ -236,10 +232,7 @@ def test_dry_run_prints_the_6B_layout_for_32_gpus(capsys):
     assert "32 GPUs = tp 8 x pp 4 x dp 1" in out.out
     assert "6.05B total" in out.out
     assert "expected bubble" in out.out
-    if {"tensor_parallel", "pipeline"} <= AVAILABLE_FEATURES:
-        assert code == 0
-    else:
-        assert code == 2 and "not available yet" in out.err
+    assert code == 0, out.err
 
 
 def test_cli_exit_status_and_one_line():

@@ -1,28 +1,22 @@
 """Compare the config a checkpoint was trained with against the config resuming from it.
 
-A change of the model's shape or of what its weights mean is an error naming every changed field;
-a change of the optimizer, schedule, batch, data or layout is allowed, with one warning per field;
-fields that do not affect training (logging, paths, cadence of evals and saves) are ignored.
+What a change means is declared on each schema field (`neox.config.schema`, metadata "resume"):
+- error: the model's shape or what its weights mean (rotary_base, norm_eps, ...) changes; every such
+  field is named in one CheckpointError;
+- warn: the optimizer, schedule, batch, data or layout changes; one warning per field;
+- ignore: logging, paths, kernels, the cadence of evals and saves.
+A key the current schema does not know (a newer or older schema's) is a warning.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from dataclasses import Field
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Tuple
 
+from neox.config.domains import ERROR, IGNORE, WARN, leaf_fields
+from neox.config.schema import RunConfig
 from neox.errors import CheckpointError
 
-# The checkpoint's tensors would not fit, or would mean something else.
-SHAPE_FIELDS = {
-    "model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.d_ff", "model.vocab_size",
-    "model.vocab_multiple", "model.position", "model.rotary_pct", "model.rotary_interleaved", "model.mlp",
-    "model.norm", "model.tied_embeddings", "model.bias", "model.parallel_residual",
-    "data.tokenizer", "data.embedded_vocab", "train.precision",
-}
-# Never worth a word: where output goes and how often evals, logs and saves happen.
-IGNORED_PREFIXES = ("logging.", "cluster.", "run_name", "run_dir", "dry_run", "model.name", "parallelism.name",
-                    "data.name", "data.cache_dir", "model.kernels", "model.kernel_ops.", "train.eval_every",
-                    "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                    "train.collective_timeout_s", "train.max_nonfinite_steps", "train.compile",
-                    "model.activation_checkpointing")
 WHY = {
     "optim.": "the optimizer continues with the new value",
     "train.steps": "the schedule length changes, and so does the sample order (the training index is built "
@@ -33,7 +27,37 @@ WHY = {
     "data.": "the data position (consumed samples) now indexes a different sample order",
     "parallelism.": "the checkpoint is resharded to the new layout",
     "train.seed": "only new random streams are affected; restored ones continue",
+    "model.init": "the weights come from the checkpoint; the init only applies to a fresh run",
 }
+
+
+@lru_cache(maxsize=1)
+def resume_fields() -> Dict[str, Field]:
+    """Dotted key -> schema field, for every leaf of the run config."""
+    return dict(leaf_fields(RunConfig))
+
+
+def _field(key: str) -> Optional[Field]:
+    """The schema field that governs `key`: itself, or the leaf above it (cluster.* -> cluster)."""
+    fields = resume_fields()
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        f = fields.get(".".join(parts[:n]))
+        if f is not None:
+            return f
+    return None
+
+
+def resume_class(key: str, current: dict) -> str:
+    """error | warn | ignore for a change of `key`, read from the schema's metadata."""
+    f = _field(key)
+    if f is None:
+        return WARN  # a key this schema does not know: say it, never refuse on it
+    cls = f.metadata["resume"]
+    for other, value in f.metadata.get("resume_error_if", {}).items():
+        if _flatten(current).get(other) == value:
+            cls = ERROR
+    return cls
 
 
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -60,17 +84,17 @@ def diff_configs(saved: dict, current: dict) -> List[Tuple[str, Any, Any]]:
 
 
 def check_resume_config(saved: dict, current: dict) -> List[str]:
-    """Warnings for allowed changes; raises CheckpointError naming every field that changes the shape."""
+    """Warnings for allowed changes; raises CheckpointError naming every field that changes the model."""
     errors, warnings = [], []
-    learned = (current.get("model") or {}).get("position") == "learned"
     for key, old, new in diff_configs(saved or {}, current or {}):
-        if key.startswith(IGNORED_PREFIXES):
+        cls = resume_class(key, current or {})
+        if cls == IGNORE:
             continue
-        if key in SHAPE_FIELDS or (key == "model.seq_len" and learned):
+        if cls == ERROR:
             errors.append(f"{key} {old!r} -> {new!r}")
         else:
             warnings.append(f"{key} changed from {old!r} to {new!r} since the checkpoint: {_why(key)}")
     if errors:
-        raise CheckpointError("the checkpoint was trained with a different model shape: " + "; ".join(errors)
-                              + ". Resume with the checkpoint's values or start a new run_dir")
+        raise CheckpointError("the checkpoint was trained with a different model shape or meaning of its weights: "
+                              + "; ".join(errors) + ". Resume with the checkpoint's values or start a new run_dir")
     return warnings

@@ -2,7 +2,9 @@
 
 `make_plan(cfg, resources)` either raises one `ConfigError`/`LaunchError` whose message names the
 fix, or returns a frozen `RunPlan`: the layout (world, tp, pp, dp), the batch triad, the padded
-vocab, the resolved model shape and the FLOP count. The config itself is never mutated.
+vocab, the resolved model shape, the FLOP count and the memory estimate. The config itself is never
+mutated. Each field's own domain is declared on the schema (`neox.config.domains`); this module
+checks what relates several fields.
 """
 from __future__ import annotations
 
@@ -14,29 +16,14 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from neox.config.domains import check_domains
+from neox.config.memory import MemoryEstimate, estimate, gib
+from neox.config.schema import RunConfig
 from neox.errors import ConfigError, LaunchError
 from neox.model.gpt import GPTConfig, count_params
 
-# Layout features and the issue that brings each. A preset that needs one that is not here fails
-# validation saying so; it is never silently ignored.
-AVAILABLE_FEATURES: frozenset = frozenset({"tensor_parallel", "sequence_parallel", "pipeline"})
-PENDING_FEATURES = {
-    "tensor_parallel": "tensor parallelism (tp>1) is not available yet (issue #4); use parallelism=single or zero1",
-    "sequence_parallel": "sequence parallelism is not available yet (issue #4); set parallelism.sequence_parallel=false",
-    "pipeline": "pipeline parallelism (pp>1) is not available yet (issue #5); use parallelism=single or zero1",
-}
-
-CHOICES = {
-    "model.position": ("learned", "rotary", "alibi"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.init": ("normal", "small_init", "wang_init"),
-    "model.activation_checkpointing": ("none", "full"),
-    "model.kernels": ("auto", "fused", "reference"),
-    "optim.decay": ("cosine", "linear", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "data.kind": ("embedded", "prepared"),
-}
+REFUSE_MEMORY = 2.0  # refuse a run estimated at this multiple of a device's memory: clearly impossible
+WARN_MEMORY = 0.8  # warn above this fraction: the estimate leaves out the framework's own buffers
 
 
 @dataclass(frozen=True)
@@ -48,6 +35,7 @@ class Resources:
     slots: int  # GPUs (or CPU processes) available in all
     slots_per_node: int
     nodes: int = 1
+    memory_per_slot: Optional[int] = None  # bytes one GPU (or CPU process) can use; None: not known here
 
 
 @dataclass(frozen=True)
@@ -67,8 +55,8 @@ class RunPlan:
     flops_per_token: float
     run_dir: Path
     resources: Resources
+    memory: MemoryEstimate
     warnings: tuple = ()
-    blockers: tuple = ()  # why this plan cannot launch yet (kept only for dry runs)
 
     @property
     def tokens_per_step(self) -> int:
@@ -78,13 +66,6 @@ class RunPlan:
     def bubble_fraction(self) -> float:
         """Expected idle fraction of a 1F1B pipeline: (p-1)/(m+p-1)."""
         return (self.pp - 1) / (self.grad_accum + self.pp - 1)
-
-
-def _get(cfg: DictConfig, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -123,16 +104,6 @@ def flops_per_token(m: GPTConfig, params: dict) -> float:
     return 6 * (params["non_embedding"] + m.vocab_size * m.d_model) + 12 * m.n_layers * m.d_model * m.seq_len
 
 
-def _check_choices(cfg: DictConfig) -> None:
-    for dotted, allowed in CHOICES.items():
-        value = _get(cfg, dotted)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
-    for op, value in kernel_overrides(cfg.model).items():
-        if value not in CHOICES["model.kernels"]:
-            raise ConfigError(f"model.kernel_ops.{op}={value!r} is not one of {', '.join(CHOICES['model.kernels'])}")
-
-
 def kernel_overrides(model: DictConfig) -> dict[str, str]:
     """The ops whose kernel choice differs from model.kernels's: op -> auto | fused | reference."""
     ops = model.get("kernel_ops") or {}
@@ -145,22 +116,31 @@ def _check_model(m: DictConfig) -> None:
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}")
-    if m.position == "rotary" and not 0 < m.rotary_pct <= 1:
-        raise ConfigError(f"model.rotary_pct={m.rotary_pct} must be in (0, 1]")
     if m.position == "rotary" and int(m.d_model // m.n_heads * m.rotary_pct) < 2:
         raise ConfigError("model.rotary_pct leaves fewer than 2 rotary dims per head; raise it")
-    for name in ("n_layers", "seq_len", "vocab_size"):
-        if _get(m, name) < 1:
-            raise ConfigError(f"model.{name}={_get(m, name)} must be at least 1")
 
 
-def _check_layout(cfg: DictConfig) -> list:
-    """Raise on an impossible layout; return the features it needs that are not available yet."""
+def _check_optim(cfg: DictConfig) -> list:
+    """Raise on a schedule that contradicts itself; return warnings for one that is merely odd."""
+    o, steps = cfg.optim, cfg.train.steps
+    if o.decay != "constant" and o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the {o.decay} decay would raise "
+                          "the lr; set optim.min_lr <= optim.lr (e.g. lr/10)")
+    warnings = []
+    # A warning, not an error: short test runs of a preset (train.steps=10) keep its warmup on purpose.
+    if o.warmup_steps > steps:
+        warnings.append(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={steps}: the lr never reaches "
+                        f"optim.lr (it ends at {steps / o.warmup_steps:.0%} of it); lower optim.warmup_steps")
+    decay_steps = o.decay_steps or steps
+    if o.decay != "constant" and o.decay_steps is not None and o.warmup_steps >= decay_steps:
+        warnings.append(f"optim.decay_steps={decay_steps} is not above optim.warmup_steps={o.warmup_steps}: "
+                        "the lr drops to optim.min_lr right after warmup; raise optim.decay_steps")
+    return warnings
+
+
+def _check_layout(cfg: DictConfig) -> None:
+    """Raise on an impossible layout."""
     p, m = cfg.parallelism, cfg.model
-    if p.tp < 1 or p.pp < 1 or (p.dp is not None and p.dp < 1):
-        raise ConfigError("parallelism.tp, pp and dp must be at least 1")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallelism.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if p.zero_stage >= 2 and p.pp > 1:
         raise ConfigError(f"parallelism.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed does not support "
                           "ZeRO-2/3 with pipeline parallelism; use zero_stage=1 or pp=1")
@@ -177,14 +157,6 @@ def _check_layout(cfg: DictConfig) -> list:
         raise ConfigError(f"model.n_layers={m.n_layers} is fewer than parallelism.pp={p.pp} stages; lower pp")
     if p.pipe_partition not in ("uniform", "parameters") and not p.pipe_partition.startswith("type:"):
         raise ConfigError(f"parallelism.pipe_partition={p.pipe_partition!r} must be uniform, parameters or type:<Layer>")
-    needs = []
-    if p.tp > 1:
-        needs.append("tensor_parallel")
-    if p.sequence_parallel:
-        needs.append("sequence_parallel")
-    if p.pp > 1:
-        needs.append("pipeline")
-    return [f"parallelism={p.name}: {PENDING_FEATURES[f]}" for f in needs if f not in AVAILABLE_FEATURES]
 
 
 def _world(cfg: DictConfig, res: Resources, dry_run: bool) -> tuple[int, int, list]:
@@ -264,13 +236,29 @@ def default_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir if cfg.run_dir else os.path.join("runs", name)).expanduser().absolute()
 
 
+def _check_memory(cfg: DictConfig, res: Resources, world: int, mem: MemoryEstimate) -> list:
+    """Refuse a run estimated at over REFUSE_MEMORY x a device's memory; warn above WARN_MEMORY."""
+    # A dry run of a layout bigger than this machine plans for another one, whose memory is unknown.
+    if res.memory_per_slot is None or world > res.slots:
+        return []
+    unit = "GPU" if res.device == "cuda" else "CPU process"
+    need = (f"needs about {gib(mem.total)} per {unit} ({gib(mem.states)} weights, gradients and optimizer "
+            f"states + {gib(mem.activations)} activations of train.micro_batch x model.seq_len)")
+    have = f"{gib(res.memory_per_slot)} per {unit} here"
+    fix = ("lower train.micro_batch or model.seq_len, set model.activation_checkpointing=full, "
+           "raise parallelism.tp/pp or parallelism.zero_stage")
+    if mem.total > REFUSE_MEMORY * res.memory_per_slot:
+        raise ConfigError(f"the run {need}, over {REFUSE_MEMORY:g}x the {have}; {fix}")
+    if mem.total > WARN_MEMORY * res.memory_per_slot:
+        return [f"the run {need}, close to or above the {have}; if it runs out of memory, {fix}"]
+    return []
+
+
 def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     """Validate `cfg` against what is available and derive the run plan. Raises on the first problem."""
-    _check_choices(cfg)
+    check_domains(cfg, RunConfig)  # first: the checks below divide by and index with these values
     _check_model(cfg.model)
-    blockers = _check_layout(cfg)
-    if blockers and not cfg.dry_run:
-        raise ConfigError(blockers[0])
+    _check_layout(cfg)
     world, dp, warnings = _world(cfg, res, cfg.dry_run)
     if cfg.parallelism.tp > 1:
         from neox.parallel.topology import check_tp_layout  # seq split, kv heads, node width
@@ -282,9 +270,7 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     if cfg.parallelism.pp > 1 and accum < cfg.parallelism.pp:
         warnings.append(f"grad_accum={accum} micro-batches is below pp={cfg.parallelism.pp} stages: "
                         f"the pipeline bubble is {(cfg.parallelism.pp - 1) / (accum + cfg.parallelism.pp - 1):.0%}")
-    for name in ("steps", "eval_every", "save_every", "log_every", "collective_timeout_s"):
-        if t[name] < 1:
-            raise ConfigError(f"train.{name}={t[name]} must be at least 1")
+    warnings += _check_optim(cfg)
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if res.device == "cuda" else "fp32"
@@ -300,7 +286,11 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     warnings += preflight(cfg.data, seq_len=model.seq_len, model_vocab=model.vocab_size, seed=t.seed,
                           num_samples={"train": t.steps * global_, "valid": evals, "test": evals})
     params = count_params(model)
-    return RunPlan(world_size=world, tp=cfg.parallelism.tp, pp=cfg.parallelism.pp, dp=dp, micro_batch=micro,
+    p = cfg.parallelism
+    memory = estimate(model, params["total"], micro_batch=micro, grad_accum=accum, tp=p.tp, pp=p.pp, dp=dp,
+                      zero_stage=p.zero_stage, precision=precision, sequence_parallel=p.sequence_parallel)
+    warnings += _check_memory(cfg, res, world, memory)
+    return RunPlan(world_size=world, tp=p.tp, pp=p.pp, dp=dp, micro_batch=micro,
                    grad_accum=accum, global_batch=global_, seq_len=model.seq_len, precision=precision,
                    device=res.device, model=model, params=params, flops_per_token=flops_per_token(model, params),
-                   run_dir=run_dir, resources=res, warnings=tuple(warnings), blockers=tuple(blockers))
+                   run_dir=run_dir, resources=res, memory=memory, warnings=tuple(warnings))

@@ -4,88 +4,111 @@ The YAML files under conf/ only select and override these dataclasses. Every dat
 registered in Hydra's ConfigStore, so an unknown key anywhere fails at composition.
 Derived values (dp size, the batch triad, padded vocab, FLOPs) are computed in
 `neox.config.plan`, never stored back into these.
+
+Each field declares, through `setting(...)`, what a change of it on resume means (error | warn |
+ignore: `neox.checkpoint.config_check`) and the values it accepts (`neox.config.domains`, checked
+by `make_plan` before anything runs). A new field without them fails tests/config/test_schema_meta.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from neox.config.domains import (ERROR, IGNORE, KERNEL_CHOICES, NON_NEGATIVE, PORT, POSITIVE, PROBABILITY, SEED,
+                                 WARN, Choices, Domain, Each, Range, SplitSpec, at_least)
+
+
+def setting(default: Any = MISSING, resume: str = WARN, domain: Optional[Domain] = None, *,
+            factory: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+    """A schema field with its resume class and domain as dataclass metadata (OmegaConf ignores it)."""
+    metadata = {"resume": resume, "domain": domain, **extra}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _op() -> Any:
+    return setting(None, IGNORE, Choices(KERNEL_CHOICES))
 
 
 @dataclass
 class KernelOps:
     """Per-op choice of kernel, auto | fused | reference; unset ops follow model.kernels."""
-    layer_norm: Optional[str] = None
-    rms_norm: Optional[str] = None
-    rotary: Optional[str] = None
-    masked_softmax: Optional[str] = None  # the attention path for ALiBi (fused: materialized scores)
-    bias_gelu: Optional[str] = None
-    swiglu: Optional[str] = None
-    cross_entropy: Optional[str] = None
+    layer_norm: Optional[str] = _op()
+    rms_norm: Optional[str] = _op()
+    rotary: Optional[str] = _op()
+    masked_softmax: Optional[str] = _op()  # the attention path for ALiBi (fused: materialized scores)
+    bias_gelu: Optional[str] = _op()
+    swiglu: Optional[str] = _op()
+    cross_entropy: Optional[str] = _op()
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
-    n_layers: int = MISSING
-    d_model: int = MISSING
-    n_heads: int = MISSING
-    n_kv_heads: Optional[int] = None  # None: as many as n_heads (MHA); fewer: grouped-query
-    d_ff: Optional[int] = None  # None: 4*d for gelu, 8/3*d rounded up to 64 for swiglu
-    seq_len: int = 2048
-    vocab_size: int = 50257  # the tokenizer's vocab; the embedding is padded (see vocab_multiple)
-    vocab_multiple: int = 128  # pad the vocab to a multiple of this; never depends on tp
-    position: str = "rotary"  # learned | rotary | alibi
-    rotary_pct: float = 1.0  # fraction of each head's dims that rotate
-    rotary_base: float = 10000.0
-    rotary_interleaved: bool = False  # GPT-J layout (pairs 2i,2i+1) instead of NeoX halves
-    parallel_residual: bool = False  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
-    tied_embeddings: bool = False
-    bias: bool = True
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    init: str = "wang_init"  # normal (GPT-2) | small_init | wang_init (small_init + wang_init outputs)
-    init_std: float = 0.02  # used by init=normal
-    activation_checkpointing: str = "none"  # none | full
-    kernels: str = "auto"  # auto | fused | reference, for every op (neox.kernels)
+    name: str = setting(MISSING, IGNORE)
+    n_layers: int = setting(MISSING, ERROR, Range(lo=1, eg="12"))
+    d_model: int = setting(MISSING, ERROR, Range(lo=1, eg="768"))
+    n_heads: int = setting(MISSING, ERROR, Range(lo=1, eg="12"))
+    n_kv_heads: Optional[int] = setting(None, ERROR, at_least(1))  # None: as many as n_heads (MHA); fewer: GQA
+    d_ff: Optional[int] = setting(None, ERROR, at_least(1))  # None: 4*d for gelu, 8/3*d rounded up to 64 for swiglu
+    # Positions are weights only when learned: then a change is an error, else a warning.
+    seq_len: int = setting(2048, WARN, at_least(1), resume_error_if={"model.position": "learned"})
+    vocab_size: int = setting(50257, ERROR, at_least(1))  # the tokenizer's; the embedding is padded (vocab_multiple)
+    vocab_multiple: int = setting(128, ERROR, at_least(1))  # pad the vocab to a multiple of this; never depends on tp
+    position: str = setting("rotary", ERROR, Choices(("learned", "rotary", "alibi")))
+    rotary_pct: float = setting(1.0, ERROR, Range(lo=0, hi=1, lo_open=True))  # fraction of each head's dims that rotate
+    rotary_base: float = setting(10000.0, ERROR, POSITIVE)  # the rotation frequencies the weights learned
+    rotary_interleaved: bool = setting(False, ERROR)  # GPT-J layout (pairs 2i,2i+1) instead of NeoX halves
+    parallel_residual: bool = setting(False, ERROR)  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    norm: str = setting("layernorm", ERROR, Choices(("layernorm", "rmsnorm")))
+    norm_eps: float = setting(1e-5, ERROR, POSITIVE)  # part of what the norm weights were trained against
+    mlp: str = setting("gelu", ERROR, Choices(("gelu", "swiglu")))
+    tied_embeddings: bool = setting(False, ERROR)
+    bias: bool = setting(True, ERROR)
+    dropout: float = setting(0.0, WARN, PROBABILITY)
+    attn_dropout: float = setting(0.0, WARN, PROBABILITY)
+    # normal (GPT-2) | small_init | wang_init (small_init + wang_init outputs); only a fresh run initializes
+    init: str = setting("wang_init", WARN, Choices(("normal", "small_init", "wang_init")))
+    init_std: float = setting(0.02, WARN, POSITIVE)  # used by init=normal
+    activation_checkpointing: str = setting("none", IGNORE, Choices(("none", "full")))
+    kernels: str = setting("auto", IGNORE, Choices(KERNEL_CHOICES))  # for every op (neox.kernels)
     kernel_ops: KernelOps = field(default_factory=KernelOps)  # per op, e.g. kernel_ops.cross_entropy=reference
 
 
 @dataclass
 class ParallelConfig:
-    name: str = MISSING
-    tp: int = 1
-    pp: int = 1
-    dp: Optional[int] = None  # None: world // (tp * pp)
-    zero_stage: int = 0
-    zero_bucket_size: int = 50_000_000  # elements; small buckets keep ZeRO-1/2 lean at dp=1
-    sequence_parallel: bool = False
-    pipe_partition: str = "parameters"  # uniform | parameters | type:Block
-    tp_across_nodes_is_slow: bool = False  # force a tp group wider than one node
+    name: str = setting(MISSING, IGNORE)
+    tp: int = setting(1, WARN, at_least(1))
+    pp: int = setting(1, WARN, at_least(1))
+    dp: Optional[int] = setting(None, WARN, at_least(1))  # None: world // (tp * pp)
+    zero_stage: int = setting(0, WARN, Choices((0, 1, 2, 3)))
+    zero_bucket_size: int = setting(50_000_000, IGNORE, at_least(1))  # elements; small keeps ZeRO-1/2 lean at dp=1
+    sequence_parallel: bool = setting(False, WARN)
+    pipe_partition: str = setting("parameters", WARN)  # uniform | parameters | type:Block
+    tp_across_nodes_is_slow: bool = setting(False, IGNORE)  # force a tp group wider than one node
 
 
 @dataclass
 class LocalCluster:
-    kind: str = "local"
-    gpus: Optional[int] = None  # None: every visible GPU
-    include: Optional[str] = None  # GPU ids, e.g. "0,1" (like CUDA_VISIBLE_DEVICES)
-    exclude: Optional[str] = None
-    cpu_procs: int = 2  # processes over gloo when there is no GPU
-    master_port: Optional[int] = None  # None: a free port
+    kind: str = setting("local", IGNORE)
+    gpus: Optional[int] = setting(None, IGNORE, at_least(1))  # None: every visible GPU
+    include: Optional[str] = setting(None, IGNORE)  # GPU ids, e.g. "0,1" (like CUDA_VISIBLE_DEVICES)
+    exclude: Optional[str] = setting(None, IGNORE)
+    cpu_procs: int = setting(2, IGNORE, at_least(1))  # processes over gloo when there is no GPU
+    master_port: Optional[int] = setting(None, IGNORE, PORT)  # None: a free port
 
 
 @dataclass
 class HostfileCluster:
-    kind: str = "hostfile"
-    hostfile: str = "~/jobs/hostfile"  # one `host slots=N` per line
-    master_addr: Optional[str] = None  # None: the first host
-    master_port: Optional[int] = None
-    launcher: str = "pdsh"  # deepspeed's multi-node launcher: pdsh | openmpi | mvapich | slurm
+    kind: str = setting("hostfile", IGNORE)
+    hostfile: str = setting("~/jobs/hostfile", IGNORE)  # one `host slots=N` per line
+    master_addr: Optional[str] = setting(None, IGNORE)  # None: the first host
+    master_port: Optional[int] = setting(None, IGNORE, PORT)
+    # deepspeed's multi-node launcher
+    launcher: str = setting("pdsh", IGNORE, Choices(("pdsh", "openmpi", "mvapich", "slurm")))
 
 
 @dataclass
@@ -111,73 +134,79 @@ class SlurmCluster:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
-    kind: str = "embedded"  # embedded (this machine's Python stdlib source) | prepared
-    prefixes: List[str] = field(default_factory=list)  # prepared .bin/.idx paths, no extension
-    weights: Optional[List[float]] = None  # blend weights, one per prefix
-    split: str = "969,30,1"  # train,valid,test proportions, by documents
-    tokenizer: Optional[str] = None  # tokenizer.json used to prepare the data
-    cache_dir: Optional[str] = None  # index cache; None: beside the data
-    allow_repeats: bool = True  # cover the requested samples with extra epochs
-    embedded_vocab: int = 8192  # BPE vocab trained on the embedded corpus
+    name: str = setting(MISSING, IGNORE)
+    # embedded (this machine's Python stdlib source) | prepared
+    kind: str = setting("embedded", WARN, Choices(("embedded", "prepared")))
+    prefixes: List[str] = setting(resume=WARN, factory=list)  # prepared .bin/.idx paths, no extension
+    weights: Optional[List[float]] = setting(None, WARN, Each(Range(lo=0, lo_open=True, eg="[0.3,0.7]")))  # per prefix
+    # train,valid,test proportions, by documents (by sequences for files holding several per document)
+    split: str = setting("969,30,1", WARN, SplitSpec())
+    tokenizer: Optional[str] = setting(None, ERROR)  # tokenizer.json used to prepare the data
+    cache_dir: Optional[str] = setting(None, IGNORE)  # index cache; None: beside the data
+    allow_repeats: bool = setting(True, WARN)  # cover the requested samples with extra epochs
+    embedded_vocab: int = setting(8192, ERROR, at_least(257))  # the embedded corpus's BPE vocab (>= 256 bytes + EOD)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | linear | constant
-    decay_steps: Optional[int] = None  # None: train.steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = setting(6e-4, WARN, POSITIVE)
+    min_lr: float = setting(6e-5, WARN, NON_NEGATIVE)  # and <= lr (plan.py)
+    warmup_steps: int = setting(100, WARN, NON_NEGATIVE)
+    decay: str = setting("cosine", WARN, Choices(("cosine", "linear", "constant")))
+    decay_steps: Optional[int] = setting(None, WARN, at_least(1))  # None: train.steps
+    weight_decay: float = setting(0.1, WARN, NON_NEGATIVE)
+    beta1: float = setting(0.9, WARN, Range(lo=0, hi=1, hi_open=True))
+    beta2: float = setting(0.95, WARN, Range(lo=0, hi=1, hi_open=True))
+    eps: float = setting(1e-8, WARN, POSITIVE)
+    grad_clip: float = setting(1.0, WARN, NON_NEGATIVE)  # 0: no clipping
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    micro_batch: Optional[int] = None  # any two of micro, accumulation, global
-    grad_accum: Optional[int] = None  #   determine the third: global = micro * accum * dp
-    global_batch: Optional[int] = None
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    seed: int = 1234
-    eval_every: int = 100
-    eval_batches: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    collective_timeout_s: int = 600  # a dead or hung rank ends the job after this
-    max_nonfinite_steps: int = 5  # skipped non-finite steps in a row before the run stops
-    compile: bool = False  # torch.compile each block in place (neox/train/compile.py)
+    steps: int = setting(1000, WARN, at_least(1))
+    micro_batch: Optional[int] = setting(None, WARN, at_least(1))  # any two of micro, accumulation, global
+    grad_accum: Optional[int] = setting(None, WARN, at_least(1))  #   determine the third: global = micro * accum * dp
+    global_batch: Optional[int] = setting(None, WARN, at_least(1))
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = setting("auto", ERROR, Choices(("auto", "fp32", "bf16", "fp16")))
+    seed: int = setting(1234, WARN, SEED)
+    eval_every: int = setting(100, IGNORE, at_least(1))
+    eval_batches: int = setting(10, IGNORE, at_least(1))
+    save_every: int = setting(100, IGNORE, at_least(1))
+    keep_checkpoints: int = setting(3, IGNORE, at_least(1))
+    log_every: int = setting(10, IGNORE, at_least(1))
+    collective_timeout_s: int = setting(600, IGNORE, at_least(1))  # a dead or hung rank ends the job after this
+    max_nonfinite_steps: int = setting(5, IGNORE, at_least(1))  # skipped non-finite steps in a row before it stops
+    compile: bool = setting(False, IGNORE)  # torch.compile each block in place (neox/train/compile.py)
+    # start from these weights (a from-hf model dir, a run/checkpoint, an HF dir) when the run has no checkpoint
+    init_from: Optional[str] = setting(None, IGNORE)
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = True  # offline without credentials; a missing wandb never breaks a run
-    wandb_project: str = "neox"
-    wandb_entity: Optional[str] = None
-    progress: bool = True
+    tensorboard: bool = setting(True, IGNORE)
+    wandb: bool = setting(True, IGNORE)  # offline without credentials; a missing wandb never breaks a run
+    wandb_project: str = setting("neox", IGNORE)
+    wandb_entity: Optional[str] = setting(None, IGNORE)
+    progress: bool = setting(True, IGNORE)  # not read anywhere yet (issue 14: implement or remove)
+
+
+CLUSTER_SCHEMAS = {"local": LocalCluster, "hostfile": HostfileCluster, "slurm": SlurmCluster}
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     parallelism: ParallelConfig = MISSING
-    cluster: Any = MISSING  # LocalCluster | HostfileCluster | SlurmCluster
+    # LocalCluster | HostfileCluster | SlurmCluster, picked by its kind (CLUSTER_SCHEMAS)
+    cluster: Any = setting(MISSING, IGNORE, schemas=CLUSTER_SCHEMAS)
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    run_name: Optional[str] = None  # None: <model>-<parallelism>-<data>
-    run_dir: Optional[str] = None  # None: runs/<run_name> (same command, same dir: it resumes)
-    dry_run: bool = False  # validate and print the summary, launch nothing
-
-
-CLUSTER_SCHEMAS = {"local": LocalCluster, "hostfile": HostfileCluster, "slurm": SlurmCluster}
+    run_name: Optional[str] = setting(None, IGNORE)  # None: <model>-<parallelism>-<data>
+    run_dir: Optional[str] = setting(None, IGNORE)  # None: runs/<run_name> (same command, same dir: it resumes)
+    dry_run: bool = setting(False, IGNORE)  # validate and print the summary, launch nothing
 
 
 def register_configs() -> None:

@@ -10,7 +10,9 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig
 
+from neox.config.domains import check_domains
 from neox.config.plan import Resources
+from neox.config.schema import CLUSTER_SCHEMAS
 from neox.errors import LaunchError
 
 _HOSTFILE_LINE = re.compile(r"^(?P<host>[A-Za-z0-9._-]+)\s+slots=(?P<slots>\S+)$")
@@ -66,6 +68,25 @@ def _gpu_ids(spec: Optional[str], what: str, present: int) -> List[int]:
     return ids
 
 
+def ram_bytes() -> int:
+    """This machine's memory, or the container's limit (cgroup v2 or v1) when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def gpu_memory_bytes(ids: List[int]) -> int:
+    import torch
+
+    return min(torch.cuda.get_device_properties(i).total_memory for i in ids)
+
+
 def local_gpu_count() -> int:
     import torch  # deferred: importing torch costs ~1-2 s, only the launch path needs it
 
@@ -89,20 +110,21 @@ def local_gpu_selection(cluster: DictConfig, present: int) -> List[int]:
 
 
 def detect(cluster: DictConfig) -> Resources:
-    """The resources a launch with this cluster config can use."""
+    """The resources a launch with this cluster config can use (memory only where it is measurable here)."""
+    if cluster.kind in CLUSTER_SCHEMAS:  # domains first: gpus=-1 or cpu_procs=0 would be sliced or divided
+        check_domains(cluster, CLUSTER_SCHEMAS[cluster.kind], "cluster.")
     if cluster.kind == "local":
         present = local_gpu_count()
         if present == 0:
             if cluster.include or cluster.exclude or cluster.gpus:
                 raise LaunchError("cluster.gpus/include/exclude select GPUs, but this machine has none; "
                                   "drop them to run CPU processes (cluster.cpu_procs)")
-            if cluster.cpu_procs < 1:
-                raise LaunchError(f"cluster.cpu_procs={cluster.cpu_procs} must be at least 1")
-            return Resources("local", "cpu", cluster.cpu_procs, cluster.cpu_procs)
-        n = len(local_gpu_selection(cluster, present))
-        if n == 0:
+            procs = cluster.cpu_procs
+            return Resources("local", "cpu", procs, procs, memory_per_slot=ram_bytes() // procs)
+        ids = local_gpu_selection(cluster, present)
+        if not ids:
             raise LaunchError("cluster.include/exclude leave no GPU to run on")
-        return Resources("local", "cuda", n, n)
+        return Resources("local", "cuda", len(ids), len(ids), memory_per_slot=gpu_memory_bytes(ids))
     if cluster.kind == "hostfile":
         hosts = parse_hostfile(cluster.hostfile)
         per_node = min(h.slots for h in hosts)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from neox.config.memory import gib
 from neox.config.plan import RunPlan
 
 
@@ -46,6 +47,11 @@ def render(cfg: DictConfig, plan: RunPlan) -> str:
         f"  batch     global {plan.global_batch} = micro {plan.micro_batch} x accum {plan.grad_accum} x dp {plan.dp}; "
         f"{tokens:,} tokens/step; {cfg.train.steps} steps = {human(tokens * cfg.train.steps)} tokens",
     ]
+    mem, res = plan.memory, plan.resources
+    budget = (f"; {gib(res.memory_per_slot)} available per {'GPU' if plan.device == 'cuda' else 'process'}"
+              if res.memory_per_slot is not None and plan.world_size <= res.slots else "")
+    lines.append(f"  memory    ~{gib(mem.total)} per {'GPU' if gpu_job else 'process'} = {gib(mem.states)} weights, "
+                 f"gradients, optimizer + {gib(mem.activations)} activations (estimate){budget}")
     if plan.pp > 1:
         lines.append(f"  pipeline  {plan.pp} stages, {plan.grad_accum} micro-batches: expected bubble "
                      f"(p-1)/(m+p-1) = {plan.bubble_fraction:.1%}")

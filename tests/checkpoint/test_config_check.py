@@ -41,6 +41,9 @@ def test_identical_config_is_silent():
     ("model__d_ff", 512), ("model__vocab_size", 50257), ("model__vocab_multiple", 64), ("model__position", "alibi"),
     ("model__mlp", "swiglu"), ("model__norm", "rmsnorm"), ("model__tied_embeddings", True),
     ("train__precision", "bf16"), ("data__embedded_vocab", 4096),
+    # Not shapes, but what the weights mean: the rotation frequencies and the norm's epsilon they were trained with.
+    ("model__rotary_base", 500000.0), ("model__norm_eps", 1e-6), ("model__rotary_pct", 0.25),
+    ("model__rotary_interleaved", True), ("model__parallel_residual", True), ("model__bias", False),
 ])
 def test_shape_change_is_an_error_naming_the_field(field, value):
     name = field.replace("__", ".")
@@ -74,6 +77,7 @@ def test_seq_len_matters_only_for_learned_positions():
     ("parallelism__zero_stage", 1, "resharded"),
     ("data__prefixes", ["/x"], "different sample order"),
     ("model__dropout", 0.1, "resuming with the new value"),
+    ("model__init", "normal", "the init only applies to a fresh run"),
 ])
 def test_allowed_change_is_one_warning(field, value, why):
     warnings = check_resume_config(SAVED, changed(**{field: value}))
@@ -83,6 +87,7 @@ def test_allowed_change_is_one_warning(field, value, why):
 @pytest.mark.parametrize("field,value", [
     ("logging__wandb", True), ("run_dir", "/tmp/b"), ("train__save_every", 5), ("train__log_every", 10),
     ("model__kernels", "reference"), ("cluster__kind", "slurm"), ("model__name", "other"),
+    ("parallelism__tp_across_nodes_is_slow", True), ("model__activation_checkpointing", "full"),
 ])
 def test_bookkeeping_changes_are_ignored(field, value):
     assert check_resume_config(SAVED, changed(**{field: value})) == []
@@ -92,3 +97,28 @@ def test_new_field_in_a_newer_schema_is_a_warning_not_an_error():
     cfg = changed()
     cfg["train"]["new_knob"] = 1
     assert any("train.new_knob" in w for w in check_resume_config(SAVED, cfg))
+
+
+def test_every_schema_field_is_checked_by_its_declared_class():
+    """Change each field of a real composed config in turn: the check does what the field's metadata says."""
+    from omegaconf import OmegaConf
+
+    from neox.config.domains import leaf_fields
+    from neox.config.schema import RunConfig
+    from neox.launch.compose import compose_config
+
+    base = OmegaConf.to_container(compose_config([]), resolve=True)
+    for key, f in leaf_fields(RunConfig):
+        cfg = copy.deepcopy(base)
+        *path, leaf = key.split(".")
+        node = cfg
+        for p in path:
+            node = node[p]
+        node[leaf] = "a different value"
+        cls = f.metadata["resume"]
+        if cls == "error":
+            with pytest.raises(CheckpointError, match=f"{key} "):
+                check_resume_config(base, cfg)
+        else:
+            warnings = check_resume_config(base, cfg)
+            assert len(warnings) == (1 if cls == "warn" else 0), (key, warnings)
