@@ -25,13 +25,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from neox.data.fsutil import atomic_path, temp_name
 from neox.data.indexed import IndexedDatasetWriter, best_dtype
-from neox.data.sources import ReadStats, iter_documents, resolve_inputs
+from neox.data.progress import Progress
+from neox.data.shards import ItemDocs, SlurmOptions, plan, prepare_sharded, slurm_options
+from neox.data.sources import iter_documents, resolve_inputs
+from neox.data.stream import ENCODERS, encode_into
 from neox.data.tokenizer import Tokenizer, encode_documents, load_tokenizer, train_bpe
 from neox.errors import DataError, NeoxError
 
@@ -52,21 +55,6 @@ class PrepareResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
-
-
-def batches(docs: Iterable[str], max_chars: int = 1 << 20, max_docs: int = 4096
-            ) -> Iterator[list[str]]:
-    """Group documents into batches of about `max_chars` characters."""
-    batch: list[str] = []
-    size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= max_chars or len(batch) >= max_docs:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 # Worker side: each process loads the tokenizer once, then encodes whole batches.
@@ -161,14 +149,23 @@ def _encoded_in_order(tok_spec: str, eod_token: str | None, dtype: np.dtype,
 
 def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
             text_field: str = "text", split: str = "train", hf_config: str | None = None,
-            streaming: bool = False, workers: int = 1, invalid_utf8: str = "skip",
+            streaming: bool = False, workers: int | None = None, invalid_utf8: str = "skip",
             eod_token: str | None = None, model_vocab_size: int | None = None,
-            progress: bool = True, batch_chars: int = 1 << 20) -> PrepareResult:
+            progress: bool = True, batch_chars: int = 1 << 20, encoder: str = "auto",
+            shards: int = 1, slurm: SlurmOptions | None = None) -> PrepareResult:
     """Tokenize `inputs` into `output.bin/.idx` (+ `.tokenizer.json`, `.meta.json`).
 
     `tokenizer` is a tokenizer.json path, `bytes`, or `bpe:VOCAB` to train a byte-level BPE
-    on the inputs first (one extra pass over them).
+    on the inputs first (one extra pass over them). `encoder`: auto (tiktoken where it gives
+    tokenizers' ids, see neox.data.fast_bpe), tiktoken, or tokenizers. `shards` > 1 or `slurm`:
+    prepare in pieces, `workers` processes at once or a Slurm array, and merge them
+    (neox.data.shards).
     """
+    if shards != 1 or slurm is not None:
+        return prepare_sharded(inputs, output, tokenizer, shards=shards, workers=workers,
+                               slurm=slurm, encoder=encoder, text_field=text_field,
+                               invalid_utf8=invalid_utf8, eod_token=eod_token,
+                               model_vocab_size=model_vocab_size, progress=progress)
     t0 = time.perf_counter()
     sources = resolve_inputs(list(inputs))
     read = dict(text_field=text_field, split=split, hf_config=hf_config, streaming=streaming,
@@ -196,15 +193,13 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
         # Workers load the tokenizer from the saved file; bytes needs no file.
         worker_spec = "bytes" if tok.name == "bytes" else str(tok_tmp)
 
-        stats = ReadStats()
-        docs = iter_documents(sources, stats=stats, **read)
-        with IndexedDatasetWriter(output, dtype) as writer, _progress_bar(progress) as bar:
-            for n, (flat, lengths) in _encoded_in_order(
-                    worker_spec, eod_token, dtype, batches(docs, batch_chars), workers):
-                writer.add_documents(flat, lengths)
-                bar.update(n)  # tqdm shows docs/s; we add tokens/s
-                rate = writer.num_tokens / max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix_str(f"{rate / 1e6:.2f} M tok/s", refresh=False)
+        docs = ItemDocs(plan(sources, 1)[0], **read)
+        stats = docs.stats
+        total = sum(item.length for item in docs.items)
+        with IndexedDatasetWriter(output, dtype) as writer, Progress(total, progress) as bar:
+            used, counts = encode_into(writer, docs, tok, worker_spec, eod_token,
+                                       encoder=encoder, workers=workers or 1, progress=bar,
+                                       batch_chars=batch_chars, log=lambda m: _log(progress, m))
             bar.close()
             if writer.num_documents == 0:
                 raise DataError(f"the inputs {' '.join(inputs)} hold no documents "
@@ -215,7 +210,8 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
                                    dtype.name, stats.skipped_invalid_utf8,
                                    stats.skipped_empty_files, warnings)
             meta = {**asdict(result), "inputs": list(inputs), "tokenizer": tokenizer,
-                    "text_field": text_field, "files": stats.files}
+                    "text_field": text_field, "files": stats.files, "encoder": used,
+                    "bytes_read": counts.bytes_read}
             # Sidecars first; leaving this block renames the .bin, then the .idx, last.
             with atomic_path(f"{output}.meta.json") as meta_tmp:
                 meta_tmp.write_text(json.dumps(meta, indent=1))
@@ -228,10 +224,7 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
         if tok_tmp.exists():
             tok_tmp.unlink()
     # The .bin/.idx and sidecars are in place now (the .idx renamed last of the data files).
-    _log(progress, f"wrote {output}.bin/.idx: {result.documents} docs, "
-         f"{result.tokens / 1e6:.2f} M tokens in {result.seconds:.1f} s "
-         f"({result.tokens_per_s / 1e6:.2f} M tok/s); skipped {result.skipped_invalid_utf8} "
-         f"invalid-UTF-8 docs and {result.skipped_empty_files} empty files")
+    _log(progress, f"wrote {output}.bin/.idx: {bar.summary(used)}")
     return result
 
 
@@ -261,13 +254,6 @@ def _check_output(output: str) -> str:
 def _log(enabled: bool, msg: str) -> None:
     if enabled:
         print(f"[neox.data.prepare] {msg}", file=sys.stderr, flush=True)
-
-
-def _progress_bar(enabled: bool) -> "tqdm":  # noqa: F821
-    from tqdm import tqdm
-
-    return tqdm(unit=" docs", unit_scale=True, file=sys.stderr, mininterval=0.5,
-                disable=not enabled)
 
 
 def _warn(msg: str) -> None:
@@ -308,9 +294,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="datasets split (hf: inputs)")
     p.add_argument("--hf-config", default=None, help="datasets config name (hf: inputs)")
     p.add_argument("--streaming", action="store_true", help="stream the hf: dataset")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="tokenizer processes; 1 (default) tokenizes in this process with the "
-                   "tokenizer's own threads on every core, which measured fastest on 2 cores")
+                   "tokenizer's own threads on every core, which measured fastest on 2 cores. "
+                   "With --shards: pieces prepared at once (default: one per core)")
+    p.add_argument("--encoder", choices=ENCODERS, default="auto",
+                   help="auto (default): tiktoken for byte-level BPEs it expresses exactly "
+                   "(checked on the first documents), else tokenizers")
+    p.add_argument("--shards", type=int, default=1, help="prepare in N pieces in parallel, "
+                   "then merge them (same output); a re-run prepares only missing pieces")
+    p.add_argument("--slurm", action="store_true",
+                   help="prepare the pieces as a Slurm job array (submitit), then merge here")
+    p.add_argument("--partition", default=None, help="Slurm partition (--slurm)")
+    p.add_argument("--account", default=None, help="Slurm account (--slurm)")
+    p.add_argument("--time-min", type=int, default=None,
+                   help="time limit per piece in minutes (--slurm; default 60)")
+    p.add_argument("--cpus-per-shard", type=int, default=None,
+                   help="CPUs per piece (--slurm; default 2)")
     p.add_argument("--invalid-utf8", choices=("skip", "fail"), default="skip",
                    help="skip (and count) documents that are not valid UTF-8, or stop")
     p.add_argument("--eod-token", default=None, help="end-of-document token in the tokenizer "
@@ -324,11 +324,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        slurm = slurm_options(args)  # refuses Slurm flags without --slurm, before any work
         prepare(args.inputs, args.output, args.tokenizer, text_field=args.text_field,
                 split=args.split, hf_config=args.hf_config, streaming=args.streaming,
                 workers=args.workers, invalid_utf8=args.invalid_utf8,
                 eod_token=args.eod_token, model_vocab_size=args.model_vocab_size,
-                progress=not args.quiet)
+                progress=not args.quiet, encoder=args.encoder, shards=args.shards,
+                slurm=slurm)
     except NeoxError as e:
         print(f"neox: error: {e}", file=sys.stderr)
         return 2
