@@ -223,7 +223,8 @@ def test_sweep_without_multirun_flag(capsys):
 
 
 def test_bad_value_in_a_sweep_fails_before_any_job(capsys, tmp_path):
-    _fails(capsys, ["-m", "model.n_heads=4,3", f"run_dir={tmp_path}/r"], "not divisible by model.n_heads=3")
+    _fails(capsys, ["-m", "model.n_heads=4,3", f"run_dir={tmp_path}/r_${{model.n_heads}}"],
+           "not divisible by model.n_heads=3")
 
 
 def test_dry_run_prints_the_6B_layout_for_32_gpus(capsys):
