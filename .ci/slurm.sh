@@ -20,7 +20,11 @@ set -euo pipefail
 STATE="${NEOX_SLURM_DIR:-/tmp/neox-slurm}"
 CONF="$STATE/slurm.conf"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-NODE=localhost
+# The node under this machine's own name, as on a real cluster (jobs see it in SLURM_NODELIST and
+# use it as MASTER_ADDR); localhost only where that name does not resolve. (Slurm 22.05 refuses a
+# second node beside one named localhost, so the drained node below needs the real name.)
+NODE="$(hostname -s 2>/dev/null || true)"
+getent hosts "$NODE" >/dev/null 2>&1 || NODE=localhost
 
 log() { echo "slurm.sh: $*" >&2; }
 
@@ -116,10 +120,15 @@ SlurmdLogFile=$STATE/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
+# A node drained for maintenance (no slurmd answers on its port): the only node of partition maint.
+NodeName=ghost NodeAddr=127.0.0.1 Port=6829 CPUs=1 RealMemory=100 State=DRAIN Reason=maintenance
 # OverSubscribe lets the jobs of a sweep share the 2 cores, so they run side by side.
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+# Limits as a lab's debug partition has them (for the tests of jobs that cannot fit): a MaxTime,
+# a node limit, and a partition whose only node is drained.
+PartitionName=short Nodes=$NODE MaxTime=20 MaxNodes=1 State=UP OverSubscribe=FORCE:4
+PartitionName=maint Nodes=ghost MaxTime=60 State=UP
 EOF
-  mv "$CONF.new" "$CONF"
 }
 
 start() {
@@ -130,13 +139,20 @@ start() {
   mkdir -p "$STATE/bin" "$STATE/ctld" "$STATE/d"
   install_packages
   install -m 755 "$HERE/slurm/sacct" "$STATE/bin/sacct"
-  if is_up; then
-    log "already up ($CONF)"
-    print_env
-    return 0
+  write_conf  # to $CONF.new
+  if [ -f "$CONF" ] && cmp -s "$CONF" "$CONF.new"; then
+    rm -f "$CONF.new"
+    if is_up; then
+      log "already up ($CONF)"
+      print_env
+      return 0
+    fi
+  elif alive "$STATE/slurmctld.pid" || alive "$STATE/slurmd.pid"; then
+    log "the configuration changed: restarting"
+    stop_daemons
   fi
+  [ -f "$CONF.new" ] && mv "$CONF.new" "$CONF"
   start_munge
-  write_conf
   export SLURM_CONF="$CONF"
   alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
   for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
@@ -159,7 +175,7 @@ start() {
   print_env
 }
 
-stop() {
+stop_daemons() {
   local f
   for f in slurmd slurmctld; do
     if alive "$STATE/$f.pid"; then
@@ -168,6 +184,10 @@ stop() {
       log "stopped $f"
     fi
   done
+}
+
+stop() {
+  stop_daemons
   # munged only if this script started it.
   if alive "$STATE/munged.pid"; then
     kill "$(cat "$STATE/munged.pid")" 2>/dev/null || true

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, List
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from neox.errors import NeoxError
+from neox.config.plan import default_run_dir
+from neox.errors import ConfigError, NeoxError
 from neox.launch.compose import CONF_DIR, compose_config, sweep_combinations
 from neox.launch.job import plan_for, run_job
 
@@ -48,17 +51,37 @@ def main(argv: List[str]) -> int:
             print(OmegaConf.to_yaml(configs[0]))
             return 0
         if multirun:  # validate every job before the first one starts
+            check_distinct_run_dirs(configs)
             for cfg in configs:
                 plan_for(cfg)
     except NeoxError as exc:
         return fail(exc)
     if not multirun:
         return guarded(run_job, configs[0])
-    return _hydra_multirun(argv)
+    return _hydra_multirun(argv, configs)
 
 
-def _hydra_multirun(argv: List[str]) -> int:
-    """Hand the sweep to Hydra's launcher (basic: one job after another here; submitit: Slurm jobs)."""
+def check_distinct_run_dirs(configs: List[DictConfig]) -> None:
+    """Refuse a sweep whose jobs would share a run dir (they would overwrite each other's config,
+    metrics and checkpoints). Jobs without run_dir get Hydra's hydra.sweep.dir/<job number>."""
+    seen: Dict[Path, int] = {}
+    for num, cfg in enumerate(configs):
+        if cfg.run_dir is None:
+            continue
+        run_dir = Path(cfg.run_dir).expanduser().absolute()
+        if run_dir in seen:
+            raise ConfigError(
+                f"sweep jobs {seen[run_dir]} and {num} would both run in run_dir={cfg.run_dir}: leave run_dir out "
+                "and set hydra.sweep.dir=<dir> (each job gets <dir>/<job number>), or make run_dir differ per "
+                "job, e.g. 'run_dir=runs/lr_${optim.lr}' (in single quotes)")
+        seen[run_dir] = num
+
+
+def _hydra_multirun(argv: List[str], configs: List[DictConfig]) -> int:
+    """Hand the sweep to Hydra's launcher (basic: one job after another here; submitit: Slurm jobs).
+
+    With cluster=slurm and the basic launcher each run is submitted without waiting, so the jobs
+    run in parallel, and the sweep then waits for all of them here."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -66,27 +89,63 @@ def _hydra_multirun(argv: List[str]) -> int:
 
     register_configs()
     statuses: List[int] = []
+    submitted: List[Path] = []  # run dirs of the Slurm jobs this sweep waits for
+    own_launcher = any(a.startswith("hydra/launcher=") and a != "hydra/launcher=basic" for a in argv)
+    to_slurm = configs[0].cluster.kind == "slurm" and not own_launcher
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg: DictConfig) -> int:
+        if cfg.cluster.kind == "slurm":  # the Slurm job's name: the run's name and the sweep index
+            name = default_run_dir(cfg).name if cfg.run_name is None else cfg.run_name
+            cfg.run_name = f"{name}_{HydraConfig.get().job.num}"
         if cfg.run_dir is None:
             cfg.run_dir = HydraConfig.get().runtime.output_dir
+        waits = to_slurm and cfg.cluster.wait
+        if waits:
+            cfg.cluster.wait = False  # submit now, wait below with the others
         status = guarded(run_job, cfg)
         statuses.append(status)
+        if waits and status == 0 and not cfg.dry_run:
+            submitted.append(default_run_dir(cfg))
         return status
 
     saved = sys.argv
-    sys.argv = [saved[0]] + argv
+    sys.argv = [saved[0]] + argv + (_job_name(configs) if own_launcher else [])
     try:
-        task()
+        if to_slurm:
+            print(f"Submitting the {len(configs)} runs of this sweep as {len(configs)} Slurm jobs", flush=True)
+        with _quiet_local_launch_line(to_slurm):
+            task()
     finally:
         sys.argv = saved
     from neox.launch import slurm
 
-    # cluster=slurm submitted each job without waiting, so the sweep runs in parallel; wait for all
-    # of them here (each one's outcome is printed; a no-op when nothing went to Slurm).
-    slurm_failed = slurm.wait_pending() != 0
+    slurm_failed = slurm.wait_for(submitted) != 0
     failed = sum(1 for s in statuses if s != 0)
     if failed:
         print(f"neox: {failed} of {len(statuses)} sweep jobs failed", file=sys.stderr)
     return 1 if failed or slurm_failed else 0
+
+
+def _job_name(configs: List[DictConfig]) -> List[str]:
+    """hydra/launcher=submitit_slurm names its jobs after hydra.job.name ("cli" here): the run's name."""
+    names = {cfg.run_name or default_run_dir(cfg).name for cfg in configs}
+    return [f"hydra.job.name={names.pop() if len(names) == 1 else 'neox-sweep'}"]
+
+
+@contextmanager
+def _quiet_local_launch_line(quiet: bool) -> Iterator[None]:
+    """Hydra's basic launcher logs "Launching N jobs locally"; with cluster=slurm they go to Slurm."""
+    import logging
+
+    logger = logging.getLogger("hydra._internal.core_plugins.basic_launcher")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Launching ")
+
+    if quiet:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

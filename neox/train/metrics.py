@@ -102,6 +102,7 @@ class MetricsLogger:
             except Exception as exc:
                 self.warn(f"W&B logging off: {exc}")
                 self.wandb = None
+                _teardown_wandb_quietly()
 
     def close(self) -> None:
         if not self.enabled:
@@ -114,6 +115,18 @@ class MetricsLogger:
                 self.wandb.finish()
             except Exception as exc:
                 self.warn(f"W&B finish failed: {exc}")
+                _teardown_wandb_quietly()
+
+
+def _teardown_wandb_quietly() -> None:
+    """After a W&B failure (its service killed, e.g. with a Slurm job's tasks on a requeue or scancel),
+    close the connection now: W&B's own exit hook would try again and print a traceback."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except (Exception, SystemExit):  # the service is gone; teardown says so by raising
+        pass
 
 
 def _stable_id(run_dir: Path) -> str:

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 SCRIPT = REPO / ".ci" / "slurm.sh"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -38,11 +39,13 @@ def slurm():
     res = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=300)
     if res.returncode:
         _unavailable(f".ci/slurm.sh start failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH", "PYTHONPATH")}
     for line in res.stdout.splitlines():
         if line.startswith("export "):
             key, _, value = line[len("export "):].partition("=")
             os.environ[key] = value.replace("$PATH", os.environ["PATH"])
+    # The jobs import the stand-in worker (slurm_standin:run) from here: sbatch passes the environment on.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), saved["PYTHONPATH"]]))
     yield SimpleNamespace(conf=os.environ["SLURM_CONF"])
     for key, value in saved.items():
         if value is None:

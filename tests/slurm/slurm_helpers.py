@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from neox.config.schema import ParallelConfig, SlurmCluster, TrainConfig
 
-STANDIN = str(Path(__file__).resolve().parent / "slurm_standin.py") + ":run"
+STANDIN = "slurm_standin:run"  # importable in the jobs: the `slurm` fixture puts tests/slurm on PYTHONPATH
 
 
 def make_cfg(run_dir: Path, steps: int = 12, save_every: int = 4, step_sleep: float = 0.0, **cluster):

@@ -84,6 +84,7 @@ def run(config_path: str) -> int:
             if log:
                 log.write(json.dumps({"step": step, "loss": total.item() / world, "restart": restart}) + "\n")
                 log.flush()
+                print(f"standin step {step}/{steps} loss {total.item() / world:.4f}", flush=True)
             time.sleep(step_sleep)
             if step % save_every == 0 or step == steps:
                 _save(ckpt_dir, step, model, opt)
@@ -93,6 +94,8 @@ def run(config_path: str) -> int:
                 if log:
                     log.write(json.dumps({"event": "stop", "step": step, "signal": watcher.signal_name}) + "\n")
                 return EXIT_REQUEUE
+        if log:
+            print(f"standin done: {step} steps", flush=True)
         return 0
     finally:
         watcher.close()

@@ -1,4 +1,6 @@
-"""Submission, sweeps, preemption and failures against the real local Slurm (.ci/slurm.sh).
+"""Submission, sweeps, preemption, refusals and jobs that can never start, against the real local
+Slurm (.ci/slurm.sh: partitions debug (default), short (MaxTime=20, MaxNodes=1) and maint (its only
+node drained)).
 
 The worker here is the stand-in (slurm_standin.py: same contract as neox.train.worker.run, a tiny
 gloo data-parallel regression), so these tests cover the Slurm side alone in seconds per job.
@@ -6,12 +8,14 @@ test_slurm_launch.py runs the real trainer through `python launch.py cluster=slu
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
 
 import pytest
 
+import neox.launch.slurm.submission as submission
 from neox.errors import LaunchError
 from neox.launch import slurm as sl
 from neox.train.preempt import EXIT_REQUEUE
@@ -33,7 +37,13 @@ def events(run_dir, kind):
     return [r for r in steps_log(run_dir) if r.get("event") == kind]
 
 
-def test_two_task_job_completes_and_loss_falls(slurm, tmp_path, capsys):
+def slurm_record(job_id):
+    """What Slurm itself records for the job: {'JobState': ..., 'ExitCode': ..., 'JobName': ...}."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def test_two_task_job_completes_streaming_its_log(slurm, tmp_path, capsys):
     # Beside it, a job submitted with wait=false: submit returns once sbatch has taken it.
     quick = make_cfg(tmp_path / "nowait", steps=4, wait=False)
     t0 = time.time()
@@ -44,28 +54,36 @@ def test_two_task_job_completes_and_loss_falls(slurm, tmp_path, capsys):
     rc = sl.submit(cfg, plan_for(cfg), write_config(cfg, tmp_path / "run"), tmp_path / "run", entry=STANDIN)
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "Submitted Slurm job" in out and str(tmp_path / "run" / "slurm") in out and "completed" in out
+    job_id = re.search(r"Submitted Slurm job (\d+) \(run\)", out).group(1)
+    assert str(tmp_path / "run" / "slurm") in out and f"Slurm job {job_id} completed" in out
+    # Rank 0's log reached the terminal while waiting, in order, without submitit's own lines.
+    streamed = [line for line in out.splitlines() if line.startswith("standin ")]
+    assert streamed == [line for line in (tmp_path / "run" / "slurm" / f"{job_id}_0_log.out").read_text().splitlines()
+                        if line.startswith("standin ")]
+    assert streamed[0].startswith("standin step 1/12") and streamed[-1] == "standin done: 12 steps"
+    assert "submitit INFO" not in out
     assert events(tmp_path / "run", "start")[0]["world"] == 2
     loss = losses(tmp_path / "run")
     assert len(loss) == 12 and loss[-1] < 0.5 * loss[0]
+    record = slurm_record(job_id)
+    assert (record["JobState"], record["ExitCode"], record["JobName"]) == ("COMPLETED", "0:0", "run")
     wait_until(lambda: len(losses(tmp_path / "nowait")) == 4, 120, "the unwaited job to finish")
 
 
-def test_sweep_jobs_go_out_together_and_run_in_their_own_dirs(slurm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sl, "_is_multirun", lambda: True)  # as under `launch.py -m`
+def test_sweep_jobs_go_out_together_and_run_in_their_own_dirs(slurm, tmp_path, capsys):
     dirs = [tmp_path / f"job{i}" for i in range(3)]
     t0 = time.time()
-    for d in dirs:  # what launch.py does for each Hydra job: submit returns at once
-        cfg = make_cfg(d, steps=6, tasks_per_node=1)
+    for d in dirs:  # what launch.py -m does for each run: submit without waiting, then wait for all
+        cfg = make_cfg(d, steps=6, tasks_per_node=1, wait=False)
         assert sl.submit(cfg, plan_for(cfg), write_config(cfg, d), d, entry=STANDIN) == 0
-    submitted_s = time.time() - t0
-    assert len(sl._PENDING) == 3 and submitted_s < 15
-    assert sl.wait_pending() == 0
-    assert not sl._PENDING
-    ids = [line.split()[3].rstrip(":") for line in capsys.readouterr().out.splitlines() if line.startswith("Submitted")]
+    assert time.time() - t0 < 15
+    assert sl.wait_for(dirs) == 0
+    out = capsys.readouterr().out
+    ids = re.findall(r"Submitted Slurm job (\d+)", out)
     assert len(set(ids)) == 3
     for d, job_id in zip(dirs, ids):
         assert len(losses(d)) == 6 and (d / "slurm" / f"{job_id}_0_log.out").exists()
+        assert f"[{d.name}] standin done: 6 steps" in out  # each job's log, streamed under its name
 
 
 def test_usr2_and_outside_requeue_resume_at_the_saved_step(slurm, tmp_path, capsys):
@@ -98,6 +116,7 @@ def test_usr2_and_outside_requeue_resume_at_the_saved_step(slurm, tmp_path, caps
     starts = events(usr2.run_dir, "start")
     assert len(stop) == 1 and stop[0]["signal"] == "SIGUSR2"
     assert [s["restart"] for s in starts] == [0, 1] and starts[1]["step"] == stop[0]["step"] >= 6
+    assert f"requeued job {usr2.job_id} (requeue 1 of at most 3); it resumes" in usr2.log(0).read_text()
     # Outside requeue: resumed from the latest checkpoint (a periodic one, or the SIGTERM save).
     starts = events(outside.run_dir, "start")
     assert [s["restart"] for s in starts] == [0, 1] and starts[1]["step"] >= 10
@@ -109,9 +128,16 @@ def test_usr2_and_outside_requeue_resume_at_the_saved_step(slurm, tmp_path, caps
         assert last["step"] == ref_last["step"] == 30
         assert abs(last["loss"] - ref_last["loss"]) <= 1e-6, (last, ref_last)
 
-    # max_requeue=0: one start, one stop, and the caller is told how to resume.
+    # max_requeue=0: one start, one stop; the job's log says why it is not requeued (and never
+    # that it resumes), the caller is told how to resume, and Slurm records the early stop as a
+    # failure with the trainer's status, as the launcher reports it.
     assert len(events(bounded.run_dir, "start")) == 1 and len(events(bounded.run_dir, "stop")) == 1
     assert f"job {bounded.job_id} stopped for preemption" in err and "rerun the same command to resume" in err
+    log = bounded.log(0).read_text()
+    assert "is not requeued: it was requeued 0 times already (cluster.max_requeue=0)" in log
+    assert "resumes" not in log
+    record = slurm_record(bounded.job_id)
+    assert (record["JobState"], record["ExitCode"]) == ("FAILED", f"{EXIT_REQUEUE}:0")
 
 
 def test_training_error_reaches_the_caller_with_the_log_path(slurm, tmp_path, capsys):
@@ -133,31 +159,61 @@ def test_scancel_ends_the_wait_with_a_message(slurm, tmp_path, capsys):
     assert time.time() - t0 < 60
     err = capsys.readouterr().err
     assert f"job {run.job_id} was cancelled (scancel)" in err and str(tmp_path) in err
+    # The stand-in saved on the SIGTERM; the job's own log says it is not requeued, not that it resumes.
+    log = run.log(0).read_text()
+    assert "so it is not requeued; rerun the same command to resume" in log and "it resumes" not in log
 
 
-def test_rejected_partition_shows_the_sbatch_message(slurm, tmp_path):
-    with pytest.raises(LaunchError, match=r"sbatch refused the job: .*[Ii]nvalid partition"):
-        submit(tmp_path, partition="no_such_partition")
+def test_refused_submissions_say_why_and_leave_nothing(slurm, tmp_path):
+    """Refused before sbatch (the partition's limits) or by sbatch itself: one line naming the field
+    and the limit; the job's slurm/ dir is not left behind."""
+    cases = [
+        (dict(partition="no_such_partition"),
+         r"cluster.partition=no_such_partition is not a partition of this cluster \(there are: debug, short, maint\)"),
+        (dict(partition="short", time_min=30),
+         r"cluster.time_min=30 is above the MaxTime of partition short \(20 min\): set cluster.time_min=20 or less"),
+        (dict(partition="short", time_min=20, nodes=2, tasks_per_node=1),
+         r"cluster.nodes=2 is more than partition short allows \(MaxNodes=1\): set cluster.nodes=1"),
+        (dict(cpus_per_task=2),
+         r"cluster.cpus_per_task=2 × 2 tasks per node = 4 CPUs per node, but the nodes of partition debug have at "
+         r"most 2: set cluster.cpus_per_task=1"),
+        (dict(gpus_per_node=1, tasks_per_node=1),
+         r"cluster.gpus_per_node=1 but partition debug has no GPUs .*: set cluster.gpus_per_node=0"),
+        (dict(mem_gb=100000), r"sbatch refused the job: .*[Mm]emory specification"),  # sbatch's own message
+    ]
+    for i, (cluster, message) in enumerate(cases):
+        with pytest.raises(LaunchError, match=message):
+            submit(tmp_path / str(i), **cluster)
+        assert not (tmp_path / str(i) / "slurm").exists()
 
 
-def test_resources_slurm_rejects_show_the_sbatch_message(slurm, tmp_path):
-    # (An unknown account is refused only where accounting is enforced, i.e. with slurmdbd; the path
-    # is the same: sbatch's own message.) Here: GPUs on a node without any, and too much memory.
-    with pytest.raises(LaunchError, match=r"sbatch refused the job: .*[Ii]nvalid generic resource"):
-        submit(tmp_path, gpus_per_node=1, tasks_per_node=1)
-    with pytest.raises(LaunchError, match=r"sbatch refused the job: .*[Mm]emory specification"):
-        submit(tmp_path, mem_gb=100000)
-
-
-def test_a_job_that_can_never_start_is_said(slurm, tmp_path, capsys):
-    run = submit(tmp_path, cpus_per_task=64)
-    waiter = threading.Thread(target=sl.wait, args=([run],), daemon=True)
-    waiter.start()
-    try:
-        wait_until(lambda: "PartitionConfig" in capsys.readouterr().err, 30, "the pending reason")
-    finally:
-        subprocess.run(["scancel", run.job_id], check=True)
-        waiter.join(60)
+@pytest.mark.timeout(120)  # before the fix the wait never ended
+def test_jobs_that_can_never_start_are_cancelled_with_the_reason(slurm, tmp_path, monkeypatch, capsys):
+    """Held (cluster.sbatch_extra.hold), a partition whose node is drained, and a time limit above the
+    partition's MaxTime on a Slurm whose limits cannot be read before submitting: each is cancelled
+    after cluster.hopeless_pending_s, said once with its reason and the field to change."""
+    monkeypatch.setattr(submission, "find_partition", lambda name: None)
+    held = submit(tmp_path / "held", sbatch_extra={"hold": True}, hopeless_pending_s=2)
+    drained = submit(tmp_path / "drained", partition="maint", tasks_per_node=1, hopeless_pending_s=2)
+    too_long = submit(tmp_path / "too_long", partition="short", time_min=30, hopeless_pending_s=2)
+    t0 = time.time()
+    assert sl.wait([held, drained, too_long]) == 2
+    assert time.time() - t0 < 30
+    err = capsys.readouterr().err
+    expected = [
+        (held, r"reason JobHeldUser: it is held .*`scontrol release`"),
+        (drained, r"reason .*DRAINED.*: every node of partition maint is drained or down: pick another "
+                  r"cluster.partition"),
+        (too_long, r"reason PartitionTimeLimit: its time limit is above the MaxTime of partition short: lower "
+                   r"cluster.time_min"),
+    ]
+    for run, why in expected:
+        said = [line for line in err.splitlines() if f"Slurm job {run.job_id} " in line]
+        assert len(said) == 1, err  # once
+        assert said[0].startswith(f"neox: error: Slurm job {run.job_id} ({run.name}) can never start")
+        assert re.search(why, said[0]) and said[0].endswith("It was cancelled"), said[0]
+        assert slurm_record(run.job_id)["JobState"] == "CANCELLED"
+        assert not run.log_dir.exists()  # nothing ran: no logs to point to, none left behind
 
 
 def test_hydra_submitit_launcher_job_runs_the_worker_in_place(slurm, tmp_path):

@@ -1,0 +1,116 @@
+"""What the job asks Slurm for: the layout and time checks against the requested allocation, the
+job's name, and the submitit SlurmExecutor parameters (sbatch flags). No Slurm command runs here."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict
+
+from neox.errors import LaunchError
+
+# Below this much time between start and the time-limit signal, a job may never save a step.
+MIN_USEFUL_S = 600
+
+
+def say(msg: str) -> None:
+    print(f"[neox slurm] {msg}", file=sys.stderr, flush=True)
+
+
+def tasks_per_node(cluster: Any) -> int:
+    """Ranks per node: tasks_per_node, else one per GPU, else 1 (CPU)."""
+    if cluster.tasks_per_node:
+        return int(cluster.tasks_per_node)
+    return int(cluster.gpus_per_node) or 1
+
+
+def check(cfg: Any, plan: Any) -> int:
+    """Validate the layout against the allocation; return tasks per node. Warns about short limits."""
+    cl = cfg.cluster
+    tpn = tasks_per_node(cl)
+    nodes, gpn = int(cl.nodes), int(cl.gpus_per_node)
+    world = int(plan.world_size)
+    tp, pp, dp = int(plan.tp), int(plan.pp), int(plan.dp)
+    layout = f"tp={tp} × pp={pp} × dp={dp} = {world} ranks"
+    if nodes < 1 or tpn < 1:
+        raise LaunchError(f"cluster.nodes={nodes} and tasks per node={tpn} must both be at least 1")
+    if gpn > 0:
+        if world > nodes * gpn:
+            need = -(-world // gpn)
+            raise LaunchError(
+                f"the layout {layout} needs {world} GPUs but cluster.nodes={nodes} × "
+                f"cluster.gpus_per_node={gpn} gives {nodes * gpn}: set cluster.nodes={need} or shrink the layout"
+            )
+        if tpn > gpn:
+            raise LaunchError(
+                f"cluster.tasks_per_node={tpn} is more than cluster.gpus_per_node={gpn}: each rank needs its own GPU"
+            )
+    if world != nodes * tpn:
+        raise LaunchError(
+            f"the layout {layout} does not match the job's cluster.nodes={nodes} × {tpn} tasks per node "
+            f"= {nodes * tpn} ranks: set cluster.nodes (or cluster.tasks_per_node) so they are equal"
+        )
+    if nodes > 1 and (tp > tpn or tpn % tp) and not cfg.parallelism.tp_across_nodes_is_slow:
+        raise LaunchError(
+            f"tp={tp} does not fit within a node's {tpn} ranks, so tensor-parallel groups would span nodes "
+            "(slow): lower tp, or set parallelism.tp_across_nodes_is_slow=true to do it anyway"
+        )
+    usable_s = int(cl.time_min) * 60 - int(cl.signal_delay_s)
+    if usable_s <= 0:
+        raise LaunchError(
+            f"cluster.signal_delay_s={cl.signal_delay_s} is not below the time limit of {cl.time_min} min: "
+            "the stop signal would come at the start; raise cluster.time_min"
+        )
+    if usable_s < MIN_USEFUL_S:
+        first_save = min(int(cfg.train.save_every or 0) or 10**9, int(cfg.train.steps))
+        say(
+            f"warning: cluster.time_min={cl.time_min} leaves {usable_s} s before the stop signal "
+            f"(signal_delay_s={cl.signal_delay_s}); startup plus the steps to the first checkpoint "
+            f"(step {first_save}) may take longer, and a job that never saves restarts from scratch on "
+            "every requeue: raise cluster.time_min"
+        )
+    return tpn
+
+
+def run_name(cfg: Any, run_dir: Any) -> str:
+    """The Slurm job name: the run's name (a sweep adds its index to it), else the run dir's name."""
+    return str(cfg.get("run_name") or run_dir.name)
+
+
+def sbatch_extra(cluster: Any) -> Dict[str, Any]:
+    """`--requeue` plus cluster.sbatch_extra: true is a bare flag, false or null leaves a flag out."""
+    extra: Dict[str, Any] = {"requeue": True}
+    for key, value in dict(cluster.sbatch_extra or {}).items():
+        if value is False or value is None:
+            extra.pop(str(key), None)
+        else:
+            extra[str(key)] = value
+    return extra
+
+
+def executor_parameters(cfg: Any, tpn: int, job_name: str) -> Dict[str, Any]:
+    """The submitit SlurmExecutor parameters (sbatch flags) for this run."""
+    cl = cfg.cluster
+    cpu = int(cl.gpus_per_node) == 0
+    setup = ["export OMP_NUM_THREADS=1" if cpu else "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"]
+    setup += [str(line) for line in (cl.setup or [])]
+    params: Dict[str, Any] = dict(
+        job_name=job_name,
+        nodes=int(cl.nodes),
+        ntasks_per_node=tpn,
+        cpus_per_task=int(cl.cpus_per_task),
+        time=int(cl.time_min),
+        signal_delay_s=int(cl.signal_delay_s),
+        setup=setup,
+        additional_parameters=sbatch_extra(cl),
+        # One failing rank ends the step at once, instead of the others waiting in a collective.
+        srun_args=["--kill-on-bad-exit=1"],
+    )
+    if not cpu:
+        params["gpus_per_node"] = int(cl.gpus_per_node)
+    optional = {
+        "partition": cl.partition, "account": cl.account, "qos": cl.qos,
+        "constraint": cl.constraint, "exclude": cl.exclude,
+    }
+    params.update({k: str(v) for k, v in optional.items() if v})
+    if cl.mem_gb:
+        params["mem"] = f"{int(cl.mem_gb)}GB"
+    return params
