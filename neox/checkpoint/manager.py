@@ -18,7 +18,12 @@ moment leaves the previous `latest` pointing at a complete checkpoint.
 
 A load: the checkpoint named by `latest` is verified against its manifest (sizes on every rank, the
 hashes split across ranks); a missing, truncated or corrupt one is reported in one line and the
-previous checkpoint is tried instead.
+previous checkpoint is tried instead. Without a usable `latest` (deleted, empty, binary) every
+complete checkpoint is a candidate, newest first: each is complete by construction (the manifest is
+written before the rename), so the newest that verifies is as good as a committed one. A complete
+checkpoint newer than a usable `latest` (a crash before `latest` moved, or `latest` pointed back on
+purpose) is not loaded, and never pruned: retention only removes checkpoints older than the one
+just written.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -109,10 +114,35 @@ def _layout(engine) -> Dict[str, Any]:
             "zero_stage": int(call("zero_optimization_stage", 0) or 0)}
 
 
+def read_latest(directory: Path) -> Tuple[Optional[str], Optional[str]]:
+    """(tag, None) from `<directory>/latest`, or (None, what is wrong with it: missing, empty, ...)."""
+    path = Path(directory) / "latest"
+    # os.path's tests: False, not an OSError, for a path that cannot be looked up (e.g. a name too long)
+    if not os.path.lexists(path):
+        return None, "missing"
+    if os.path.isdir(path):
+        return None, "a directory, not the file naming the checkpoint to resume from"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"not text ({len(raw)} bytes of binary data)"
+    if not tag:
+        return None, "empty"
+    if "/" in tag or "\0" in tag or "\n" in tag or tag in (".", ".."):
+        return None, f"not a checkpoint name ({tag[:60]!r})"
+    return tag, None
+
+
 class CheckpointManager:
     def __init__(self, directory: Path, keep: int, is_main: bool, log: Optional[Callable[[str], None]] = None):
+        if keep < 1:
+            raise CheckpointError(f"train.keep_checkpoints={keep} must be at least 1 (the checkpoints kept on disk)")
         self.directory = Path(directory)
-        self.keep = max(1, keep)
+        self.keep = keep
         self.is_main = is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.loaded_tag: Optional[str] = None
@@ -124,29 +154,42 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------ queries
     def latest_tag(self) -> Optional[str]:
-        """The tag `latest` names (None without one). The tag may be unusable: `load` checks it."""
-        latest = self.directory / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        return tag or None
+        """The tag `latest` names (None without a usable one). The tag may be unusable: `load` checks it."""
+        return read_latest(self.directory)[0]
 
     def complete_tags(self) -> List[str]:
         """Finished checkpoints (final name, not .partial), oldest first."""
-        if not self.directory.is_dir():
+        if not os.path.isdir(self.directory):
             return []
-        tags = [p.name for p in self.directory.iterdir() if p.is_dir() and step_of(p.name) is not None]
+        try:
+            tags = [p.name for p in self.directory.iterdir() if p.is_dir() and step_of(p.name) is not None]
+        except OSError as exc:
+            raise CheckpointError(f"cannot list {self.directory}: {exc.strerror or exc}") from None
         return sorted(tags, key=step_of)
 
     def candidates(self) -> List[str]:
-        """What load tries, in order: `latest`, then every older checkpoint, newest first."""
+        """What load tries, in order: `latest`, then every older checkpoint, newest first; without a
+        usable `latest`, every complete checkpoint, newest first."""
         latest = self.latest_tag()
         tags = self.complete_tags()
         if latest is None:
-            return []  # no pointer: nothing was ever committed (a crash before the first `latest`)
+            return list(reversed(tags))
         bound = step_of(latest)
         older = [t for t in reversed(tags) if t != latest and (bound is None or step_of(t) < bound)]
         return [latest] + older
+
+    def check_usable(self) -> None:
+        """Raise CheckpointError (one line) if checkpoints could not be written here: the path is a
+        file, `latest` is a directory, or the file system refuses writes."""
+        d = self.directory
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise CheckpointError(f"{d} is a file, not a directory of checkpoints: move it away and rerun")
+        if os.path.isdir(d / "latest"):
+            raise CheckpointError(f"{d / 'latest'} is a directory; it must be the file naming the checkpoint "
+                                  "to resume from: remove it and rerun (the newest verified checkpoint is used)")
+        if os.path.isdir(d) and not os.access(d, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{d} is not writable: checkpoints could not be saved; fix its permissions "
+                                  "(or the mount) and rerun")
 
     # ------------------------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
@@ -207,18 +250,17 @@ class CheckpointManager:
             F.atomic_write_text(self.directory / "latest", tag)
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
-            self._prune()
+            self._prune(tag)
         _barrier()
         return final
 
-    def _prune(self) -> None:
-        latest = self.latest_tag()
-        bound = step_of(latest) if latest else None
-        tags = self.complete_tags()
-        # newer than `latest`: finished but never committed (a crash before `latest` moved)
-        doomed = [t for t in tags if bound is not None and step_of(t) > bound]
-        tags = [t for t in tags if t not in doomed]
-        doomed += [t for t in tags[: -self.keep] if t != latest]
+    def _prune(self, written: str) -> None:
+        """Keep the newest `keep` checkpoints up to the one just written. A newer one (a crash before
+        `latest` moved, or `latest` pointed back on purpose) is never removed here: it is replaced
+        only when the run saves that same step again."""
+        bound = step_of(written)
+        tags = [t for t in self.complete_tags() if step_of(t) <= bound]
+        doomed = [t for t in tags[: -self.keep] if t != written]
         for tag in doomed:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
         for stale in self.directory.glob(f"{TAG_PREFIX}*{PARTIAL}"):
@@ -271,9 +313,13 @@ class CheckpointManager:
         With `current_config` (the resolved run config), a change of model shape raises
         CheckpointError naming the fields; other changes are reported (also kept in `.warnings`).
         """
+        self.check_usable()
         candidates = _broadcast(self.candidates())
         if not candidates:
             return None
+        latest, why = read_latest(self.directory)
+        bound = step_of(latest) if latest else None
+        newer = [t for t in self.complete_tags() if bound is not None and step_of(t) > bound]
         failures = []
         for i, tag in enumerate(candidates):
             problem = self.verify(tag)
@@ -283,6 +329,13 @@ class CheckpointManager:
                 self.say(f"{self.directory / tag} is unusable: {problem}; "
                          + (f"falling back to {nxt}" if nxt else "no older checkpoint left"))
                 continue
+            if latest is None:
+                self.say(f"{self.directory / 'latest'} is {why}: resuming from the newest verified "
+                         f"checkpoint, {tag}")
+            if newer:
+                self.say(f"{', '.join(newer)}, newer than {latest} (which `latest` names), "
+                         f"{'is' if len(newer) == 1 else 'are'} kept but not used; to resume from it, write "
+                         f"its name into {self.directory / 'latest'}")
             return self._load_tag(engine, tag, current_config)
         raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(failures)}); "
                               "restore one, or move the directory away to start over")

@@ -225,7 +225,14 @@ def test_kill9_during_save_leaves_previous_latest(tmp_path, point):
     assert m.latest_tag() == "step_00000001"
     engine = FakeEngine()
     assert m.load(engine)["run_state"]["step"] == 1 and engine.w[0] == 1.0
-    assert msgs == []  # the newer, unfinished or uncommitted step 2 is never considered
+    # The unfinished step 2 is never considered. The complete but uncommitted one (killed after the
+    # rename, before `latest` moved) is not loaded either, but it is no longer silently doomed: it is
+    # kept (pruning never removes a checkpoint newer than the one being written) and said so.
+    if point == "before_latest":
+        assert len(msgs) == 1 and "step_00000002, newer than step_00000001 (which `latest` names), is kept " \
+            "but not used" in msgs[0], msgs
+    else:
+        assert msgs == []
     m.save(FakeEngine(2.0), 2, {"run_state": {"step": 2}})  # the resumed run saves step 2 again
     assert m.load(FakeEngine())["run_state"]["step"] == 2
     assert sorted(p.name for p in d.iterdir()) == ["latest", "step_00000001", "step_00000002"]
@@ -280,13 +287,24 @@ def test_shape_change_is_checked_before_any_tensor_is_read(tmp_path):
 
 
 
-def test_uncommitted_newer_checkpoints_are_pruned_by_the_next_save(tmp_path):
-    m, msgs = _manager(tmp_path)
+def test_checkpoints_newer_than_latest_are_kept_until_the_run_saves_that_step_again(tmp_path):
+    """`latest` pointed back (a crash before it moved, or on purpose): the run resumes from it and
+    says that newer ones exist; no save removes a checkpoint newer than the one it writes (the old
+    rule pruned 2 and 3 here, and would have destroyed any newer run's work the same way)."""
+    m, msgs = _manager(tmp_path, keep=1)
     _save_steps(m, [1, 2, 3])
-    atomic_write_text(tmp_path / "checkpoints" / "latest", "step_00000001")  # 2 and 3 never committed
-    assert m.load(FakeEngine())["step"] == 1 and msgs == []
-    m.save(FakeEngine(2.0), 2, _client(2))
-    assert m.complete_tags() == ["step_00000001", "step_00000002"]
+    assert m.complete_tags() == ["step_00000003"]
+    _save_steps(CheckpointManager(tmp_path / "checkpoints", 3, True, log=msgs.append), [1, 2])
+    atomic_write_text(tmp_path / "checkpoints" / "latest", "step_00000001")
+    assert m.load(FakeEngine())["step"] == 1
+    assert len(msgs) == 1 and "step_00000002, step_00000003, newer than step_00000001" in msgs[0], msgs
+    m.save(FakeEngine(22.0), 2, _client(2))  # keep=1: step 1 goes, 3 is newer and stays
+    assert m.complete_tags() == ["step_00000002", "step_00000003"]
+    engine = FakeEngine()
+    assert m.load(engine)["step"] == 2 and engine.w[0] == 22.0  # the rewritten step 2
+    m.save(FakeEngine(33.0), 3, _client(3))  # the run reaches 3 again: that one is replaced
+    engine = FakeEngine()
+    assert m.complete_tags() == ["step_00000003"] and m.load(engine)["step"] == 3 and engine.w[0] == 33.0
 
 
 def test_layout_change_without_a_saved_config_is_refused_in_one_line(tmp_path):
