@@ -2,6 +2,7 @@
 
     python -m neox.checkpoint.consolidate runs/x/checkpoints/step_00000100 model.safetensors
     python -m neox.checkpoint.consolidate runs/x model.safetensors        # the run's `latest`
+    python -m neox.checkpoint.consolidate runs/x model.safetensors --force  # replace an existing file
 
 The keys are those of `neox.model.gpt.GPT.state_dict()`, so `GPT(cfg).load_state_dict(...)` takes
 them as they are, at any later layout. The file's metadata holds the tag, the step and the resolved
@@ -20,14 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from neox.checkpoint import files as F
+from neox.checkpoint.manager import CheckpointManager, read_latest
 from neox.checkpoint.safe_load import check_files_safe, safe_load
 from neox.errors import CheckpointError, NeoxError
 
@@ -35,16 +38,53 @@ _MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
-def resolve(path: Path) -> Path:
-    """A checkpoint directory from a tag directory, a checkpoints directory or a run directory."""
+def resolve(path: Path, log: Optional[Callable[[str], None]] = None) -> Path:
+    """A checkpoint directory from a tag directory, a checkpoints directory or a run directory: the
+    one `latest` names, or without a usable `latest` the newest complete checkpoint (said through `log`)."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
-        latest = root / "latest"
-        if latest.is_file():
-            return root / latest.read_text().strip()
+        tag, why = read_latest(root)
+        if tag is not None:
+            return root / tag
+        tags = CheckpointManager(root, 1, True).complete_tags()
+        if tags:
+            if log is not None:
+                log(f"{root / 'latest'} is {why}: using the newest checkpoint, {tags[-1]}")
+            return root / tags[-1]
     if path.is_dir():
         return path
     raise CheckpointError(f"{path} is not a checkpoint, a checkpoints directory or a run directory")
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse, before any work, an output that is a directory, or an existing file without --force."""
+    if os.path.isdir(out):
+        raise CheckpointError(f"{out} is a directory; give the file to write, e.g. {Path(out) / 'model.safetensors'}")
+    if os.path.lexists(out) and not force:
+        raise CheckpointError(f"{out} exists; pass --force to replace it, or choose another name")
+    parent = Path(out).parent
+    while not os.path.exists(parent):
+        parent = parent.parent
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {out}: {parent} is not a writable directory")
+
+
+def write_safetensors(tensors: Dict[str, torch.Tensor], meta: Dict[str, str], out: Path) -> None:
+    """Write through a temporary file beside `out`, renamed into place; nothing is left on failure."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        F.fsync_file(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def verify_local(root: Path) -> Optional[dict]:
@@ -113,9 +153,10 @@ def _module_shards(root: Path, names: List[str], config: Optional[dict]) -> List
     return [safe_load(root / name)["module"] for _, name in mp]
 
 
-def consolidate(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def consolidate(path: Path, log: Optional[Callable[[str], None]] = None) -> Tuple[Dict[str, torch.Tensor],
+                                                                                Dict[str, str]]:
     """The full fp32 state dict of a checkpoint, and metadata for the output file."""
-    root = resolve(path)
+    root = resolve(path, log)
     if not root.is_dir():
         raise CheckpointError(f"{root} does not exist")
     manifest = verify_local(root)
@@ -153,16 +194,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neox.checkpoint.consolidate", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a step_XXXXXXXX directory, a checkpoints directory or a run dir")
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
+    parser.add_argument("--force", action="store_true", help="replace `out` if it exists")
     args = parser.parse_args(argv)
     try:
-        tensors, meta = consolidate(args.checkpoint)
-        from safetensors.torch import save_file
-
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        F.fsync_file(tmp)
-        tmp.replace(args.out)
+        check_output(args.out, args.force)
+        tensors, meta = consolidate(args.checkpoint, log=lambda msg: print(f"neox: {msg}", file=sys.stderr))
+        write_safetensors(tensors, meta, args.out)
     except NeoxError as exc:
         print(f"neox: error: {exc}", file=sys.stderr)
         return 2

@@ -112,3 +112,80 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no DeepSpeed model states file"):
         consolidate(tmp_path / "empty")
+
+
+def _run_dir(tmp_path, steps=(5,)):
+    """A run dir whose checkpoints/ holds a tp=1 checkpoint per step, `latest` naming the last."""
+    model = _model()
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in steps:
+        root = ckpts / f"step_{step:08d}"
+        root.mkdir(parents=True)
+        torch.save({"module": model.state_dict()}, root / "mp_rank_00_model_states.pt")
+        _finish(root)
+    (ckpts / "latest").write_text(f"step_{steps[-1]:08d}")
+    return tmp_path / "run"
+
+
+def _leftovers(d: Path):
+    return sorted(p.name for p in d.iterdir() if "tmp" in p.name)
+
+
+def test_output_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    """Before: the whole model was written to `<out>.tmp`, then IsADirectoryError (a traceback), and
+    the temporary file (21 MB for the default model) stayed behind."""
+    run = _run_dir(tmp_path)
+    out = tmp_path / "outdir"
+    out.mkdir()
+    assert main([str(run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"neox: error: {out} is a directory; give the file to write, e.g. {out}/model.safetensors\n"
+    assert _leftovers(tmp_path) == [] and list(out.iterdir()) == []
+
+
+def test_existing_output_is_kept_unless_force(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"the user's other model")
+    assert main([str(run), str(out)]) == 2
+    assert capsys.readouterr().err == f"neox: error: {out} exists; pass --force to replace it, or choose another name\n"
+    assert out.read_bytes() == b"the user's other model"
+    assert main([str(run), str(out), "--force"]) == 0
+    _assert_same(load_file(str(out)), _model())
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_under_a_file_is_one_line(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    assert main([str(run), str(tmp_path / "afile" / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neox: error: cannot write ") and "afile is not a writable directory" in err
+    assert err.count("\n") == 1
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"x" * 1000)  # part of the file made it to disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    run = _run_dir(tmp_path)
+    out = tmp_path / "model.safetensors"
+    assert main([str(run), str(out)]) == 2
+    assert capsys.readouterr().err == f"neox: error: writing {out} failed: No space left on device\n"
+    assert _leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_run_dir_without_latest_uses_the_newest_checkpoint_and_says_so(tmp_path, capsys):
+    """Before: `latest` missing -> "holds no DeepSpeed model states file" about the run dir itself;
+    binary bytes in `latest` -> UnicodeDecodeError."""
+    run = _run_dir(tmp_path, steps=(5, 7))
+    (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+    out = tmp_path / "m.safetensors"
+    assert main([str(run), str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "latest is not text (2 bytes of binary data): using the newest checkpoint, step_00000007" in captured.err
+    assert "from step_00000007" in captured.out
