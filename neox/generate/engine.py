@@ -57,14 +57,7 @@ class Generator:
              dtype: Optional[str] = None) -> "Generator":
         """A generator for any model `neox.convert.source.load` reads (run, checkpoint, model or HF dir):
         bf16 on GPU, fp32 on CPU unless `dtype` says otherwise."""
-        from neox.convert.source import check_vocab, load
-        from neox.convert.tokenizer import load_model_tokenizer
-
-        src = load(Path(path))
-        tok = load_model_tokenizer(tokenizer or src.tokenizer, src.origin, src.eod_token)
-        check_vocab(tok.vocab_size, src.cfg, tok.source)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(build_model(src.cfg, src.weights, dev, resolve_dtype(dtype, dev)), tok, dev)
+        return cls(*load_for_inference(path, tokenizer, device, dtype))
 
     # ------------------------------------------------------------------------------------ prompts
     def encode(self, prompts: Sequence[str]) -> List[List[int]]:
@@ -132,8 +125,10 @@ class Generator:
             return "stop_string"
         return None
 
-    def generate(self, prompts: Sequence[str], cfg: SamplingConfig, use_cache: bool = True) -> List[Completion]:
-        results = self.generate_ids(self.encode(prompts), cfg, use_cache)
+    def generate(self, prompts: Sequence[str], cfg: SamplingConfig, use_cache: bool = True,
+                 ids: Optional[List[List[int]]] = None) -> List[Completion]:
+        """Completions of text prompts (or of `ids`, their tokens as the caller cut them to fit)."""
+        results = self.generate_ids(self.encode(prompts) if ids is None else ids, cfg, use_cache)
         out = []
         for prompt, (tokens, why) in zip(prompts, results):
             body = tokens[:-1] if why in ("eod", "stop_token") else tokens
@@ -142,6 +137,19 @@ class Generator:
                 text = text[: min(text.find(s) for s in cfg.stop if s in text)]
             out.append(Completion(prompt, text, tokens, why))
         return out
+
+
+def load_for_inference(path: Path, tokenizer: Optional[str] = None, device: Optional[str] = None,
+                       dtype: Optional[str] = None) -> tuple[GPT, ModelTokenizer, torch.device]:
+    """(model in eval mode, its tokenizer, device) for any path `neox.convert.source.load` reads."""
+    from neox.convert.source import check_vocab, load
+    from neox.convert.tokenizer import load_model_tokenizer
+
+    src = load(Path(path))
+    tok = load_model_tokenizer(tokenizer or src.tokenizer, src.origin, src.eod_token)
+    check_vocab(tok.vocab_size, src.cfg, tok.source)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return build_model(src.cfg, src.weights, dev, resolve_dtype(dtype, dev)), tok, dev
 
 
 def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
