@@ -132,3 +132,32 @@ def hf_greedy(hf, prompt: List[int], new: int) -> List[int]:
     out = hf.generate(torch.tensor([prompt]), generation_config=cfg, max_new_tokens=new,
                       attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()
+
+
+def save_hf(model, folder: Path, tokenizer_json: Path) -> Path:
+    """A transformers model and a fast tokenizer saved the way the Hub holds them."""
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(str(folder))
+    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token="<|endoftext|>").save_pretrained(str(folder))
+    return folder
+
+
+def random_hf(arch: str, vocab: int = 300, seed: int = 0, **over):
+    """A random transformers model with non-trivial norms and biases."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64)
+    if arch == "GPTNeoXForCausalLM":
+        config = transformers.GPTNeoXConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                       "partial_rotary_factor": 0.25}, **over)
+    else:
+        config = transformers.LlamaConfig(**common, num_key_value_heads=2, **over)
+    model = getattr(transformers, arch)(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()

@@ -49,7 +49,9 @@ def gpt_config_of(section: dict) -> GPTConfig:
 
 def run_tokenizer(config: dict) -> Optional[str]:
     """The tokenizer a run's data was prepared with, from its resolved config (None if not on this machine)."""
-    data = config.get("data") or {}
+    data = config.get("data")
+    if not data:  # a model directory's config: no data section
+        return None
     if data.get("tokenizer"):
         spec = str(data["tokenizer"])
         return spec if spec == "bytes" or Path(spec).expanduser().exists() else None
