@@ -202,7 +202,7 @@ def test_jobs_that_can_never_start_are_cancelled_with_the_reason(slurm, tmp_path
     err = capsys.readouterr().err
     expected = [
         (held, r"reason JobHeldUser: it is held .*`scontrol release`"),
-        (drained, r"reason .*DRAINED.*: every node of partition maint is drained or down: pick another "
+        (drained, r"reason ReqNodeNotAvail: every node of partition maint is drained or down: pick another "
                   r"cluster.partition"),
         (too_long, r"reason PartitionTimeLimit: its time limit is above the MaxTime of partition short: lower "
                    r"cluster.time_min"),

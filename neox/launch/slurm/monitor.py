@@ -120,34 +120,41 @@ def _account_idle(account: str) -> bool:
 
 def hopeless(info: JobInfo) -> Optional[str]:
     """Why a pending job can never start as submitted (what to change), or None if it may still start."""
-    r, cl = info.reason, "cluster"
+    r = info.reason
     part = f"partition {info.partition}" if info.partition else "the partition"
     if r == "PartitionTimeLimit":
-        return f"its time limit is above the MaxTime of {part}: lower {cl}.time_min or pick another {cl}.partition"
+        return (f"its time limit is above the MaxTime of {part}: lower cluster.time_min or pick another "
+                "cluster.partition")
     if r == "PartitionNodeLimit":
-        return f"it asks for more nodes than {part} allows: lower {cl}.nodes or pick another {cl}.partition"
+        return f"it asks for more nodes than {part} allows: lower cluster.nodes or pick another cluster.partition"
     if r == "PartitionConfig":
         return (f"{part} cannot give what it asks for (CPUs, memory or GPUs per node, or its account or QOS): "
-                f"lower {cl}.cpus_per_task, {cl}.mem_gb or {cl}.gpus_per_node, or pick another {cl}.partition "
-                f"(`scontrol show partition {info.partition}` has its limits)")
+                "lower cluster.cpus_per_task, cluster.mem_gb or cluster.gpus_per_node, or pick another "
+                f"cluster.partition (`scontrol show partition {info.partition}` has its limits)")
     if r in ("JobHeldUser", "JobHeldAdmin"):
         return ("it is held (a hold in cluster.sbatch_extra, or scontrol hold): `scontrol release` it within "
                 "cluster.hopeless_pending_s, or submit it without the hold")
     if r == "BadConstraints":
-        return f"no node of {part} has the features of {cl}.constraint: change or drop {cl}.constraint"
+        return f"no node of {part} has the features of cluster.constraint: change or drop cluster.constraint"
     if r in ("InvalidAccount", "InvalidQOS"):
         key = "account" if r == "InvalidAccount" else "qos"
-        return f"the {key} it names is not valid for you or for {part}: set {cl}.{key} to one you may use"
+        return f"the {key} it names is not valid for you or for {part}: set cluster.{key} to one you may use"
     if re.match(r"(QOS|Assoc)Max\w*PerJob", r):
-        return f"it is above a per-job limit of its QOS or association: ask for less ({_field_of(r)}), or use another {cl}.qos"
+        return (f"it is above a per-job limit of its QOS or association: ask for less ({_field_of(r)}), "
+                "or use another cluster.qos")
     if r.startswith("AssocGrp") and _account_idle(info.account):
-        return (f"it is above a group limit of its association and none of the account's jobs runs to free it: "
-                f"ask for less ({_field_of(r)}), or use another {cl}.account")
+        return ("it is above a group limit of its association and none of the account's jobs runs to free it: "
+                f"ask for less ({_field_of(r)}), or use another cluster.account")
     if (r.startswith("ReqNodeNotAvail") or r.startswith("Nodes required for job are DOWN")) \
             and _partition_unavailable(info.partition):
-        return (f"every node of {part} is drained or down: pick another {cl}.partition, or raise "
-                f"{cl}.hopeless_pending_s to wait for them")
+        return (f"every node of {part} is drained or down: pick another cluster.partition, or raise "
+                "cluster.hopeless_pending_s to wait for them")
     return None
+
+
+def reason_name(reason: str) -> str:
+    """Slurm's short name for a pending reason (some versions show ReqNodeNotAvail as a sentence)."""
+    return "ReqNodeNotAvail" if reason.startswith("Nodes required for job are DOWN") else reason
 
 
 def _field_of(reason: str) -> str:
@@ -215,7 +222,8 @@ def _tail(path: Path, n: int = 20) -> str:
 
 def never_started(run: SlurmRun) -> bool:
     """No task of the job ever ran: it has no log and no result."""
-    return not any(run.log_dir.glob(f"{run.job_id}_*_log.*")) and not any(run.log_dir.glob(f"{run.job_id}_*_result.pkl"))
+    return not any(run.log_dir.glob(f"{run.job_id}_*_log.*")) and \
+        not any(run.log_dir.glob(f"{run.job_id}_*_result.pkl"))
 
 
 def remove_unstarted(run_dir: Path, job_id: Optional[str] = None, before: Optional[set] = None) -> None:
@@ -311,7 +319,7 @@ def _cancel_hopeless(w: _Watch, info: JobInfo, why: str) -> int:
     subprocess.run(["scancel", run.job_id], capture_output=True, timeout=60)
     grace = run.cluster.hopeless_pending_s
     print(f"neox: error: Slurm job {run.job_id} ({run.name}) can never start: it pended {grace} s with reason "
-          f"{info.reason}: {why}. It was cancelled", file=sys.stderr, flush=True)
+          f"{reason_name(info.reason)}: {why}. It was cancelled", file=sys.stderr, flush=True)
     if never_started(run):
         remove_unstarted(run.run_dir, run.job_id)
     return 2
@@ -331,7 +339,7 @@ def _step(w: _Watch, info: JobInfo, now: float) -> Optional[int]:
             return _cancel_hopeless(w, info, why)
         if grace is None and not w.hopeless_said and now - w.hopeless_since >= 60:
             w.hopeless_said = True
-            say(f"job {run.job_id} may never start (reason {info.reason}): {why}; still waiting "
+            say(f"job {run.job_id} may never start (reason {reason_name(info.reason)}): {why}; still waiting "
                 f"(cluster.hopeless_pending_s=null)")
     # A requeue shows as RUNNING -> (COMPLETING) -> PENDING, or, between two polls, only as a new start time.
     if w.started and not w.requeue_said and (

@@ -111,7 +111,8 @@ def run_task(config_path: str, entry: str = ENTRY, max_requeue: int = 3) -> int:
         MASTER_PORT=str(port),
     )
     if env.global_rank == 0:
-        say(f"job {env.job_id}: {env.num_tasks} ranks on {env.num_nodes} node(s), master {addr}:{port}, restart {restart}")
+        say(f"job {env.job_id}: {env.num_tasks} ranks on {env.num_nodes} node(s), master {addr}:{port}, "
+            f"restart {restart}")
     rc = int(_load_entry(entry)(str(config_path)))
     if rc != EXIT_REQUEUE:
         return rc
