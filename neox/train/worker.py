@@ -116,6 +116,11 @@ class Trainer:
                 self.model = apply_tensor_parallel(self.model, self.topo,
                                                    sequence_parallel=cfg.parallelism.sequence_parallel)
                 mpu = self.topo.mpu()
+        if cfg.train.init_from:  # weights only, before the engine copies them; a resumed run ignores it
+            from neox.convert.init import load_initial_weights
+
+            load_initial_weights(self.model, plan.model, cfg.train.init_from, self.topo.tp_rank, self.topo.tp_size,
+                                 self.run_dir / "checkpoints", self.say)
         if cfg.train.compile:
             from neox.model.gpt import Block
             from neox.train.compile import compile_blocks
