@@ -2,6 +2,7 @@
 or several machines from a hostfile."""
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 from omegaconf import DictConfig
 
@@ -22,6 +23,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_master_port(cluster: DictConfig) -> None:
+    """A given cluster.master_port must be free here (rank 0 listens on it); without one a free port
+    is picked. Checked before anything starts: otherwise every rank fails after its imports."""
+    port = cluster.get("master_port")
+    if not port:
+        return
+    with socket.socket() as s:
+        # SO_REUSEADDR: a port a finished run left in TIME_WAIT is usable, only a listener conflicts
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", int(port)))
+        except OverflowError:
+            raise LaunchError(f"cluster.master_port={port} is not a port (1-65535); leave it unset to use a "
+                              "free one") from None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise LaunchError(f"cluster.master_port={port} cannot be used here: {exc.strerror or exc}; "
+                                  "leave it unset to use a free one") from None
+            raise LaunchError(f"cluster.master_port={port} is already in use on this machine (another run or "
+                              "service listens on it): pick another port, or leave cluster.master_port unset "
+                              "to use a free one") from None
 
 
 def deepspeed_command(cluster: DictConfig, plan: RunPlan, config_path: Path, port: int) -> List[str]:
@@ -65,23 +89,47 @@ def clean_shm(port: int) -> None:
             pass
 
 
-def run(cluster: DictConfig, plan: RunPlan, config_path: Path) -> int:
-    """Run the workers to completion and return their exit status."""
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C: pass SIGINT to the workers' session (the ranks exit at once, quietly: see
+    neox.train.failures), then wait; a second Ctrl-C, or 30 s, ends them with SIGKILL."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run(cluster: DictConfig, plan: RunPlan, config_path: Path, keep_fds: Sequence[int] = ()) -> int:
+    """Run the workers to completion and return their exit status. `keep_fds` stay open in the
+    deepspeed launcher (the run dir's lock: held while the workers run, even if this process dies).
+    Ctrl-C stops the workers and is raised again as KeyboardInterrupt once they are gone."""
     port = cluster.master_port or free_port()
     cmd = deepspeed_command(cluster, plan, config_path, port)
     print(f"launching {plan.world_size} workers: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=worker_env(plan), start_new_session=True)
+    # The deepspeed runner starts with SIGINT ignored (an ignored signal stays ignored across exec):
+    # it has no handler of its own and would print a KeyboardInterrupt traceback. Its child,
+    # deepspeed's launch.py, installs its own handler, and the workers start with the default again.
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=worker_env(plan), start_new_session=True, pass_fds=tuple(keep_fds))
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     # The workers run in their own session; pass a SIGTERM (scheduler, timeout) on to all of them.
     previous = signal.signal(signal.SIGTERM, lambda signum, _: os.killpg(proc.pid, signum))
     try:
-        return proc.wait()
+        status = proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait()
+        _stop(proc)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         clean_shm(port)
+    if status == 256 - signal.SIGKILL:  # deepspeed's launch.py exits with a rank's -9 as 247
+        print("neox: a worker was killed with SIGKILL: most often by the kernel's out-of-memory killer (see "
+              "`dmesg`); if so, lower train.micro_batch, set model.activation_checkpointing=full, or spread the "
+              "model with parallelism.tp/pp", file=sys.stderr, flush=True)
+    return status

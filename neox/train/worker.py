@@ -1,7 +1,9 @@
 """What each rank runs: topology, then model, then engine, then data, then the loop.
 
-Started by the deepspeed launcher (`python -m neox.train <run_dir>/config.yaml`) or by a Slurm task;
-ranks come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+Started by the deepspeed launcher (`python -m neox.train <run_dir>/config.pending.yaml`) or by a
+Slurm task; ranks come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+Once the run has started (checkpoint loaded, data opened), rank 0 makes the launcher's
+`config.pending.yaml` the run dir's `config.yaml`: a launch refused at start leaves the old one.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from neox.checkpoint import CheckpointManager
 from neox.config.plan import RunPlan, make_plan
 from neox.launch.resources import from_worker_env
+from neox.launch.rundir import PENDING_CONFIG
 from neox.model.gpt import GPT, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_all
 from neox.parallel.pipeline import build_pipeline_module, describe_stages, pipeline_batches
 from neox.errors import TrainingError
 from neox.train import distributed, engine as engine_lib
+from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, maybe_oom, out_of_memory_message
 from neox.train.guards import Heartbeats, maybe_hang, nan_fault_steps
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
@@ -50,19 +55,48 @@ def load_config(path: str) -> DictConfig:
     return cfg
 
 
+def config_to_read(config_path: str) -> Path:
+    """The launcher's pending config; after rank 0 made it config.yaml (a requeued Slurm job runs
+    the same command again), config.yaml."""
+    path = Path(config_path)
+    if path.name == PENDING_CONFIG and not path.exists() and (path.parent / "config.yaml").is_file():
+        return path.parent / "config.yaml"
+    return path
+
+
+def publish_config(config_path: Path, run_dir: Path) -> None:
+    """The run has started with this config: make it the run dir's config.yaml (rank 0)."""
+    pending = run_dir / PENDING_CONFIG
+    if config_path.name == PENDING_CONFIG and config_path.resolve() == pending.resolve() and pending.exists():
+        os.replace(pending, run_dir / "config.yaml")
+
+
 def run(config_path: str) -> int:
     watcher = PreemptionWatcher()  # first thing: a stop signal during startup is kept as a flag
-    cfg = load_config(config_path)
+    path = config_to_read(config_path)
+    cfg = load_config(str(path))
     info = distributed.init(cfg.train.collective_timeout_s)
     plan = make_plan(cfg, from_worker_env(info.device.type))
     if plan.world_size != info.world_size:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
-    trainer = Trainer(cfg, plan, info)
+    trainer: Optional[Trainer] = None
     try:
+        trainer = Trainer(cfg, plan, info)
+        if info.is_main:
+            publish_config(path, plan.run_dir)
         status = trainer.fit(watcher)
         distributed.shutdown()  # only on success: after a failure a peer may never arrive
         return status
-    except RuntimeError as exc:  # gloo/nccl raise RuntimeError subclasses when a peer is gone
+    except (RuntimeError, MemoryError) as exc:
+        if is_out_of_memory(exc):
+            step = trainer.state.step + 1 if trainer is not None else None
+            raise TrainingError(out_of_memory_message(
+                exc, rank=info.rank, step=step, device="GPU" if info.device.type == "cuda" else "CPU",
+                micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                activation_checkpointing=cfg.model.activation_checkpointing, tp=plan.tp, pp=plan.pp)) from exc
+        if trainer is None:
+            raise  # a startup failure that is not a collective's: shown as it is
+        # gloo/nccl raise RuntimeError subclasses when a peer is gone
         stalled = trainer.heartbeats.stalled()
         who = (f"rank(s) {', '.join(map(str, stalled))} did not reach it" if stalled
                else "a peer rank died or hung")
@@ -175,6 +209,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, data wait s)."""
+        maybe_oom(self.state.step + 1, self.info.device)
         if self.pipelined:
             return self.pipeline_train_step(batches)
         total, wait = torch.zeros((), device=self.info.device), 0.0
@@ -289,8 +324,8 @@ class Trainer:
             if watcher is not None and state.step < t.steps and watcher.should_stop():
                 if not saved:
                     self.save()  # collective: every rank agreed to stop at this step
-                self.say(f"stopping at step {state.step} ({watcher.signal_name}): checkpoint saved, "
-                         "the job resumes from it")
+                # What follows (a requeue, or not) is for the launcher to say: it knows, this does not.
+                self.say(f"stopping at step {state.step} ({watcher.signal_name}): checkpoint saved")
                 self.metrics.close()
                 return EXIT_REQUEUE
         self.finish()
@@ -313,6 +348,7 @@ class Trainer:
 def main(argv: list) -> int:
     from neox.errors import NeoxError
 
+    exit_quietly_on_interrupt()
     if len(argv) != 1:
         print("usage: python -m neox.train <run_dir>/config.yaml", file=sys.stderr)
         return 2
