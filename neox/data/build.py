@@ -28,9 +28,10 @@ SampleDataset = Union[GPTDataset, BlendedDataset]
 class Source:
     prefix: str
     weight: float  # normalised over all sources
-    docs: int
+    sequences: int  # what is sampled and split (one per document in files neox prepares)
+    documents: int  # from the .idx document index; more sequences than documents with sentence splitting
     tokens: int
-    split_docs: dict[str, int]
+    split_sequences: dict[str, int]
 
 
 @dataclass
@@ -50,8 +51,10 @@ class DataBundle:
         lines = [f"data: {len(self.sources)} source(s), tokenizer {self.tokenizer_path} "
                  f"(vocab {self.vocab_size}, eod {self.eod_id}); samples: {samples}"]
         for s in self.sources:
-            split = "/".join(str(s.split_docs[name]) for name in SPLITS)
-            lines.append(f"  {s.prefix}: {s.docs} docs ({split} train/valid/test), "
+            split = "/".join(str(s.split_sequences[name]) for name in SPLITS)
+            count = (f"{s.sequences} documents" if s.sequences == s.documents
+                     else f"{s.sequences} sequences ({s.documents} documents)")
+            lines.append(f"  {s.prefix}: {count} ({split} train/valid/test), "
                          f"{s.tokens / 1e6:.2f} M tokens, weight {s.weight:.3f}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -213,7 +216,7 @@ def plan_sources(cfg: Any, prefixes: list[str], tokenizer_path: str, seq_len: in
     else:  # no weights: as if the corpora were concatenated
         weights = [float(max(d.num_tokens, 1)) for d in datas]
     total = sum(weights)
-    sources = [Source(d.prefix, w / total, len(d), d.num_tokens,
+    sources = [Source(d.prefix, w / total, len(d), len(d.doc_idx) - 1, d.num_tokens,
                       {s: r[s][1] - r[s][0] for s in SPLITS}) for d, w, r in
                zip(datas, weights, ranges)]
 

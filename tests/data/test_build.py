@@ -45,7 +45,7 @@ def test_prepared_single_source(byte_corpora) -> None:
     assert b.train[0].shape == (17,) and b.train[0].dtype == np.int64
     batch = next(make_loader(b.train, micro_batch=4, dp_rank=0, dp_size=1))
     assert tuple(batch.shape) == (4, 17)
-    assert "c0: 300 docs (291/9/0" in b.describe()
+    assert "c0: 300 documents (291/9/0" in b.describe()
 
 
 def test_empty_split_is_none(byte_corpora) -> None:
