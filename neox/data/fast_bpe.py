@@ -14,14 +14,18 @@ each token's rank = its id, they agree on every input when (checked by `build`):
 
 Around the model: no normalizer, or NFC (documents not already NFC go to `tokenizers`); the
 ByteLevel pre-tokenizer with its GPT-2 regex and no prefix space; added tokens matched as written
-(no lstrip/rstrip/single_word) and none overlapping another, so leftmost-longest matching
-(`tokenizers`) and regex alternation (`tiktoken`) find the same ones. No truncation or padding.
+(no lstrip/rstrip/single_word). tiktoken finds them itself when none can overlap another (then its
+regex alternation finds what the leftmost-longest passes of `tokenizers` find); otherwise (e.g.
+GPT-NeoX-20B's runs of 2-24 spaces) Python finds them as `tokenizers` does (non-normalized tokens
+first, then normalized ones, each leftmost-longest) and tiktoken encodes the pieces between.
+No truncation or padding.
 The two regex engines (Oniguruma in `tokenizers`, fancy-regex in `tiktoken`) could still differ on
 rare characters, so the caller also compares both on a sample of the corpus before trusting this.
 """
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
@@ -54,7 +58,8 @@ class FastBPE:
     encoding: "tiktoken.Encoding"  # noqa: F821
     hf: "tokenizers.Tokenizer"  # noqa: F821
     nfc: bool  # the tokenizer normalizes to NFC: documents not already NFC go to `hf`
-    specials: frozenset[str]
+    specials: frozenset[str]  # what tiktoken splits out: added tokens, or split's stand-ins
+    split: "_Splitter | None" = None  # added tokens that can overlap: found in Python first
 
     def encode(self, texts: Sequence[str], eod_id: int, dtype: np.dtype
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +74,8 @@ class FastBPE:
             try:
                 if self.nfc and not text.isascii() and not unicodedata.is_normalized("NFC", text):
                     ids = np.array(self.hf.encode(text, add_special_tokens=False).ids, np.uint32)
+                elif self.split is not None:
+                    ids = self.split.encode(text, self)
                 else:
                     ids = self.encoding.encode_to_numpy(text, allowed_special=self.specials,
                                                         disallowed_special=())
@@ -114,13 +121,16 @@ def build(hf: "tokenizers.Tokenizer") -> FastBPE:  # noqa: F821
     if model.get("ignore_merges") and extra - {t["content"] for t in spec["added_tokens"]}:
         raise NotExpressible("ignore_merges with vocab tokens that no merge makes")
     _check_self_consistent(vocab, merges, results, ids)
-    specials = _added_tokens(spec["added_tokens"])
+    specials, overlap = _added_tokens(spec["added_tokens"])
+    split = _Splitter(spec["added_tokens"]) if overlap else None
+    if split is not None:
+        specials = split.specials
     try:
         enc = tiktoken.Encoding(f"neox-{id(hf):x}", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
                                 special_tokens=specials)
     except Exception as e:  # tiktoken asserts on duplicate ranks, ...
         raise NotExpressible(f"tiktoken refused the vocab ({type(e).__name__}: {e})") from None
-    return FastBPE(enc, hf, nfc, frozenset(specials))
+    return FastBPE(enc, hf, nfc, frozenset(specials), split)
 
 
 def _check_pipeline(spec: dict) -> bool:
@@ -153,25 +163,32 @@ def _check_pipeline(spec: dict) -> bool:
     return norm is not None
 
 
-def _added_tokens(added: list[dict]) -> dict[str, int]:
-    """The added tokens as tiktoken special tokens, when tiktoken finds them as tokenizers does.
+def _added_tokens(added: list[dict]) -> tuple[dict[str, int], bool]:
+    """(the added tokens by content, whether two can overlap).
 
     tokenizers matches non-normalized added tokens first, then normalized ones, each pass
-    leftmost-longest; tiktoken one regex alternation, leftmost-first. With no token inside
-    another, and no overlap between tokens of different passes, both split the text alike.
+    leftmost-longest; tiktoken one regex alternation, leftmost-first in no set order. With no
+    token inside another, and no overlap between tokens of different passes, both split the
+    text alike; otherwise _Splitter does tokenizers' passes.
     """
     for t in added:
         for key in ("single_word", "lstrip", "rstrip"):
             if t.get(key):
                 raise NotExpressible(f"added token {t['content']!r} sets {key}")
-    for i, a in enumerate(added):
+        if not t["content"]:
+            raise NotExpressible("an added token is empty")
+    overlap = len(added) > 200  # not worth checking every pair: _Splitter is exact anyway
+    for i, a in enumerate([] if overlap else added):
         for b in added[i + 1:]:
             x, y = a["content"], b["content"]
-            if x in y or y in x:
-                raise NotExpressible(f"added token {x!r} overlaps {y!r}")
-            if a.get("normalized", True) != b.get("normalized", True) and _overlap(x, y):
-                raise NotExpressible(f"added tokens {x!r} and {y!r} can overlap")
-    return {t["content"]: t["id"] for t in added}
+            overlap = overlap or x in y or y in x or (
+                _normalized(a) != _normalized(b) and _overlap(x, y))
+    return {t["content"]: t["id"] for t in added}, overlap
+
+
+def _normalized(token: dict) -> bool:
+    """tokenizers' default: special tokens are matched as written, others after normalizing."""
+    return token.get("normalized", not token.get("special", False))
 
 
 def _overlap(x: str, y: str) -> bool:
@@ -211,3 +228,42 @@ def _check_self_consistent(vocab: dict[str, int], merges: list[tuple], results: 
         x, split = next((x, e.ids) for x, e in zip(results, words) if len(e.ids) != 1)
         raise NotExpressible(f"its merges split the vocab token {x!r} into "
                              f"{[bare.id_to_token(i) for i in split]}")
+
+
+class _Splitter:
+    """tokenizers' added-token passes in Python (non-normalized tokens, then normalized ones,
+    each leftmost-longest: an alternation tried longest first). Each match becomes a stand-in
+    character that tiktoken knows as a special token with the added token's id, so tiktoken
+    encodes the text between stand-ins apart, as tokenizers pre-tokenizes each piece apart.
+    The stand-ins are private-use characters of plane 16; a document holding one goes to
+    tokenizers instead."""
+
+    FIRST = 0x100000
+
+    def __init__(self, added: list[dict]) -> None:
+        if len(added) > 0xFFFE:
+            raise NotExpressible(f"{len(added)} added tokens that can overlap")
+        self.stand_in = {t["content"]: chr(self.FIRST + k) for k, t in enumerate(added)}
+        self.specials = {self.stand_in[t["content"]]: t["id"] for t in added}
+        if any(_PLANE16.search(t) for t in self.stand_in):
+            raise NotExpressible("an added token holds a private-use character of plane 16")
+        self.passes = []
+        for normalized in (False, True):
+            tokens = sorted((t["content"] for t in added if _normalized(t) == normalized),
+                            key=len, reverse=True)
+            if tokens:
+                self.passes.append(re.compile("|".join(map(re.escape, tokens))))
+
+    def encode(self, text: str, fast: FastBPE) -> np.ndarray:
+        if _PLANE16.search(text):
+            return np.array(fast.hf.encode(text, add_special_tokens=False).ids, np.uint32)
+        for pattern in self.passes:
+            text = pattern.sub(self._replace, text)
+        return fast.encoding.encode_to_numpy(text, allowed_special=fast.specials,
+                                             disallowed_special=())
+
+    def _replace(self, match: re.Match) -> str:
+        return self.stand_in[match.group()]
+
+
+_PLANE16 = re.compile("[\U00100000-\U0010FFFF]")

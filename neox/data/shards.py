@@ -579,39 +579,86 @@ def _run_slurm(todo: list[PieceJob], opts: SlurmOptions, work: Path, total: int,
             params[key] = getattr(opts, key)
     executor.update_parameters(**params)
     jobs = [replace(j, threads=int(opts.cpus_per_shard)) for j in todo]
+    record = work / "slurm-jobs.json"  # piece -> [job id, key] of the tasks submitted so far
     try:
-        submitted = executor.map_array(run_piece, jobs)
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    queued = _queued([jid for jid, _ in recorded.values()])
+    attached = {}
+    for j in jobs:
+        jid, key = recorded.get(str(j.index), (None, None))
+        if jid in queued:
+            if key != j.key():
+                raise DataError(f"piece {j.index}'s earlier Slurm task {jid} still runs, on "
+                                "inputs that changed since; wait for it to end or scancel it, "
+                                "then run the same command again")
+            attached[j.index] = submitit.SlurmJob(folder=work / "slurm", job_id=jid)
+    fresh = [j for j in jobs if j.index not in attached]
+    try:
+        submitted = executor.map_array(run_piece, fresh) if fresh else []
     except Exception as exc:  # submitit wraps sbatch's stderr in its own error
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         said = [ln for ln in lines if "error" in ln.lower()] or lines[-2:]
         raise DataError(f"sbatch refused the array: {' | '.join(said)}") from None
+    recorded.update({str(j.index): [sj.job_id, j.key()] for j, sj in zip(fresh, submitted)})
+    _write_json(record, recorded)
+    try:
+        return _wait_slurm(jobs, attached, fresh, submitted, work, total, progress)
+    except KeyboardInterrupt:
+        print("[neox.data.prepare] interrupted: the Slurm tasks keep running; the same "
+              "command again waits for them and merges (or scancel them)",
+              file=sys.stderr, flush=True)
+        raise
+
+
+def _wait_slurm(jobs: list[PieceJob], attached: dict, fresh: list[PieceJob], submitted: list,
+                work: Path, total: int, progress: bool) -> list[str]:
+    """Wait for the array tasks, showing progress; the failures, one line each."""
     ids = sorted({s.job_id.split("_")[0] for s in submitted})
-    print(f"[neox.data.prepare] submitted Slurm array {', '.join(ids)}: {len(jobs)} pieces; logs "
-          f"in {work / 'slurm'}", file=sys.stderr, flush=True)
+    if attached:
+        print(f"[neox.data.prepare] waiting for {len(attached)} pieces still running from an "
+              f"earlier submission ({', '.join(sj.job_id for sj in attached.values())})",
+              file=sys.stderr, flush=True)
+    if fresh:
+        print(f"[neox.data.prepare] submitted Slurm array {', '.join(ids)}: {len(fresh)} "
+              f"pieces; logs in {work / 'slurm'}", file=sys.stderr, flush=True)
+    by_index = {**attached, **{j.index: sj for j, sj in zip(fresh, submitted)}}
     ended: dict[int, Counts] = {}
     failures: list[str] = []
+    pending = {j.index: (j, by_index[j.index]) for j in jobs}
     with Progress(total or None, progress, f"{len(jobs)} pieces (Slurm)") as bar:
-        pending = dict(zip((j.index for j in jobs), zip(jobs, submitted)))
-        try:
-            while pending:
-                for index, (job, sj) in list(pending.items()):
-                    if not sj.done():
-                        continue
-                    del pending[index]
-                    ended[index] = _finished_counts(job)
-                    if job.finished() is None:
-                        failures.append(_failure(job, f"(Slurm job {sj.job_id}) ended "
-                                                      f"{sj.state} without finishing; its log: "
-                                                      f"{sj.paths.stderr}"))
-                bar.update(_poll_status(jobs, ended))
-                if pending:
-                    time.sleep(1.0)
-        except KeyboardInterrupt:
-            print(f"[neox.data.prepare] interrupted: the array {', '.join(ids)} keeps running; "
-                  "run the same command again once it ends to merge (or scancel it)",
-                  file=sys.stderr, flush=True)
-            raise
+        while pending:
+            for index, (job, sj) in list(pending.items()):
+                if not sj.done():
+                    continue
+                del pending[index]
+                ended[index] = _finished_counts(job)
+                if job.finished() is None:
+                    failures.append(_failure(job, f"(Slurm job {sj.job_id}) ended {sj.state} "
+                                                  f"without finishing; its log: "
+                                                  f"{sj.paths.stderr}"))
+            bar.update(_poll_status(jobs, ended))
+            if pending:
+                time.sleep(1.0)
     return failures
+
+
+def _queued(job_ids: list[str]) -> set[str]:
+    """Those of `job_ids` (array tasks `123_4` too) that Slurm still has pending or running."""
+    if not job_ids:
+        return set()
+    import subprocess
+
+    arrays = sorted({jid.split("_")[0] for jid in job_ids})
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    live = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "SUSPENDED"}  # not COMPLETING
+    return {jid for jid, _, state in (ln.partition("|") for ln in out.split())
+            if state in live} & set(job_ids)
 
 
 # ---------------------------------------------------------------------------------------------
