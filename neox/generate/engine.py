@@ -45,9 +45,12 @@ class Stats:
 
 class Generator:
     def __init__(self, model: GPT, tokenizer: ModelTokenizer, device: torch.device,
-                 decode: Optional[DecodeFn] = None):
+                 decode: Optional[DecodeFn] = None, agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        """decode: the model's logits (default GPT.decode; the tensor-parallel generator gathers its shards);
+        agree: makes every process take the same next tokens (tensor parallelism: rank 0's)."""
         self.model, self.tok, self.device = model, tokenizer, device
         self.decode = decode or model.decode
+        self.agree = agree or (lambda tokens: tokens)
         self.seq_len = model.cfg.seq_len
         self.vocab = tokenizer.vocab_size  # never sample the embedding's padding rows
         self.last_stats: Optional[Stats] = None
@@ -96,7 +99,7 @@ class Generator:
         cache = self.model.new_cache(total if use_cache else longest, pad)
         logits = self.decode(seq, cache)[:, -1]
         for step in range(total - longest):
-            nxt = next_tokens(logits[:, : self.vocab].float(), seen, cfg, gen)
+            nxt = self.agree(next_tokens(logits[:, : self.vocab].float(), seen, cfg, gen))
             for r, t in enumerate(nxt.tolist()):
                 if reason[r] is None:
                     out[r].append(t)
