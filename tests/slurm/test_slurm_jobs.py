@@ -86,6 +86,7 @@ def test_sweep_jobs_go_out_together_and_run_in_their_own_dirs(slurm, tmp_path, c
         assert f"[{d.name}] standin done: 6 steps" in out  # each job's log, streamed under its name
 
 
+@pytest.mark.slow  # ~55 s on 2 cores: four jobs side by side, two of them requeued
 def test_usr2_and_outside_requeue_resume_at_the_saved_step(slurm, tmp_path, capsys):
     """Jobs side by side: uninterrupted, USR2 mid-run, `scontrol requeue` from outside, and USR2
     with max_requeue=0 (the bound: it stops after saving and is not requeued)."""

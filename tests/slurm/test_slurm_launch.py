@@ -86,6 +86,7 @@ def test_launch_held_job_is_cancelled_and_leaves_no_run_dir(slurm, tmp_path, cap
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # ~55 s on 2 cores: three trainer jobs side by side, one requeued, one cancelled
 def test_launch_2_task_job_loss_falls_and_usr2_resumes_exactly(slurm, tmp_path):
     """Runs side by side: one plain (its loss must fall, its log streams to the terminal), one
     signalled with USR2 mid-run (it must requeue, resume at the step it saved and end like the plain
