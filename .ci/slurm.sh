@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# A real single-node Slurm on localhost, for the tests of the Slurm path (tests/slurm/).
+# A real single-node Slurm on this machine, for the tests of the Slurm path (tests/slurm/).
+# Partitions: debug (the default, no limits), short (MaxTime=20 min, MaxNodes=1) and maint (whose
+# only node, `ghost`, is drained), so the checks of a request against a partition's limits and of
+# jobs that can never start run against a real controller.
 #
 #   .ci/slurm.sh start    install (Debian: slurmctld slurmd slurm-client munge) if needed, start
 #                         munged, slurmctld and slurmd, wait until the node is idle, then print
@@ -84,8 +87,14 @@ write_conf() {
   # The node's hardware must be what slurmd -C reports, or the node is drained.
   local hw
   hw="$(slurmd -C | head -1 | sed -E 's/^NodeName=[^ ]+ //')"
+  local ghost="" maint=""
+  if [ "$NODE" != localhost ]; then
+    # A node drained for maintenance (no slurmd answers on its port): the only node of partition maint.
+    ghost="NodeName=ghost NodeAddr=127.0.0.1 Port=6829 CPUs=1 RealMemory=100 State=DRAIN Reason=maintenance"
+    maint="PartitionName=maint Nodes=ghost MaxTime=60 State=UP"
+  fi
   cat >"$CONF.new" <<EOF
-# Written by .ci/slurm.sh: a single-node test cluster on localhost. Do not use in production.
+# Written by .ci/slurm.sh: a single-node test cluster on this machine. Do not use in production.
 ClusterName=neoxci
 SlurmctldHost=localhost
 SlurmUser=root
@@ -120,14 +129,13 @@ SlurmdLogFile=$STATE/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
-# A node drained for maintenance (no slurmd answers on its port): the only node of partition maint.
-NodeName=ghost NodeAddr=127.0.0.1 Port=6829 CPUs=1 RealMemory=100 State=DRAIN Reason=maintenance
+$ghost
 # OverSubscribe lets the jobs of a sweep share the 2 cores, so they run side by side.
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 # Limits as a lab's debug partition has them (for the tests of jobs that cannot fit): a MaxTime,
 # a node limit, and a partition whose only node is drained.
 PartitionName=short Nodes=$NODE MaxTime=20 MaxNodes=1 State=UP OverSubscribe=FORCE:4
-PartitionName=maint Nodes=ghost MaxTime=60 State=UP
+$maint
 EOF
 }
 

@@ -1,4 +1,4 @@
-"""Fixtures for the Slurm tests: a real single-node Slurm on localhost, started by .ci/slurm.sh.
+"""Fixtures for the Slurm tests: a real single-node Slurm on this machine, started by .ci/slurm.sh.
 
 `slurm` (session): makes sure the local Slurm is up and exports its SLURM_CONF and the sacct
 stand-in on PATH for this process and everything it starts. Where it cannot be started (not
