@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from neox.config.domains import (ERROR, IGNORE, KERNEL_CHOICES, NON_NEGATIVE, PORT, POSITIVE, PROBABILITY, SEED,
                                  WARN, Choices, Domain, Each, Range, SplitSpec, at_least)
@@ -113,23 +113,28 @@ class HostfileCluster:
 
 @dataclass
 class SlurmCluster:
-    kind: str = "slurm"
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 8  # 0: CPU tasks over gloo (tests, CPU clusters)
-    tasks_per_node: Optional[int] = None  # None: gpus_per_node (or 1 when it is 0)
-    cpus_per_task: int = 8
-    mem_gb: Optional[int] = None
-    time_min: int = 240
-    constraint: Optional[str] = None
-    exclude: Optional[str] = None
-    setup: List[str] = field(default_factory=list)  # shell lines run before the task
-    sbatch_extra: dict = field(default_factory=dict)  # passed as additional sbatch parameters
-    max_requeue: int = 3
-    wait: bool = True  # block until the job ends; false returns after submission
-    signal_delay_s: int = 120  # USR2 this long before the time limit
+    kind: str = setting("slurm", IGNORE)
+    partition: Optional[str] = setting(None, IGNORE)  # None: the cluster's default partition
+    account: Optional[str] = setting(None, IGNORE)
+    qos: Optional[str] = setting(None, IGNORE)
+    nodes: int = setting(1, IGNORE, at_least(1))
+    gpus_per_node: int = setting(8, IGNORE, NON_NEGATIVE)  # 0: CPU tasks over gloo (tests, CPU clusters)
+    tasks_per_node: Optional[int] = setting(None, IGNORE, at_least(1))  # None: gpus_per_node (or 1 when it is 0)
+    cpus_per_task: int = setting(8, IGNORE, at_least(1))
+    mem_gb: Optional[int] = setting(None, IGNORE, at_least(1))
+    time_min: int = setting(240, IGNORE, at_least(1))
+    constraint: Optional[str] = setting(None, IGNORE)
+    exclude: Optional[str] = setting(None, IGNORE)
+    setup: List[str] = setting(resume=IGNORE, factory=list)  # shell lines run before the task
+    # Any other sbatch flag (true: a bare flag, false: left out). An open node, not struct, so both
+    # cluster.sbatch_extra.hold=true and cluster.sbatch_extra={mail-type:END} add keys.
+    sbatch_extra: dict = setting(resume=IGNORE, factory=lambda: OmegaConf.create({}, flags={"struct": False}))
+    max_requeue: int = setting(3, IGNORE, NON_NEGATIVE)
+    wait: bool = setting(True, IGNORE)  # block until the job ends; false returns after submission
+    signal_delay_s: int = setting(120, IGNORE, NON_NEGATIVE)  # USR2 this long before the time limit
+    # A job pending this long for a reason it cannot get past (a partition limit, a drained node, a
+    # hold) is cancelled, saying why; None: keep waiting.
+    hopeless_pending_s: Optional[int] = setting(60, IGNORE, NON_NEGATIVE)
 
 
 @dataclass
