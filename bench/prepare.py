@@ -16,6 +16,9 @@ Contenders:
   neox (auto)       python -m neox.data.prepare: the tiktoken fast path (neox.data.fast_bpe)
   neox tokenizers   the same with --encoder tokenizers (the path before the fast path)
   neox --shards 2   two pieces in two processes, merged
+  neox 20B-style    the same BPE with GPT-NeoX-20B's extras: NFC, <|padding|>, and runs of
+                    2-24 spaces as added tokens (they overlap: neox finds them in Python),
+                    against the same with --encoder tokenizers
 
 `--memory-repeat N` also runs neox alone on the corpus repeated N times (80: about 1 GB) and
 reports its peak RSS, to show memory does not grow with the input.
@@ -102,6 +105,19 @@ def build_inputs(work: Path, repeat: int, vocab: int) -> tuple[Path, Path]:
     return corpus, tok_path
 
 
+def neox20b_style(tok_path: Path) -> Path:
+    """The benchmark BPE with GPT-NeoX-20B's normalizer and added tokens."""
+    from tokenizers import Tokenizer, normalizers
+
+    path = tok_path.with_name(f"{tok_path.stem}-20b-style.json")
+    tok = Tokenizer.from_file(str(tok_path))
+    tok.normalizer = normalizers.NFC()
+    tok.add_special_tokens(["<|padding|>"])
+    tok.add_tokens([" " * n for n in range(24, 1, -1)])
+    tok.save(str(path))
+    return path
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, float, float]:
     """(wall s, CPU s of the process tree, peak summed RSS of the tree in MB)."""
     import resource
@@ -149,9 +165,11 @@ def main() -> None:
            "OMP_NUM_THREADS": "1"}
     py, w = sys.executable, str(args.workers)
 
-    def neox(name: str, *extra: str):
+    tok_20b = neox20b_style(tok_path)
+
+    def neox(name: str, *extra: str, tok: Path = tok_path):
         return lambda run: [py, "-m", "neox.data.prepare", str(corpus), "-o", str(work / name),
-                            "-t", str(tok_path), "-q", *extra]
+                            "-t", str(tok), "-q", *extra]
 
     contenders = {
         "datasets.map": lambda run: [py, "-c", BASELINE, str(corpus), str(tok_path),
@@ -162,6 +180,9 @@ def main() -> None:
         "neox (auto: tiktoken)": neox("neox"),
         "neox --encoder tokenizers": neox("neox-tok", "--encoder", "tokenizers"),
         f"neox --shards {w}": neox("neox-shards", "--shards", w),
+        "neox 20B-style (auto: tiktoken)": neox("neox-20b", tok=tok_20b),
+        "neox 20B-style --encoder tokenizers": neox("neox-20b-tok", "--encoder", "tokenizers",
+                                                    tok=tok_20b),
     }
     load0 = os.getloadavg()
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
@@ -182,12 +203,18 @@ def main() -> None:
                             (f"neox --shards {w}", "neox-shards"))}
     same_idx = all((work / f"{f}.idx").read_bytes() == (work / "neox.idx").read_bytes()
                    for f in ("neox-tok", "neox-shards"))
+    same_20b = all((work / f"neox-20b{e}").read_bytes() == (work / f"neox-20b-tok{e}").read_bytes()
+                   for e in (".bin", ".idx"))
+    encoders = {f: json.loads((work / f"{f}.meta.json").read_text())["encoder"]
+                for f in ("neox", "neox-20b")}
     print(f"\ncorpus: {corpus.stat().st_size / 1e6:.1f} MB of JSON lines, {len(data)} docs, "
           f"{tokens / 1e6:.2f} M tokens; byte-level BPE vocab {args.vocab}; {os.cpu_count()} "
           f"cores; load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end")
     print("identical .bin to neox's: " + ", ".join(f"{k}: {'yes' if v else 'NO'}"
                                                    for k, v in same.items())
-          + f"; identical .idx among neox runs: {'yes' if same_idx else 'NO'}")
+          + f"; identical .idx among neox runs: {'yes' if same_idx else 'NO'}; 20B-style "
+          f"auto = tokenizers (.bin and .idx): {'yes' if same_20b else 'NO'}; encoders used by "
+          f"auto: {encoders['neox']}, 20B-style {encoders['neox-20b']}")
     print(f"median of {args.runs} runs; wall time per process, imports included; CPU time summed "
           "over its processes; peak RSS summed over its processes\n")
     print("| contender | wall s | tokens/s | × datasets.map | × bare tiktoken | CPU s | "

@@ -4,11 +4,14 @@
     python -m neox.data.prepare hf:wikitext --hf-config wikitext-2-raw-v1 -o data/wt2 \\
         --tokenizer bpe:16384
 
-A reader thread parses documents while the tokenizer's Rust threads encode whole batches on
-every core (the default, `--workers 1`); `--workers N` encodes in N processes instead. On
-2 cores the in-process path used ~30% less CPU than 2 processes (bench/prepare.py). Either
-way batches stay in order and only a few are in flight, so memory stays flat on any corpus
-size. Beside the output we write `PREFIX.tokenizer.json` (the tokenizer used, which the
+    python -m neox.data.prepare big.jsonl -o data/big -t tokenizer.json --shards 64 --slurm
+
+A reader thread parses documents while whole batches are encoded on every core: by tiktoken
+when it gives exactly the tokenizer's ids (byte-level BPEs, checked: neox.data.fast_bpe and
+neox.data.stream), else by the tokenizer's Rust threads (`--workers 1`) or in N processes
+(`--workers N`). Batches stay in order and only a few are in flight, so memory stays flat on
+any corpus size. `--shards N` prepares N pieces in parallel processes or a Slurm array and
+merges them into the same files (neox.data.shards). Beside the output we write `PREFIX.tokenizer.json` (the tokenizer used, which the
 trainer finds on its own) and `PREFIX.meta.json` (what went in, counts, timings). Every file
 appears under its final name only when complete.
 """
@@ -295,9 +298,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-config", default=None, help="datasets config name (hf: inputs)")
     p.add_argument("--streaming", action="store_true", help="stream the hf: dataset")
     p.add_argument("--workers", type=int, default=None,
-                   help="tokenizer processes; 1 (default) tokenizes in this process with the "
-                   "tokenizer's own threads on every core, which measured fastest on 2 cores. "
-                   "With --shards: pieces prepared at once (default: one per core)")
+                   help="tokenizers processes; 1 (default) tokenizes in this process with the "
+                   "tokenizer's own threads on every core, which measured fastest on 2 cores "
+                   "(the tiktoken encoder always uses threads). With --shards: pieces prepared "
+                   "at once (default: one per core); with --slurm: array tasks at once")
     p.add_argument("--encoder", choices=ENCODERS, default="auto",
                    help="auto (default): tiktoken for byte-level BPEs it expresses exactly "
                    "(checked on the first documents), else tokenizers")

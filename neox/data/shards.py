@@ -33,7 +33,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -332,9 +332,12 @@ def run_piece(job: PieceJob) -> dict:
             tmp.write_text(json.dumps(done, indent=1))
         job.status_file.unlink(missing_ok=True)
         return done
-    except NeoxError as e:
-        _write_json(job.status_file, {"error": str(e)})
-        return {"error": str(e)}
+    except (NeoxError, OSError) as e:  # OSError: the piece's own files (inputs' are DataErrors)
+        msg = str(e) if isinstance(e, NeoxError) else (
+            f"cannot write {job.prefix}.* ({e.strerror or e}); free some space or choose "
+            "another -o")
+        _write_json(job.status_file, {"error": msg})
+        return {"error": msg}
     except Exception as e:  # a bug, not bad input: keep the traceback in this piece's log
         traceback.print_exc()
         msg = f"{type(e).__name__}: {e} (a bug in neox; the traceback is in this piece's log)"
@@ -469,20 +472,25 @@ def prepare_sharded(inputs: Sequence[str], output: str, tokenizer: str = "bytes"
     if counts.documents == 0:
         raise DataError(f"the inputs {' '.join(inputs)} hold no documents (skipped: "
                         f"{counts.skipped()}); check them")
-    merged = merge([(j.prefix, d["tokenizer_id"], d["dtype"]) for j, d in zip(jobs, done)],
-                   output)
     encoders = sorted({d["encoder"] for d in done})
     result = PrepareResult(output, counts.documents, counts.tokens, time.perf_counter() - t0,
                            tok.vocab_size, tok.eod_id, dtype.name, counts.skipped_invalid_utf8,
                            counts.skipped_empty_files, warnings)
     meta = {**asdict(result), "inputs": list(inputs), "tokenizer": tokenizer,
             "text_field": text_field, "files": sum(d["files"] for d in done),
-            "shards": shards, "encoder": "+".join(encoders), "bytes_read": counts.bytes_read,
-            "merged_sha256": merged}
-    with atomic_path(f"{output}.meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
-    with atomic_path(f"{output}.tokenizer.json") as tmp:
-        shutil.copyfile(tok_path, tmp)
+            "shards": shards, "encoder": "+".join(encoders), "bytes_read": counts.bytes_read}
+    def sidecars() -> None:  # before the .bin, then the .idx: as prepare() does
+        with atomic_path(f"{output}.meta.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
+        with atomic_path(f"{output}.tokenizer.json") as tmp:
+            shutil.copyfile(tok_path, tmp)
+
+    try:
+        merge([(j.prefix, d["tokenizer_id"], d["dtype"]) for j, d in zip(jobs, done)], output,
+              sidecars)
+    except OSError as e:
+        raise DataError(f"cannot write the output {output}.* ({e.strerror or e}); free some "
+                        f"space or choose another -o (the pieces are kept in {work})") from None
     shutil.rmtree(work, ignore_errors=True)
     s = max(result.seconds, 1e-9)
     _log(progress, f"wrote {output}.bin/.idx from {shards} pieces: {counts.documents} docs, "
@@ -665,8 +673,12 @@ def _queued(job_ids: list[str]) -> set[str]:
 # Merging
 
 
-def merge(pieces: Sequence[tuple[str, str, str]], output: str) -> str:
-    """Concatenate prepared datasets into `output.bin/.idx`; the merged .bin's sha256.
+def merge(pieces: Sequence[tuple[str, str, str]], output: str,
+          sidecars: Callable[[], None] = lambda: None) -> None:
+    """Concatenate prepared datasets into `output.bin/.idx`, in order.
+
+    `sidecars` writes the files beside the output once the pieces are checked, before the
+    .bin and the .idx appear (so a reader never finds the data without them).
 
     `pieces` are (prefix, tokenizer id, dtype) in order. Refuses pieces of different tokenizers
     or dtypes; checks every piece's index against its .bin first, and the merged result after.
@@ -688,22 +700,19 @@ def merge(pieces: Sequence[tuple[str, str, str]], output: str) -> str:
         datasets.append(ds)
     dtype = datasets[0].dtype
     sizes = np.concatenate([ds.sizes for ds in datasets])
+    sidecars()
     bin_path, idx_path = paths(output)
-    digest = hashlib.sha256()
     tmp_bin = temp_name(bin_path)
     try:
         with open(tmp_bin, "wb") as out:
             for ds in datasets:
                 with open(paths(ds.prefix)[0], "rb") as f:
-                    while chunk := f.read(1 << 24):
-                        digest.update(chunk)
-                        out.write(chunk)
+                    shutil.copyfileobj(f, out, 1 << 24)
         # renames the .bin into place, then the .idx: never an index without its data
         write_index(idx_path, dtype, sizes, bin_tmp=tmp_bin, bin_final=bin_path)
     finally:
         tmp_bin.unlink(missing_ok=True)
     _verify(output, datasets, sizes)
-    return digest.hexdigest()
 
 
 def _verify(output: str, datasets: list[IndexedDataset], sizes: np.ndarray) -> None:
@@ -740,8 +749,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from neox.data.prepare import _check_output
 
         output = _check_output(args.output)
-        merge(pieces, output)
-        shutil.copyfile(f"{args.prefixes[0]}.tokenizer.json", f"{output}.tokenizer.json")
+
+        def sidecar() -> None:
+            with atomic_path(f"{output}.tokenizer.json") as tmp:
+                shutil.copyfile(f"{args.prefixes[0]}.tokenizer.json", tmp)
+
+        merge(pieces, output, sidecar)
+    except OSError as e:
+        print(f"neox: error: cannot write {args.output}.* ({e.strerror or e}); free some space "
+              "or choose another -o", file=sys.stderr)
+        return 2
     except NeoxError as e:
         print(f"neox: error: {e}", file=sys.stderr)
         return 2
