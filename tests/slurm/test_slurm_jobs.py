@@ -217,6 +217,17 @@ def test_jobs_that_can_never_start_are_cancelled_with_the_reason(slurm, tmp_path
         assert not run.log_dir.exists()  # nothing ran: no logs to point to, none left behind
 
 
+def test_scancel_before_the_job_starts_points_to_no_log(slurm, tmp_path, capsys):
+    """Cancelled while still queued (held here, with hopeless_pending_s=null so only scancel ends it):
+    said as such, with no pointer to logs that were never written, and nothing left in slurm/."""
+    run = submit(tmp_path, sbatch_extra={"hold": True}, hopeless_pending_s=None)
+    threading.Timer(2.0, subprocess.run, args=(["scancel", run.job_id],)).start()
+    assert sl.wait([run]) == 1
+    err = capsys.readouterr().err
+    assert f"job {run.job_id} was cancelled (scancel) before it started; nothing ran" in err
+    assert "_log." not in err and not run.log_dir.exists()
+
+
 def test_hydra_submitit_launcher_job_runs_the_worker_in_place(slurm, tmp_path):
     """Under hydra/launcher=submitit_slurm, launch.py already runs inside a Slurm task per rank."""
     import submitit

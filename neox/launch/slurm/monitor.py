@@ -254,6 +254,11 @@ def _outcome(run: SlurmRun, state: Optional[str]) -> int:
     """Read the tasks' results once the job has ended; say what happened; return the exit status."""
     from submitit.core.utils import JobPaths, pickle_load
 
+    if state != "COMPLETED" and never_started(run):  # its tasks would have opened their logs first
+        how = "was cancelled (scancel)" if state == "CANCELLED" else f"ended {state or 'unknown to Slurm'}"
+        say(f"job {run.job_id} {how} before it started; nothing ran")
+        remove_unstarted(run.run_dir, run.job_id)
+        return 1
     paths = [JobPaths(run.log_dir, job_id=run.job_id, task_id=r) for r in range(run.tasks)]
     deadline = time.time() + (15 if state == "COMPLETED" else 3)  # shared filesystems lag
     while not all(p.result_pickle.exists() for p in paths) and time.time() < deadline:
@@ -284,10 +289,6 @@ def _outcome(run: SlurmRun, state: Optional[str]) -> int:
             "NODE_FAIL": "lost a node",
             None: "is no longer known to Slurm",
         }.get(state, f"ended {state}")
-        if never_started(run):
-            say(f"job {run.job_id} {how} before it started; nothing ran")
-            remove_unstarted(run.run_dir, run.job_id)
-            return 1
         tail = _tail(run.log(0, "err"), 8)
         say(
             f"job {run.job_id} {how} before the trainer finished; the run dir {run.run_dir} keeps its "
