@@ -93,20 +93,28 @@ class Generator:
             for r, p in enumerate(prompts):
                 seen[r, torch.tensor(p, device=self.device)] = True
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        out: List[List[int]] = [[] for _ in range(b)]
-        reason: List[Optional[str]] = [None] * b
+        steps = total - longest
+        new = torch.empty(b, steps, dtype=torch.long, device=self.device)
+        stop_ids = torch.tensor(sorted(stops), device=self.device) if stops else None
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)  # a stop token was drawn
+        cut: List[Optional[int]] = [None] * b  # stop strings: where each row ended (tokens kept)
         start = time.perf_counter()
         cache = self.model.new_cache(total if use_cache else longest, pad)
         logits = self.decode(seq, cache)[:, -1]
-        for step in range(total - longest):
+        n = 0
+        for step in range(steps):
             nxt = self.agree(next_tokens(logits[:, : self.vocab].float(), seen, cfg, gen))
-            for r, t in enumerate(nxt.tolist()):
-                if reason[r] is None:
-                    out[r].append(t)
-                    reason[r] = self._stopped(out[r], t, stops, cfg)
-            if all(reason):
+            new[:, step] = nxt
+            n = step + 1
+            if stop_ids is not None:
+                done |= torch.isin(nxt, stop_ids)
+            if cfg.stop:  # stop strings need the text: read the tokens every step
+                self._cut_at_stop_strings(new[:, :n].tolist(), cut, cfg.stop)
+                if all(c is not None or d for c, d in zip(cut, done.tolist())):
+                    break
+            elif stop_ids is not None and step % 8 == 7 and bool(done.all()):  # rarely: a sync stalls the device
                 break
-            if step == total - longest - 1:  # the context (or max_new_tokens) is used up
+            if step == steps - 1:
                 break
             if seen is not None:
                 seen[torch.arange(b, device=self.device), nxt] = True
@@ -115,18 +123,27 @@ class Generator:
             else:  # recompute everything: a fresh cache over the whole sequence
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 logits = self.decode(seq, self.model.new_cache(seq.shape[1], pad))[:, -1]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.last_stats = Stats(b, sum(len(o) for o in out), time.perf_counter() - start)
+        rows = new[:, :n].tolist()  # waits for the device
         ran_out = "max_new_tokens" if longest + cfg.max_new_tokens <= self.seq_len else "context"
-        return [(o, r or ran_out) for o, r in zip(out, reason)]
+        results = []
+        for r, tokens in enumerate(rows):
+            first_stop = next((i for i, t in enumerate(tokens) if t in stops), None)
+            if first_stop is not None and (cut[r] is None or first_stop < cut[r]):
+                t = tokens[first_stop]
+                why = "eod" if t == self.tok.eod_id and cfg.stop_at_eod else "stop_token"
+                results.append((tokens[: first_stop + 1], why))
+            elif cut[r] is not None:
+                results.append((tokens[: cut[r] + 1], "stop_string"))
+            else:
+                results.append((tokens, ran_out))
+        self.last_stats = Stats(b, sum(len(t) for t, _ in results), time.perf_counter() - start)
+        return results
 
-    def _stopped(self, tokens: List[int], last: int, stops: set, cfg: SamplingConfig) -> Optional[str]:
-        if last in stops:
-            return "eod" if last == self.tok.eod_id and cfg.stop_at_eod else "stop_token"
-        if cfg.stop and any(s in self.tok.decode(tokens) for s in cfg.stop):
-            return "stop_string"
-        return None
+    def _cut_at_stop_strings(self, rows: List[List[int]], cut: List[Optional[int]], stops: List[str]) -> None:
+        """Mark the rows whose text now holds a stop string (at the last token, the one that completed it)."""
+        for r, tokens in enumerate(rows):
+            if cut[r] is None and any(s in self.tok.decode(tokens) for s in stops):
+                cut[r] = len(tokens) - 1
 
     def generate(self, prompts: Sequence[str], cfg: SamplingConfig, use_cache: bool = True,
                  ids: Optional[List[List[int]]] = None) -> List[Completion]:

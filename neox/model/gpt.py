@@ -108,16 +108,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: in
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool) -> torch.Tensor:
-    """The rotation of `apply_rotary`, with cos/sin already at the tokens' positions: [s, 1, dims/2], or
-    [b, s, 1, dims/2] when each row has its own positions (decoding left-padded prompts)."""
-    rot, rest = x[..., :dims].float(), x[..., dims:]
+    """The rotation of `apply_rotary` (in fp32), with cos/sin already at the tokens' positions: [s, 1, dims/2],
+    or [b, s, 1, ..., dims/2] when each row has its own positions (decoding left-padded prompts)."""
+    rot, rest = x[..., :dims], x[..., dims:]
+    rot = rot if rot.dtype == torch.float32 else rot.float()  # (skipping no-op casts saves decoding steps time)
     if interleaved:  # GPT-J: pairs (2i, 2i+1)
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:  # NeoX: halves (i, i + dims/2)
         x1, x2 = rot.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((out.to(x.dtype), rest), dim=-1)
+    out = out if out.dtype == x.dtype else out.to(x.dtype)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -141,26 +143,33 @@ class KVCache:
     row's first real token up to its own; a padding slot only to itself (any finite output, never read).
     Each decoding step appends s slots: `begin(s)` sets the step's positions and mask, every layer
     calls `update`, and `advance` commits the step. Buffers are allocated at a layer's first update, in
-    that layer's dtype and local (tensor-parallel) head count."""
+    that layer's dtype and local (tensor-parallel) head count. Without padding, SDPA gets no mask where
+    none is needed (one new token sees every slot; a first step is plain causal), so it can run its
+    fused kernels."""
 
     def __init__(self, n_layers: int, max_len: int, pad: torch.Tensor):
         self.max_len, self.pad = max_len, pad  # pad: [b] padding slots before each row's first token
+        self.padded = bool(pad.any())
         self.k: List[Optional[torch.Tensor]] = [None] * n_layers
         self.v: List[Optional[torch.Tensor]] = [None] * n_layers
         self.length = 0  # slots filled by committed steps
         self.step = 0  # slots the current step appends
         self.pos = self.mask = None
+        self.sdpa_mask, self.causal = None, False  # what SDPA is given: the mask, or None (+ is_causal)
+        self.rope = None  # cos, sin at this step's positions: computed by the first layer, reused by the others
 
     def begin(self, s: int) -> None:
         if self.length + s > self.max_len:
             raise ConfigError(f"the KV cache holds {self.max_len} positions; {self.length} + {s} do not fit")
-        self.step = s
+        self.step, self.rope = s, None
         query = torch.arange(self.length, self.length + s, device=self.pad.device)
         key = torch.arange(self.length + s, device=self.pad.device)
         self.pos = (query[None] - self.pad[:, None]).clamp(min=0)  # [b, s]
         real = key[None, None, :] >= self.pad[:, None, None]  # [b, 1, L]
         self.mask = ((key[None, :] <= query[:, None])[None] & real) | (key[None, :] == query[:, None])[None]
         self.mask = self.mask[:, None]  # [b, 1, s, L]: broadcast over heads
+        plain = not self.padded and (s == 1 or self.length == 0)
+        self.sdpa_mask, self.causal = (None, s > 1) if plain else (self.mask, False)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [b, kv heads, s, hd] of `layer`; return all of the layer's so far."""
@@ -229,20 +238,23 @@ class CausalSelfAttention(nn.Module):
         """`forward` for tokens that continue the cached sequence: rotated at each row's own positions,
         appended to the cache, attending to the cached slots the cache's mask allows."""
         b, s, _ = x.shape
-        q, k, v = self.heads(x)
-        if self.cfg.position == "rotary":
-            cos, sin = self.cos[cache.pos][:, :, None], self.sin[cache.pos][:, :, None]  # [b, s, 1, dims/2]
-            rot = (self.cfg.rotary_dims, self.cfg.rotary_interleaved)
-            q, k = rotate(q, cos, sin, *rot), rotate(k, cos, sin, *rot)
+        hd, per = self.cfg.head_dim, self.q_per_kv
+        qkv = self.qkv(x).view(b, s, -1, per + 2, hd)  # [b, s, local groups, q+2, hd]
+        qk, v = qkv[:, :, :, : per + 1], qkv[:, :, :, -1]
+        if self.cfg.position == "rotary":  # the q and k heads of every group in one rotation
+            if cache.rope is None:
+                cache.rope = (self.cos[cache.pos][:, :, None, None], self.sin[cache.pos][:, :, None, None])
+            qk = rotate(qk, *cache.rope, self.cfg.rotary_dims, self.cfg.rotary_interleaved)  # [b, s, 1, 1, dims/2]
+        q, k = qk[:, :, :, :per].reshape(b, s, -1, hd), qk[:, :, :, per]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = cache.update(layer, k, v)
-        mask = cache.mask
+        mask, causal = cache.sdpa_mask, cache.causal
         if self.cfg.position == "alibi":  # slope * (key slot - query slot): the distance padding does not change
             slopes = self.slopes[self.head_offset: self.head_offset + q.shape[1]].to(torch.float32)
             query = torch.arange(cache.length, cache.length + s, device=x.device)
             dist = (torch.arange(k.shape[2], device=x.device)[None, :] - query[:, None]).to(torch.float32)
-            mask = (slopes[:, None, None] * dist[None]).masked_fill(~mask, float("-inf")).to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_per_kv > 1)
+            mask, causal = (slopes[:, None, None] * dist[None]).masked_fill(~cache.mask, float("-inf")).to(q.dtype), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.q_per_kv > 1)
         return self.proj(y.transpose(1, 2).reshape(b, s, -1))
 
     def _alibi_attention_unfused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
