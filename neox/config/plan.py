@@ -210,7 +210,7 @@ def batch_triad(micro: Optional[int], accum: Optional[int], global_: Optional[in
 
 def _check_output(run_dir: Path) -> None:
     probe = run_dir
-    while not probe.exists():
+    while not os.path.exists(probe):  # os.path: False (not OSError) for a name too long
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"the output directory {run_dir} is not writable (at {probe}); set run_dir=<a writable path>")
