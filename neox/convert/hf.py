@@ -23,7 +23,7 @@ Anything with no counterpart raises ConfigError naming the feature, never a sile
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 

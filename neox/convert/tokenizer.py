@@ -6,15 +6,18 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from neox.data.tokenizer import EOD_TOKEN, load_tokenizer
 from neox.errors import DataError
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 
 @dataclass
 class ModelTokenizer:
-    tok: "tokenizers.Tokenizer"  # noqa: F821
+    tok: "Tokenizer"
     eod_id: int
     source: str
 

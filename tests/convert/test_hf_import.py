@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_helpers import hf_causal_lm, neox_model, random_hf, random_prompts, save_hf, trained, write_model_dir
+from hf_helpers import neox_model, random_hf, random_prompts, save_hf, trained, write_model_dir
 from neox.convert.__main__ import main as convert_main
 
 TOL = 1e-5
