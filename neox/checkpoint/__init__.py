@@ -3,8 +3,6 @@
 verified on load, with a fallback to the previous good checkpoint."""
 from neox.checkpoint.config_check import check_resume_config
 from neox.checkpoint.manager import CheckpointManager, tag_for
-from neox.checkpoint.rng import register as register_rng_state
 from neox.checkpoint.rng import rng_state, set_rng_state
 
-__all__ = ["CheckpointManager", "check_resume_config", "register_rng_state", "rng_state", "set_rng_state",
-           "tag_for"]
+__all__ = ["CheckpointManager", "check_resume_config", "rng_state", "set_rng_state", "tag_for"]

@@ -1,25 +1,18 @@
-"""Every random state a rank owns, as tensors and plain numbers (so `torch.load(weights_only=True)`
-reads it back: no numpy arrays, no pickled classes).
+"""Every random state a rank owns (python, numpy, torch CPU and CUDA), as tensors and plain numbers
+(so `torch.load(weights_only=True)` reads it back: no numpy arrays, no pickled classes). The one
+place neox saves and restores random state: checkpoints, and tests that replay dropout masks.
 
 Tensor-parallel dropout (`neox.parallel.random.TPRandom`) derives its per-rank stream from the
-default CPU generator and keeps no state of its own, so the default generators cover it. Any
-component that does keep a random state registers it with `register(name, get, set)`; `get` must
-return tensors, numbers, strings, lists, tuples or dicts of those.
+default CPU generator and keeps no state of its own, so the default generators cover it. A
+component that kept its own random state would add it here (there is no registry: no global state).
 """
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict
 
 import numpy as np
 import torch
-
-_EXTRA: Dict[str, Tuple[Callable[[], Any], Callable[[Any], None]]] = {}
-
-
-def register(name: str, get: Callable[[], Any], set: Callable[[Any], None]) -> None:  # noqa: A002
-    """Add a random state to every checkpoint (e.g. a Megatron-style tracker). Idempotent per name."""
-    _EXTRA[name] = (get, set)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -33,9 +26,6 @@ def rng_state() -> Dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    extra = {name: get() for name, (get, _) in _EXTRA.items()}
-    if extra:
-        state["extra"] = extra
     return state
 
 
@@ -51,6 +41,3 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
         else:  # a different number of local devices: restore this rank's own device
             torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)])
-    for name, value in state.get("extra", {}).items():
-        if name in _EXTRA:
-            _EXTRA[name][1](value)

@@ -14,14 +14,13 @@ device generator on exit. The design choice: the forked stream carries no state 
 `torch.utils.checkpoint` (non-reentrant, as the model uses) saves and restores the default CPU
 and device generators around recomputation, so the same draws replay the same masks, without
 a Megatron-style tracker that checkpointing would have to know about. Saving and loading the
-random state for a checkpoint is therefore just the default generators: `get_rng_state` /
-`set_rng_state`.
+random state for a checkpoint is therefore just the default generators (`neox.checkpoint.rng`).
 """
 from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Dict, Iterator
+from typing import Iterator
 
 import torch
 
@@ -86,18 +85,3 @@ def seed_all(seed: int, pp_rank: int = 0) -> None:
     s = seed + 100 * pp_rank
     random.seed(s)
     torch.manual_seed(s)  # CPU and every CUDA device
-
-
-def get_rng_state() -> Dict[str, Any]:
-    """Everything that determines future dropout masks (for checkpoints)."""
-    state: Dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

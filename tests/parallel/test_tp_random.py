@@ -7,8 +7,9 @@ import dataclasses
 import torch
 
 from neox.model.gpt import GPT, GPTConfig
-from neox.parallel import (Topology, TPRandom, apply_tensor_parallel, gather_full_state_dict, get_rng_state,
-                           seed_all, set_rng_state, vocab_parallel_cross_entropy)
+from neox.checkpoint.rng import rng_state as get_rng_state, set_rng_state
+from neox.parallel import (Topology, TPRandom, apply_tensor_parallel, gather_full_state_dict, seed_all,
+                           vocab_parallel_cross_entropy)
 from neox.parallel.comm import all_gather_no_grad
 
 from tp_harness import run_workers
