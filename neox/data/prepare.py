@@ -178,7 +178,9 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
     # read the output's own files back in as documents.
     own = {os.path.abspath(output + ext) for ext in (".bin", ".idx", ".meta.json",
                                                       ".tokenizer.json")}
-    sources = [s for s in sources if s.explicit or os.path.abspath(s.path) not in own]
+    pieces = os.path.abspath(output) + ".shards" + os.sep  # of an interrupted --shards run
+    sources = [s for s in sources if s.explicit or not (
+        os.path.abspath(s.path) in own or os.path.abspath(s.path).startswith(pieces))]
     out = Path(output)
     tok_sidecar = Path(f"{output}.tokenizer.json")
 

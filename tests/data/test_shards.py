@@ -117,6 +117,12 @@ def test_sharded_equals_single_process(tmp_path: Path, bpe: str) -> None:
     # An output inside the input folder: the pieces of a run are never read back as input.
     prepare(inputs, str(tmp_path / "c" / "out"), bpe, shards=3, workers=2, progress=False)
     _same_output(tmp_path / "single", tmp_path / "c" / "out")
+    # Nor the pieces an interrupted sharded run left there, when run again without --shards.
+    inputs = make_corpus(tmp_path / "c2")
+    (tmp_path / "c2" / "again.shards").mkdir()
+    (tmp_path / "c2" / "again.shards" / "piece-00000-of-00002.bin").write_bytes(b"\x01" * 64)
+    prepare(inputs, str(tmp_path / "c2" / "again"), bpe, progress=False)
+    _same_output(tmp_path / "single", tmp_path / "c2" / "again")
 
 
 def _cli(*argv: str) -> subprocess.Popen:
