@@ -167,3 +167,21 @@ def test_init_from_is_skipped_when_the_run_has_a_checkpoint(tmp_path: Path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert load_initial_weights(model, cfg, str(src), say=lambda m: None)
     assert all(torch.equal(load(src).weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_import_reads_sharded_safetensors(tmp_path: Path):
+    """A model saved in several safetensors files with an index (as large Hub models are) imports the same."""
+    import shutil
+
+    from hf_helpers import bytes_tokenizer_file
+    from neox.convert.source import load
+
+    hf = random_hf("LlamaForCausalLM")
+    tok = bytes_tokenizer_file(tmp_path / "tok")
+    save_hf(hf, tmp_path / "one", tok)
+    hf.save_pretrained(str(tmp_path / "many"), max_shard_size="100KB")
+    shutil.copy(tmp_path / "one" / "tokenizer.json", tmp_path / "many")
+    assert (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "many").glob("model-*.safetensors"))) > 1
+    a, b = load(tmp_path / "one"), load(tmp_path / "many")
+    assert a.weights.keys() == b.weights.keys() and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
