@@ -117,9 +117,10 @@ def build(hf: "tokenizers.Tokenizer") -> FastBPE:  # noqa: F821
     ranks.update(zip(_as_bytes(results), ids.tolist()))
     if len(ranks) != 256 + len(results):
         raise NotExpressible("two merges make the same bytes")
-    extra = set(vocab) - set(results) - set(byte_chars.values())
-    if model.get("ignore_merges") and extra - {t["content"] for t in spec["added_tokens"]}:
-        raise NotExpressible("ignore_merges with vocab tokens that no merge makes")
+    if model.get("ignore_merges"):  # tokenizers takes any vocab token whole, tiktoken its ranks
+        made = {*results, *byte_chars.values(), *(t["content"] for t in spec["added_tokens"])}
+        if set(vocab) - made:
+            raise NotExpressible("ignore_merges with vocab tokens that no merge makes")
     _check_self_consistent(vocab, merges, results, ids)
     specials, overlap = _added_tokens(spec["added_tokens"])
     split = _Splitter(spec["added_tokens"]) if overlap else None

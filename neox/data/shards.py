@@ -42,7 +42,7 @@ from neox.data.fsutil import atomic_path, temp_name
 from neox.data.indexed import IndexedDataset, IndexedDatasetWriter, paths, write_index
 from neox.data.progress import Counts, Progress
 from neox.data.sources import ReadStats, Source
-from neox.data.stream import Docs, cpu_count
+from neox.data.stream import ENCODERS, Docs, cpu_count
 from neox.errors import DataError, NeoxError
 
 FORMAT = 1  # bump when what a piece holds for the same key changes
@@ -416,6 +416,8 @@ def prepare_sharded(inputs: Sequence[str], output: str, tokenizer: str = "bytes"
     t0 = time.perf_counter()
     if shards < 1:
         raise DataError(f"--shards {shards}: give 1 or more")
+    if encoder not in ENCODERS:
+        raise DataError(f"--encoder {encoder}: choose one of {', '.join(ENCODERS)}")
     sources = resolve_inputs(list(inputs))
     output = _check_output(output)
     work = Path(output + ".shards")
