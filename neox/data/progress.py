@@ -27,10 +27,14 @@ class Counts:
 
     def skipped(self) -> str:
         """`none`, or each reason with its count."""
-        why = [f"{self.skipped_invalid_utf8} documents of invalid UTF-8"
-               if self.skipped_invalid_utf8 else "",
-               f"{self.skipped_empty_files} empty files" if self.skipped_empty_files else ""]
+        why = [_count(self.skipped_invalid_utf8, "document of invalid UTF-8",
+                      "documents of invalid UTF-8"),
+               _count(self.skipped_empty_files, "empty file", "empty files")]
         return ", ".join(w for w in why if w) or "none"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return "" if n == 0 else f"1 {one}" if n == 1 else f"{n} {many}"
 
 
 def _mb(n: float) -> str:

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -243,3 +244,28 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "--partition only apply with --slurm" in capsys.readouterr().err
     with pytest.raises(DataError, match="--shards 0: give 1 or more"):
         prepare(corpus, str(tmp_path / "o"), shards=0, progress=False)
+
+
+def test_progress_and_summary(tmp_path: Path, bpe: str, capsys: pytest.CaptureFixture) -> None:
+    """Bytes with an ETA while running; then bytes and tokens per second, and what was skipped
+    and why, for one process and for pieces."""
+    inputs = make_corpus(tmp_path / "c")
+    with open(tmp_path / "c" / "a.jsonl", "ab") as f:
+        f.write(b'{"text": "bad \xff byte"}\n')
+    size = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
+    r = prepare(inputs, str(tmp_path / "one"), bpe)
+    err = capsys.readouterr().err
+    from tqdm import tqdm
+
+    total = tqdm.format_sizeof(size, divisor=1000)
+    assert f"100%|██████████| {total}/{total} [" in err and "B/s" in err  # bytes, rate, ETA
+    assert re.search(rf"wrote {tmp_path / 'one'}\.bin/\.idx: read {size / 1e6:.1f} MB "
+                     rf"\([\d.]+ MB/s\), {r.documents} docs, {r.tokens / 1e6:.2f} M tokens in "
+                     r"[\d.]+ s \([\d.]+ M tok/s, encoder tiktoken\); skipped: 1 document of "
+                     r"invalid UTF-8, 1 empty file$", err, re.M), err
+    prepare(inputs, str(tmp_path / "two"), bpe, shards=2, workers=2)
+    err = capsys.readouterr().err
+    assert re.search(rf"wrote {tmp_path / 'two'}\.bin/\.idx from 2 pieces: {r.documents} docs, "
+                     rf"{r.tokens / 1e6:.2f} M tokens, {size / 1e6:.1f} MB read in [\d.]+ s "
+                     r"\([\d.]+ M tok/s, [\d.]+ MB/s, encoder tiktoken\); skipped: 1 document "
+                     r"of invalid UTF-8, 1 empty file$", err, re.M), err
