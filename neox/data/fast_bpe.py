@@ -28,11 +28,15 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from neox.data.tokenizer import _byte_to_unicode
+
+if TYPE_CHECKING:  # imported when used: tiktoken only for the fast path
+    import tiktoken
+    import tokenizers
 
 # The ByteLevel pre-tokenizer's split, as written in tokenizers (pre_tokenizers/byte_level.rs).
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -55,8 +59,8 @@ class DocumentError(Exception):
 class FastBPE:
     """A tiktoken Encoding giving the same ids as `hf` (a tokenizers.Tokenizer)."""
 
-    encoding: "tiktoken.Encoding"  # noqa: F821
-    hf: "tokenizers.Tokenizer"  # noqa: F821
+    encoding: tiktoken.Encoding
+    hf: tokenizers.Tokenizer
     nfc: bool  # the tokenizer normalizes to NFC: documents not already NFC go to `hf`
     specials: frozenset[str]  # what tiktoken splits out: added tokens, or split's stand-ins
     split: "_Splitter | None" = None  # added tokens that can overlap: found in Python first
@@ -89,7 +93,7 @@ class FastBPE:
         return np.concatenate(parts, dtype=dtype, casting="unsafe"), lengths
 
 
-def build(hf: "tokenizers.Tokenizer") -> FastBPE:  # noqa: F821
+def build(hf: tokenizers.Tokenizer) -> FastBPE:
     """The tiktoken equivalent of `hf`; raises NotExpressible saying why there is none."""
     import tiktoken
 

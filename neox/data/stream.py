@@ -227,7 +227,7 @@ def _tokenizers_encoded(tok: Tokenizer, tok_spec: str, eod_token: str | None, dt
             yield given.popleft(), flat, lengths
     except NeoxError:
         raise
-    except Exception as e:  # the tokenizer failed on the oldest batch still in flight
+    except Exception:  # the tokenizer failed on the oldest batch still in flight
         if not given:
             raise
         for text, where in zip(given[0].texts, given[0].wheres):
