@@ -392,7 +392,8 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
     if not args.slurm:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise DataError(f"{flags} only apply with --slurm; add --slurm or drop them")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise DataError(f"{flags} only {verb} with --slurm; add --slurm or drop them")
         return None
     return SlurmOptions(**given, parallelism=args.workers)
 

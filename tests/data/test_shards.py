@@ -241,7 +241,8 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(DataError, match=r"--shards reads local files, and hf:x is a datasets"):
         prepare(["hf:x", *corpus], str(tmp_path / "o"), shards=2, progress=False)
     assert main([*corpus, "-o", str(tmp_path / "o"), "--partition", "gpu"]) == 2
-    assert "--partition only apply with --slurm" in capsys.readouterr().err
+    assert "neox: error: --partition only applies with --slurm; add --slurm or drop them" in \
+        capsys.readouterr().err
     with pytest.raises(DataError, match="--shards 0: give 1 or more"):
         prepare(corpus, str(tmp_path / "o"), shards=0, progress=False)
 
