@@ -103,8 +103,7 @@ def encode_into(writer: IndexedDatasetWriter, docs: Docs, tok: Tokenizer, tok_sp
                 progress.update(counts)
     except _Failed as e:
         raise DataError(f"{docs.describe(e.where)}: the tokenizer cannot encode this document "
-                        f"({type(e.cause).__name__}: {_first_line(e.cause)}); fix or remove "
-                        "it") from None
+                        f"({_why(e.text, e.cause)}); fix or remove it") from None
     return name, counts
 
 
@@ -173,12 +172,19 @@ def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
 
 
 class _Failed(Exception):
-    def __init__(self, where: object, cause: BaseException) -> None:
-        self.where, self.cause = where, cause
+    def __init__(self, where: object, text: str, cause: BaseException) -> None:
+        self.where, self.text, self.cause = where, text, cause
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
+def _why(text: str, cause: BaseException) -> str:
+    """Why a document cannot be encoded: a lone surrogate (what JSON's "\\ud800" decodes to is
+    not Unicode text, and no tokenizer takes it), or the tokenizer's own first line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"it holds the lone surrogate {text[e.start]!r} at character {e.start}, which is "
+                "not text: a \\u escape of half a UTF-16 pair in the JSON?")
+    return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
 
 
 def _fast_encoded(fast, eod_id: int, dtype: np.dtype, pending: Iterator[Batch], threads: int
@@ -205,7 +211,7 @@ def _result(batch: Batch, future, error_type) -> tuple[Batch, np.ndarray, np.nda
     try:
         flat, lengths = future.result()
     except error_type as e:
-        raise _Failed(batch.wheres[e.index], e.cause) from None
+        raise _Failed(batch.wheres[e.index], batch.texts[e.index], e.cause) from None
     return batch, flat, lengths
 
 
@@ -234,5 +240,5 @@ def _tokenizers_encoded(tok: Tokenizer, tok_spec: str, eod_token: str | None, dt
             try:
                 tok.encode_batch([text])
             except Exception as doc_error:
-                raise _Failed(where, doc_error) from None
+                raise _Failed(where, text, doc_error) from None
         raise  # no single document fails: not the input's fault

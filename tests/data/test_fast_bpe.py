@@ -227,7 +227,9 @@ def test_document_the_tokenizer_cannot_encode(tmp_path: Path, texts: list[str],
     corpus_file = tmp_path / "c.jsonl"
     corpus_file.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "bad \\ud800"}\n')
     with pytest.raises(DataError, match=rf"^{re.escape(str(corpus_file))}:3: the tokenizer "
-                                        "cannot encode this document .*; fix or remove it$"):
+                                        r"cannot encode this document \(it holds the lone "
+                                        r"surrogate '\\ud800' at character 4, .*\); fix or "
+                                        "remove it$"):
         prepare([str(corpus_file)], str(tmp_path / "out"), str(tmp_path / "tok.json"),
                 encoder=encoder, progress=False)
     assert not list(tmp_path.glob("out*"))
