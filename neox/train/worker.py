@@ -267,6 +267,7 @@ class Trainer:
             self.say(f"already at step {state.step} of {t.steps}: nothing to train (raise train.steps to go on)")
         else:
             self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
+        first_step = state.step + 1
         window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
         skip_events, in_a_row = self.optimizer.skip_events, 0
         while state.step < t.steps:
@@ -293,7 +294,8 @@ class Trainer:
             state.tokens += plan.tokens_per_step
             window_steps, window_wait = window_steps + 1, window_wait + wait
             window_loss.append(loss)
-            if state.step % t.log_every == 0 or state.step == t.steps:
+            # the first step of every start is reported: it says early that training runs, and how fast
+            if state.step % t.log_every == 0 or state.step == t.steps or state.step == first_step:
                 if self.info.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_start
