@@ -17,25 +17,15 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from neox.config.domains import check_domains
+from neox.config.layout import resolve_layout
 from neox.config.memory import MemoryEstimate, estimate, gib
+from neox.config.resources import Resources
 from neox.config.schema import RunConfig
-from neox.errors import ConfigError, LaunchError
+from neox.errors import ConfigError
 from neox.model.gpt import GPTConfig, count_params
 
 REFUSE_MEMORY = 2.0  # refuse a run estimated at this multiple of a device's memory: clearly impossible
 WARN_MEMORY = 0.8  # warn above this fraction: the estimate leaves out the framework's own buffers
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What this launch can use: found by `neox.launch.resources`, or given by tests."""
-
-    kind: str  # local | hostfile | slurm
-    device: str  # cuda | cpu
-    slots: int  # GPUs (or CPU processes) available in all
-    slots_per_node: int
-    nodes: int = 1
-    memory_per_slot: Optional[int] = None  # bytes one GPU (or CPU process) can use; None: not known here
 
 
 @dataclass(frozen=True)
@@ -138,50 +128,6 @@ def _check_optim(cfg: DictConfig) -> list:
     return warnings
 
 
-def _check_layout(cfg: DictConfig) -> None:
-    """Raise on an impossible layout."""
-    p, m = cfg.parallelism, cfg.model
-    if p.zero_stage >= 2 and p.pp > 1:
-        raise ConfigError(f"parallelism.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed does not support "
-                          "ZeRO-2/3 with pipeline parallelism; use zero_stage=1 or pp=1")
-    kv = m.n_kv_heads or m.n_heads
-    for what, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv), ("model.d_model", m.d_model)):
-        if value % p.tp:
-            raise ConfigError(f"{what}={value} is not divisible by parallelism.tp={p.tp}; choose a tp that divides it")
-    d_ff = gpt_config(m).d_ff
-    if d_ff % p.tp:
-        raise ConfigError(f"the FFN size {d_ff} is not divisible by parallelism.tp={p.tp}; set model.d_ff")
-    if padded_vocab(m.vocab_size, m.vocab_multiple) % p.tp:
-        raise ConfigError(f"the padded vocab is not divisible by tp={p.tp}; use a model.vocab_multiple that tp divides")
-    if m.n_layers < p.pp:
-        raise ConfigError(f"model.n_layers={m.n_layers} is fewer than parallelism.pp={p.pp} stages; lower pp")
-    if p.pipe_partition not in ("uniform", "parameters") and not p.pipe_partition.startswith("type:"):
-        raise ConfigError(f"parallelism.pipe_partition={p.pipe_partition!r} must be uniform, parameters or type:<Layer>")
-
-
-def _world(cfg: DictConfig, res: Resources, dry_run: bool) -> tuple[int, int, list]:
-    """World size and dp from the layout and what is available."""
-    p = cfg.parallelism
-    model_parallel = p.tp * p.pp
-    warnings = []
-    if p.tp > res.slots_per_node and res.device == "cuda" and not p.tp_across_nodes_is_slow:
-        raise ConfigError(f"parallelism.tp={p.tp} spans more GPUs than one node has ({res.slots_per_node}); "
-                          "lower tp, or set parallelism.tp_across_nodes_is_slow=true to force it")
-    if p.dp is not None:
-        world = model_parallel * p.dp
-        if world > res.slots:
-            msg = (f"the layout tp={p.tp} x pp={p.pp} x dp={p.dp} needs {world} "
-                   f"{'GPUs' if res.device == 'cuda' or dry_run else 'processes'}, but {res.slots} are available here")
-            if not dry_run:
-                raise LaunchError(msg + "; use a smaller layout or a cluster with more GPUs")
-            warnings.append(msg + " (dry run: launching would fail)")
-        return world, p.dp, warnings
-    if res.slots % model_parallel:
-        raise ConfigError(f"{res.slots} {'GPUs' if res.device == 'cuda' else 'processes'} cannot be split into "
-                          f"tp={p.tp} x pp={p.pp} groups; set parallelism.dp or use a multiple of {model_parallel}")
-    return res.slots, res.slots // model_parallel, warnings
-
-
 def batch_triad(micro: Optional[int], accum: Optional[int], global_: Optional[int], dp: int) -> tuple[int, int, int]:
     """global = micro * accum * dp: any two determine the third; all three must agree."""
     given = {k: v for k, v in (("micro_batch", micro), ("grad_accum", accum), ("global_batch", global_)) if v is not None}
@@ -258,13 +204,9 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     """Validate `cfg` against what is available and derive the run plan. Raises on the first problem."""
     check_domains(cfg, RunConfig)  # first: the checks below divide by and index with these values
     _check_model(cfg.model)
-    _check_layout(cfg)
-    world, dp, warnings = _world(cfg, res, cfg.dry_run)
-    if cfg.parallelism.tp > 1:
-        from neox.parallel.topology import check_tp_layout  # seq split, kv heads, node width
-
-        check_tp_layout(gpt_config(cfg.model), cfg.parallelism, res.slots_per_node if not cfg.dry_run
-                        else max(res.slots_per_node, 8))
+    model = gpt_config(cfg.model)
+    layout = resolve_layout(cfg.parallelism, model, res, cfg.dry_run)
+    world, dp, warnings = layout.world, layout.dp, list(layout.warnings)
     t = cfg.train
     micro, accum, global_ = batch_triad(t.micro_batch, t.grad_accum, t.global_batch, dp)
     if cfg.parallelism.pp > 1 and accum < cfg.parallelism.pp:
@@ -279,7 +221,6 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     run_dir = default_run_dir(cfg)
     _check_output(run_dir)
     _check_data(cfg)
-    model = gpt_config(cfg.model)
     from neox.data.preflight import preflight  # opens every dataset and tokenizer the workers will
 
     evals = t.eval_batches * micro * dp  # the samples the workers ask for (neox/train/worker.py)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig
 
 from neox.config.domains import check_domains
-from neox.config.plan import Resources
+from neox.config.resources import Resources
 from neox.config.schema import CLUSTER_SCHEMAS
 from neox.errors import LaunchError
 

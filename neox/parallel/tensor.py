@@ -28,12 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neox.config.layout import check_split
 from neox.errors import ConfigError
 from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm, GPTConfig, Head
 from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, gather_from_sp, reduce_from_tp,
                                 reduce_scatter_to_sp, scatter_to_sp)
 from neox.parallel.random import TPDropout, TPRandom
-from neox.parallel.topology import Topology, check_tp_divisible
+from neox.parallel.topology import Topology
 
 # The declarative plan: class -> {child attribute: style}.
 TP_PLAN: Dict[type, Dict[str, str]] = {
@@ -226,9 +227,7 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology, sequence_parallel: b
     if cfg is None:
         raise ConfigError("apply_tensor_parallel needs the GPTConfig: pass cfg= for a pipeline stage")
     tp = topo.tp_size
-    check_tp_divisible(cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_ff, cfg.vocab_size, tp)
-    if sequence_parallel and cfg.seq_len % tp:
-        raise ConfigError(f"sequence_parallel needs seq_len ({cfg.seq_len}) divisible by tp={tp}")
+    check_split(cfg, tp, sequence_parallel=sequence_parallel)  # the planner's rule, for models built without one
     if any(isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
            for m in model.modules()):
         raise ConfigError("apply_tensor_parallel was already applied to this model")

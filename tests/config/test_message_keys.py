@@ -94,14 +94,12 @@ def test_the_scan_flags_the_wrong_section(tmp_path, message, key):
 
 def test_the_tp_across_nodes_hint_is_an_override_hydra_accepts(tmp_path):
     """The message a too-wide tp group gets names a key that, set as it says, composes and then plans."""
+    from neox.config.layout import fit
     from neox.config.plan import Resources, make_plan
-    from neox.config.schema import ModelConfig, ParallelConfig
-    from neox.errors import ConfigError
-    from neox.parallel.topology import check_tp_layout
+    from neox.errors import LaunchError
 
-    model = ModelConfig(name="m", n_layers=2, d_model=512, n_heads=8, seq_len=64)
-    with pytest.raises(ConfigError) as err:
-        check_tp_layout(model, ParallelConfig(name="p", tp=8), gpus_per_node=6)
+    with pytest.raises(LaunchError) as err:
+        fit(8, 1, 1, Resources("hostfile", "cuda", 24, 6, nodes=4))
     hint = re.search(r"set (\S+=true)", str(err.value)).group(1)
     assert hint == "parallelism.tp_across_nodes_is_slow=true"
     cfg = compose_config(["parallelism.tp=8", "model.n_heads=8", "model.d_model=512", hint, f"run_dir={tmp_path}/r"])

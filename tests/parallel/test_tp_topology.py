@@ -1,4 +1,4 @@
-"""Topology groups on 4 real processes, and every layout the config must refuse."""
+"""Topology groups on 4 real processes, apply_tensor_parallel's guard, and sharded state dicts."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from neox.config.schema import ModelConfig, ParallelConfig
+from neox.config.layout import check_split
 from neox.errors import ConfigError
 from neox.model.gpt import GPT, GPTConfig
-from neox.parallel import Topology, apply_tensor_parallel, check_tp_layout, merge_state_dicts, shard_dims, shard_state_dict
+from neox.parallel import Topology, apply_tensor_parallel, merge_state_dicts, shard_dims, shard_state_dict
 
 from tp_harness import run_workers
 
@@ -57,47 +57,20 @@ def test_topology_groups_on_4_processes() -> None:
 GOOD = GPTConfig(n_layers=1, d_model=64, n_heads=8, n_kv_heads=4, d_ff=128, seq_len=32, vocab_size=256)
 
 
-def _parallel(tp: int, **kw) -> ParallelConfig:
-    return ParallelConfig(name="test", tp=tp, **kw)
-
-
 @pytest.mark.parametrize("field,value,needle", [
     ("n_heads", 6, "n_heads=6"), ("n_kv_heads", 2, "n_kv_heads=2"), ("d_model", 66, "d_model=66"),
-    ("d_ff", 130, "d_ff=130"), ("vocab_size", 258, "padded vocab=258"),
+    ("d_ff", 130, "FFN size 130"), ("vocab_size", 258, "padded vocab 258"),
 ])
 def test_tp_must_divide_sharded_dims(field: str, value: int, needle: str) -> None:
     cfg = dataclasses.replace(GOOD, **{field: value})
     with pytest.raises(ConfigError, match=needle):
-        check_tp_layout(cfg, _parallel(4), gpus_per_node=8)
+        check_split(cfg, 4)  # the layout rule (tests/config/test_layout.py has the rest of it)
     # apply_tensor_parallel refuses too, before touching any process group
     fake = Topology(tp_size=4, pp_size=1, dp_size=1, tp_rank=0, pp_rank=0, dp_rank=0,
                     tp_group=None, pp_group=None, dp_group=None, mp_group=None)
     if field != "n_heads":  # GPT itself cannot be built with d_model % n_heads != 0 shapes
         with pytest.raises(ConfigError, match=needle):
             apply_tensor_parallel(GPT(cfg), fake)
-
-
-def test_schema_model_config_vocab_is_padded_before_the_check() -> None:
-    model = ModelConfig(name="m", n_layers=1, d_model=64, n_heads=8, d_ff=128, vocab_size=50257, vocab_multiple=128)
-    check_tp_layout(model, _parallel(8), gpus_per_node=8)  # 50304 % 8 == 0
-    odd = dataclasses.replace(model, vocab_multiple=2)  # 50258 % 8 != 0; never padded for tp silently
-    with pytest.raises(ConfigError, match="padded vocab=50258"):
-        check_tp_layout(odd, _parallel(8), gpus_per_node=8)
-
-
-def test_tp_group_must_stay_inside_a_node() -> None:
-    mha = dataclasses.replace(GOOD, n_kv_heads=8)
-    with pytest.raises(ConfigError, match="one node"):
-        check_tp_layout(mha, _parallel(8), gpus_per_node=4)
-    check_tp_layout(mha, _parallel(8, tp_across_nodes_is_slow=True), gpus_per_node=4)
-    with pytest.raises(ConfigError, match="one node"):  # 2 fits, but groups of 2 straddle 3-GPU nodes
-        check_tp_layout(GOOD, _parallel(2), gpus_per_node=3)
-    check_tp_layout(GOOD, _parallel(2), gpus_per_node=8)
-
-
-def test_sequence_parallel_needs_divisible_seq_len() -> None:
-    with pytest.raises(ConfigError, match="seq_len"):
-        check_tp_layout(dataclasses.replace(GOOD, seq_len=30), _parallel(4, sequence_parallel=True), gpus_per_node=8)
 
 
 def test_shard_and_merge_state_dict_round_trip() -> None:

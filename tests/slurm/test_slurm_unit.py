@@ -98,8 +98,10 @@ def test_all_ranks_stop_at_the_same_step():
 
 def test_world_size_must_match_nodes_times_tasks(tmp_path):
     cfg = make_cfg(tmp_path, nodes=1, tasks_per_node=2)
-    with pytest.raises(LaunchError, match=r"does not match .* 2 ranks"):
+    with pytest.raises(LaunchError, match=r"needs 4 processes but .* gives 2: set cluster.nodes=2"):
         slurm.check(cfg, plan(4))
+    with pytest.raises(LaunchError, match=r"= 2 ranks does not match .* = 4 ranks"):
+        slurm.check(make_cfg(tmp_path, nodes=2, tasks_per_node=2), plan(2))
 
 
 def test_layout_needing_more_gpus_than_allocated(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict
 
+from neox.config.layout import fit
 from neox.errors import LaunchError
+from neox.launch.resources import detect
 
 # Below this much time between start and the time-limit signal, a job may never save a step.
 MIN_USEFUL_S = 600
@@ -23,36 +25,10 @@ def tasks_per_node(cluster: Any) -> int:
 
 
 def check(cfg: Any, plan: Any) -> int:
-    """Validate the layout against the allocation; return tasks per node. Warns about short limits."""
+    """Validate the layout against the job's allocation (the layout rule, neox.config.layout) and the
+    time limit; return tasks per node. Warns about short limits."""
     cl = cfg.cluster
-    tpn = tasks_per_node(cl)
-    nodes, gpn = int(cl.nodes), int(cl.gpus_per_node)
-    world = int(plan.world_size)
-    tp, pp, dp = int(plan.tp), int(plan.pp), int(plan.dp)
-    layout = f"tp={tp} × pp={pp} × dp={dp} = {world} ranks"
-    if nodes < 1 or tpn < 1:
-        raise LaunchError(f"cluster.nodes={nodes} and tasks per node={tpn} must both be at least 1")
-    if gpn > 0:
-        if world > nodes * gpn:
-            need = -(-world // gpn)
-            raise LaunchError(
-                f"the layout {layout} needs {world} GPUs but cluster.nodes={nodes} × "
-                f"cluster.gpus_per_node={gpn} gives {nodes * gpn}: set cluster.nodes={need} or shrink the layout"
-            )
-        if tpn > gpn:
-            raise LaunchError(
-                f"cluster.tasks_per_node={tpn} is more than cluster.gpus_per_node={gpn}: each rank needs its own GPU"
-            )
-    if world != nodes * tpn:
-        raise LaunchError(
-            f"the layout {layout} does not match the job's cluster.nodes={nodes} × {tpn} tasks per node "
-            f"= {nodes * tpn} ranks: set cluster.nodes (or cluster.tasks_per_node) so they are equal"
-        )
-    if nodes > 1 and (tp > tpn or tpn % tp) and not cfg.parallelism.tp_across_nodes_is_slow:
-        raise LaunchError(
-            f"tp={tp} does not fit within a node's {tpn} ranks, so tensor-parallel groups would span nodes "
-            "(slow): lower tp, or set parallelism.tp_across_nodes_is_slow=true to do it anyway"
-        )
+    fit(int(plan.tp), int(plan.pp), int(plan.dp), detect(cl), tp_across_nodes=cfg.parallelism.tp_across_nodes_is_slow)
     usable_s = int(cl.time_min) * 60 - int(cl.signal_delay_s)
     if usable_s <= 0:
         raise LaunchError(
@@ -67,7 +43,7 @@ def check(cfg: Any, plan: Any) -> int:
             f"(step {first_save}) may take longer, and a job that never saves restarts from scratch on "
             "every requeue: raise cluster.time_min"
         )
-    return tpn
+    return tasks_per_node(cl)
 
 
 def run_name(cfg: Any, run_dir: Any) -> str:
