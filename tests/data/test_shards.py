@@ -270,3 +270,26 @@ def test_progress_and_summary(tmp_path: Path, bpe: str, capsys: pytest.CaptureFi
                      rf"{r.tokens / 1e6:.2f} M tokens, {size / 1e6:.1f} MB read in [\d.]+ s "
                      r"\([\d.]+ M tok/s, [\d.]+ MB/s, encoder tiktoken\); skipped: 1 document "
                      r"of invalid UTF-8, 1 empty file$", err, re.M), err
+
+
+def test_piece_that_cannot_write_says_so(tmp_path: Path, bpe: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while a piece writes: its status says which files and why, in one line."""
+    import errno
+
+    inputs = make_corpus(tmp_path / "c")
+    items = shards.plan(resolve_inputs(inputs), 1)[0]
+    (tmp_path / "w").mkdir()
+    job = shards.PieceJob(0, 1, tuple(items), str(tmp_path / "w"), bpe, shards.tokenizer_id(bpe),
+                          None, "uint16", "text", "skip", "auto", threads=1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(IndexedDatasetWriter, "add_documents", full)
+    msg = (f"cannot write {job.prefix}.* (No space left on device); free some space or choose "
+           "another -o")
+    assert shards.run_piece(job) == {"error": msg}
+    assert json.loads(job.status_file.read_text()) == {"error": msg}
+    assert job.finished() is None
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [job.status_file.name]

@@ -90,6 +90,16 @@ def test_interrupted_submitter_waits_for_its_array(slurm, tmp_path: Path,
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=60) == 130
         assert "interrupted: the Slurm tasks keep running" in first.stderr.read()
+        # An input changed under a queued task: refused, nothing submitted twice.
+        b = tmp_path / "c" / "b.jsonl"
+        stat = b.stat()
+        os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        with pytest.raises(DataError, match=rf"^piece 2's earlier Slurm task {array}_2 still runs,"
+                                            " on inputs that changed since; wait for it to end "
+                                            "or scancel it, then run the same command again$"):
+            prepare(inputs, str(tmp_path / "out"), tok, shards=3,
+                    slurm=SlurmOptions(time_min=5, cpus_per_shard=1), progress=False)
+        os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         release.start()
         prepare(inputs, str(tmp_path / "out"), tok, shards=3,
                 slurm=SlurmOptions(time_min=5, cpus_per_shard=1))
