@@ -1,5 +1,9 @@
 """Errors neox raises. Library code raises; only entry points turn these into one line + exit code."""
 
+# The exit status of a trainer that stopped for preemption after saving a checkpoint: EX_TEMPFAIL from
+# sysexits.h, "a temporary failure; the user is invited to retry". The Slurm launcher requeues on it.
+EXIT_REQUEUE = 75
+
 
 class NeoxError(Exception):
     """Base class: the message is one line that names the problem and the fix."""

@@ -137,9 +137,3 @@ def detect(cluster: DictConfig) -> Resources:
         return Resources("slurm", "cuda" if gpus > 0 else "cpu", per_node * cluster.nodes, per_node, nodes=cluster.nodes)
     raise LaunchError(f"cluster.kind={cluster.kind!r} is not local, hostfile or slurm")
 
-
-def from_worker_env(device: str) -> Resources:
-    """Inside a worker: the world the launcher actually started."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    return Resources("worker", device, world, local, nodes=max(1, world // max(local, 1)))

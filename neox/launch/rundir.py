@@ -33,12 +33,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+from neox.config.run_files import PENDING_CONFIG  # noqa: F401 - re-exported: the workers read it too
 from neox.errors import LaunchError
 
 LOCK_NAME = ".lock"
-# The config a launch writes for its workers; rank 0 makes it config.yaml once the run has started
-# (neox.train.worker.publish_config), so a launch the workers refuse leaves config.yaml as it was.
-PENDING_CONFIG = "config.pending.yaml"
 # Slurm states after which a job does not run again by itself (as in neox.launch.slurm).
 _ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
           "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}

@@ -36,9 +36,7 @@ import threading
 from types import FrameType
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
-# EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry".
-# The trainer returns it when it stopped for preemption after saving a checkpoint.
-EXIT_REQUEUE = 75
+from neox.errors import EXIT_REQUEUE  # noqa: F401 - re-exported: the Slurm launcher requeues on it
 
 
 

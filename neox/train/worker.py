@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from neox.checkpoint import CheckpointManager
 from neox.config.plan import RunPlan, make_plan
-from neox.launch.resources import from_worker_env
-from neox.launch.rundir import PENDING_CONFIG
+from neox.config.resources import from_worker_env
+from neox.config.run_files import PENDING_CONFIG
 from neox.model.gpt import GPT, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_all
 from neox.parallel.pipeline import build_pipeline_module, describe_stages, pipeline_batches

@@ -24,7 +24,7 @@ def fixed_tokens(vocab: int) -> torch.Tensor:
 
 def logits_after_resume(rank: int, world: int, run_dir: str, parallelism: Dict[str, int], out_file: str) -> None:
     from neox.config.plan import make_plan
-    from neox.launch.resources import from_worker_env
+    from neox.config.resources import from_worker_env
     from neox.train import distributed
     from neox.train.worker import Trainer, load_config
 

@@ -16,9 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from neox.launch.rundir import LOCK_NAME, PENDING_CONFIG
+from neox.config.run_files import PENDING_CONFIG
+from neox.errors import EXIT_REQUEUE
+from neox.launch.rundir import LOCK_NAME
 from neox.launch.slurm.params import say
-from neox.launch.slurm.task import EXIT_REQUEUE
 
 # Slurm job states after which the job will not run again (without a user's action).
 TERMINAL = {

@@ -26,11 +26,9 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import submitit
 
+from neox.errors import EXIT_REQUEUE
 
-ENTRY = "neox.train.worker:run"
-# The trainer's "stopped after saving a checkpoint, requeue me" status (neox.train.preempt.EXIT_REQUEUE;
-# launch does not import train, and tests/slurm checks that the two agree).
-EXIT_REQUEUE = 75
+ENTRY = "neox.train.worker:run"  # what each task runs, by name: launch does not import train
 _REQUEUE_WAIT_S = 600  # how long rank 0 waits to be killed by its own `scontrol requeue`
 
 
