@@ -1,0 +1,8 @@
+"""Helpers shared by the tests (importable as `support`: tests/conftest.py puts tests/ on sys.path).
+
+- `support.runs`: tiny runs through the real launcher: `TINY`, `tiny()`, `launch()`, `start()`,
+  `read_metrics()`, `train_losses()`, `wait_for_step()`.
+- `support.procs`: `free_port()`, the /dev/shm check (`shm_files()`, `no_shm_leak()`), `kill_tree()`.
+- `support.workers`: `run_workers()`, a function on N spawned CPU processes over gloo.
+- `support.plans`: real `RunPlan`s from `make_plan` for a composed config.
+"""

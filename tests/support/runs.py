@@ -1,0 +1,94 @@
+"""Tiny runs through the real launcher (`python launch.py ...`: deepspeed, CPU processes, gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from support.procs import kill_tree, no_shm_leak
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A model small enough that a few steps on 2 CPU processes take seconds.
+TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64",
+        "train.micro_batch=4", "train.grad_accum=1", "train.log_every=1", "train.eval_every=1000",
+        "train.eval_batches=2", "logging.wandb=false", "logging.tensorboard=false", "optim.warmup_steps=2"]
+RUN_TIMEOUT = 300
+
+
+def tiny(*overrides: str, base: List[str] = TINY) -> List[str]:
+    """`base` + overrides, where an override of a key in `base` replaces it (Hydra would refuse both)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
+
+
+def run_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+def launch(args: List[str], timeout: int = RUN_TIMEOUT, check: bool = True,
+           env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run `python launch.py ARGS` to its end (stdout and stderr captured). Fails the test on a
+    timeout (after killing the whole process tree), on DeepSpeed files left in /dev/shm, and, with
+    `check`, on a non-zero exit."""
+    with no_shm_leak(f"launch.py {' '.join(args)}"):
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env(env))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            out, err = proc.communicate()
+            raise AssertionError(f"launch.py {' '.join(args)} did not finish within {timeout} s\n"
+                                 f"stdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start(args: List[str], log: Path, env: Optional[Dict[str, str]] = None,
+          new_session: bool = False) -> subprocess.Popen:
+    """Start `python launch.py ARGS` in the background, its stdout and stderr appended to `log`.
+    The caller ends it (`kill_tree(proc.pid)`, or `os.killpg` with new_session=True)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=run_env(env),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    """The records of metrics.jsonl (a last line cut by a kill is left out)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def train_losses(run_dir: Path) -> Dict[int, float]:
+    """step -> train/loss, in step order; after a resume the record written last for a step wins."""
+    out = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+    return dict(sorted(out.items()))
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
+    """Wait until the run logged `step`'s training loss; fail if it ended or time ran out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if max(train_losses(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached within {timeout} s")
