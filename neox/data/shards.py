@@ -599,12 +599,16 @@ def _run_slurm(todo: list[PieceJob], opts: SlurmOptions, work: Path, total: int,
     attached = {}
     for j in jobs:
         jid, key = recorded.get(str(j.index), (None, None))
-        if jid in queued:
-            if key != j.key():
-                raise DataError(f"piece {j.index}'s earlier Slurm task {jid} still runs, on "
-                                "inputs that changed since; wait for it to end or scancel it, "
-                                "then run the same command again")
-            attached[j.index] = submitit.SlurmJob(folder=work / "slurm", job_id=jid)
+        if jid not in queued:
+            continue
+        earlier = submitit.SlurmJob(folder=work / "slurm", job_id=jid)
+        if earlier.paths.result_pickle.exists():
+            continue  # run_piece has returned: Slurm is only finishing the task
+        if key != j.key():
+            raise DataError(f"piece {j.index}'s earlier Slurm task {jid} still runs, on "
+                            "inputs that changed since; wait for it to end or scancel it, then "
+                            "run the same command again")
+        attached[j.index] = earlier
     fresh = [j for j in jobs if j.index not in attached]
     try:
         submitted = executor.map_array(run_piece, fresh) if fresh else []
