@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from neox.config.plan import RunPlan
+from neox.train.grad_clip import install_grad_clipping
 from neox.train.guards import SkipNonFiniteAdamW
 from neox.train.schedule import lr_multiplier
 
@@ -67,14 +68,5 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, plan: RunPlan, device: t
     sched = lr_scheduler(opt, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, plan), mpu=mpu)
-    _record_fp32_grad_norm(engine)
+    install_grad_clipping(engine)  # ZeRO-0 fp32: a norm right under pp and tp, and kept for the metrics
     return engine, opt, sched
-
-
-def _record_fp32_grad_norm(engine) -> None:
-    """In plain fp32 without ZeRO, DeepSpeed clips but drops the norm it computed, and under pipeline
-    parallelism computes it wrongly (first stage's unsharded parameters only, tied copies twice).
-    Clip with the pipe x tensor aware norm and keep it for `get_global_grad_norm()`."""
-    from neox.parallel.pipeline import install_grad_clipping
-
-    install_grad_clipping(engine)
