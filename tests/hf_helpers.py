@@ -47,7 +47,7 @@ def runs_root(tmp_path_factory) -> Path:
 
 def trained(name: str, root: Path, extra: Optional[List[str]] = None) -> Path:
     """The run `name` of RUNS (or `extra` overrides), trained once per session."""
-    from launch_helpers import launch
+    from support.runs import launch
 
     run_dir = root / name
     if (run_dir / "checkpoints" / "latest").is_file():

@@ -3,7 +3,6 @@
 test runs two real launches into one directory and stops the first with Ctrl-C."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -11,16 +10,16 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from launch_helpers import REPO, TINY
 from neox.errors import LaunchError
 from neox.launch.cli import main
 from neox.launch.rundir import LOCK_NAME, PENDING_CONFIG, RunDirLock
+from support.procs import kill_tree, no_shm_leak
+from support.runs import TINY, launch, start, wait_for_step
 
 HOST = socket.gethostname()
 
@@ -246,68 +245,41 @@ def test_unusable_run_dir_is_one_line_from_launch_py(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ real runs
 
 
-def _shm() -> set:
-    return set(glob.glob("/dev/shm/deepspeed*"))
-
-
-def _steps(run: Path) -> list:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if "train/loss" in rec:
-            out.append(rec["step"])
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("embedded_ready")
-def test_second_launch_is_refused_and_ctrl_c_keeps_the_last_checkpoint(tmp_path):
-    """Two real launches into one run dir: the second is refused in one line without touching the
-    first's files; then Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it)
-    stops the first: exit 130, what was kept and how to resume, no traceback from any process, no
-    /dev/shm leftovers; the same command then resumes from that checkpoint."""
+def test_second_launch_is_refused_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, capsys):
+    """Two launches into one run dir, the first a real run: the second (in this process: it is refused
+    before any worker) says so in one line without touching the first's files; then Ctrl-C (SIGINT to
+    the launcher's process group, as a terminal sends it) stops the first: exit 130, what was kept and
+    how to resume, no traceback from any process, no /dev/shm leftovers; the same command then
+    resumes from that checkpoint."""
     run = tmp_path / "run"
     args = [*TINY, "train.steps=400", "train.save_every=2", f"run_dir={run}"]
-    shm = _shm()
-    log = open(tmp_path / "first.log", "w+")
-    first = subprocess.Popen([sys.executable, "launch.py", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while len(_steps(run)) < 3:
-            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.1)
-        config = (run / "config.yaml").read_bytes()
-        second = subprocess.run([sys.executable, "launch.py", *args, "optim.lr=0.5"], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
-        assert second.returncode == 2, second.stdout + second.stderr
-        assert second.stderr == (f"neox: error: run dir {run} is in use by another run (host {HOST}, pid {first.pid}, "
-                                 f"since {json.loads((run / LOCK_NAME).read_text())['started']}): wait for it to end "
-                                 "or stop it, or choose another run_dir\n")
-        assert (run / "config.yaml").read_bytes() == config
-        os.killpg(first.pid, signal.SIGINT)
-        assert first.wait(timeout=60) == 130
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    log.seek(0)
-    out = log.read()
+    log = tmp_path / "first.log"
+    with no_shm_leak():
+        first = start(args, log, new_session=True)
+        try:
+            wait_for_step(run, 3, first)
+            config = (run / "config.yaml").read_bytes()
+            capsys.readouterr()
+            assert main([*args, "optim.lr=0.5"]) == 2
+            assert capsys.readouterr().err == (
+                f"neox: error: run dir {run} is in use by another run (host {HOST}, pid {first.pid}, since "
+                f"{json.loads((run / LOCK_NAME).read_text())['started']}): wait for it to end or stop it, or "
+                "choose another run_dir\n")
+            assert (run / "config.yaml").read_bytes() == config
+            os.killpg(first.pid, signal.SIGINT)
+            assert first.wait(timeout=60) == 130
+        finally:
+            if first.poll() is None:
+                kill_tree(first.pid)
+                first.wait()
+    out = log.read_text()
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert out.rstrip().endswith(f"neox: interrupted: the workers are stopped; the last checkpoint is "
                                  f"{run / 'checkpoints' / latest} (step {int(latest[5:])}); rerun the same command "
                                  "to resume"), out[-2000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out and "collective failed" not in out, out[-3000:]
-    assert _shm() - shm == set()
     assert not (run / LOCK_NAME).exists() and not (run / PENDING_CONFIG).exists()
-    again = subprocess.run([sys.executable, "launch.py", *TINY, f"train.steps={int(latest[5:]) + 1}",
-                            "train.save_every=2", f"run_dir={run}"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    again = launch([*TINY, f"train.steps={int(latest[5:]) + 1}", "train.save_every=2", f"run_dir={run}"])
     assert f"resumed from {latest} at step {int(latest[5:])}" in again.stdout

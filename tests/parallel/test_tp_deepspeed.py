@@ -13,7 +13,7 @@ import torch
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, gather_full_state_dict, make_loss_fn
 
-from tp_harness import run_workers
+from support.workers import run_workers
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
                 position="rotary", rotary_dims=8, mlp="swiglu", tied_embeddings=True)

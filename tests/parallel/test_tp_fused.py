@@ -14,7 +14,7 @@ from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, gather_full_state_dict, vocab_parallel_cross_entropy
 from neox.parallel.comm import all_gather_no_grad
 
-from tp_harness import run_workers
+from support.workers import run_workers
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
                 position="alibi", kernels="reference")

@@ -12,7 +12,7 @@ from neox.parallel import (Topology, TPRandom, apply_tensor_parallel, gather_ful
                            vocab_parallel_cross_entropy)
 from neox.parallel.comm import all_gather_no_grad
 
-from tp_harness import run_workers
+from support.workers import run_workers
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
                 position="rotary", rotary_dims=8, mlp="swiglu", dropout=0.2, attn_dropout=0.2)

@@ -15,8 +15,9 @@ import time
 import pytest
 import torch
 
-from launch_helpers import REPO, TINY, launch
 from neox.train.failures import is_out_of_memory, out_of_memory_message
+from support.procs import cmdline, descendants, kill_tree
+from support.runs import REPO, TINY, launch
 
 
 def _raised(fn) -> BaseException:
@@ -100,27 +101,10 @@ def test_one_process_run_out_of_memory_is_not_a_failed_collective(tmp_path, monk
     assert "collective failed" not in out and "Traceback" not in out, out[-3000:]
 
 
-
 def _workers(pid: int) -> list:
-    """The `python -m neox.train` processes below `pid` (a /proc walk)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                argv = open(f"/proc/{child}/cmdline").read().split("\0")
-            except OSError:
-                continue
-            if argv[1:4] == ["-u", "-m", "neox.train"] or argv[1:3] == ["-m", "neox.train"]:
-                found.append(child)
-    return found
+    """The `python -m neox.train` processes below `pid`."""
+    return [p for p in descendants(pid) if cmdline(p)[1:4] == ["-u", "-m", "neox.train"]
+            or cmdline(p)[1:3] == ["-m", "neox.train"]]
 
 
 @pytest.mark.usefixtures("embedded_ready")
@@ -141,7 +125,7 @@ def test_worker_killed_by_sigkill_is_said_to_be_likely_the_oom_killer(tmp_path):
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            kill_tree(proc.pid)
             proc.wait()
     assert proc.returncode == 247, out[-3000:]
     assert ("neox: a worker was killed with SIGKILL: most often by the kernel's out-of-memory killer (see `dmesg`)"
