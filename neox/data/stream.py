@@ -143,27 +143,37 @@ def _choose(tok: Tokenizer, encoder: str, first: Batch, dtype: np.dtype, docs: D
 
 def _compare_sample(fast, tok: HFTokenizer, first: Batch, docs: Docs) -> str | None:
     """Where tiktoken's ids differ from tokenizers' on the first documents; None if nowhere."""
-    texts, size = [], 0
-    for text in first.texts:
+    sample, size = [], 0
+    for text, where in zip(first.texts, first.wheres):
         if size >= SAMPLE_CHARS:
             break
-        texts.append(text)
-        size += len(text)
+        if _encodable(text):  # one that is not is reported by the run itself, with its place
+            sample.append((text, where))
+            size += len(text)
+    texts = [text for text, _ in sample]
     try:
         flat, lengths = fast.encode(texts, tok.eod_id, np.dtype(np.int64))
         ref = tok.tok.encode_batch_fast(texts, add_special_tokens=False)
-    except Exception:  # a document neither can encode: the run reports it with its place
+    except Exception:  # neither encodes it: the run reports the document with its place
         return None
     ends = np.cumsum(lengths)
-    for i, (enc, end) in enumerate(zip(ref, ends)):
-        ours = flat[end - lengths[i]:end - 1]
+    for (_, where), enc, n, end in zip(sample, ref, lengths, ends):
+        ours = flat[end - n:end - 1]
         if not np.array_equal(ours, enc.ids):
             k = next((j for j, (a, b) in enumerate(zip(ours, enc.ids)) if a != b),
                      min(len(ours), len(enc.ids)))
-            return (f"{docs.describe(first.wheres[i])} (token {k}: tiktoken "
+            return (f"{docs.describe(where)} (token {k}: tiktoken "
                     f"{ours[k] if k < len(ours) else 'ends'}, tokenizers "
                     f"{enc.ids[k] if k < len(enc.ids) else 'ends'})")
     return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:

@@ -216,6 +216,12 @@ def test_sample_mismatch_warns_once_and_uses_tokenizers(
     with pytest.raises(DataError, match="tiktoken and tokenizers disagree on"):
         prepare([str(corpus_file)], str(tmp_path / "forced"), str(tmp_path / "tok.json"),
                 encoder="tiktoken", progress=False)
+    # A document neither can encode, first in the sample, does not hide the others' difference.
+    corpus_file.write_text('{"text": "\\ud800"}\n' + corpus_file.read_text())
+    with pytest.raises(DataError, match=r":1: the tokenizer cannot encode this document"):
+        prepare([str(corpus_file)], str(tmp_path / "bad"), str(tmp_path / "tok.json"),
+                progress=False)
+    assert f"{corpus_file}:6 (token " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("encoder", ["tiktoken", "tokenizers"])
