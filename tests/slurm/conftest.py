@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -28,8 +27,9 @@ def _unavailable(reason: str):
 
 
 @pytest.fixture(scope="session")
-def slurm():
-    """The local Slurm's environment (SLURM_CONF, PATH), set in os.environ for the session."""
+def slurm() -> str:
+    """The local Slurm's environment (SLURM_CONF, PATH), set in os.environ for the session; the value
+    is the SLURM_CONF path."""
     if os.environ.get("NEOX_SLURM_TESTS") == "0":
         _unavailable("NEOX_SLURM_TESTS=0")
     if os.geteuid() != 0:
@@ -46,7 +46,7 @@ def slurm():
             os.environ[key] = value.replace("$PATH", os.environ["PATH"])
     # The jobs import the stand-in worker (slurm_standin:run) from here: sbatch passes the environment on.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), saved["PYTHONPATH"]]))
-    yield SimpleNamespace(conf=os.environ["SLURM_CONF"])
+    yield os.environ["SLURM_CONF"]
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

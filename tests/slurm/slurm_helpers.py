@@ -1,32 +1,32 @@
-"""Helpers for the Slurm tests (configs for the stand-in worker, the step log, polling)."""
+"""Helpers for the Slurm tests: real run configs (composed with cluster=slurm, as launch.py does) and
+their real plans, for the stand-in worker; the stand-in's step log; polling."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from neox.config.schema import ParallelConfig, SlurmCluster, TrainConfig
+from neox.launch.compose import compose_config
+from neox.launch.job import plan_for  # noqa: F401 - the plan launch.py makes: make_plan on the cluster's resources
 
 STANDIN = "slurm_standin:run"  # importable in the jobs: the `slurm` fixture puts tests/slurm on PYTHONPATH
 
 
-def make_cfg(run_dir: Path, steps: int = 12, save_every: int = 4, step_sleep: float = 0.0, **cluster):
-    """A run config for the stand-in worker: cfg.cluster is a SlurmCluster (CPU tasks)."""
-    cl = dict(gpus_per_node=0, tasks_per_node=2, cpus_per_task=1, time_min=30, signal_delay_s=5)
-    cl.update(cluster)
-    cfg = OmegaConf.create(
-        {
-            "run_name": run_dir.name,
-            "run_dir": str(run_dir),
-            "cluster": OmegaConf.structured(SlurmCluster(**cl)),
-            "train": OmegaConf.structured(TrainConfig(steps=steps, save_every=save_every)),
-            "parallelism": OmegaConf.structured(ParallelConfig(name="dp")),
-            "standin": {"step_sleep": step_sleep},
-        }
-    )
+def make_cfg(run_dir: Path, steps: int = 12, save_every: int = 4, step_sleep: float = 0.0,
+             overrides: Sequence[str] = (), **cluster) -> DictConfig:
+    """`launch.py cluster=slurm OVERRIDES` for `run_dir`, CPU tasks (2 per node) unless `cluster`
+    says otherwise, plus a `standin` section for the stand-in worker (step_sleep, raise_at)."""
+    fields = dict(gpus_per_node=0, tasks_per_node=2, cpus_per_task=1, time_min=30, signal_delay_s=5)
+    fields.update(cluster)
+    cfg = compose_config(["cluster=slurm", *overrides, f"train.steps={steps}", f"train.save_every={save_every}",
+                          f"run_dir={run_dir}", f"run_name={run_dir.name}"])
+    for key, value in fields.items():
+        cfg.cluster[key] = value
+    with open_dict(cfg):
+        cfg.standin = {"step_sleep": step_sleep, "raise_at": None}
     return cfg
 
 
@@ -35,11 +35,6 @@ def write_config(cfg, run_dir: Path) -> Path:
     path = run_dir / "config.yaml"
     OmegaConf.save(cfg, path)
     return path
-
-
-def plan_for(cfg) -> SimpleNamespace:
-    world = int(cfg.cluster.nodes) * int(cfg.cluster.tasks_per_node or 1)
-    return SimpleNamespace(world_size=world, tp=1, pp=1, dp=world)
 
 
 def steps_log(run_dir: Path) -> list:

@@ -1,145 +1,79 @@
-"""The Slurm path without Slurm: preemption flag, layout checks, sbatch parameters, the YAML."""
+"""The Slurm path without Slurm (neox/launch/slurm): layout and time checks against the job's
+allocation with real plans, sbatch parameters, the YAML, partitions, sweeps. The preemption flag
+the trainer watches is tests/train/test_preempt.py."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch.multiprocessing as mp
 
 from neox.errors import LaunchError
 from neox.launch import slurm
 from neox.launch.slurm.task import TaskExecutor
-from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher, default_signals
-from slurm_helpers import make_cfg
+from neox.train.preempt import EXIT_REQUEUE
+from slurm_helpers import make_cfg, plan_for
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def plan(world, tp=1, pp=1):
-    return SimpleNamespace(world_size=world, tp=tp, pp=pp, dp=world // (tp * pp))
-
-
-# ---- neox.train.preempt ----------------------------------------------------------------------
-
-
-def test_exit_requeue_is_distinct():
-    assert EXIT_REQUEUE not in (0, 1, 2, 130, 137, 143)
-
-
-def test_signal_sets_flag_only_and_close_restores():
-    before = signal.getsignal(signal.SIGUSR2)
-    with PreemptionWatcher() as w:
-        assert not w.should_stop()
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert w.requested and w.signal_name == "SIGUSR2"
-        assert w.should_stop() and w.should_stop()  # latched
-    assert signal.getsignal(signal.SIGUSR2) == before
-
-
-def test_chains_to_a_previous_python_handler_not_to_default():
-    seen = []
-    old = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
-    try:
-        with PreemptionWatcher(signals=(signal.SIGUSR2, signal.SIGTERM)) as w:
-            os.kill(os.getpid(), signal.SIGTERM)  # SIG_DFL would have killed us; a flag instead
-            assert w.requested and seen == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def test_sigterm_is_watched_only_inside_slurm(monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert default_signals() == (signal.SIGUSR2,)
-    monkeypatch.setenv("SLURM_JOB_ID", "7")
-    assert default_signals() == (signal.SIGUSR2, signal.SIGTERM)
-
-
-def test_every_k_only_reduces_on_kth_call():
-    with PreemptionWatcher(every=3) as w:
-        w.request()
-        assert [w.should_stop() for _ in range(4)] == [False, False, True, True]
-
-
-def _agree_worker(rank, port, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    for every in (1, 3):
-        w = PreemptionWatcher(every=every)
-        stopped_at = None
-        for call in range(1, 20):
-            if rank == 1 and call == 4:
-                os.kill(os.getpid(), signal.SIGUSR2)  # only rank 1 is signalled
-            if w.should_stop():
-                stopped_at = call
-                break
-        out[(rank, every)] = stopped_at
-        w.close()
-    dist.destroy_process_group()
-
-
-def test_all_ranks_stop_at_the_same_step():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_agree_worker, args=(port, out), nprocs=2, join=True)
-    assert out[(0, 1)] == out[(1, 1)] == 4  # every step: the step after the signal
-    assert out[(0, 3)] == out[(1, 3)] == 6  # every 3rd call: the next multiple of 3
+def checked(cfg) -> int:
+    """What the launcher does with cluster=slurm: the plan (make_plan on the job's resources), then
+    slurm.check against the allocation; returns the tasks per node."""
+    return slurm.check(cfg, plan_for(cfg))
 
 
 # ---- neox.launch.slurm checks ----------------------------------------------------------------
 
 
 def test_world_size_must_match_nodes_times_tasks(tmp_path):
-    cfg = make_cfg(tmp_path, nodes=1, tasks_per_node=2)
+    # dry_run: the plan of a layout this allocation cannot hold is a warning, so slurm.check is reached
+    cfg = make_cfg(tmp_path, nodes=1, tasks_per_node=2, overrides=["parallelism.dp=4", "dry_run=true"])
     with pytest.raises(LaunchError, match=r"needs 4 processes but .* gives 2: set cluster.nodes=2"):
-        slurm.check(cfg, plan(4))
+        checked(cfg)
+    cfg = make_cfg(tmp_path, nodes=2, tasks_per_node=2, overrides=["parallelism.dp=2"])
     with pytest.raises(LaunchError, match=r"= 2 ranks does not match .* = 4 ranks"):
-        slurm.check(make_cfg(tmp_path, nodes=2, tasks_per_node=2), plan(2))
+        checked(cfg)
 
 
 def test_layout_needing_more_gpus_than_allocated(tmp_path):
-    cfg = make_cfg(tmp_path, nodes=2, gpus_per_node=8, tasks_per_node=None)
+    cfg = make_cfg(tmp_path, nodes=2, gpus_per_node=8, tasks_per_node=None,
+                   overrides=["model=6B", "parallelism=pp4_tp8", "parallelism.dp=4", "dry_run=true"])
     with pytest.raises(LaunchError, match=r"needs 128 GPUs .* gives 16: set cluster.nodes=16"):
-        slurm.check(cfg, plan(128, tp=8, pp=4))
+        checked(cfg)
 
 
 def test_model_6b_pp4_tp8_on_4_nodes_is_accepted(tmp_path):
-    cfg = make_cfg(tmp_path, nodes=4, gpus_per_node=8, tasks_per_node=None, time_min=240, signal_delay_s=120)
-    assert slurm.check(cfg, plan(32, tp=8, pp=4)) == 8
+    cfg = make_cfg(tmp_path, nodes=4, gpus_per_node=8, tasks_per_node=None, time_min=240, signal_delay_s=120,
+                   overrides=["model=6B", "parallelism=pp4_tp8"])
+    assert checked(cfg) == 8
 
 
 def test_tp_across_nodes_is_refused_unless_forced(tmp_path):
-    cfg = make_cfg(tmp_path, nodes=2, gpus_per_node=4, tasks_per_node=None)
-    with pytest.raises(LaunchError, match="tp_across_nodes_is_slow"):
-        slurm.check(cfg, plan(8, tp=8))
-    cfg.parallelism.tp_across_nodes_is_slow = True
-    assert slurm.check(cfg, plan(8, tp=8)) == 4
+    over = ["model=6B", "parallelism.tp=8"]
+    with pytest.raises(LaunchError, match="parallelism.tp_across_nodes_is_slow=true"):
+        checked(make_cfg(tmp_path, nodes=2, gpus_per_node=4, tasks_per_node=None, overrides=over))
+    forced = make_cfg(tmp_path, nodes=2, gpus_per_node=4, tasks_per_node=None,
+                      overrides=[*over, "parallelism.tp_across_nodes_is_slow=true"])
+    assert checked(forced) == 4
 
 
 def test_short_time_limit_warns(tmp_path, capsys):
-    slurm.check(make_cfg(tmp_path, time_min=3, signal_delay_s=60), plan(2))
+    checked(make_cfg(tmp_path, time_min=3, signal_delay_s=60))
     assert "warning: cluster.time_min=3 leaves 120 s" in capsys.readouterr().err
-    slurm.check(make_cfg(tmp_path, time_min=60, signal_delay_s=60), plan(2))
+    checked(make_cfg(tmp_path, time_min=60, signal_delay_s=60))
     assert "warning" not in capsys.readouterr().err
 
 
 def test_signal_delay_beyond_time_limit_is_an_error(tmp_path):
     with pytest.raises(LaunchError, match="signal_delay_s=120 is not below"):
-        slurm.check(make_cfg(tmp_path, time_min=2, signal_delay_s=120), plan(2))
+        checked(make_cfg(tmp_path, time_min=2, signal_delay_s=120))
 
 
 def test_sbatch_not_found_says_cluster_local(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     cfg = make_cfg(tmp_path)
     with pytest.raises(LaunchError, match="cluster=local"):
-        slurm.submit(cfg, plan(2), tmp_path / "c.yaml", tmp_path)
+        slurm.submit(cfg, plan_for(cfg), tmp_path / "c.yaml", tmp_path)
 
 
 def test_sbatch_script_has_the_cluster_fields(tmp_path):
@@ -214,10 +148,9 @@ def test_unknown_cluster_keys_are_still_refused():
 def test_check_takes_the_real_plan():
     """slurm.check reads only what RunPlan has (it once read a `step_time_s` no plan carries)."""
     from neox.launch.compose import compose_config
-    from neox.launch.job import plan_for
 
     cfg = compose_config(["cluster=slurm", "model=6B", "parallelism=pp4_tp8", "cluster.nodes=4"])
-    assert slurm.check(cfg, plan_for(cfg)) == 8
+    assert checked(cfg) == 8
 
 
 def test_requeue_status_is_the_trainers():
