@@ -9,9 +9,10 @@ them as they are, at any later layout. The file's metadata holds the tag, the st
 config (JSON). The checkpoint is verified against its manifest first, and every file is opened with
 `torch.load(weights_only=True)` (see `neox.checkpoint.safe_load`).
 
-Sources, by layout:
+Sources, by layout (the checkpoint's recorded `ModelLayout`, read by `neox.checkpoint.saved`, names
+the parameters and their split dimensions):
 * ZeRO-0/1/2 without pipeline: `mp_rank_XX_model_states.pt`, one per tensor-parallel rank, merged
-  along each parameter's split dimension (`neox.parallel.tensor.shard_dims`);
+  along each parameter's split dimension;
 * ZeRO-1/2/3 in bf16/fp16, or ZeRO-3: the fp32 master weights from DeepSpeed's ZeRO files
   (tp=1 only);
 * pipeline: `layer_XX-model_YY-model_states.pt`, layer XX being GPT's layer_specs order
@@ -32,7 +33,9 @@ import torch
 from neox.checkpoint import files as F
 from neox.checkpoint.manager import CheckpointManager, read_latest
 from neox.checkpoint.safe_load import check_files_safe, safe_load
+from neox.checkpoint.saved import saved_config, saved_layout
 from neox.errors import CheckpointError, NeoxError
+from neox.parallel.model_layout import ModelLayout
 
 _MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -102,45 +105,12 @@ def verify_local(root: Path) -> Optional[dict]:
     return manifest
 
 
-def _config(root: Path) -> Optional[dict]:
-    path = root / "neox_state.json"
-    if path.is_file():
-        return json.loads(path.read_text()).get("config")
-    return None
-
-
-def _shard_dims(config: Optional[dict]) -> Dict[str, Optional[int]]:
-    if config is None:
-        raise CheckpointError("a tensor-parallel checkpoint needs its config (neox_state.json) to merge shards")
-    from omegaconf import OmegaConf
-
-    from neox.config.plan import gpt_config
-    from neox.model.gpt import GPT
-    from neox.parallel.tensor import shard_dims
-
-    with torch.device("meta"):
-        model = GPT(gpt_config(OmegaConf.create(config["model"])))
-    return shard_dims(model)
-
-
-def _layer_names(config: Optional[dict], n_files: int) -> List[str]:
-    """Pipeline layer index -> GPT module name (`neox.parallel.pipeline.gpt_layer_names`)."""
-    if config is not None:
-        from omegaconf import OmegaConf
-
-        from neox.config.plan import gpt_config
-        from neox.parallel.pipeline import gpt_layer_names
-
-        return gpt_layer_names(gpt_config(OmegaConf.create(config["model"])))
-    return ["embed"] + [f"blocks.{i}" for i in range(n_files - 3)] + ["norm_f", "head"]
-
-
-def _module_shards(root: Path, names: List[str], config: Optional[dict]) -> List[Dict[str, torch.Tensor]]:
-    """One full-depth state dict per tensor-parallel rank."""
+def _module_shards(root: Path, names: List[str], model: Callable[[str], ModelLayout]) -> List[Dict[str, torch.Tensor]]:
+    """One full-depth state dict per tensor-parallel rank. `model(purpose)`: the saved layout."""
     mp = sorted((int(m.group(1)), n) for n in names if (m := _MP.match(n)))
     layers = sorted((int(m.group(2)), int(m.group(1)), n) for n in names if (m := _LAYER.match(n)))
     if layers:
-        layer_names = _layer_names(config, len({lay for _, lay, _ in layers}))
+        layer_names = model("merging pipeline layer files").layer_names
         shards: Dict[int, Dict[str, torch.Tensor]] = {}
         for tp, lay, name in layers:  # in layer order: the embedding's copy of a tied weight wins
             prefix = layer_names[lay] if lay < len(layer_names) else f"layer_{lay}"
@@ -162,8 +132,12 @@ def consolidate(path: Path, log: Optional[Callable[[str], None]] = None) -> Tupl
     manifest = verify_local(root)
     names = sorted(p.name for p in root.iterdir() if p.is_file())
     check_files_safe(root, [n for n in names if n.endswith(".pt")])
-    config = _config(root)
-    shards = _module_shards(root, names, config)
+    config = saved_config(root)
+
+    def model(purpose: str) -> ModelLayout:
+        return saved_layout(root, manifest or {}, purpose)
+
+    shards = _module_shards(root, names, model)
     zero_files = [n for n in names if n.startswith(("zero_", "bf16_zero_")) and n.endswith("optim_states.pt")]
     if not shards and not zero_files:
         raise CheckpointError(f"{root} holds no DeepSpeed model states file")
@@ -176,9 +150,9 @@ def consolidate(path: Path, log: Optional[Callable[[str], None]] = None) -> Tupl
 
         full = dict(get_fp32_state_dict_from_zero_checkpoint(str(root.parent), tag=root.name))
     elif len(shards) > 1:
-        from neox.parallel.tensor import merge_state_dicts
-
-        full = merge_state_dicts(shards, _shard_dims(config))
+        layout = model("merging tensor-parallel shards")
+        full = {k: layout.merge(k, [s[k] for s in shards]) if k in layout.params else shards[0][k]
+                for k in shards[0]}
     else:
         full = shards[0]
     out = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in full.items()

@@ -9,7 +9,8 @@ Layout of `<run_dir>/checkpoints`:
                                                 neox's client state: run state + resolved config)
         rng/rank_00000.pt      every random state of each rank (weights_only tensors)
         neox_state.json        the client state as JSON (run state, config): read before any tensor
-        manifest.json          size and sha256 of every file above, the layout; written last
+        manifest.json          size and sha256 of every file above, the model and layout it was
+                               written under (`ModelLayout.record()`); written last
     step_00000200.partial/     a save in progress (or interrupted): never loaded, removed later
 
 A save: all ranks write into `<tag>.partial`; each rank fsyncs and hashes its share of the files;
@@ -42,14 +43,15 @@ import torch.distributed as dist
 
 from neox.checkpoint import files as F
 from neox.checkpoint.config_check import check_resume_config
-from neox.checkpoint.reshard import layout_sizes, load_across_layouts, tp_coords
+from neox.checkpoint.reshard import load_across_layouts
 from neox.checkpoint.rng import rng_state, set_rng_state
 from neox.checkpoint.safe_load import safe_engine_loads, safe_load
+from neox.checkpoint.saved import STATE_JSON, describe, layout_changed, saved_layout
 from neox.errors import CheckpointError
+from neox.parallel.model_layout import ModelLayout, Parallelism
 
 TAG_PREFIX = "step_"
 PARTIAL = ".partial"
-STATE_JSON = "neox_state.json"
 RNG_DIR = "rng"
 _TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
 # Test hook: NEOX_CHECKPOINT_FAULT=<point>@<step> kills rank 0 with SIGKILL at that point of that save.
@@ -102,18 +104,6 @@ def _maybe_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _layout(engine) -> Dict[str, Any]:
-    def call(name, default=None):
-        f = getattr(engine, name, None)
-        try:
-            return f() if callable(f) else (f if f is not None else default)
-        except Exception:  # noqa: BLE001 - a layout field we cannot read is just not recorded
-            return default
-    return {"world_size": _world()[1], "dp": call("dp_world_size"), "mp": call("mp_world_size"),
-            "tp": tp_coords(engine)[1], "pp": call("num_stages", 1) or 1,
-            "zero_stage": int(call("zero_optimization_stage", 0) or 0)}
-
-
 def read_latest(directory: Path) -> Tuple[Optional[str], Optional[str]]:
     """(tag, None) from `<directory>/latest`, or (None, what is wrong with it: missing, empty, ...)."""
     path = Path(directory) / "latest"
@@ -138,13 +128,20 @@ def read_latest(directory: Path) -> Tuple[Optional[str], Optional[str]]:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, keep: int, is_main: bool, log: Optional[Callable[[str], None]] = None):
+    """Checkpoints of one run. `layout`: the run's model and layout, recorded in every manifest and
+    compared with a checkpoint's on load (a change goes through `neox.checkpoint.reshard`); `tp_rank`:
+    this rank's tensor rank in it. Without a layout (tools that only read or list checkpoints)
+    nothing is recorded and a checkpoint is loaded as it is."""
+
+    def __init__(self, directory: Path, keep: int, is_main: bool, log: Optional[Callable[[str], None]] = None,
+                 layout: Optional[ModelLayout] = None, tp_rank: int = 0):
         if keep < 1:
             raise CheckpointError(f"train.keep_checkpoints={keep} must be at least 1 (the checkpoints kept on disk)")
         self.directory = Path(directory)
         self.keep = keep
         self.is_main = is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.layout, self.tp_rank = layout, tp_rank
         self.loaded_tag: Optional[str] = None
         self.warnings: List[str] = []
 
@@ -234,7 +231,8 @@ class CheckpointManager:
             digests.update(part)
 
         if rank == 0:
-            F.write_manifest(partial, digests, {"tag": tag, "step": step, "layout": _layout(engine),
+            recorded = self.layout.record() if self.layout is not None else {}
+            F.write_manifest(partial, digests, {"tag": tag, "step": step, **recorded,
                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             for sub in {partial / os.path.dirname(r) for r in rels} | {partial}:
                 F.fsync_dir(sub)
@@ -348,18 +346,18 @@ class CheckpointManager:
             for w in self.warnings:
                 self.say(f"warning: {w}")
         manifest = F.read_manifest(root) or {}
-        layout, now = manifest.get("layout", {}), _layout(engine)
-        if layout and _changed(layout, now):
-            self.say(f"resharding {tag}: saved with {_describe(layout)}, loading into {_describe(now)}")
-            if max(layout.get("zero_stage") or 0, now.get("zero_stage") or 0) > 2:
-                raise CheckpointError(f"{tag} was saved with {_describe(layout)}, this run has {_describe(now)}: "
-                                      "resharding to or from ZeRO-3 is not supported yet; resume with the "
-                                      "checkpoint's layout")
-            if "config" not in saved:
-                raise CheckpointError(f"{root}: resharding needs the saved config in {STATE_JSON}")
+        recorded, now = manifest.get("layout", {}), self.layout
+        if now is not None and layout_changed(recorded, now):
+            self.say(f"resharding {tag}: {describe(recorded, now)}")
+            old = Parallelism.from_record(recorded)
+            if max(old.zero_stage, now.parallel.zero_stage) > 2:
+                raise CheckpointError(f"{tag} was saved with {old.describe()}, this run has "
+                                      f"{now.parallel.describe()}: resharding to or from ZeRO-3 is not supported "
+                                      "yet; resume with the checkpoint's layout")
             # DeepSpeed's own loader knows neither our tensor shards nor other pipeline depths, and
             # restarts Adam across ZeRO partitionings: go through the layout-free full state instead
-            load_across_layouts(engine, root, saved["config"], layout, self.say)
+            load_across_layouts(engine, root, saved_layout(root, manifest, "resharding"), now, self.tp_rank,
+                                self.say)
             client = {k: v for k, v in saved.items() if k in ("run_state", "config", "step")}
             return self._finish_load(root, tag, client)
         with safe_engine_loads(engine):
@@ -389,11 +387,6 @@ class CheckpointManager:
         return client
 
 
-def _describe(layout: Dict[str, Any]) -> str:
-    tp, pp = layout_sizes(layout)
-    return f"tp={tp} pp={pp} dp={layout.get('dp')} zero={layout.get('zero_stage')}"
-
-
 _WRITE_FAILURE_MARKS = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed",
                         "No space left", "Disk quota")
 
@@ -412,10 +405,6 @@ def _free_space(directory: Path) -> str:
     except OSError:
         return "free space unknown"
     return f"{free / 2**30:.1f} GiB free on that file system"
-
-
-def _changed(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:
-    return any(saved.get(k, 1 if k == "pp" else None) != now.get(k) for k in ("dp", "mp", "pp", "zero_stage"))
 
 
 def _jsonable(tree: Any) -> Any:

@@ -12,12 +12,13 @@ with names and shapes of `neox.model.gpt.GPT` (tp=1, pp=1, unpartitioned).
 Reading (`full_state`): every model-parallel file set of the checkpoint is one (pipeline stage,
 tensor rank) shard. Its tensors come from DeepSpeed's ZeRO-1/2 partitions (merged over dp with
 DeepSpeed's own zero_to_fp32 layout code) or from a ZeRO-0 file (torch AdamW state, in the order
-`neox.train.engine.optimizer` groups the parameters); pipeline names (`3.attn.qkv.weight`,
-`tied_modules.embed.tok.weight`) are mapped to GPT names through the layer list; tensor-parallel
-shards are concatenated along each parameter's split dimension (`neox.parallel.tensor.shard_dims`).
+`neox.train.engine.optimizer` groups the parameters). Which parameters each file set holds, under
+which names (`3.attn.qkv.weight`, `tied_modules.embed.tok.weight`), and along which dimension
+tensor-parallel shards are concatenated, is the checkpoint's recorded `ModelLayout`
+(`neox.parallel.model_layout`, read back by `neox.checkpoint.saved.saved_layout`).
 
 Writing (`restore`): each rank takes its own slice of the full state (its stage's parameters, its
-tensor shard) and writes it into the live optimizer: torch AdamW's state for ZeRO-0, DeepSpeed's
+tensor shard, both from this run's `ModelLayout`) and writes it into the live optimizer: torch AdamW's state for ZeRO-0, DeepSpeed's
 `safe_set_full_fp32_param` / `safe_set_full_optimizer_state` for ZeRO-1/2.
 
 Each rank builds the whole full state (from memory-mapped files) before taking its slice, so host memory
@@ -34,98 +35,33 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from neox.checkpoint import files as F
 from neox.checkpoint.safe_load import safe_load
+from neox.checkpoint.saved import saved_layout
 from neox.errors import CheckpointError
+from neox.parallel.model_layout import TIED_PREFIX, ModelLayout, Param
 
 KEYS = ("exp_avg", "exp_avg_sq")
 FullState = Dict[str, Dict[str, torch.Tensor]]
+Local = List[Tuple[str, Param]]  # (name in the stage's module, the parameter), in the module's order
 _ZERO_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_TIED_PREFIX = "tied_modules."
 
 
-def optimizer_order(names_and_dims: List[Tuple[str, int]]) -> List[str]:
-    """Parameter names in the order `neox.train.engine.optimizer` hands them to AdamW: matrices
-    (weight decay) first, then vectors, each in module order."""
-    return [n for n, d in names_and_dims if d >= 2] + [n for n, d in names_and_dims if d < 2]
-
-
-def _named_dims(module: torch.nn.Module) -> List[Tuple[str, int]]:
-    return [(n, p.dim()) for n, p in module.named_parameters() if p.requires_grad]
-
-
-# ------------------------------------------------------------------------------------ the model's names
-class ModelNames:
-    """Names of one model shape: GPT's parameters, their tensor-parallel split dims, and, for a
-    pipeline, how each stage's local parameter names map to GPT's."""
-
-    def __init__(self, model_cfg):
-        from neox.model.gpt import GPT
-        from neox.parallel.pipeline import gpt_layer_names
-        from neox.parallel.tensor import shard_dims
-
-        self.cfg = model_cfg
-        with torch.device("meta"):
-            gpt = GPT(model_cfg)
-        self.gpt = _named_dims(gpt)
-        self.dims = shard_dims(gpt)
-        self.layer_names = gpt_layer_names(model_cfg)
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ModelNames":
-        from omegaconf import OmegaConf
-
-        from neox.config.plan import gpt_config
-
-        return cls(gpt_config(OmegaConf.create(config["model"])))
-
-    def gpt_name(self, local: str, specs: Optional[list] = None) -> str:
-        """A parameter's GPT name from its name in a pipeline stage (identity without a pipeline)."""
-        if specs is None:
-            return local
-        if local.startswith(_TIED_PREFIX):
-            key, _, rest = local[len(_TIED_PREFIX):].partition(".")
-            first = next(i for i, s in enumerate(specs) if getattr(s, "key", None) == key)
-            return f"{self.layer_names[first]}.{rest}"
-        idx, _, rest = local.partition(".")
-        return f"{self.layer_names[int(idx)]}.{rest}"
-
-    def stage_params(self, specs: list, lo: int, hi: int) -> List[Tuple[str, int]]:
-        """(local name, dim) of a pipeline stage running layers lo..hi-1, in PipelineModule's order:
-        tied modules first (registered before the numbered layers), then each layer's own."""
-        tied, own, seen = [], [], set()
-        for i in range(lo, hi):
-            key = getattr(specs[i], "key", None)
-            if key is not None and key in seen:
-                continue
-            with torch.device("meta"):
-                layer = specs[i].build()
-            prefix = f"{_TIED_PREFIX}{key}" if key is not None else str(i)
-            (tied if key is not None else own).extend((f"{prefix}.{n}", d) for n, d in _named_dims(layer))
-            if key is not None:
-                seen.add(key)
-        return tied + own
+def optimizer_order(local: Local) -> List[str]:
+    """Local names in the order `neox.train.engine.optimizer` hands them to AdamW: matrices (weight
+    decay) first, then vectors, each in module order."""
+    return [n for n, p in local if len(p.shape) >= 2] + [n for n, p in local if len(p.shape) < 2]
 
 
 # ------------------------------------------------------------------------------------ reading
-def layout_sizes(layout: Dict[str, Any]) -> Tuple[int, int]:
-    """(tp, pp) of a manifest's layout; older manifests only have DeepSpeed's mp (= tp x pp under a pipeline)."""
-    pp = int(layout.get("pp") or 1)
-    return int(layout.get("tp") or (layout.get("mp") or 1) // pp), pp
-
-
-def full_state(root: Path, config: dict, layout: Dict[str, Any],
-               names: Optional[ModelNames] = None) -> Tuple[FullState, float]:
-    """The full training state of a checkpoint written by `config` under `layout` (the manifest's)."""
-    names = names or ModelNames.from_config(config)
-    tp, pp = layout_sizes(layout)
-    specs, parts = None, [0, None]
-    locals_of_stage = [names.gpt]  # (local name, dim) of each stage's parameters
-    if pp > 1:
-        from neox.parallel.pipeline import deepspeed_layer_specs, partition_layers
-
-        specs = deepspeed_layer_specs(names.cfg)
-        parts = partition_layers(specs, pp, config["parallelism"]["pipe_partition"])
-        locals_of_stage = [names.stage_params(specs, parts[s], parts[s + 1]) for s in range(pp)]
+def full_state(root: Path, saved: Any = None, _layout: Any = None) -> Tuple[FullState, float]:
+    """The full training state of a checkpoint written under `saved` (its ModelLayout; by default the
+    one its manifest records). neox.convert.source still passes (saved config, manifest layout):
+    both are read from `root` instead."""
+    if not isinstance(saved, ModelLayout):
+        saved = saved_layout(root, F.read_manifest(root) or {})
+    tp, pp = saved.parallel.tp, saved.parallel.pp
+    stages = [saved.stage_params(s) for s in range(pp)]
     zero_files: Dict[int, List[Tuple[int, Path]]] = {}
     for p in root.iterdir():
         if m := _ZERO_OPTIM.match(p.name):
@@ -134,32 +70,27 @@ def full_state(root: Path, config: dict, layout: Dict[str, Any],
     step = None
     for t in range(tp):
         shard: FullState = {}
-        for stage in range(pp):
+        for stage, local in enumerate(stages):
             mp = stage * tp + t  # DeepSpeed numbers model-parallel files pipe-major
-            local = locals_of_stage[stage]
             files = [f for _, f in sorted(zero_files.get(mp, []))]
             if files:
                 got, s = _from_zero12(root, files, root / f"mp_rank_{mp:02d}_model_states.pt", local)
             else:
-                got, s = _from_zero0(root, mp, t, local, specs)
+                got, s = _from_zero0(root, mp, t, local, pipelined=pp > 1)
             step = s if step is None else step
             for name, state in got.items():
-                shard.setdefault(names.gpt_name(name, specs), state)  # the tied copy of stage 0 wins
+                shard.setdefault(saved.gpt_name(name), state)  # the tied copy of stage 0 wins
         per_rank.append(shard)
-    missing = sorted({n for n, _ in names.gpt} - set(per_rank[0]))
+    missing = [n for n in saved.params if n not in per_rank[0]]
     if missing:
         raise CheckpointError(f"{root}: no state for {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                       if len(missing) > 1 else ""))
-    full: FullState = {}
-    for name, _ in names.gpt:
-        d = names.dims.get(name)
-        full[name] = {k: (per_rank[0][name][k] if d is None else torch.cat([r[name][k] for r in per_rank], d))
-                      for k in ("param", *KEYS)}
+    full = {name: {k: saved.merge(name, [r[name][k] for r in per_rank]) for k in ("param", *KEYS)}
+            for name in saved.params}
     return full, float(step)
 
 
-def _from_zero0(root: Path, mp: int, tp_rank: int, local: List[Tuple[str, int]],
-                specs: Optional[list]) -> Tuple[FullState, float]:
+def _from_zero0(root: Path, mp: int, tp_rank: int, local: Local, pipelined: bool) -> Tuple[FullState, float]:
     """One model-parallel rank of a ZeRO-0 checkpoint: torch AdamW's state by index, the weights from
     `module` (no pipeline) or from the stage's `layer_XX-model_YY` files."""
     path = root / f"mp_rank_{mp:02d}_model_states.pt"
@@ -173,10 +104,7 @@ def _from_zero0(root: Path, mp: int, tp_rank: int, local: List[Tuple[str, int]],
                               "parallelism.zero_stage=1 where you mean to reshard later)")
     if not opt or "state" not in opt:
         raise CheckpointError(f"{path}: holds no optimizer state")
-    if specs is None:
-        weights = sd.get("module") or {}
-    else:
-        weights = _layer_weights(root, tp_rank, local, specs)
+    weights = _layer_weights(root, tp_rank, local) if pipelined else (sd.get("module") or {})
     order = optimizer_order(local)
     index = [i for g in opt["param_groups"] for i in g["params"]]
     if len(index) != len(order):
@@ -184,7 +112,7 @@ def _from_zero0(root: Path, mp: int, tp_rank: int, local: List[Tuple[str, int]],
     out, step = {}, 0.0
     for name, i in zip(order, index):
         st, w = opt["state"].get(i), weights.get(name)
-        if st is None and name.startswith(_TIED_PREFIX) and w is not None:
+        if st is None and name.startswith(TIED_PREFIX) and w is not None:
             continue  # a tied module's part that only another stage uses (no gradient here, no state)
         if st is None or w is None:
             raise CheckpointError(f"{path}: no {'optimizer state' if st is None else 'weight'} for {name} "
@@ -197,22 +125,17 @@ def _from_zero0(root: Path, mp: int, tp_rank: int, local: List[Tuple[str, int]],
     return out, step
 
 
-def _layer_weights(root: Path, tp_rank: int, local: List[Tuple[str, int]], specs: list) -> Dict[str, torch.Tensor]:
-    """A pipeline stage's weights under its local names, from DeepSpeed's per-layer files."""
+def _layer_weights(root: Path, tp_rank: int, local: Local) -> Dict[str, torch.Tensor]:
+    """A pipeline stage's weights under its local names, from DeepSpeed's per-layer files (a tied
+    module is saved once, by the layer that holds it first)."""
     out: Dict[str, torch.Tensor] = {}
-    for name, _ in local:
-        if name.startswith(_TIED_PREFIX):
-            key, _, rest = name[len(_TIED_PREFIX):].partition(".")
-            idx = next(i for i, s in enumerate(specs) if getattr(s, "key", None) == key)
-        else:
-            idx_s, _, rest = name.partition(".")
-            idx = int(idx_s)
-        path = root / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
+    for name, p in local:
+        path = root / f"layer_{p.layer:02d}-model_{tp_rank:02d}-model_states.pt"
         if not path.is_file():
             raise CheckpointError(f"{root}: {path.name} is missing")
-        w = safe_load(path, mmap=True).get(rest)
+        w = safe_load(path, mmap=True).get(p.leaf)
         if w is None:
-            raise CheckpointError(f"{path}: has no {rest}")
+            raise CheckpointError(f"{path}: has no {p.leaf}")
         out[name] = w
     return out
 
@@ -261,35 +184,17 @@ def _from_zero12(root: Path, optim_files: List[Path], model_file: Path,
 
 
 # ------------------------------------------------------------------------------------ writing
-def tp_coords(engine) -> Tuple[int, int]:
-    """(tensor rank, tensor size) of this rank in a live engine."""
-    grid = getattr(engine, "grid", None)  # a PipelineEngine
-    if grid is not None:
-        return grid.get_slice_parallel_rank(), grid.get_slice_parallel_world_size()
-    mpu = getattr(engine, "mpu", None)
-    if mpu is not None:
-        return mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size()
-    return 0, 1
-
-
-def local_view(engine, full: FullState, names: ModelNames) -> FullState:
-    """This rank's slice of a full state, under the live module's parameter names."""
-    tp_rank, tp_size = tp_coords(engine)
-    specs = getattr(engine.module, "_layer_specs", None)
+def local_view(engine, full: FullState, layout: ModelLayout, tp_rank: int) -> FullState:
+    """This rank's slice of a full state (its tensor shard of every parameter its module holds),
+    under the live module's parameter names."""
     out: FullState = {}
     for local, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        name = names.gpt_name(local, specs)
+        name = layout.gpt_name(local)
         if name not in full:
             raise CheckpointError(f"the checkpoint has no state for {name} (this rank's {local})")
-        d = names.dims.get(name)
-        state = full[name]
-        if d is not None:
-            if state["param"].shape[d] % tp_size:
-                raise CheckpointError(f"{name}: dim {d} of size {state['param'].shape[d]} does not split into "
-                                      f"tp={tp_size}")
-            state = {k: v.chunk(tp_size, dim=d)[tp_rank] for k, v in state.items()}
+        state = {k: layout.shard(name, v, tp_rank) for k, v in full[name].items()}
         if state["param"].shape != p.shape:
             raise CheckpointError(f"{name}: the checkpoint's shard has shape {tuple(state['param'].shape)}, this "
                                   f"rank's parameter {tuple(p.shape)}")
@@ -354,13 +259,13 @@ def lr_from_schedule(engine) -> None:
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
-def load_across_layouts(engine, root: Path, config: dict, layout: Dict[str, Any],
+def load_across_layouts(engine, root: Path, saved: ModelLayout, now: ModelLayout, tp_rank: int,
                         say: Callable[[str], None] = lambda msg: None) -> None:
-    """Resume `engine` from a checkpoint of another tensor/pipeline layout, without DeepSpeed's
-    `load_checkpoint` (which only knows its own file layout): the full state, this rank's slice of
-    it, then the lr schedule and the engine's step counters."""
-    names = ModelNames.from_config(config)
-    full, step = full_state(root, config, layout, names)
+    """Resume `engine` (this run's layout `now`, this rank at tensor rank `tp_rank`) from a checkpoint
+    written under another layout (`saved`), without DeepSpeed's `load_checkpoint` (which only knows
+    its own file layout): the full state, this rank's slice of it, then the lr schedule and the
+    engine's step counters."""
+    full, step = full_state(root, saved)
     first = safe_load(root / "mp_rank_00_model_states.pt", mmap=True)
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None and first.get("lr_scheduler") is not None:
@@ -368,5 +273,18 @@ def load_across_layouts(engine, root: Path, config: dict, layout: Dict[str, Any]
     for key in ENGINE_COUNTERS:
         if key in first:
             setattr(engine, key, first[key])
-    restore(engine, local_view(engine, full, names), step)
+    restore(engine, local_view(engine, full, now, tp_rank), step)
     say(f"loaded the full state of {len(full)} tensors at optimizer step {int(step)} into this layout")
+
+
+class ModelNames:
+    """GPT names and split dims of a model: kept for `neox.convert.init` until it takes the
+    `ModelLayout` this wraps (`ModelLayout(cfg, Parallelism(tp=...)).gpt_name / .shard`)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._layout = ModelLayout(cfg)
+        self.dims = {n: p.split_dim for n, p in self._layout.params.items()}
+
+    def gpt_name(self, local: str, specs: Optional[list] = None) -> str:
+        return self._layout.gpt_name(local)

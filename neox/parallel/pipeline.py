@@ -153,12 +153,6 @@ def describe_partition(specs: Sequence[Any], parts: Sequence[int], method: str, 
     return "\n".join(lines)
 
 
-def describe_stages(module: nn.Module) -> str:
-    """The plan of a built pipeline module: layers and parameters per stage."""
-    return describe_partition(module._layer_specs, module.parts, getattr(module, "partition_method", "?"),
-                              getattr(module, "tp_size", 1))
-
-
 # ------------------------------------------------------------------------------------ module
 def _module_class():
     """`GPTPipeline` is defined lazily: importing deepspeed costs seconds, and pp == 1 never needs it."""
@@ -270,9 +264,7 @@ def build_pipeline_module(model_cfg: GPTConfig, topology: Any, partition_method:
     module = _module_class()(
         layers=deepspeed_layer_specs(model_cfg), topology=ds_topo, loss_fn=loss_fn,
         partition_method=partition_method, **_checkpoint_settings(activation_checkpointing))
-    module.cfg = model_cfg  # read by apply_tensor_parallel and describe_stages
-    module.partition_method = partition_method
-    module.tp_size = tp
+    module.cfg = model_cfg  # read by apply_tensor_parallel and stage_state_dict
     init_like_gpt(module, model_cfg, seed)
     if tp > 1:
         if not hasattr(topology, "tp_group"):

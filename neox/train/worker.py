@@ -28,7 +28,8 @@ from neox.config.resources import from_worker_env
 from neox.config.run_files import PENDING_CONFIG
 from neox.model.gpt import GPT, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_all
-from neox.parallel.pipeline import build_pipeline_module, describe_stages, pipeline_batches
+from neox.parallel.model_layout import ModelLayout, Parallelism
+from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
 from neox.errors import TrainingError
 from neox.train import distributed, engine as engine_lib
 from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, maybe_oom, out_of_memory_message
@@ -105,6 +106,13 @@ def run(config_path: str) -> int:
                             f"cause: {str(exc).splitlines()[0][:200]}") from exc
 
 
+def model_layout(cfg: DictConfig, plan: RunPlan) -> ModelLayout:
+    """Where every parameter of the run lives (stage, tensor shard): what checkpoints record and reshard by."""
+    p = cfg.parallelism
+    return ModelLayout(plan.model, Parallelism(tp=plan.tp, pp=plan.pp, dp=plan.dp, zero_stage=p.zero_stage,
+                                               partition=p.pipe_partition))
+
+
 def peak_tflops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -129,6 +137,7 @@ class Trainer:
         # topology: pipe x data x model groups; the data shard follows the dp rank
         self.topo = Topology.build(tp=plan.tp, pp=plan.pp, dp=plan.dp)
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
+        self.layout = model_layout(cfg, plan)
         seed_all(cfg.train.seed, self.topo.pp_rank)  # identical on every tp rank: same full weights
         np.random.seed(cfg.train.seed)
 
@@ -143,7 +152,7 @@ class Trainer:
             self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
                                                plan.model.activation_checkpointing, self.loss_fn,
                                                seed=cfg.train.seed, sequence_parallel=cfg.parallelism.sequence_parallel)
-            self.say(describe_stages(self.model))
+            self.say(self.layout.describe_stages())
         else:
             self.model = GPT(plan.model)
             if plan.tp > 1:
@@ -176,7 +185,8 @@ class Trainer:
 
         # resume
         self.state = RunState()
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info.is_main)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info.is_main,
+                                             layout=self.layout, tp_rank=self.topo.tp_rank)
         client = self.checkpoints.load(self.engine, current_config=OmegaConf.to_container(cfg, resolve=True))
         if client is not None:
             self.state = RunState(**client["run_state"])

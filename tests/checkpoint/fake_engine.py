@@ -14,9 +14,6 @@ class UnsafeTorchEngine:
 
 
 class FakeEngine:
-    dp_world_size = 1
-    mp_world_size = 1
-
     def __init__(self, value: float = 0.0):
         self.w = torch.full((4,), value)
         self.checkpoint_engine = UnsafeTorchEngine()

@@ -15,6 +15,7 @@ from neox.checkpoint.files import digest_files, list_files, write_manifest
 from neox.config.plan import gpt_config
 from neox.errors import CheckpointError
 from neox.model.gpt import GPT
+from neox.parallel.model_layout import ModelLayout, Parallelism
 from neox.parallel.pipeline import gpt_layer_names
 from neox.parallel.tensor import shard_dims, shard_state_dict
 
@@ -31,9 +32,14 @@ def _model(tied=False):
     return GPT(gpt_config(OmegaConf.create({**MODEL, "tied_embeddings": tied})))
 
 
-def _finish(root: Path, tied=False):
-    (root / "neox_state.json").write_text(json.dumps({"config": {"model": {**MODEL, "tied_embeddings": tied}}}))
-    write_manifest(root, digest_files(root, list_files(root)), {"tag": root.name, "step": 5})
+def _finish(root: Path, tied=False, legacy=False, config=True, **parallel):
+    """The files neox writes beside DeepSpeed's: the saved config, the manifest recording the model and
+    layout (`legacy`: an earlier neox's manifest, without them)."""
+    section = {**MODEL, "tied_embeddings": tied}
+    if config:
+        (root / "neox_state.json").write_text(json.dumps({"config": {"model": section}}))
+    record = {} if legacy else ModelLayout(gpt_config(OmegaConf.create(section)), Parallelism(**parallel)).record()
+    write_manifest(root, digest_files(root, list_files(root)), {"tag": root.name, "step": 5, **record})
 
 
 def _assert_same(got, model):
@@ -43,17 +49,33 @@ def _assert_same(got, model):
         assert torch.equal(got[k], want[k]), k
 
 
-def test_tp2_model_files_merge_to_the_full_model(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["recorded", "saved-config"])
+def test_tp2_model_files_merge_to_the_full_model(tmp_path, legacy):
+    """The split dimensions come from the recorded model, or for an earlier checkpoint its saved config;
+    the shards are cut by the independent `neox.parallel.tensor.shard_state_dict`."""
     model = _model()
     root = tmp_path / "step_00000005"
     root.mkdir()
     dims = shard_dims(model)
     for r in range(2):
         torch.save({"module": shard_state_dict(model.state_dict(), dims, r, 2)}, root / f"mp_rank_{r:02d}_model_states.pt")
-    _finish(root)
+    _finish(root, legacy=legacy, config=legacy, tp=2)
     got, meta = consolidate(root)
     _assert_same(got, model)
     assert meta["neox.tp_shards"] == "2" and meta["neox.step"] == "5"
+
+
+def test_tp2_shards_without_a_recorded_model_or_config_are_refused_in_one_line(tmp_path):
+    model = _model()
+    root = tmp_path / "step_00000005"
+    root.mkdir()
+    for r in range(2):
+        torch.save({"module": shard_state_dict(model.state_dict(), shard_dims(model), r, 2)},
+                   root / f"mp_rank_{r:02d}_model_states.pt")
+    _finish(root, legacy=True, config=False)
+    with pytest.raises(CheckpointError, match=r"step_00000005: merging tensor-parallel shards needs the saved config "
+                                              r"in neox_state.json$"):
+        consolidate(root)
 
 
 @pytest.mark.parametrize("tp,tied", [(1, False), (2, False), (1, True)])
@@ -69,7 +91,7 @@ def test_pipeline_layer_files_merge_to_the_full_model(tmp_path, tp, tied):
         for i, name in enumerate(names):
             layer = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
             torch.save(layer, root / f"layer_{i:02d}-model_{r:02d}-model_states.pt")
-    _finish(root, tied)
+    _finish(root, tied, tp=tp, pp=2)
     got, _ = consolidate(root)
     _assert_same(got, model)
 

@@ -83,7 +83,8 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
     """What a trainer rank builds with pp > 1: the pipeline module, then the lead's engine."""
     from neox.model.gpt import cross_entropy_loss
     from neox.parallel import make_loss_fn
-    from neox.parallel.pipeline import build_pipeline_module, describe_stages
+    from neox.parallel.model_layout import ModelLayout, Parallelism
+    from neox.parallel.pipeline import build_pipeline_module
     from neox.train import engine as engine_lib
 
     model_cfg = model_config(**run["model"])
@@ -91,7 +92,8 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
     module = build_pipeline_module(model_cfg, topo, run["partition"], run["checkpointing"], loss_fn, seed=SEED,
                                    sequence_parallel=run.get("sequence_parallel", False))
     if announce:
-        print(describe_stages(module), flush=True)
+        print(ModelLayout(model_cfg, Parallelism(tp=topo.tp_size, pp=topo.pp_size, partition=run["partition"]))
+              .describe_stages(), flush=True)
     _check_init(module, model_cfg, topo)
     cfg, plan = train_config(run, topo.dp_size)
     # engine.py adds the pipeline section of the DeepSpeed config and the pipe-aware fp32 clipping.
