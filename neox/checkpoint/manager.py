@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch.distributed as dist
 
 from neox.checkpoint import files as F
 from neox.checkpoint.config_check import check_resume_config
+from neox.checkpoint.faults import Fault
 from neox.checkpoint.reshard import load_across_layouts
 from neox.checkpoint.rng import rng_state, set_rng_state
 from neox.checkpoint.safe_load import safe_engine_loads, safe_load
@@ -54,9 +54,6 @@ TAG_PREFIX = "step_"
 PARTIAL = ".partial"
 RNG_DIR = "rng"
 _TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
-# Test hook: NEOX_CHECKPOINT_FAULT=<point>@<step> kills rank 0 with SIGKILL at that point of that save.
-FAULT_ENV = "NEOX_CHECKPOINT_FAULT"
-FAULT_POINTS = ("after_shards", "before_rename", "before_latest")
 
 
 def tag_for(step: int) -> str:
@@ -97,13 +94,6 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _maybe_fault(point: str, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec and _world()[0] == 0 and spec == f"{point}@{step}":
-        print(f"neox: test fault {FAULT_ENV}={spec}: killing rank 0 now", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def read_latest(directory: Path) -> Tuple[Optional[str], Optional[str]]:
     """(tag, None) from `<directory>/latest`, or (None, what is wrong with it: missing, empty, ...)."""
     path = Path(directory) / "latest"
@@ -131,10 +121,11 @@ class CheckpointManager:
     """Checkpoints of one run. `layout`: the run's model and layout, recorded in every manifest and
     compared with a checkpoint's on load (a change goes through `neox.checkpoint.reshard`); `tp_rank`:
     this rank's tensor rank in it. Without a layout (tools that only read or list checkpoints)
-    nothing is recorded and a checkpoint is loaded as it is."""
+    nothing is recorded and a checkpoint is loaded as it is. `fault`: a test seam called as
+    fault(point, step) at the named points of every save (`neox.checkpoint.faults`)."""
 
     def __init__(self, directory: Path, keep: int, is_main: bool, log: Optional[Callable[[str], None]] = None,
-                 layout: Optional[ModelLayout] = None, tp_rank: int = 0):
+                 layout: Optional[ModelLayout] = None, tp_rank: int = 0, fault: Optional[Fault] = None):
         if keep < 1:
             raise CheckpointError(f"train.keep_checkpoints={keep} must be at least 1 (the checkpoints kept on disk)")
         self.directory = Path(directory)
@@ -142,6 +133,7 @@ class CheckpointManager:
         self.is_main = is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.layout, self.tp_rank = layout, tp_rank
+        self.fault: Fault = fault or (lambda point, step: None)
         self.loaded_tag: Optional[str] = None
         self.warnings: List[str] = []
 
@@ -221,7 +213,7 @@ class CheckpointManager:
         if rank == 0:
             F.atomic_write_text(partial / STATE_JSON, json.dumps(_jsonable(client_state), indent=1, sort_keys=True))
         _barrier()
-        _maybe_fault("after_shards", step)
+        self.fault("after_shards", step)
 
         # every rank fsyncs and hashes its share of the files
         rels = _broadcast(F.list_files(partial) if rank == 0 else None)
@@ -236,7 +228,7 @@ class CheckpointManager:
                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             for sub in {partial / os.path.dirname(r) for r in rels} | {partial}:
                 F.fsync_dir(sub)
-            _maybe_fault("before_rename", step)
+            self.fault("before_rename", step)
             replaced = None
             if final.exists():  # an unusable checkpoint of the same step (e.g. after a fallback)
                 replaced = self.directory / f"{tag}.replaced"
@@ -244,7 +236,7 @@ class CheckpointManager:
                 os.replace(final, replaced)
             os.replace(partial, final)
             F.fsync_dir(self.directory)
-            _maybe_fault("before_latest", step)
+            self.fault("before_latest", step)
             F.atomic_write_text(self.directory / "latest", tag)
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)

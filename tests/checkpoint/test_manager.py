@@ -18,7 +18,7 @@ from fake_engine import FakeEngine
 from neox.checkpoint import CheckpointManager, rng_state, set_rng_state
 from neox.checkpoint.files import atomic_write_text
 from neox.checkpoint.safe_load import safe_load
-from neox.errors import CheckpointError
+from neox.errors import CheckpointError, ConfigError
 from neox.model.gpt import GPTConfig
 from neox.parallel.model_layout import ModelLayout, Parallelism
 
@@ -217,18 +217,41 @@ CRASH = textwrap.dedent("""
     from pathlib import Path
     from fake_engine import FakeEngine
     from neox.checkpoint import CheckpointManager
-    m = CheckpointManager(Path({d!r}), 3, True)
+    from neox.checkpoint.faults import kill_at
+    m = CheckpointManager(Path({d!r}), 3, True, fault=kill_at({spec!r}))
     m.save(FakeEngine(1.0), 1, {{"run_state": {{"step": 1}}}})
-    m.save(FakeEngine(2.0), 2, {{"run_state": {{"step": 2}}}})  # NEOX_CHECKPOINT_FAULT kills us here
+    m.save(FakeEngine(2.0), 2, {{"run_state": {{"step": 2}}}})  # the fault kills us here
     print("survived")
 """)
+
+
+def test_a_save_calls_its_fault_at_the_named_points_and_never_reads_the_environment(tmp_path, monkeypatch):
+    """Before: the manager read NEOX_CHECKPOINT_FAULT itself on every save (a test seam inside the
+    production path); now the worker parses it once and passes the manager a callback."""
+    from neox.checkpoint.faults import FAULT_POINTS
+
+    monkeypatch.setenv("NEOX_CHECKPOINT_FAULT", "after_shards@1")  # ignored: only `fault` is called
+    calls = []
+    m = CheckpointManager(tmp_path / "checkpoints", 3, True, fault=lambda point, step: calls.append((point, step)))
+    m.save(FakeEngine(1.0), 1, _client(1))
+    m.save(FakeEngine(2.0), 2, _client(2))
+    assert calls == [(p, s) for s in (1, 2) for p in FAULT_POINTS]
+
+
+def test_a_bad_fault_spec_is_one_line():
+    from neox.checkpoint.faults import kill_at
+
+    assert kill_at("") is None
+    for spec in ("after_shards", "nowhere@2", "before_latest@x"):
+        with pytest.raises(ConfigError, match=r"NEOX_CHECKPOINT_FAULT=.*: use <point>@<step> with a point among "
+                                              r"after_shards, before_rename, before_latest$"):
+            kill_at(spec)
 
 
 @pytest.mark.parametrize("point", ["after_shards", "before_rename", "before_latest"])
 def test_kill9_during_save_leaves_previous_latest(tmp_path, point):
     d = tmp_path / "checkpoints"
-    env = dict(os.environ, NEOX_CHECKPOINT_FAULT=f"{point}@2")
-    proc = subprocess.run([sys.executable, "-c", CRASH.format(here=str(HERE), d=str(d))], env=env,
+    proc = subprocess.run([sys.executable, "-c", CRASH.format(here=str(HERE), d=str(d), spec=f"{point}@2")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9 and "survived" not in proc.stdout, proc.stderr[-2000:]
     m, msgs = _manager(tmp_path)
