@@ -120,7 +120,6 @@ NON_NEGATIVE = Range(lo=0)
 PROBABILITY = Range(lo=0, hi=1, hi_open=True)  # dropout: 1 would zero every activation
 PORT = Range(lo=1, hi=65535, eg="29500")
 SEED = Range(lo=0, hi=2**32 - 1)  # numpy's seed range, the narrowest of the RNGs seeded
-KERNEL_CHOICES = ("auto", "fused", "reference")
 
 
 def _num(x: float) -> str:

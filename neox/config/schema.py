@@ -11,14 +11,15 @@ by `make_plan` before anything runs). A new field without them fails tests/confi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from neox.config.domains import (ERROR, IGNORE, KERNEL_CHOICES, NON_NEGATIVE, PORT, POSITIVE, PROBABILITY, SEED,
-                                 WARN, Choices, Domain, Each, Range, SplitSpec, at_least)
+from neox.config.domains import (ERROR, IGNORE, NON_NEGATIVE, PORT, POSITIVE, PROBABILITY, SEED, WARN, Choices,
+                                 Domain, Each, Range, SplitSpec, at_least)
+from neox.kernels import IMPLS, OPS
 
 
 def setting(default: Any = MISSING, resume: str = WARN, domain: Optional[Domain] = None, *,
@@ -31,19 +32,15 @@ def setting(default: Any = MISSING, resume: str = WARN, domain: Optional[Domain]
 
 
 def _op() -> Any:
-    return setting(None, IGNORE, Choices(KERNEL_CHOICES))
+    return setting(None, IGNORE, Choices(IMPLS))
 
 
-@dataclass
-class KernelOps:
-    """Per-op choice of kernel, auto | fused | reference; unset ops follow model.kernels."""
-    layer_norm: Optional[str] = _op()
-    rms_norm: Optional[str] = _op()
-    rotary: Optional[str] = _op()
-    masked_softmax: Optional[str] = _op()  # the attention path for ALiBi (fused: materialized scores)
-    bias_gelu: Optional[str] = _op()
-    swiglu: Optional[str] = _op()
-    cross_entropy: Optional[str] = _op()
+# The per-op switches are the kernels' own list (neox.kernels.OPS), so a new op is configurable at once.
+KernelOps = make_dataclass("KernelOps", [(op, Optional[str], _op()) for op in OPS], namespace={
+    "__module__": __name__,
+    "__doc__": "Per-op choice of kernel, auto | fused | reference; unset ops follow model.kernels. "
+               "masked_softmax is the attention path for ALiBi (fused: materialized scores).",
+})
 
 
 @dataclass
@@ -74,7 +71,7 @@ class ModelConfig:
     init: str = setting("wang_init", WARN, Choices(("normal", "small_init", "wang_init")))
     init_std: float = setting(0.02, WARN, POSITIVE)  # used by init=normal
     activation_checkpointing: str = setting("none", IGNORE, Choices(("none", "full")))
-    kernels: str = setting("auto", IGNORE, Choices(KERNEL_CHOICES))  # for every op (neox.kernels)
+    kernels: str = setting("auto", IGNORE, Choices(IMPLS))  # for every op (neox.kernels)
     kernel_ops: KernelOps = field(default_factory=KernelOps)  # per op, e.g. kernel_ops.cross_entropy=reference
 
 

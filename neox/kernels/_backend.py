@@ -126,6 +126,21 @@ def check_inputs(op: str, impl: str, main: torch.Tensor, *others: Optional[torch
     return True
 
 
+def fused_extension(op: str, impl: str, main: torch.Tensor, *others: Optional[torch.Tensor],
+                    unsupported: Optional[str] = None) -> Optional[ModuleType]:
+    """The compiled module that runs `op` on these inputs, or None for the reference: `choose`, then
+    `check_inputs`; an empty input, or a shape the caller found the kernel does not take (`unsupported`
+    says why), falls back with a one-time warning."""
+    ext = choose(op, impl, main.device)
+    if ext is None or not check_inputs(op, impl, main, *others):
+        return None
+    why = unsupported or ("empty input" if main.numel() == 0 else None)
+    if why is not None:
+        unsupported_shape(op, tuple(main.shape), why, impl)
+        return None
+    return ext
+
+
 def unsupported_shape(op: str, shape: tuple[int, ...], why: str, impl: str) -> None:
     """Announce (once per op and shape) that a shape falls back to the reference."""
     warn_once(f"{op}:{shape}", f"neox.kernels.{op}: shape {tuple(shape)} is not supported by the fused "
@@ -143,3 +158,31 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Parameters enter the kernels as contiguous fp32; autograd casts their grads back to t's dtype."""
     return None if t is None else t.float().contiguous()
+
+
+class _SavedTensorKernel(torch.autograd.Function):
+    """y = ext.<op>_forward(x, y, *args); dx = ext.<op>_backward(dy, saved, dx, *args), where `saved` is
+    x, or y for an op whose gradient is cheaper from its output (softmax)."""
+
+    @staticmethod
+    def forward(ctx, ext, op: str, save_output: bool, out_shape: tuple, x, *args):
+        y = empty(out_shape, x.dtype, x.device)
+        getattr(ext, f"{op}_forward")(x, y, *args)
+        ctx.save_for_backward(y if save_output else x)
+        ctx.ext, ctx.op, ctx.x_shape, ctx.args = ext, op, x.shape, args
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (saved,) = ctx.saved_tensors
+        dx = empty(ctx.x_shape, saved.dtype, saved.device)
+        getattr(ctx.ext, f"{ctx.op}_backward")(dy.contiguous(), saved, dx, *ctx.args)
+        return (None, None, None, None, dx) + (None,) * len(ctx.args)
+
+
+def apply_saved_tensor_kernel(ext: ModuleType, op: str, x: torch.Tensor, *args, out_shape: Optional[tuple] = None,
+                              save_output: bool = False) -> torch.Tensor:
+    """Run a compiled op that keeps one tensor for its backward (its input, or with save_output its output),
+    as one autograd node; `args` (plain numbers) go to both kernels after the tensors."""
+    return _SavedTensorKernel.apply(ext, op, save_output, tuple(x.shape if out_shape is None else out_shape), x,
+                                    *args)

@@ -26,48 +26,26 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class _SwigluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ext, x):
-        y = B.empty((*x.shape[:-1], x.shape[-1] // 2), x.dtype, x.device)
-        ext.swiglu_forward(x, y)
-        ctx.save_for_backward(x)
-        ctx.ext = ext
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = B.empty(x.shape, x.dtype, x.device)
-        ctx.ext.swiglu_backward(dy, x, dx)
-        return None, dx
-
-
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], impl: str = "auto",
               approximate: str = "none") -> torch.Tensor:
     """gelu(x + bias); bias [x.shape[-1]] or None."""
     if approximate not in ("none", "tanh"):
         raise KernelError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    ext = B.choose("bias_gelu", impl, x.device)
-    if ext is not None and B.check_inputs("bias_gelu", impl, x, bias):
-        C = x.shape[-1] if x.dim() else 0
-        if x.numel() == 0 or (bias is not None and bias.numel() != C):
-            B.unsupported_shape("bias_gelu", tuple(x.shape), "empty input or bias not of size x.shape[-1]", impl)
-        else:
-            # a C++ autograd node (csrc/common/autograd.inc): less host time than a Python Function
-            return ext.bias_gelu_apply(x.contiguous(), bias, approximate == "tanh", B.POISON_OUTPUTS)
-    return bias_gelu_reference(x, bias, approximate)
+    C = x.shape[-1] if x.dim() else 0
+    odd = x.numel() == 0 or (bias is not None and bias.numel() != C)
+    ext = B.fused_extension("bias_gelu", impl, x, bias,
+                            unsupported="empty input or bias not of size x.shape[-1]" if odd else None)
+    if ext is None:
+        return bias_gelu_reference(x, bias, approximate)
+    # a C++ autograd node (csrc/common/autograd.inc): less host time than a Python Function
+    return ext.bias_gelu_apply(x.contiguous(), bias, approximate == "tanh", B.POISON_OUTPUTS)
 
 
 def swiglu(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """silu(gate) * up with (gate, up) = x[..., 0::2], x[..., 1::2]; returns [..., x.shape[-1] // 2]."""
     if x.dim() == 0 or x.shape[-1] % 2:
         raise KernelError(f"swiglu: last dim must be even (gate, up pairs), got shape {tuple(x.shape)}")
-    ext = B.choose("swiglu", impl, x.device)
-    if ext is not None and B.check_inputs("swiglu", impl, x):
-        if x.numel() == 0:
-            B.unsupported_shape("swiglu", tuple(x.shape), "empty input", impl)
-        else:
-            return _SwigluFn.apply(ext, x.contiguous())
-    return swiglu_reference(x)
+    ext = B.fused_extension("swiglu", impl, x)
+    if ext is None:
+        return swiglu_reference(x)
+    return B.apply_saved_tensor_kernel(ext, "swiglu", x.contiguous(), out_shape=(*x.shape[:-1], x.shape[-1] // 2))

@@ -8,11 +8,11 @@ one SUM: two small all-reduces of N floats. loss = mean over non-ignored rows of
 
 Backward writes d loss / d logits INTO THE LOGITS TENSOR: after backward, the logits hold their
 gradient. Nothing else may need the logits' values after the loss (the version counter is bumped, so
-autograd raises if some other op saved them). The reference (upcast + F.cross_entropy, or the same
-all-reduce scheme with a group) materializes fp32 logits and is what the fused path is tested against.
+autograd raises if some other op saved them). The reference (upcast + F.cross_entropy, or for a vocab
+shard the same statistics in fp32, all-reduced over the group) materializes fp32 logits; it is what the
+fused path is tested against, and the trainer's loss wherever the fused one does not run.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.distributed as dist
@@ -32,27 +32,53 @@ def _row_stats_allreduce(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, grou
     return gm, st[0], st[1]
 
 
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """The reference over a vocab shard: per-token loss [N] from fp32 logits [N, V] holding vocab ids
+    [vocab_start, vocab_start + V), targets [N] global ids. With a group, the three row statistics
+    (max, target logit, sum of exponentials) are each one all-reduce of N floats, never [N, vocab];
+    the backward is local: softmax minus one-hot on this shard."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+        v_local = logits.shape[-1]
+        logits_max = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        not_here = (targets < vocab_start) | (targets >= vocab_start + v_local)
+        local_t = (targets - vocab_start).masked_fill(not_here, 0)
+        # 0 where another shard holds the target (as the fused kernel): with a group the sum is the target's logit
+        target_logit = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(target_logit, group=group)
+            dist.all_reduce(sum_exp, group=group)
+
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_t, not_here)
+        return sum_exp.log() - (target_logit - logits_max)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        softmax, local_t, not_here = ctx.saved_tensors
+        grad = softmax  # reused in place: saved tensors are not needed after backward
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -(~not_here).to(grad.dtype).unsqueeze(-1))
+        return grad * g.unsqueeze(-1), None, None, None
+
+
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                             group=None, vocab_start: int = 0) -> torch.Tensor:
+    """The loss in fp32: F.cross_entropy for whole logits, `_ShardedCrossEntropy` for a vocab shard (the
+    trainer's loss under tensor parallelism, neox.parallel.vocab_parallel_cross_entropy)."""
     V = logits.shape[-1]
     x = logits.reshape(-1, V).float()
     t = targets.reshape(-1)
     if group is None and vocab_start == 0:
         return F.cross_entropy(x, t, ignore_index=ignore_index)
     valid = t != ignore_index
-    local = t - vocab_start
-    here = valid & (local >= 0) & (local < V)
-    m = x.detach().max(dim=-1).values
-    s = torch.exp(x - m[:, None]).sum(dim=-1)
-    tl = x.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1) * here
-    if group is not None:
-        # Values from the all-reduce, gradients from this shard's terms: d/dx of the global loss.
-        gm, gs, gt = _row_stats_allreduce(m, s.detach(), tl.detach(), group)
-        s = s * torch.exp(m - gm) + (gs - (s * torch.exp(m - gm)).detach())
-        tl = tl + (gt - tl.detach())
-        m = gm
-    rows = torch.where(valid, m + torch.log(s) - tl, torch.zeros_like(s))
-    return rows.sum() / valid.sum()
+    per_token = _ShardedCrossEntropy.apply(x, t.masked_fill(~valid, 0), vocab_start, group)
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
 
 
 class _CrossEntropyFn(torch.autograd.Function):
@@ -100,11 +126,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                           "without the last dim")
     if targets.dtype not in (torch.int64, torch.int32):
         raise KernelError(f"cross_entropy: targets must be integer ids, got {targets.dtype}")
-    ext = B.choose("cross_entropy", impl, logits.device)
-    if ext is not None and B.check_inputs("cross_entropy", impl, logits, targets):
-        if logits.numel() == 0:
-            B.unsupported_shape("cross_entropy", tuple(logits.shape), "empty input", impl)
-        else:
-            return _CrossEntropyFn.apply(ext, logits.contiguous(), targets.long().contiguous(), int(ignore_index),
-                                         group, int(vocab_start))
-    return cross_entropy_reference(logits, targets.long(), ignore_index, group, vocab_start)
+    ext = B.fused_extension("cross_entropy", impl, logits, targets)
+    if ext is None:
+        return cross_entropy_reference(logits, targets.long(), ignore_index, group, vocab_start)
+    return _CrossEntropyFn.apply(ext, logits.contiguous(), targets.long().contiguous(), int(ignore_index), group,
+                                 int(vocab_start))

@@ -19,34 +19,13 @@ def masked_softmax_reference(scores: torch.Tensor, scale: float) -> torch.Tensor
     return torch.softmax((scores.float() * scale).masked_fill(mask, float("-inf")), dim=-1).to(scores.dtype)
 
 
-class _MaskedSoftmaxFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ext, x, scale: float):
-        y = B.empty(x.shape, x.dtype, x.device)
-        ext.masked_softmax_forward(x, y, scale)
-        ctx.save_for_backward(y)
-        ctx.ext, ctx.scale = ext, scale
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = B.empty(y.shape, y.dtype, y.device)
-        ctx.ext.masked_softmax_backward(dy, y, dx, ctx.scale)
-        return None, dx, None
-
-
 def masked_softmax(scores: torch.Tensor, scale: float, impl: str = "auto") -> torch.Tensor:
     """softmax(scale * scores) under the causal mask, over the last dim of scores [..., sq, sk]."""
     if scores.dim() < 2:
         raise KernelError(f"masked_softmax: scores must be [..., sq, sk], got shape {tuple(scores.shape)}")
     if scores.shape[-2] > scores.shape[-1]:
         raise KernelError(f"masked_softmax: sq={scores.shape[-2]} > sk={scores.shape[-1]} leaves rows fully masked")
-    ext = B.choose("masked_softmax", impl, scores.device)
-    if ext is not None and B.check_inputs("masked_softmax", impl, scores):
-        if scores.numel() == 0:
-            B.unsupported_shape("masked_softmax", tuple(scores.shape), "empty input", impl)
-        else:
-            return _MaskedSoftmaxFn.apply(ext, scores.contiguous(), float(scale))
-    return masked_softmax_reference(scores, scale)
+    ext = B.fused_extension("masked_softmax", impl, scores)
+    if ext is None:
+        return masked_softmax_reference(scores, scale)
+    return B.apply_saved_tensor_kernel(ext, "masked_softmax", scores.contiguous(), float(scale), save_output=True)

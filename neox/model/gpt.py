@@ -19,10 +19,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from neox import kernels
 from neox.errors import ConfigError
+from neox.model.activation_checkpointing import checkpointed
 
 
 @dataclass(frozen=True)
@@ -429,7 +429,7 @@ class GPT(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.activation_checkpointing == "full" and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpointed(block, x)
             else:
                 x = block(x)
         x = self.norm_f(x)

@@ -26,8 +26,8 @@ even with tp == 1, so checkpoint file names (`layer_XX-model_YY-model_states.pt`
 whether tensor parallelism is on (DeepSpeed's 2-axis topology names them differently).
 
 DeepSpeed traps avoided here:
-* activation checkpointing uses torch's non-reentrant checkpoint on `Block` chunks only, never the
-  embedding (reentrant checkpointing of a chunk whose input is integer tokens loses its gradients);
+* activation checkpointing is the model's own (`neox.model.activation_checkpointing`: non-reentrant,
+  `Block` chunks only): reentrant checkpointing of a chunk of integer tokens loses its gradients;
 * bf16 with ZeRO-0 cannot `load_checkpoint` a pipeline (KeyError in BF16_Optimizer), and ZeRO-2/3
   do not support pipelines: `check_deepspeed_config` refuses both (use ZeRO-1);
 * DeepSpeed's fp32 (ZeRO-0) gradient clipping computes a wrong norm for a pipeline (first stage's
@@ -37,19 +37,17 @@ DeepSpeed traps avoided here:
 """
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from neox.errors import ConfigError
+from neox.model.activation_checkpointing import CHECKPOINTED_LAYERS, checkpointed
 from neox.model.gpt import GPTConfig, init_weights, layer_specs, tied_head_forward
 
 TIED_WEIGHT_ATTR = "tok.weight"  # the tensor `tied_head_forward` reads off the Embedding
-CHECKPOINTABLE_LAYERS = ["Block"]
 PARTITION_METHODS = "uniform, parameters or type:<LayerClass> (e.g. type:Block)"
 
 
@@ -191,10 +189,9 @@ def _checkpoint_settings(activation_checkpointing: str) -> Dict[str, Any]:
     if activation_checkpointing == "none":
         return {"activation_checkpoint_interval": 0}
     if activation_checkpointing == "full":
-        # One Block per checkpointed chunk, embedding/norm/head never: reentrant checkpointing of
-        # the embedding chunk (integer inputs) would drop its gradients. Non-reentrant, like GPT.
-        return {"activation_checkpoint_interval": 1, "checkpointable_layers": list(CHECKPOINTABLE_LAYERS),
-                "activation_checkpoint_func": functools.partial(checkpoint, use_reentrant=False)}
+        # One Block per checkpointed chunk, embedding/norm/head never, with the model's own function.
+        return {"activation_checkpoint_interval": 1, "checkpointable_layers": list(CHECKPOINTED_LAYERS),
+                "activation_checkpoint_func": checkpointed}
     raise ConfigError(f"activation_checkpointing={activation_checkpointing!r}: use none or full")
 
 
