@@ -31,7 +31,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from neox.checkpoint import files as F
-from neox.checkpoint.manager import CheckpointManager, read_latest
+from neox.checkpoint.manager import CheckpointManager
+from neox.checkpoint.tags import read_latest
 from neox.checkpoint.safe_load import check_files_safe, safe_load
 from neox.checkpoint.saved import saved_config, saved_layout
 from neox.errors import CheckpointError, NeoxError

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,22 +46,11 @@ from neox.checkpoint.reshard import load_across_layouts
 from neox.checkpoint.rng import rng_state, set_rng_state
 from neox.checkpoint.safe_load import safe_engine_loads, safe_load
 from neox.checkpoint.saved import STATE_JSON, describe, layout_changed, saved_layout
+from neox.checkpoint.tags import PARTIAL, TAG_PREFIX, read_latest, step_of, tag_for
 from neox.errors import CheckpointError
 from neox.parallel.model_layout import ModelLayout, Parallelism
 
-TAG_PREFIX = "step_"
-PARTIAL = ".partial"
 RNG_DIR = "rng"
-_TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
-
-
-def step_of(tag: str) -> Optional[int]:
-    m = _TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
 
 
 def _world() -> tuple[int, int]:
@@ -92,29 +80,6 @@ def _broadcast(obj: Any) -> Any:
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def read_latest(directory: Path) -> Tuple[Optional[str], Optional[str]]:
-    """(tag, None) from `<directory>/latest`, or (None, what is wrong with it: missing, empty, ...)."""
-    path = Path(directory) / "latest"
-    # os.path's tests: False, not an OSError, for a path that cannot be looked up (e.g. a name too long)
-    if not os.path.lexists(path):
-        return None, "missing"
-    if os.path.isdir(path):
-        return None, "a directory, not the file naming the checkpoint to resume from"
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        return None, f"unreadable ({exc.strerror or exc})"
-    try:
-        tag = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, f"not text ({len(raw)} bytes of binary data)"
-    if not tag:
-        return None, "empty"
-    if "/" in tag or "\0" in tag or "\n" in tag or tag in (".", ".."):
-        return None, f"not a checkpoint name ({tag[:60]!r})"
-    return tag, None
 
 
 class CheckpointManager:

@@ -16,7 +16,7 @@ import torch
 from fake_engine import FakeEngine
 from neox.checkpoint import CheckpointManager
 from neox.checkpoint.files import atomic_write_text
-from neox.checkpoint.manager import read_latest
+from neox.checkpoint.tags import read_latest
 from neox.errors import CheckpointError
 
 HERE = Path(__file__).resolve().parent
