@@ -3,6 +3,8 @@ their real plans, for the stand-in worker; the stand-in's step log; polling."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Sequence
@@ -52,3 +54,9 @@ def wait_until(pred, timeout: float, what: str, poll: float = 0.2):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def slurm_record(job_id) -> dict:
+    """What Slurm itself records for the job: {'JobState': ..., 'ExitCode': ..., 'JobName': ...}."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))

@@ -19,7 +19,7 @@ import neox.launch.slurm.submission as submission
 from neox.errors import LaunchError
 from neox.launch import slurm as sl
 from neox.train.preempt import EXIT_REQUEUE
-from slurm_helpers import STANDIN, make_cfg, plan_for, steps_log, wait_until, write_config
+from slurm_helpers import STANDIN, make_cfg, plan_for, slurm_record, steps_log, wait_until, write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -35,12 +35,6 @@ def losses(run_dir):
 
 def events(run_dir, kind):
     return [r for r in steps_log(run_dir) if r.get("event") == kind]
-
-
-def slurm_record(job_id):
-    """What Slurm itself records for the job: {'JobState': ..., 'ExitCode': ..., 'JobName': ...}."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
 def test_two_task_job_completes_streaming_its_log(slurm, tmp_path, capsys):

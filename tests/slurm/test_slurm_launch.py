@@ -1,27 +1,21 @@
 """End to end: `python launch.py cluster=slurm ...` with the real trainer on the local Slurm."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from slurm_helpers import wait_until
+from slurm_helpers import slurm_record, wait_until
+from support.runs import REPO, launch, tiny, train_losses
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "cluster=slurm", "model=tiny", "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64",
-    "train.micro_batch=4", "train.grad_accum=1", "optim.warmup_steps=2",
-    "train.steps=20", "train.log_every=1", "train.eval_every=10", "train.eval_batches=2",
-    "train.save_every=10", "logging.wandb=false", "logging.tensorboard=false",
-    "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
-    "cluster.time_min=30", "cluster.signal_delay_s=5",
-]
+# The shared tiny run (support.runs.TINY) as 2-task CPU Slurm jobs: 20 steps, evaluated and saved at 10.
+TINY = tiny("cluster=slurm", "model=tiny", "train.steps=20", "train.eval_every=10", "train.save_every=10",
+            "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1", "cluster.time_min=30",
+            "cluster.signal_delay_s=5")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,33 +23,16 @@ def corpus(embedded_ready):
     """The embedded corpus, built once here (tests/conftest.py), not by several jobs at once."""
 
 
-def launch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def start(*args: str) -> subprocess.Popen:
+    """launch.py in the background, its output read line by line by the test."""
     return subprocess.Popen([sys.executable, "launch.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
-def train_losses(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-
-def slurm_record(job_id):
-    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
 def test_launch_sweep_runs_3_parallel_jobs_each_in_its_own_dir(slurm, tmp_path):
     """The run dirs come from an interpolation of the swept value; the jobs are named after the runs."""
-    res = launch("-m", *TINY, "cluster.tasks_per_node=1", "train.steps=6", "train.eval_every=6", "train.save_every=6",
-                 "optim.lr=1e-3,2e-3,3e-3", f"run_dir={tmp_path}/lr_${{optim.lr}}", timeout=300)
+    res = launch(["-m", *TINY, "cluster.tasks_per_node=1", "train.steps=6", "train.eval_every=6", "train.save_every=6",
+                  "optim.lr=1e-3,2e-3,3e-3", f"run_dir={tmp_path}/lr_${{optim.lr}}"], timeout=300, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Submitting the 3 runs of this sweep as 3 Slurm jobs" in res.stdout
     assert "jobs locally" not in res.stdout + res.stderr
