@@ -1,9 +1,6 @@
 """What a worker says when training dies: out of memory is told apart from a failed collective, and
-Ctrl-C ends a worker quietly (the launcher says what was kept).
-
-Test hook, from the environment like the other faults (neox.train.guards): NEOX_FAULT_OOM=<step>
-asks the allocator for 2**60 bytes at that step, which fails at once with the allocator's own error
-(CPU: DefaultCPUAllocator, CUDA: torch.cuda.OutOfMemoryError) without using any memory.
+Ctrl-C ends a worker quietly (the launcher says what was kept). Its test makes memory run out with
+NEOX_FAULT_OOM (neox.train.faults).
 """
 from __future__ import annotations
 
@@ -45,15 +42,6 @@ def out_of_memory_message(exc: BaseException, *, rank: int, step: Optional[int],
     fixes.append(f"or spread the model over more devices with parallelism.tp (now {tp}) or parallelism.pp "
                  f"(now {pp})")
     return (f"out of memory {where} on rank {rank} ({device}: {cause[:240]}); " + ", ".join(fixes))
-
-
-def maybe_oom(step: int, device) -> None:
-    """NEOX_FAULT_OOM=<step>: a real allocation failure at that step (tests)."""
-    spec = os.environ.get("NEOX_FAULT_OOM", "")
-    if spec and int(spec) == step:
-        import torch
-
-        torch.empty((1 << 60,), dtype=torch.uint8, device=device)
 
 
 def _leave(signum, frame) -> None:

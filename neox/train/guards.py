@@ -1,19 +1,17 @@
-"""Guards against bad steps and dead peers, plus the fault injection their tests use.
+"""Guards against bad steps and dead peers.
 
 - `SkipNonFiniteAdamW`: torch AdamW that skips (and counts) any step whose gradients are not all
   finite on every rank. DeepSpeed calls `step()` on every rank at the same point (ZeRO hands each rank
   its partition), so one all-reduce makes all ranks agree.
 - `Heartbeats`: each rank touches a file per step, so when a collective times out the survivors
   can name the rank that stopped.
-- Fault injection for tests, from the environment: NEOX_FAULT_NAN_STEPS=3,4 makes those steps'
-  loss NaN; NEOX_FAULT_HANG=<rank>:<step> makes that rank sleep forever at that step.
+
+Their tests inject the faults through `neox.train.faults`.
 """
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -68,15 +66,3 @@ class Heartbeats:
         top = max(steps.values())
         return sorted(r for r, s in steps.items() if s < top)
 
-
-def nan_fault_steps() -> set:
-    spec = os.environ.get("NEOX_FAULT_NAN_STEPS", "")
-    return {int(s) for s in spec.split(",") if s.strip()}
-
-
-def maybe_hang(rank: int, step: int) -> None:
-    spec: Optional[str] = os.environ.get("NEOX_FAULT_HANG")
-    if spec and spec.split(":") == [str(rank), str(step)]:
-        print(f"fault injection: rank {rank} hangs at step {step}", flush=True)
-        while True:
-            time.sleep(3600)

@@ -33,8 +33,9 @@ from neox.parallel.model_layout import ModelLayout, Parallelism
 from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
 from neox.errors import TrainingError
 from neox.train import distributed, engine as engine_lib
-from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, maybe_oom, out_of_memory_message
-from neox.train.guards import Heartbeats, maybe_hang, nan_fault_steps
+from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, out_of_memory_message
+from neox.train.faults import Faults
+from neox.train.guards import Heartbeats
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
@@ -75,6 +76,7 @@ def publish_config(config_path: Path, run_dir: Path) -> None:
 
 def run(config_path: str) -> int:
     watcher = PreemptionWatcher()  # first thing: a stop signal during startup is kept as a flag
+    faults = Faults.from_env()  # the training loop's test faults, read once
     path = config_to_read(config_path)
     cfg = load_config(str(path))
     info = distributed.init(cfg.train.collective_timeout_s)
@@ -84,7 +86,7 @@ def run(config_path: str) -> int:
     trainer: Optional[Trainer] = None
     try:
         fault = kill_at(os.environ.get(FAULT_ENV, ""))  # a test's checkpoint fault: parsed once, rank 0's
-        trainer = Trainer(cfg, plan, info, checkpoint_fault=fault if info.rank == 0 else None)
+        trainer = Trainer(cfg, plan, info, checkpoint_fault=fault if info.rank == 0 else None, faults=faults)
         if info.is_main:
             publish_config(path, plan.run_dir)
         status = trainer.fit(watcher)
@@ -130,7 +132,7 @@ def memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, plan: RunPlan, info: distributed.WorkerInfo,
-                 checkpoint_fault: Optional[Fault] = None):
+                 checkpoint_fault: Optional[Fault] = None, faults: Faults = Faults()):
         self.cfg, self.plan, self.info = cfg, plan, info
         self.run_dir = plan.run_dir
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
@@ -196,7 +198,7 @@ class Trainer:
             self.say(f"resumed from {self.checkpoints.loaded_tag} at step {self.state.step}")
         self.metrics = MetricsLogger(self.run_dir, cfg, enabled=info.is_main, resume_step=self.state.step)
         self.heartbeats = Heartbeats(self.run_dir, info.rank)
-        self.nan_steps = nan_fault_steps()
+        self.faults = faults
 
     # ------------------------------------------------------------------------------------ helpers
     def say(self, msg: str) -> None:
@@ -222,7 +224,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, data wait s)."""
-        maybe_oom(self.state.step + 1, self.info.device)
+        self.faults.maybe_oom(self.state.step + 1, self.info.device)
         if self.pipelined:
             return self.pipeline_train_step(batches)
         total, wait = torch.zeros((), device=self.info.device), 0.0
@@ -231,7 +233,7 @@ class Trainer:
             tokens = next(batches)
             wait += time.perf_counter() - t0
             loss = self.forward_loss(tokens)
-            if self.state.step + 1 in self.nan_steps:
+            if self.faults.nan_at(self.state.step + 1):
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
@@ -284,7 +286,7 @@ class Trainer:
         window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
         skip_events, in_a_row = self.optimizer.skip_events, 0
         while state.step < t.steps:
-            maybe_hang(self.info.rank, state.step + 1)
+            self.faults.maybe_hang(self.info.rank, state.step + 1)
             self.heartbeats.beat(state.step + 1)  # "entered step N": a rank that never got here is named
             loss, wait = self.train_step(batches)
             state.step += 1
