@@ -11,46 +11,57 @@ plain torch on the same global batches, with the same optimizer, schedule and cl
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
-from omegaconf import OmegaConf
 
 SEED = 1234
+# The model every run starts from (a run's "model" entry overrides fields): GQA, SwiGLU, rotary on the
+# whole head, a 257-token vocab (padded to 384) so the embedded corpus's smallest vocab fits the plan.
+MODEL = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=257,
+             position="rotary", rotary_pct=1.0, mlp="swiglu", init="wang_init", tied_embeddings=False)
 
 
 def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 150.0) -> None:
     """Run fn(rank, world, *args) on `world` processes started with the trainer's own init."""
-    from tp_harness import run_workers as spawn
+    from support.workers import run_workers as spawn
 
     spawn(fn, world, *args, timeout=timeout, init="neox")
 
 
 # ------------------------------------------------------------------------------------ run setup
-def model_config(**overrides):
-    from neox.model.gpt import GPTConfig
+def _model_overrides(**fields) -> List[str]:
+    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in {**MODEL, **fields}.items()]
 
-    base = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
-                position="rotary", rotary_dims=8, mlp="swiglu", init="wang_init")
-    base.update(overrides)
-    return GPTConfig(**base)
+
+def model_config(**fields):
+    """The GPTConfig the planner resolves for MODEL with `fields` changed (neox.config.plan.gpt_config)."""
+    from neox.config.plan import gpt_config
+    from neox.launch.compose import compose_config
+
+    return gpt_config(compose_config(_model_overrides(**fields)).model)
 
 
 def train_config(run: Dict[str, Any], dp: int):
-    """The lead's engine config inputs: a DictConfig with the fields engine.py reads, and a plan."""
-    cfg = OmegaConf.create({
-        "parallelism": {"zero_stage": run["zero"], "zero_bucket_size": 50_000_000,
-                        "sequence_parallel": run.get("sequence_parallel", False)},
-        "optim": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
-                  "grad_clip": run.get("clip", 1.0), "warmup_steps": 2, "decay_steps": None,
-                  "decay": "cosine", "min_lr": 3e-4},
-        "train": {"steps": run["steps"]},
-    })
-    plan = SimpleNamespace(global_batch=run["micro"] * run["accum"] * dp, micro_batch=run["micro"],
-                           grad_accum=run["accum"], precision=run.get("precision", "fp32"), pp=2)
-    return cfg, plan
+    """(config, plan) of the run as launch.py would make them: composed, then planned by make_plan
+    for pp x tp x dp CPU processes. The plan's model is the one the run builds."""
+    from support.plans import cpu, plan_of
+
+    world = run["pp"] * run["tp"] * dp
+    overrides = [
+        *_model_overrides(**run["model"]), f"model.activation_checkpointing={run['checkpointing']}",
+        f"parallelism.pp={run['pp']}", f"parallelism.tp={run['tp']}", f"parallelism.dp={dp}",
+        f"parallelism.zero_stage={run['zero']}", f"parallelism.pipe_partition={run['partition']}",
+        f"parallelism.sequence_parallel={str(run.get('sequence_parallel', False)).lower()}",
+        "optim.lr=3e-3", "optim.beta1=0.9", "optim.beta2=0.95", "optim.eps=1e-8", "optim.weight_decay=0.1",
+        f"optim.grad_clip={run.get('clip', 1.0)}", "optim.warmup_steps=2", "optim.decay=cosine", "optim.min_lr=3e-4",
+        f"train.steps={run['steps']}", f"train.micro_batch={run['micro']}", f"train.grad_accum={run['accum']}",
+        f"train.precision={run.get('precision', 'fp32')}", "data.embedded_vocab=257",
+        f"run_dir={Path(tempfile.gettempdir()) / 'neox-pipeline-harness'}",  # planned, never written
+    ]
+    return plan_of(overrides, cpu(world))
 
 
 def token_batches(run: Dict[str, Any], dp: int, split: str = "train") -> torch.Tensor:
@@ -87,7 +98,8 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
     from neox.parallel.pipeline import build_pipeline_module
     from neox.train import engine as engine_lib
 
-    model_cfg = model_config(**run["model"])
+    cfg, plan = train_config(run, topo.dp_size)
+    model_cfg = plan.model
     loss_fn = make_loss_fn(topo.tp_group) if topo.tp_size > 1 else cross_entropy_loss
     module = build_pipeline_module(model_cfg, topo, run["partition"], run["checkpointing"], loss_fn, seed=SEED,
                                    sequence_parallel=run.get("sequence_parallel", False))
@@ -95,7 +107,6 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
         print(ModelLayout(model_cfg, Parallelism(tp=topo.tp_size, pp=topo.pp_size, partition=run["partition"]))
               .describe_stages(), flush=True)
     _check_init(module, model_cfg, topo)
-    cfg, plan = train_config(run, topo.dp_size)
     # engine.py adds the pipeline section of the DeepSpeed config and the pipe-aware fp32 clipping.
     engine = engine_lib.initialize(module, cfg, plan, torch.device("cpu"), mpu=None)[0]
     if run["checkpointing"] == "full":  # Blocks are checkpointed, the embedding chunk never
@@ -168,8 +179,8 @@ def reference(run: Dict[str, Any]) -> Dict[str, Any]:
     from neox.train import engine as engine_lib
 
     dp = run.get("dp", 1)
-    model_cfg = model_config(**run["model"])
-    cfg, _ = train_config(run, dp)
+    cfg, plan = train_config(run, dp)
+    model_cfg = plan.model
     torch.manual_seed(SEED)
     model = GPT(model_cfg)
     opt = engine_lib.optimizer(model, cfg, torch.device("cpu"))
