@@ -6,6 +6,8 @@ count, stop) is one run. What needs no worker is tested in-process elsewhere: Ze
 tests/checkpoint's reference run, ZeRO-1 with dp=2 is tests/parallel/test_tp_deepspeed.py (exact
 against plain torch), the skip step itself and the ranks' agreement are test_guards.py and
 test_agreement.py, a worker alone and the numbers of a run are test_golden.py.
+The non-finite run also checks the checkpoint side (the last good checkpoint verifies and records
+the skips), which tests/checkpoint/test_faults.py repeats with a launch of its own.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from neox.checkpoint.manager import CheckpointManager
 from support.runs import TINY, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.usefixtures("embedded_ready")
@@ -91,7 +94,9 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_in_a_row_stop_the_run
     records = {r["step"]: r for r in read_metrics(run) if "train/loss" in r}  # step 7 stopped before its record
     assert [records[s]["train/skipped_steps"] for s in sorted(records)] == [0, 0, 1, 1, 2, 3]
     assert all(records[s]["train/loss"] == records[s]["train/loss"] for s in (1, 2, 4))  # finite
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    checkpoints = CheckpointManager(run / "checkpoints", 3, is_main=True)
+    assert checkpoints.latest_tag() == "step_00000006" and checkpoints.verify("step_00000006") is None
+    assert checkpoints.read_state("step_00000006")["run_state"]["skipped_steps"] == 3
 
 
 def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path):
