@@ -1,118 +1,64 @@
-"""Helpers for the checkpoint tests (imported by name; conftest only holds fixtures): tiny runs through the real launcher (2 CPU processes over gloo),
-killing a run's whole process tree by pid, and reading its loss curve."""
+"""What the checkpoint tests add to tests/support: the tiny fp32 run they resume, launched into a run
+dir (2 CPU processes over gloo unless told), and copies of a run's checkpoints at one tag."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[2]
-# Tiny model, fp32, log every step; warmup 100 and decay_steps 100 keep the lr independent of
+from support import runs
+
+# fp32, one eval batch; warmup 30 (the preset's) and decay_steps 100 keep the lr independent of
 # train.steps, so runs of different lengths share one loss curve.
-TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64", "train.micro_batch=4",
-        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "optim.decay_steps=100",
-        "logging.wandb=false", "logging.tensorboard=false", "train.precision=fp32",
-        "train.collective_timeout_s=60"]
-RUN_TIMEOUT = 300
+TINY = runs.tiny("train.eval_batches=1", "optim.warmup_steps=30", "optim.decay_steps=100", "train.precision=fp32",
+                 "train.collective_timeout_s=60")
 
 
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/neox/torch_extensions"))
-    env.update(extra or {})
-    return env
+def _args(run_dir: Path, overrides) -> List[str]:
+    return runs.tiny(*overrides, base=TINY) + [f"run_dir={run_dir}"]
 
 
 def start(run_dir: Path, *overrides: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    keys = {o.split("=", 1)[0] for o in overrides}
-    base = [t for t in TINY if t.split("=", 1)[0] not in keys]  # an explicit override replaces the default
-    cmd = [sys.executable, str(REPO / "launch.py"), *base, *overrides, f"run_dir={run_dir}"]
-    log = open(Path(str(run_dir) + ".log"), "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=log, stderr=subprocess.STDOUT)
+    """Start a run in the background (its output appended to <run_dir>.log)."""
+    return runs.start(_args(run_dir, overrides), Path(f"{run_dir}.log"), env=env)
 
 
 def launch(run_dir: Path, *overrides: str, env: Optional[Dict[str, str]] = None,
-           timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run to completion; returns the process with .stdout holding the combined log of this call."""
-    log = Path(str(run_dir) + ".log")
-    before = log.stat().st_size if log.exists() else 0
-    proc = start(run_dir, *overrides, env=env)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.wait()
-        raise AssertionError(f"run {run_dir} did not finish within {timeout} s:\n{tail(log, before)}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, tail(log, before), "")
+           timeout: int = runs.RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run to its end; .stdout holds the run's stdout and stderr (the lines the tests look for are in either)."""
+    proc = runs.launch(_args(run_dir, overrides), timeout=timeout, check=False, env=env)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout + proc.stderr, "")
 
 
-def tail(log: Path, offset: int = 0) -> str:
-    with open(log, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
-def descendants(pid: int) -> List[int]:
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for c in children.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process we started and every process below it (the launcher, deepspeed, the ranks)."""
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def train_losses(run_dir: Path) -> Dict[int, float]:
-    """step -> train/loss; after a resume the record written last for a step wins."""
-    out: Dict[int, float] = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut by kill -9
-            continue
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: int = RUN_TIMEOUT) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (Path(run_dir) / "metrics.jsonl").exists() and max(train_losses(run_dir), default=0) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
+def at_tag(src: Path, dst: Path, tag: str) -> Path:
+    """A new run dir holding `src`'s config and checkpoints up to `tag`, with `latest` naming it."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.yaml", dst / "config.yaml")
+    ckpts = dst / "checkpoints"
+    shutil.copytree(src / "checkpoints", ckpts)
+    for newer in (p for p in ckpts.iterdir() if p.is_dir() and p.name > tag):
+        shutil.rmtree(newer)
+    (ckpts / "latest").write_text(tag)
+    return dst
 
 
 def copy_checkpoints(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     shutil.copytree(Path(src) / "checkpoints", dst / "checkpoints")
     return dst / "checkpoints"
+
+
+def one_process_plan(config_yaml: Path):
+    """(config, plan) of a finished run's config on one CPU process, validated by the real make_plan:
+    2 micro-batches of 4 keep the global batch of 8 that the 2-process runs train with."""
+    from support.plans import cpu
+
+    from neox.config.plan import make_plan
+    from neox.train.worker import load_config
+
+    cfg = load_config(str(config_yaml))
+    cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.global_batch = 4, 2, None
+    plan = make_plan(cfg, cpu(1))
+    assert plan.global_batch == 8 and plan.dp == 1, plan
+    return cfg, plan

@@ -3,19 +3,14 @@ step is skipped; repeated NaNs stop the run with the last good checkpoint intact
 tests/test_train.py::test_a_hung_rank_ends_the_job_within_the_collective_timeout.)"""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from ckpt_helpers import launch
 from neox.checkpoint.manager import CheckpointManager
 
 pytestmark = pytest.mark.slow
-GUARDS = Path(__file__).resolve().parents[2] / "neox" / "train" / "guards.py"
-needs_guards = pytest.mark.skipif(not GUARDS.exists(), reason="the trainer's guards (neox/train/guards.py) are not in")
 
 
-@needs_guards
 def test_nan_steps_skipped_then_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "nans"
     out = launch(run, "train.steps=8", "train.save_every=4", "train.max_nonfinite_steps=2",

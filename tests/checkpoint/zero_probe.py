@@ -1,37 +1,45 @@
-"""One process: train a tiny engine 3 steps at ZeRO stage S, save through CheckpointManager, train 2
-more; then for each stage T in 0, 1, 2 build a fresh engine at stage T, load, train the same 2 steps.
-Prints one JSON line: {"source": [...2 losses], "0": [...], "1": [...], "2": [...], "moments_dropped": [...]}
-(the last: a stage-0 resume with Adam's moments zeroed, which the test expects to miss).
+"""One process: for each source ZeRO stage S given, train a tiny engine 3 steps at S, save through
+CheckpointManager, train 2 more; then for each stage T in 0, 1, 2 build a fresh engine at stage T,
+load, train the same 2 steps. Prints one JSON line: {S: {"source": [...2 losses], "0": [...], "1": [...],
+"2": [...], "moments_dropped": [...]}} (the last: a stage-0 resume with Adam's moments zeroed, which
+the test expects to miss). Then, for the refusal test, a bf16 ZeRO-0 checkpoint of one step
+(DeepSpeed's half-precision optimizer without ZeRO) in <scratch dir>/bf16.
 
-    python tests/checkpoint/zero_probe.py <run_dir with config.yaml> <S> <scratch dir>
+    python tests/checkpoint/zero_probe.py <run_dir with config.yaml> <S,S...> <scratch dir>
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the support package
 
-def main(run_dir: str, source_stage: str, scratch: str) -> None:
+
+def main(run_dir: str, source_stages: str, scratch: str) -> None:
+    from ckpt_helpers import one_process_plan
+    from omegaconf import OmegaConf
+
     from neox.checkpoint import CheckpointManager
-    from neox.config.plan import gpt_config
     from neox.model.gpt import GPT, cross_entropy_loss
     from neox.train import distributed, engine as engine_lib
-    from neox.train.worker import load_config
+    from neox.train.worker import model_layout
 
-    cfg = load_config(str(Path(run_dir) / "config.yaml"))
     info = distributed.init(60)
-    plan = SimpleNamespace(global_batch=8, micro_batch=4, grad_accum=2, precision="fp32", pp=1, tp=1, dp=1)
-    tokens = torch.randint(0, 8192, (4, 33), generator=torch.Generator().manual_seed(1))
+    cfg, plan = one_process_plan(Path(run_dir) / "config.yaml")
+    tokens = torch.randint(0, plan.model.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
 
     def make(stage: int):
         cfg.parallelism.zero_stage = stage
         torch.manual_seed(1234)
-        return engine_lib.initialize(GPT(gpt_config(cfg.model)), cfg, plan, info.device)[0]
+        return engine_lib.initialize(GPT(plan.model), cfg, plan, info.device)[0]
+
+    def manager():  # as the trainer makes it: with the run's layout (the ZeRO stage just set)
+        return CheckpointManager(ckpts, 3, True, layout=model_layout(cfg, plan))
 
     def steps(engine, first: int, n: int):
         losses = []
@@ -44,26 +52,34 @@ def main(run_dir: str, source_stage: str, scratch: str) -> None:
             losses.append(loss.item())
         return losses
 
-    ckpts = Path(scratch)
-    shutil.rmtree(ckpts, ignore_errors=True)
-    src = make(int(source_stage))
-    steps(src, 0, 3)
-    from omegaconf import OmegaConf
-    CheckpointManager(ckpts, 3, True).save(src, 3, {"run_state": {"step": 3},
-                                                    "config": OmegaConf.to_container(cfg, resolve=True)})
-    out = {"source": steps(src, 3, 2)}
-    for stage in (0, 1, 2):
-        engine = make(stage)
-        CheckpointManager(ckpts, 3, True).load(engine)
-        out[str(stage)] = steps(engine, 3, 2)
-    # The sensitivity check: a resume that loses Adam's moments must miss the curve by far.
-    engine = make(0)
-    CheckpointManager(ckpts, 3, True).load(engine)
-    for state in engine.optimizer.state.values():
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key].zero_()
-    out["moments_dropped"] = steps(engine, 3, 2)
-    print(json.dumps(out))
+    results = {}
+    for source_stage in source_stages.split(","):
+        ckpts = Path(scratch) / source_stage
+        shutil.rmtree(ckpts, ignore_errors=True)
+        src = make(int(source_stage))
+        steps(src, 0, 3)
+        manager().save(src, 3, {"run_state": {"step": 3}, "config": OmegaConf.to_container(cfg, resolve=True)})
+        out = {"source": steps(src, 3, 2)}
+        for stage in (0, 1, 2):
+            engine = make(stage)
+            manager().load(engine)
+            out[str(stage)] = steps(engine, 3, 2)
+        # The sensitivity check: a resume that loses Adam's moments must miss the curve by far.
+        engine = make(0)
+        manager().load(engine)
+        for state in engine.optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key].zero_()
+        out["moments_dropped"] = steps(engine, 3, 2)
+        results[source_stage] = out
+    cfg.parallelism.zero_stage = 0
+    bf16 = dataclasses.replace(plan, precision="bf16")
+    torch.manual_seed(1234)
+    engine = engine_lib.initialize(GPT(plan.model), cfg, bf16, info.device)[0]
+    steps(engine, 0, 1)
+    CheckpointManager(Path(scratch) / "bf16", 3, True, layout=model_layout(cfg, bf16)).save(
+        engine, 1, {"run_state": {"step": 1}, "config": OmegaConf.to_container(cfg, resolve=True)})
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
