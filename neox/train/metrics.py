@@ -76,9 +76,9 @@ class MetricsLogger:
     def _drop_after(self, step: int) -> None:
         """A run killed after its last checkpoint logged steps that the resumed run redoes: drop them,
         so metrics.jsonl holds one record per step and kind."""
-        records = read_metrics(self.path)
-        kept = [r for r in records if r["step"] <= step]
-        if len(kept) != len(records):
+        records, cut_short = _read_records(self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) != len(records) or cut_short:  # rewritten whole: the next line must not join a cut one
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             tmp.replace(self.path)
@@ -136,6 +136,21 @@ def _stable_id(run_dir: Path) -> str:
 
 
 def read_metrics(path: Path) -> list:
+    """The records of a metrics.jsonl; a line that is not JSON (the last one cut short by a kill or a full
+    disk in the middle of a write) is left out."""
+    return _read_records(path)[0]
+
+
+def _read_records(path: Path) -> tuple:
+    """(records, how many non-empty lines were not JSON)."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    return records, bad
