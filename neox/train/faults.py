@@ -8,6 +8,8 @@ training loop reads the environment. With none of the variables set, `Faults()` 
     NEOX_FAULT_OOM=<step>          at that step, ask the allocator for 2**60 bytes: it fails at once with its
                                    own error (CPU: DefaultCPUAllocator, CUDA: torch.cuda.OutOfMemoryError)
                                    without using any memory
+    NEOX_CHECKPOINT_FAULT=<point>@<step>  rank 0 is SIGKILLed at that point of that step's save
+                                   (`neox.checkpoint.faults`: the manager calls it, never reads the variable)
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from typing import FrozenSet, Mapping, Optional, Tuple
 
 import torch
 
+from neox.checkpoint.faults import FAULT_ENV, Fault, kill_at
+
 
 @dataclass(frozen=True)
 class Faults:
     nan_steps: FrozenSet[int] = frozenset()
     hang: Optional[Tuple[int, int]] = None  # (rank, step)
     oom_step: Optional[int] = None
+    checkpoint: Optional[Fault] = None  # for rank 0's CheckpointManager
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Faults":
@@ -35,7 +40,7 @@ class Faults:
             if rank_step is not None and len(rank_step) != 2:
                 raise ValueError(hang)
             return cls(nan_steps=frozenset(int(s) for s in nan.split(",") if s.strip()), hang=rank_step,
-                       oom_step=int(oom) if oom else None)
+                       oom_step=int(oom) if oom else None, checkpoint=kill_at(env.get(FAULT_ENV, "")))
         except ValueError:
             raise ValueError(f"malformed fault injection: NEOX_FAULT_NAN_STEPS={nan!r} (steps, e.g. 3,4), "
                              f"NEOX_FAULT_HANG={hang!r} (rank:step), NEOX_FAULT_OOM={oom!r} (a step)") from None

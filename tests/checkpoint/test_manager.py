@@ -217,8 +217,8 @@ CRASH = textwrap.dedent("""
     from pathlib import Path
     from fake_engine import FakeEngine
     from neox.checkpoint import CheckpointManager
-    from neox.checkpoint.faults import kill_at
-    m = CheckpointManager(Path({d!r}), 3, True, fault=kill_at({spec!r}))
+    from neox.train.faults import Faults
+    m = CheckpointManager(Path({d!r}), 3, True, fault=Faults.from_env({{"NEOX_CHECKPOINT_FAULT": {spec!r}}}).checkpoint)
     m.save(FakeEngine(1.0), 1, {{"run_state": {{"step": 1}}}})
     m.save(FakeEngine(2.0), 2, {{"run_state": {{"step": 2}}}})  # the fault kills us here
     print("survived")
@@ -238,14 +238,15 @@ def test_a_save_calls_its_fault_at_the_named_points_and_never_reads_the_environm
     assert calls == [(p, s) for s in (1, 2) for p in FAULT_POINTS]
 
 
-def test_a_bad_fault_spec_is_one_line():
-    from neox.checkpoint.faults import kill_at
+def test_the_checkpoint_fault_is_parsed_with_the_others_and_a_bad_spec_is_one_line():
+    from neox.train.faults import Faults
 
-    assert kill_at("") is None
+    assert Faults.from_env({}).checkpoint is None
+    assert callable(Faults.from_env({"NEOX_CHECKPOINT_FAULT": "before_rename@3"}).checkpoint)
     for spec in ("after_shards", "nowhere@2", "before_latest@x"):
         with pytest.raises(ConfigError, match=r"NEOX_CHECKPOINT_FAULT=.*: use <point>@<step> with a point among "
                                               r"after_shards, before_rename, before_latest$"):
-            kill_at(spec)
+            Faults.from_env({"NEOX_CHECKPOINT_FAULT": spec})
 
 
 @pytest.mark.parametrize("point", ["after_shards", "before_rename", "before_latest"])
