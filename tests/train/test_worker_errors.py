@@ -17,7 +17,7 @@ import torch
 
 from neox.train.failures import is_out_of_memory, out_of_memory_message
 from support.procs import cmdline, descendants, kill_tree
-from support.runs import REPO, TINY, launch
+from support.runs import REPO, TINY, launch, tiny, train_losses
 
 
 def _raised(fn) -> BaseException:
@@ -110,10 +110,12 @@ def _workers(pid: int) -> list:
 @pytest.mark.usefixtures("embedded_ready")
 def test_worker_killed_by_sigkill_is_said_to_be_likely_the_oom_killer(tmp_path):
     """The kernel's out-of-memory killer ends a rank with SIGKILL, which no Python code sees: the
-    launcher says what such an end most often means (before: exit 247 and only DeepSpeed's log line)."""
+    launcher says what such an end most often means (before: exit 247 and only DeepSpeed's log line).
+    The run logs every 10th step, and its first step at once (the wait below depends on it)."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "launch.py", *TINY, "cluster.cpu_procs=1", "train.steps=400",
-                             f"run_dir={run}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "launch.py", *tiny("train.log_every=10"), "cluster.cpu_procs=1",
+                             "train.steps=400", f"run_dir={run}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while not (run / "metrics.jsonl").exists() or '"train/loss"' not in (run / "metrics.jsonl").read_text():
@@ -127,6 +129,8 @@ def test_worker_killed_by_sigkill_is_said_to_be_likely_the_oom_killer(tmp_path):
         if proc.poll() is None:
             kill_tree(proc.pid)
             proc.wait()
+    steps = list(train_losses(run))
+    assert steps[0] == 1 and all(s % 10 == 0 for s in steps[1:]), steps
     assert proc.returncode == 247, out[-3000:]
     assert ("neox: a worker was killed with SIGKILL: most often by the kernel's out-of-memory killer (see `dmesg`)"
             in out), out[-3000:]
