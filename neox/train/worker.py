@@ -23,7 +23,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from neox.checkpoint import CheckpointManager
-from neox.checkpoint.faults import FAULT_ENV, Fault, kill_at
 from neox.config.plan import RunPlan, make_plan
 from neox.config.resources import from_worker_env
 from neox.config.run_files import PENDING_CONFIG
@@ -85,8 +84,7 @@ def run(config_path: str) -> int:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer: Optional[Trainer] = None
     try:
-        fault = kill_at(os.environ.get(FAULT_ENV, ""))  # a test's checkpoint fault: parsed once, rank 0's
-        trainer = Trainer(cfg, plan, info, checkpoint_fault=fault if info.rank == 0 else None, faults=faults)
+        trainer = Trainer(cfg, plan, info, faults=faults)
         if info.is_main:
             publish_config(path, plan.run_dir)
         status = trainer.fit(watcher)
@@ -132,7 +130,7 @@ def memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, plan: RunPlan, info: distributed.WorkerInfo,
-                 checkpoint_fault: Optional[Fault] = None, faults: Faults = Faults()):
+                 faults: Faults = Faults()):
         self.cfg, self.plan, self.info = cfg, plan, info
         self.run_dir = plan.run_dir
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
@@ -191,7 +189,8 @@ class Trainer:
         # resume
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info.is_main,
-                                             layout=self.layout, tp_rank=self.topo.tp_rank, fault=checkpoint_fault)
+                                             layout=self.layout, tp_rank=self.topo.tp_rank,
+                                             fault=faults.checkpoint if info.rank == 0 else None)
         client = self.checkpoints.load(self.engine, current_config=OmegaConf.to_container(cfg, resolve=True))
         if client is not None:
             self.state = RunState(**client["run_state"])
