@@ -3,6 +3,8 @@
 # The exit status of a trainer that stopped for preemption after saving a checkpoint: EX_TEMPFAIL from
 # sysexits.h, "a temporary failure; the user is invited to retry". The Slurm launcher requeues on it.
 EXIT_REQUEUE = 75
+# Ctrl-C: 128 + SIGINT, what a shell reports for it; the launcher and every worker end with it.
+EXIT_INTERRUPTED = 130
 
 
 class NeoxError(Exception):

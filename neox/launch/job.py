@@ -15,11 +15,10 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from neox.config.plan import RunPlan, make_plan
-from neox.errors import LaunchError
+from neox.errors import EXIT_INTERRUPTED, LaunchError
 from neox.launch import local, resources, summary
 from neox.launch.rundir import PENDING_CONFIG, RunDirLock
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def plan_for(cfg: DictConfig) -> RunPlan:

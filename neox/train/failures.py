@@ -9,7 +9,8 @@ import signal
 import sys
 from typing import Optional
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
+from neox.errors import EXIT_INTERRUPTED  # re-exported: the worker's Ctrl-C status
+
 # Substrings of the errors torch and the libraries under it raise when an allocation fails.
 _OOM_MARKS = ("out of memory",  # CUDA ("CUDA out of memory", "CUDA error: out of memory"), NCCL
               "defaultcpuallocator: can't allocate memory", "defaultcpuallocator: not enough memory",
