@@ -156,11 +156,20 @@ def train(rank: int, world: int, run: Dict[str, Any], out_dir: str) -> None:
         json.dump(result, f)
 
 
+def world_of(run: Dict[str, Any]) -> int:
+    return run["pp"] * run["tp"] * run.get("dp", 1)
+
+
 def run_pipeline(run: Dict[str, Any], out_dir: Path, timeout: float = 150.0) -> Dict[str, Any]:
     """Train `run` on pp*tp*dp processes; returns rank 0's losses (after checking all ranks agree)."""
-    world = run["pp"] * run["tp"] * run.get("dp", 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_workers(train, world, run, str(out_dir), timeout=timeout)
+    run_workers(train, world_of(run), run, str(out_dir), timeout=timeout)
+    return collect(run, out_dir)
+
+
+def collect(run: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
+    """What `train` wrote for `run` (its ranks must agree): rank 0's losses, norms and eval loss."""
+    world = world_of(run)
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
     for r, res in enumerate(results[1:], 1):
         assert res["losses"] == results[0]["losses"], f"rank {r} reports other losses than rank 0"

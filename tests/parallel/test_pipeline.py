@@ -15,7 +15,7 @@ from neox.errors import ConfigError
 from neox.parallel.pipeline import (check_deepspeed_config, deepspeed_layer_specs, describe_partition,
                                     partition_layers)
 
-from pipeline_harness import model_config, reference, run_pipeline
+from pipeline_harness import collect, model_config, reference
 
 TOL = 1e-5
 BASE = dict(steps=10, accum=2, micro=2, eval_micro=2, tp=1)
@@ -68,56 +68,63 @@ def test_deepspeed_traps_are_config_errors(ds_config: dict, match: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ equivalence
-@pytest.fixture(scope="module")
-def pp2(tmp_path_factory) -> dict:
-    """pp=2, tied embeddings, activation checkpointing, ZeRO-1; saves a checkpoint after step 5."""
-    run = dict(BASE, pp=2, zero=1, partition="parameters", checkpointing="full",
-               model=dict(tied_embeddings=True), save_at=5)
-    out = tmp_path_factory.mktemp("pp2")
-    return {"run": run, "dir": out, "result": run_pipeline(run, out)}
+# The runs are trained by the folder's shared spawns (conftest.py: two_ranks, four_ranks).
+PP2 = dict(BASE, pp=2, zero=1, partition="parameters", checkpointing="full", model=dict(tied_embeddings=True),
+           save_at=5)  # tied embeddings, activation checkpointing, ZeRO-1; saves after step 5
+PP2_DP2 = dict(BASE, pp=2, dp=2, zero=1, partition="uniform", checkpointing="none", model=dict(n_layers=2))
+PP2_TP2 = {
+    "tp": dict(BASE, pp=2, tp=2, model=dict(tied_embeddings=True), zero=0, partition="type:Block",
+               checkpointing="none"),
+    "tp-sequence-parallel": dict(BASE, pp=2, tp=2, model=dict(tied_embeddings=True), zero=1, partition="parameters",
+                                 checkpointing="full", sequence_parallel=True),
+}
+# bf16 weights with ZeRO-1 (bf16 + ZeRO-0 cannot load a pipeline checkpoint in DeepSpeed); saves at step 2,
+# then a fresh engine in the same processes loads it and repeats steps 3-4
+BF16 = dict(BASE, steps=4, pp=2, zero=1, precision="bf16", partition="uniform", checkpointing="full", model=dict(),
+            save_at=2, reload=True)
 
 
-def test_pp2_follows_single_process(pp2: dict) -> None:
-    want = reference(pp2["run"])
-    assert_follows(pp2["result"], want, "pp=2")
-    assert abs(pp2["result"]["eval"] - want["eval"]) <= TOL
+def resumed(pp2_dir) -> dict:
+    """PP2 again, resuming from the checkpoint PP2 saved at step 5 in `pp2_dir`."""
+    return dict(PP2, resume=True, save_at=None, checkpoints=str(pp2_dir / "checkpoints"))
 
 
-def test_pp2_checkpoint_resumes_at_the_same_loss(pp2: dict, tmp_path) -> None:
-    run = dict(pp2["run"], resume=True, save_at=None, checkpoints=str(pp2["dir"] / "checkpoints"))
-    resumed = run_pipeline(run, tmp_path)
-    assert sorted(resumed["losses"]) == list(range(6, 11)), "the run did not resume after step 5"
-    assert_follows(resumed, pp2["result"], "pp=2 resumed at step 5", steps=range(6, 11))
-    assert abs(resumed["eval"] - pp2["result"]["eval"]) <= TOL
+def _result(checks, name: str, run: dict) -> dict:
+    checks.outcome(name)
+    return collect(run, checks.dir(name))
 
 
-def test_pp2_dp2_follows_single_process(tmp_path) -> None:
-    run = dict(BASE, pp=2, dp=2, zero=1, partition="uniform", checkpointing="none", model=dict(n_layers=2))
-    got = run_pipeline(run, tmp_path, timeout=200)
-    want = reference(run)
+def test_pp2_follows_single_process(two_ranks) -> None:
+    got, want = _result(two_ranks, "pp2", PP2), reference(PP2)
+    assert_follows(got, want, "pp=2")
+    assert abs(got["eval"] - want["eval"]) <= TOL
+
+
+def test_pp2_checkpoint_resumes_at_the_same_loss(two_ranks) -> None:
+    pp2 = _result(two_ranks, "pp2", PP2)
+    got = _result(two_ranks, "pp2_resumed", resumed(two_ranks.dir("pp2")))
+    assert sorted(got["losses"]) == list(range(6, 11)), "the run did not resume after step 5"
+    assert_follows(got, pp2, "pp=2 resumed at step 5", steps=range(6, 11))
+    assert abs(got["eval"] - pp2["eval"]) <= TOL
+
+
+def test_pp2_dp2_follows_single_process(four_ranks) -> None:
+    got, want = _result(four_ranks, "pp2_dp2", PP2_DP2), reference(PP2_DP2)
     assert_follows(got, want, "pp=2 x dp=2")
     assert abs(got["eval"] - want["eval"]) <= TOL
 
 
-@pytest.mark.parametrize("variant", [
-    dict(zero=0, partition="type:Block", checkpointing="none"),
-    dict(zero=1, partition="parameters", checkpointing="full", sequence_parallel=True),
-], ids=["tp", "tp-sequence-parallel"])
-def test_pp2_tp2_follows_single_process(variant: dict, tmp_path) -> None:
-    run = dict(BASE, pp=2, tp=2, model=dict(tied_embeddings=True), **variant)
-    got = run_pipeline(run, tmp_path, timeout=200)
-    want = reference(run)
+@pytest.mark.parametrize("variant", sorted(PP2_TP2))
+def test_pp2_tp2_follows_single_process(four_ranks, variant: str) -> None:
+    run = PP2_TP2[variant]
+    got, want = _result(four_ranks, f"pp2_tp2_{variant}", run), reference(run)
     assert_follows(got, want, f"pp=2 x tp=2 {variant}")
     assert abs(got["eval"] - want["eval"]) <= TOL
 
 
-def test_pp2_bf16_zero1_trains_and_resumes(tmp_path) -> None:
-    """bf16 weights with ZeRO-1 (bf16 + ZeRO-0 cannot load a pipeline checkpoint in DeepSpeed):
-    the loss stays near the fp32 reference, and a fresh engine loading step 2 repeats steps 3-4 exactly."""
-    run = dict(BASE, steps=4, pp=2, zero=1, precision="bf16", partition="uniform", checkpointing="full",
-               model=dict(), save_at=2, reload=True)
-    got = run_pipeline(run, tmp_path)
-    want = reference(run)
+def test_pp2_bf16_zero1_trains_and_resumes(two_ranks) -> None:
+    """The loss stays near the fp32 reference, and the reloaded engine repeats steps 3-4 exactly."""
+    got, want = _result(two_ranks, "pp2_bf16", BF16), reference(BF16)
     for s in range(1, 5):
         assert abs(got["losses"][s] - want["losses"][s]) < 0.05, \
             f"bf16 step {s}: loss {got['losses'][s]:.4f} vs fp32 {want['losses'][s]:.4f}"

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, gather_full_state_dict, make_loss_fn
 
-from support.workers import run_workers
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
                 position="rotary", rotary_dims=8, mlp="swiglu", tied_embeddings=True)
@@ -62,7 +60,11 @@ def _worker(rank: int, world: int, zero_stage: int, sp: bool) -> None:
             f"ZeRO-{zero_stage} step {step}: loss {loss.item():.6f} vs TP=1 {ref_loss.item():.6f}"
 
 
-@pytest.mark.parametrize("world,zero_stage,sp", [(2, 0, False), (4, 1, True)])
-def test_deepspeed_with_mpu_matches_tp1(world: int, zero_stage: int, sp: bool) -> None:
-    """tp=2 (x dp=2 on 4 processes: ZeRO partitions and averages over the dp group only)."""
-    run_workers(_worker, world, zero_stage, sp, timeout=300)
+def test_deepspeed_with_mpu_matches_tp1_zero0(two_ranks) -> None:
+    """tp=2, ZeRO-0: _worker(zero_stage=0, sp=False), run by the folder's shared spawn (conftest.py)."""
+    two_ranks.outcome("tp_deepspeed")
+
+
+def test_deepspeed_with_mpu_matches_tp1_zero1_dp2_sequence_parallel(four_ranks) -> None:
+    """tp=2 x dp=2 on 4 processes: ZeRO partitions and averages over the dp group only."""
+    four_ranks.outcome("tp_deepspeed")

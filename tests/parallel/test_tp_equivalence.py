@@ -12,7 +12,6 @@ from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, gather_full_state_dict, vocab_parallel_cross_entropy
 from neox.parallel.comm import all_gather_no_grad
 
-from support.workers import run_workers
 
 BASE = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_ff=64, seq_len=16, vocab_size=128)
 
@@ -98,7 +97,10 @@ def _worker(rank: int, world: int, names: list[str]) -> None:
             _check_case(topo, name, CASES[name], sp)
 
 
-@pytest.mark.parametrize("names", [["rotary-gqa-swiglu-tied", "learned-mha-gelu-parallel"],
-                                   ["alibi-gqa-ckpt", "rotary-interleaved-gqa4"]])
-def test_tp2_matches_tp1(names: list[str]) -> None:
-    run_workers(_worker, 2, names, timeout=300)
+# Two checks of two cases each, run by the folder's shared 2-process spawn (conftest.py: two_ranks).
+GROUPS = [["rotary-gqa-swiglu-tied", "learned-mha-gelu-parallel"], ["alibi-gqa-ckpt", "rotary-interleaved-gqa4"]]
+
+
+@pytest.mark.parametrize("group", range(len(GROUPS)), ids=["-".join(g) for g in GROUPS])
+def test_tp2_matches_tp1(two_ranks, group: int) -> None:
+    two_ranks.outcome(f"tp_equivalence{group}")

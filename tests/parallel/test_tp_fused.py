@@ -14,7 +14,6 @@ from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, gather_full_state_dict, vocab_parallel_cross_entropy
 from neox.parallel.comm import all_gather_no_grad
 
-from support.workers import run_workers
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
                 position="alibi", kernels="reference")
@@ -51,5 +50,5 @@ def _worker(rank: int, world: int) -> None:
             assert _rel(grads[n], grad) <= 1e-5, f"sp={sp} grad {n}: {_rel(grads[n], grad):.2e}"
 
 
-def test_tp2_fused_matches_tp1_reference() -> None:
-    run_workers(_worker, 2, timeout=240)
+def test_tp2_fused_matches_tp1_reference(two_ranks) -> None:
+    two_ranks.outcome("tp_fused")  # _worker, run by the folder's shared 2-process spawn (conftest.py)

@@ -12,7 +12,6 @@ from neox.parallel import (Topology, TPRandom, apply_tensor_parallel, gather_ful
                            vocab_parallel_cross_entropy)
 from neox.parallel.comm import all_gather_no_grad
 
-from support.workers import run_workers
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128,
                 position="rotary", rotary_dims=8, mlp="swiglu", dropout=0.2, attn_dropout=0.2)
@@ -83,5 +82,5 @@ def _worker(rank: int, world: int) -> None:
         _check_recompute_replays(topo, sp)
 
 
-def test_dropout_streams_and_recompute_replay() -> None:
-    run_workers(_worker, 2, timeout=240)
+def test_dropout_streams_and_recompute_replay(two_ranks) -> None:
+    two_ranks.outcome("tp_random")  # _worker, run by the folder's shared 2-process spawn (conftest.py)

@@ -12,7 +12,6 @@ from neox.errors import ConfigError
 from neox.model.gpt import GPT, GPTConfig
 from neox.parallel import Topology, apply_tensor_parallel, merge_state_dicts, shard_dims, shard_state_dict
 
-from tp_harness import run_workers
 
 
 def _members(group, rank: int) -> list[int]:
@@ -49,8 +48,8 @@ def _worker(rank: int, world: int) -> None:
         Topology.build(tp=2, pp=1, dp=1)
 
 
-def test_topology_groups_on_4_processes() -> None:
-    run_workers(_worker, 4, timeout=240)
+def test_topology_groups_on_4_processes(four_ranks) -> None:
+    four_ranks.outcome("topology")  # _worker, run by the folder's shared 4-process spawn (conftest.py)
 
 
 # ------------------------------------------------------------------------------- bad layouts
