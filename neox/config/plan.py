@@ -53,6 +53,11 @@ class RunPlan:
         return self.global_batch * self.seq_len
 
     @property
+    def flops_per_token_causal(self) -> float:
+        """flops_per_token with attention halved for the causal mask (the second MFU convention)."""
+        return flops_per_token(self.model, self.params, causal=True)
+
+    @property
     def bubble_fraction(self) -> float:
         """Expected idle fraction of a 1F1B pipeline: (p-1)/(m+p-1)."""
         return (self.pp - 1) / (self.grad_accum + self.pp - 1)
@@ -89,9 +94,11 @@ def gpt_config(model: DictConfig) -> GPTConfig:
     )
 
 
-def flops_per_token(m: GPTConfig, params: dict) -> float:
-    """Training FLOPs per token: 6 * (non-embedding params + vocab * d) + 12 * L * d * seq (attention)."""
-    return 6 * (params["non_embedding"] + m.vocab_size * m.d_model) + 12 * m.n_layers * m.d_model * m.seq_len
+def flops_per_token(m: GPTConfig, params: dict, causal: bool = False) -> float:
+    """Training FLOPs per token: 6 * (non-embedding params + vocab * d) + 12 * L * d * seq for attention
+    over the whole score square, or 6 * L * d * seq with `causal` (the mask leaves half of it to compute)."""
+    attention = (6 if causal else 12) * m.n_layers * m.d_model * m.seq_len
+    return 6 * (params["non_embedding"] + m.vocab_size * m.d_model) + attention
 
 
 def kernel_overrides(model: DictConfig) -> dict[str, str]:

@@ -180,6 +180,7 @@ class TrainConfig:
     collective_timeout_s: int = setting(600, IGNORE, at_least(1))  # a dead or hung rank ends the job after this
     max_nonfinite_steps: int = setting(5, IGNORE, at_least(1))  # skipped non-finite steps in a row before it stops
     compile: bool = setting(False, IGNORE)  # torch.compile each block in place (neox/train/compile.py)
+    peak_tflops: Optional[float] = setting(None, IGNORE, POSITIVE)  # the device's dense bf16 peak for MFU; None: known cards
     # start from these weights (a from-hf model dir, a run/checkpoint, an HF dir) when the run has no checkpoint
     init_from: Optional[str] = setting(None, IGNORE)
 

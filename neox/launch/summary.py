@@ -41,7 +41,8 @@ def render(cfg: DictConfig, plan: RunPlan) -> str:
         f"  model     {cfg.model.name}: {shape}",
         f"            {style}",
         f"  params    {human(plan.params['total'])} total, {human(plan.params['non_embedding'])} non-embedding; "
-        f"{human(plan.flops_per_token, 'FLOP')}/token",
+        f"{human(plan.flops_per_token, 'FLOP')}/token ({human(plan.flops_per_token_causal, 'FLOP')} with causal "
+        "attention halved)",
         f"  layout    {plan.world_size} {unit} = tp {plan.tp} x pp {plan.pp} x dp {plan.dp}; "
         f"ZeRO-{p.zero_stage}; {plan.precision}; {cfg.cluster.kind}",
         f"  batch     global {plan.global_batch} = micro {plan.micro_batch} x accum {plan.grad_accum} x dp {plan.dp}; "

@@ -31,7 +31,7 @@ from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_al
 from neox.parallel.model_layout import ModelLayout, Parallelism
 from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
 from neox.errors import TrainingError
-from neox.train import distributed, engine as engine_lib
+from neox.train import distributed, engine as engine_lib, mfu
 from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, out_of_memory_message
 from neox.train.faults import Faults
 from neox.train.guards import Heartbeats
@@ -39,7 +39,6 @@ from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
 
 
 @dataclass
@@ -113,13 +112,6 @@ def model_layout(cfg: DictConfig, plan: RunPlan) -> ModelLayout:
     p = cfg.parallelism
     return ModelLayout(plan.model, Parallelism(tp=plan.tp, pp=plan.pp, dp=plan.dp, zero_stage=p.zero_stage,
                                                partition=p.pipe_partition))
-
-
-def peak_tflops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def memory_gb(device: torch.device) -> float:
@@ -280,7 +272,10 @@ class Trainer:
         cfg, plan, state = self.cfg, self.plan, self.state
         t = cfg.train
         batches = self.loader(self.data.train, state.consumed_samples)
-        peak = peak_tflops(self.info.device)
+        device_name = torch.cuda.get_device_name(self.info.device) if self.info.device.type == "cuda" else None
+        peak = mfu.peak_tflops(device_name, t.peak_tflops)
+        if peak is None and device_name:
+            self.say(mfu.unknown_peak_note(device_name))
         if state.step >= t.steps:
             self.say(f"already at step {state.step} of {t.steps}: nothing to train (raise train.steps to go on)")
         else:
@@ -327,13 +322,15 @@ class Trainer:
                 record = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                           "tokens_per_s": tok_s, "tflops_per_device": tflops,
-                          "mfu": tflops / peak if peak else math.nan,
+                          "mfu": tflops / peak if peak else math.nan,  # attention in full; and halved:
+                          "mfu_causal": plan.flops_per_token_causal * tok_s / plan.world_size / 1e12 / peak
+                          if peak else math.nan,
                           "data_wait_frac": window_wait / elapsed, "memory_gb": memory_gb(self.info.device),
                           "tokens": state.tokens, "skipped_steps": state.skipped_steps}
                 self.metrics.log(state.step, record)
-                mfu = f" mfu {record['mfu']:.1%}" if peak else ""
+                mfu_text = f" mfu {record['mfu']:.1%} (causal {record['mfu_causal']:.1%})" if peak else ""
                 self.say(f"step {state.step:>6}/{t.steps}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  "
-                         f"grad {record['grad_norm']:.3f}  {tok_s:,.0f} tok/s  {tflops:.2f} TFLOP/s{mfu}  "
+                         f"grad {record['grad_norm']:.3f}  {tok_s:,.0f} tok/s  {tflops:.2f} TFLOP/s{mfu_text}  "
                          f"data wait {record['data_wait_frac']:.1%}  mem {record['memory_gb']:.2f} GB")
                 window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
             if state.step % t.eval_every == 0 or state.step == t.steps:
