@@ -163,6 +163,8 @@ LAYOUT_CHANGES = {
     "pp2->pp1": ("pp2", "step_00000004", SINGLE, 1),
     "tp2pp2->tp1pp2": ("pp2_tp2", "step_00000004", {"parallelism.tp": 1, "parallelism.pp": 2,
                                                     "parallelism.zero_stage": 1}, 2),
+    # the same pp, other stage bounds: layers 0-1 | 2-4 by parameters, 0-2 | 3-4 uniform
+    "pp2-parameters->pp2-uniform": ("pp2", "step_00000004", {"parallelism.pipe_partition": "uniform"}, 2),
 }
 SAVED_WITH = {"reference": "tp=1 pp=1 dp=2 zero=0", "tp2": "tp=2 pp=1 dp=1 zero=0", "pp2": "tp=1 pp=2 dp=1 zero=1",
               "pp2_tp2": "tp=2 pp=2 dp=1 zero=1"}
@@ -184,9 +186,10 @@ def _consolidated_logits(root: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("change", list(LAYOUT_CHANGES))
 def test_a_checkpoint_resumes_under_another_layout(reference_run, layout_run, tmp_path, change):
-    """A checkpoint resumed under another data, ZeRO, tensor or pipeline layout, from inside the ranks
-    (layout_probe): (1) every parameter each rank holds has exactly the checkpoint's fp32 weight and Adam
-    moments (its shard of the full state), (2) the logits of a fixed batch match the consolidated
+    """A checkpoint resumed under another data, ZeRO, tensor or pipeline layout (or other pipeline stage
+    bounds, which were taken for the same layout before the manifest recorded them), from inside the
+    ranks (layout_probe): (1) every parameter each rank holds has exactly the checkpoint's fp32 weight and
+    Adam moments (its shard of the full state), (2) the logits of a fixed batch match the consolidated
     checkpoint run as a plain GPT within 1e-5 (tensor parallelism reorders fp32 sums by ~1e-6), (3) the
     step, DeepSpeed's step counters and the resharding line are right, and (4) training continues on the
     uninterrupted run's loss curve within 1e-5 (weights, moments, lr schedule and data position all
@@ -200,7 +203,9 @@ def test_a_checkpoint_resumes_under_another_layout(reference_run, layout_run, tm
     out = tmp_path / "probe.pt"
     run_workers(resume_and_train, procs, str(run), overrides, str(out), True, timeout=280, init="neox")
     log = Path(f"{out}.log").read_text()
-    assert f"resharding {tag}: saved with {SAVED_WITH[source]}, loading into " in log, log[-3000:]
+    assert f"resharding {tag}: saved with {SAVED_WITH[source]}" in log, log[-3000:]
+    if "partition" in str(overrides):
+        assert "stages [0, 2, 5], loading into tp=1 pp=2 dp=1 zero=1 stages [0, 3, 5]" in log, log[-3000:]
     step = int(tag[len("step_"):])
     got = safe_load(out)
     assert got["tag"] == tag and got["step"] == step and got["global_steps"] == step, got
