@@ -1,10 +1,10 @@
 """Documents -> encoder -> `.bin`: reading, encoding and writing overlap, memory stays bounded.
 
-With the tiktoken fast path (neox.data.fast_bpe) a reader thread parses documents into batches,
-a few threads encode whole batches (tiktoken releases the GIL, so they run on every core) into
-one numpy array each, and the calling thread writes them in order. No Python list of ids is
-ever made: each document's ids come out of tiktoken as a numpy buffer. At most `2 x threads`
-batches of about 1 MB of text are in flight, so memory does not grow with the corpus.
+With the tiktoken fast path (neox.data.fast_bpe) a reader thread parses documents into batches of
+about 1 MB of text, a few threads encode them in small tasks (tiktoken releases the GIL, so they
+run on every core) into numpy arrays, and the calling thread writes them in order. No Python list
+of ids is ever made: each document's ids come out of tiktoken as a numpy buffer. At most five
+batches are read or in flight, so memory does not grow with the corpus.
 
 Before trusting the fast path, the first documents are encoded by both tiktoken and
 `tokenizers`; on any difference the run continues with `tokenizers`, after one warning.
@@ -199,30 +199,62 @@ def _why(text: str, cause: BaseException) -> str:
 
 def _fast_encoded(fast, eod_id: int, dtype: np.dtype, pending: Iterator[Batch], threads: int
                   ) -> Iterator[tuple[Batch, np.ndarray, np.ndarray]]:
-    """(batch, flat ids, lengths) in input order; `threads` batches encode at once."""
-    from neox.data.fast_bpe import DocumentError
+    """(batch, flat ids, lengths) in input order.
+
+    Each batch is cut into tasks of about TASK_CHARS characters and up to three batches' tasks
+    are queued, so the `threads` encoders always have work: on a busy machine one that the OS
+    leaves waiting holds up one small task, not a whole batch. Measured on the shared 2-core
+    box at load 7-11, medians of 6 interleaved runs on 14.5 M tokens: 4.6 s with these tasks,
+    8.8 s with one task per 1 MB batch, for the same CPU time.
+    """
     from neox.data.prepare import _read_ahead
 
     with ThreadPoolExecutor(threads, thread_name_prefix="neox-encode") as pool:
         inflight: collections.deque = collections.deque()
         try:
-            for batch in _read_ahead(pending, depth=threads + 1):
-                inflight.append((batch, pool.submit(fast.encode, batch.texts, eod_id, dtype)))
-                if len(inflight) > threads:
-                    yield _result(*inflight.popleft(), DocumentError)
+            for batch in _read_ahead(pending, depth=2):
+                inflight.append((batch, [(a, pool.submit(fast.encode, batch.texts[a:b], eod_id,
+                                                         dtype)) for a, b in _tasks(batch.texts)]))
+                if len(inflight) > 2:
+                    yield _collect(*inflight.popleft())
             while inflight:
-                yield _result(*inflight.popleft(), DocumentError)
+                yield _collect(*inflight.popleft())
         finally:
-            for _, future in inflight:
-                future.cancel()
+            for _, tasks in inflight:
+                for _, future in tasks:
+                    future.cancel()
 
 
-def _result(batch: Batch, future, error_type) -> tuple[Batch, np.ndarray, np.ndarray]:
-    try:
-        flat, lengths = future.result()
-    except error_type as e:
-        raise _Failed(batch.wheres[e.index], batch.texts[e.index], e.cause) from None
-    return batch, flat, lengths
+TASK_CHARS = 1 << 16
+
+
+def _tasks(texts: list[str]) -> list[tuple[int, int]]:
+    """[start, end) slices of `texts` of about TASK_CHARS characters each (at least one)."""
+    slices, start, size = [], 0, 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size >= TASK_CHARS:
+            slices.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(texts) or not slices:
+        slices.append((start, len(texts)))
+    return slices
+
+
+def _collect(batch: Batch, tasks: list) -> tuple[Batch, np.ndarray, np.ndarray]:
+    """A batch's tasks' results, in order, as one array of ids and one of lengths."""
+    from neox.data.fast_bpe import DocumentError
+
+    flats, lengths = [], []
+    for start, future in tasks:
+        try:
+            flat, n = future.result()
+        except DocumentError as e:
+            i = start + e.index
+            raise _Failed(batch.wheres[i], batch.texts[i], e.cause) from None
+        flats.append(flat)
+        lengths.append(n)
+    return batch, np.concatenate(flats), np.concatenate(lengths)
 
 
 def _tokenizers_encoded(tok: Tokenizer, tok_spec: str, eod_token: str | None, dtype: np.dtype,

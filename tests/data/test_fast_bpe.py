@@ -231,8 +231,10 @@ def test_document_the_tokenizer_cannot_encode(tmp_path: Path, texts: list[str],
     tok = train(texts[:50], vocab=400)
     tok.save(str(tmp_path / "tok.json"))
     corpus_file = tmp_path / "c.jsonl"
-    corpus_file.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "bad \\ud800"}\n')
-    with pytest.raises(DataError, match=rf"^{re.escape(str(corpus_file))}:3: the tokenizer "
+    big = "".join(json.dumps({"text": "x = 1\n" * 8000}) + "\n" for _ in range(3))  # 3 tasks
+    corpus_file.write_text('{"text": "fine"}\n{"text": "also fine"}\n' + big +
+                           '{"text": "bad \\ud800"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(corpus_file))}:6: the tokenizer "
                                         r"cannot encode this document \(it holds the lone "
                                         r"surrogate '\\ud800' at character 4, .*\); fix or "
                                         "remove it$"):
