@@ -15,6 +15,7 @@ the parameters and their split dimensions):
   along each parameter's split dimension;
 * ZeRO-1/2/3 in bf16/fp16, or ZeRO-3: the fp32 master weights from DeepSpeed's ZeRO files
   (tp=1 only);
+* ZeRO-0 in bf16/fp16: the fp32 master weights from the optimizer state (`neox.checkpoint.reshard`);
 * pipeline: `layer_XX-model_YY-model_states.pt`, layer XX being GPT's layer_specs order
   (embedding, blocks..., final norm, head).
 """
@@ -156,6 +157,13 @@ def consolidate(path: Path, log: Optional[Callable[[str], None]] = None) -> Tupl
                 for k in shards[0]}
     else:
         full = shards[0]
+    if half and not zero_files:
+        # DeepSpeed's fp16/bf16 optimizer without ZeRO: the module holds 16-bit copies, the optimizer state
+        # the fp32 masters; take those (the layout-free full state), not the copies upcast
+        from neox.checkpoint.reshard import full_state
+
+        masters, _ = full_state(root)
+        full = {**full, **{k: s["param"] for k, s in masters.items()}}
     out = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in full.items()
            if isinstance(v, torch.Tensor)}
     meta = {"neox.tag": root.name, "neox.step": str((manifest or {}).get("step", "")),

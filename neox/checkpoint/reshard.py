@@ -22,8 +22,8 @@ tensor shard, both from this run's `ModelLayout`) and writes it into the live op
 `safe_set_full_fp32_param` / `safe_set_full_optimizer_state` for ZeRO-1/2.
 
 Each rank builds the whole full state (from memory-mapped files) before taking its slice, so host memory
-bounds the model size this handles. ZeRO-3 on either side, and DeepSpeed's fp16/bf16 optimizer without
-ZeRO, are refused in one line.
+bounds the model size this handles. ZeRO-3 on either side, and writing into DeepSpeed's fp16/bf16 optimizer
+without ZeRO, are refused in one line (reading its checkpoints works: its fp32 masters and Adam moments).
 """
 from __future__ import annotations
 
@@ -98,14 +98,16 @@ def _from_zero0(root: Path, mp: int, tp_rank: int, local: Local, pipelined: bool
         raise CheckpointError(f"{root}: {path.name} is missing")
     sd = safe_load(path, mmap=True)
     opt = sd.get("optimizer")
+    order = optimizer_order(local)
+    masters = None
     if opt and "fp32_groups" in opt:
-        raise CheckpointError(f"{path}: saved by DeepSpeed's fp16/bf16 optimizer without ZeRO, whose state neox "
-                              "cannot reshard yet; resume at the checkpoint's layout (and train with "
-                              "parallelism.zero_stage=1 where you mean to reshard later)")
+        # DeepSpeed's fp16/bf16 optimizer without ZeRO: fp32 master copies per parameter group, in our
+        # optimizer's order, and torch AdamW's state over them (the module holds the 16-bit weights).
+        masters = dict(zip(order, (w for group in opt["fp32_groups"] for w in group)))
+        opt = opt.get("optimizer_state_dict")
     if not opt or "state" not in opt:
         raise CheckpointError(f"{path}: holds no optimizer state")
-    weights = _layer_weights(root, tp_rank, local) if pipelined else (sd.get("module") or {})
-    order = optimizer_order(local)
+    weights = masters or (_layer_weights(root, tp_rank, local) if pipelined else (sd.get("module") or {}))
     index = [i for g in opt["param_groups"] for i in g["params"]]
     if len(index) != len(order):
         raise CheckpointError(f"{path}: the optimizer holds {len(index)} parameters, the model shard {len(order)}")

@@ -216,24 +216,3 @@ def test_a_checkpoint_resumes_under_another_layout(reference_run, layout_run, tm
     print(f"{change}: max |logit difference| {diff:.3g}; loss gaps after the resume {gaps}")
     assert diff <= 1e-5, diff
     assert len(gaps) == 4 and max(gaps.values()) <= 1e-5, gaps
-
-
-def test_half_precision_without_zero_is_refused_across_layouts_in_one_line(zero_probe):
-    """DeepSpeed keeps bf16/fp16 ZeRO-0 master weights in a format neox does not reshard yet: a layout
-    change onto such a checkpoint (zero_probe's bf16 one, resumed at tp=2) stops in one line, before the
-    engine is touched, and the checkpoint is left as it was."""
-    from fake_engine import FakeEngine
-
-    from neox.checkpoint.files import read_manifest
-    from neox.checkpoint.saved import saved_layout
-    from neox.errors import CheckpointError
-    from neox.parallel.model_layout import ModelLayout, Parallelism
-
-    ckpts = zero_probe[1] / "bf16"
-    root = ckpts / "step_00000001"
-    before = {p.name: p.read_bytes() for p in root.glob("*.pt")}
-    tp2 = ModelLayout(saved_layout(root, read_manifest(root)).cfg, Parallelism(tp=2))
-    with pytest.raises(CheckpointError, match=r"saved by DeepSpeed's fp16/bf16 optimizer without ZeRO, whose state "
-                                              r"neox cannot reshard yet; resume at the checkpoint's layout"):
-        CheckpointManager(ckpts, 3, True, layout=tp2, log=lambda msg: None).load(FakeEngine())
-    assert {p.name: p.read_bytes() for p in root.glob("*.pt")} == before

@@ -2,14 +2,12 @@
 CheckpointManager, train 2 more; then for each stage T in 0, 1, 2 build a fresh engine at stage T,
 load, train the same 2 steps. Prints one JSON line: {S: {"source": [...2 losses], "0": [...], "1": [...],
 "2": [...], "moments_dropped": [...]}} (the last: a stage-0 resume with Adam's moments zeroed, which
-the test expects to miss). Then, for the refusal test, a bf16 ZeRO-0 checkpoint of one step
-(DeepSpeed's half-precision optimizer without ZeRO) in <scratch dir>/bf16.
+the test expects to miss).
 
     python tests/checkpoint/zero_probe.py <run_dir with config.yaml> <S,S...> <scratch dir>
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -72,13 +70,6 @@ def main(run_dir: str, source_stages: str, scratch: str) -> None:
                 state[key].zero_()
         out["moments_dropped"] = steps(engine, 3, 2)
         results[source_stage] = out
-    cfg.parallelism.zero_stage = 0
-    bf16 = dataclasses.replace(plan, precision="bf16")
-    torch.manual_seed(1234)
-    engine = engine_lib.initialize(GPT(plan.model), cfg, bf16, info.device)[0]
-    steps(engine, 0, 1)
-    CheckpointManager(Path(scratch) / "bf16", 3, True, layout=model_layout(cfg, bf16)).save(
-        engine, 1, {"run_state": {"step": 1}, "config": OmegaConf.to_container(cfg, resolve=True)})
     print(json.dumps(results))
 
 
