@@ -191,7 +191,7 @@ class LoggingConfig:
     wandb: bool = setting(True, IGNORE)  # offline without credentials; a missing wandb never breaks a run
     wandb_project: str = setting("neox", IGNORE)
     wandb_entity: Optional[str] = setting(None, IGNORE)
-    progress: bool = setting(True, IGNORE)  # not read anywhere yet (issue 14: implement or remove)
+    progress: bool = setting(True, IGNORE)  # progress bars on long work before training (the embedded corpus)
 
 
 CLUSTER_SCHEMAS = {"local": LocalCluster, "hostfile": HostfileCluster, "slurm": SlurmCluster}

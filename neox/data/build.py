@@ -117,15 +117,16 @@ def resolve_prepared(cfg: Any) -> tuple[list[str], str, list[str]]:
 
 def build_datasets(data_cfg: Any, *, seq_len: int, num_samples: dict[str, int], seed: int,
                    model_vocab_size: int, is_builder: bool,
-                   barrier: Callable[[], None]) -> DataBundle:
-    """Sample datasets per split; a split that has no documents or no samples asked is None."""
+                   barrier: Callable[[], None], progress: bool = False) -> DataBundle:
+    """Sample datasets per split; a split that has no documents or no samples asked is None.
+    `progress`: progress bars on the long work before training (building the embedded corpus)."""
     if data_cfg.kind == "embedded":
         vocab = int(data_cfg.embedded_vocab)
         check_vocab(vocab, model_vocab_size, "the embedded corpus BPE (data.embedded_vocab)")
         prefixes, warnings = [str(corpus_dir(vocab) / "data")], []
         tokenizer_path = str(corpus_dir(vocab) / "tokenizer.json")
         if is_builder:
-            ensure_embedded(vocab)
+            ensure_embedded(vocab, progress=progress)
     elif data_cfg.kind == "prepared":
         prefixes, tokenizer_path, warnings = resolve_prepared(data_cfg)
     else:

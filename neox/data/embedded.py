@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from neox.data.indexed import IndexedDatasetWriter, best_dtype, exists
 from neox.data.tokenizer import encode_documents, train_bpe
 from neox.errors import DataError
@@ -74,8 +76,8 @@ def load_embedded(vocab_size: int) -> EmbeddedCorpus | None:
                           meta["vocab_size"], meta["eod_id"], meta)
 
 
-def ensure_embedded(vocab_size: int = 8192, *, quiet: bool = False) -> EmbeddedCorpus:
-    """Build the corpus if it is not cached yet, and return it."""
+def ensure_embedded(vocab_size: int = 8192, *, quiet: bool = False, progress: bool = False) -> EmbeddedCorpus:
+    """Build the corpus if it is not cached yet, and return it (`progress`: a bar while tokenizing)."""
     cached = load_embedded(vocab_size)
     if cached is not None:
         return cached
@@ -104,8 +106,11 @@ def ensure_embedded(vocab_size: int = 8192, *, quiet: bool = False) -> EmbeddedC
         tok.save(tmp / "tokenizer.json")
         say("tokenizing...")
         with IndexedDatasetWriter(tmp / "data", best_dtype(tok.vocab_size)) as w:
+            bar = tqdm(total=len(texts), unit="file", desc="tokenizing", disable=quiet or not progress)
             for start in range(0, len(texts), 256):
                 w.add_documents(*encode_documents(tok, texts[start:start + 256]))
+                bar.update(len(texts[start:start + 256]))
+            bar.close()
             n_tokens, n_docs = w.num_tokens, w.num_documents
         meta = {"format": FORMAT, "python": sys.version, "files": len(texts),
                 "skipped_non_utf8": skipped, "bytes": n_bytes, "documents": n_docs,

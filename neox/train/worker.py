@@ -175,7 +175,8 @@ class Trainer:
                                    num_samples={"train": cfg.train.steps * plan.global_batch,
                                                 "valid": evals, "test": evals},
                                    seed=cfg.train.seed, model_vocab_size=plan.model.vocab_size,
-                                   is_builder=info.is_main, barrier=dist.barrier)
+                                   is_builder=info.is_main, barrier=dist.barrier,
+                                   progress=cfg.logging.progress and info.is_main)
         self.say(self.data.describe())
 
         # resume
