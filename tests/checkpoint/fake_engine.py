@@ -1,9 +1,34 @@
-"""A stand-in for a DeepSpeed engine with the same checkpoint calls, for fast in-process tests."""
+"""A stand-in for a DeepSpeed engine with the same checkpoint calls, for fast in-process tests, and the
+manager those tests drive it with."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from neox.checkpoint import CheckpointManager
+from neox.model.gpt import GPTConfig
+from neox.parallel.model_layout import ModelLayout, Parallelism
+
+TINY_MODEL = GPTConfig(n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, d_ff=64, seq_len=8, vocab_size=64)
+
+
+def tiny_layout(**parallel) -> ModelLayout:
+    return ModelLayout(TINY_MODEL, Parallelism(**parallel))
+
+
+def manager(tmp_path, keep=3, log=None, layout=None):
+    """(a manager as the trainer makes it: with the run's layout, default tp=pp=dp=1 ZeRO-0; its messages)"""
+    msgs = []
+    m = CheckpointManager(tmp_path / "checkpoints", keep, True, log=log or msgs.append,
+                          layout=layout or tiny_layout())
+    return m, msgs
+
+
+def client(step):
+    """neox's client state of a save at `step`."""
+    return {"run_state": {"step": step, "consumed_samples": 8 * step, "tokens": 512 * step, "skipped_steps": 0},
+            "config": {"model": {"n_layers": 2}, "optim": {"lr": 1e-3}}}
 
 
 class UnsafeTorchEngine:

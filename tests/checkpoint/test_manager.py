@@ -14,36 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, client as _client, manager as _manager
 from neox.checkpoint import CheckpointManager, rng_state, set_rng_state
 from neox.checkpoint.files import atomic_write_text
 from neox.checkpoint.safe_load import safe_load
 from neox.errors import CheckpointError, ConfigError
-from neox.model.gpt import GPTConfig
-from neox.parallel.model_layout import ModelLayout, Parallelism
 
 HERE = Path(__file__).resolve().parent
 SHARD = "mp_rank_00_model_states.pt"
-
-
-def _client(step):
-    return {"run_state": {"step": step, "consumed_samples": 8 * step, "tokens": 512 * step, "skipped_steps": 0},
-            "config": {"model": {"n_layers": 2}, "optim": {"lr": 1e-3}}}
-
-
-TINY_MODEL = GPTConfig(n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, d_ff=64, seq_len=8, vocab_size=64)
-
-
-def _layout(**parallel) -> ModelLayout:
-    return ModelLayout(TINY_MODEL, Parallelism(**parallel))
-
-
-def _manager(tmp_path, keep=3, log=None, layout=None):
-    """A manager as the trainer makes it: with the run's layout (default tp=pp=dp=1, ZeRO-0)."""
-    msgs = []
-    m = CheckpointManager(tmp_path / "checkpoints", keep, True, log=log or msgs.append,
-                          layout=layout or _layout())
-    return m, msgs
 
 
 def _save_steps(m, steps):
@@ -215,7 +193,7 @@ def test_a_full_disk_inside_torch_save_is_a_checkpoint_error(tmp_path):
 CRASH = textwrap.dedent("""
     import sys; sys.path.insert(0, {here!r})
     from pathlib import Path
-    from fake_engine import FakeEngine
+    from fake_engine import FakeEngine, client as _client, manager as _manager
     from neox.checkpoint import CheckpointManager
     from neox.train.faults import Faults
     m = CheckpointManager(Path({d!r}), 3, True, fault=Faults.from_env({{"NEOX_CHECKPOINT_FAULT": {spec!r}}}).checkpoint)
@@ -339,79 +317,3 @@ def test_checkpoints_newer_than_latest_are_kept_until_the_run_saves_that_step_ag
     m.save(FakeEngine(33.0), 3, _client(3))  # the run reaches 3 again: that one is replaced
     engine = FakeEngine()
     assert m.complete_tags() == ["step_00000003"] and m.load(engine)["step"] == 3 and engine.w[0] == 33.0
-
-
-def test_the_manifest_records_the_model_and_layout_read_back_as_they_were(tmp_path):
-    """Before: the layout was guessed from DeepSpeed attributes (mp, num_stages, grid) at save and at
-    load; now the run's ModelLayout is written and read back: sizes, ZeRO stage, partition method,
-    stage bounds and the resolved model, without the saved raw config."""
-    import dataclasses
-
-    from neox.checkpoint.files import read_manifest
-    from neox.checkpoint.saved import saved_layout
-
-    layout = ModelLayout(dataclasses.replace(TINY_MODEL, n_layers=5, tied_embeddings=True, kernel_ops=(("rmsnorm", "reference"),)),
-                         Parallelism(tp=2, pp=2, dp=3, zero_stage=1, partition="type:block"))
-    m, _ = _manager(tmp_path, layout=layout)
-    root = m.save(FakeEngine(), 1, {"run_state": _client(1)["run_state"]})  # no config in the client state
-    back = saved_layout(root, read_manifest(root))
-    assert back.cfg == layout.cfg and back.parallel == layout.parallel and back.parts == layout.parts == (0, 4, 8)
-    assert list(back.params) == list(layout.params)
-
-
-def test_a_checkpoint_without_a_recorded_model_reshards_through_its_saved_config(tmp_path):
-    """A manifest of an earlier neox: DeepSpeed's mp (= tp x pp) and no model; the saved config says it."""
-    from neox.checkpoint.files import read_manifest, write_manifest, digest_files, list_files
-    from neox.checkpoint.saved import saved_layout
-
-    m, _ = _manager(tmp_path)
-    root = m.save(FakeEngine(), 1, _client(1))
-    write_manifest(root, digest_files(root, list_files(root)),
-                   {"tag": root.name, "step": 1, "layout": {"dp": 1, "mp": 4, "pp": 2, "zero_stage": 1}})
-    config = {"model": {"name": "t", "n_layers": 2, "d_model": 16, "n_heads": 2, "n_kv_heads": None, "d_ff": 64,
-                        "seq_len": 8, "vocab_size": 64, "vocab_multiple": 8, "position": "rotary", "rotary_pct": 1.0,
-                        "rotary_base": 10000.0, "rotary_interleaved": False, "parallel_residual": False,
-                        "norm": "layernorm", "norm_eps": 1e-5, "mlp": "gelu", "tied_embeddings": False, "bias": True,
-                        "dropout": 0.0, "attn_dropout": 0.0, "init": "wang_init", "init_std": 0.02,
-                        "activation_checkpointing": "none", "kernels": "auto"},
-              "parallelism": {"pipe_partition": "uniform"}}
-    (root / "neox_state.json").write_text(json.dumps({"config": config}))
-    back = saved_layout(root, read_manifest(root))
-    assert back.parallel == Parallelism(tp=2, pp=2, dp=1, zero_stage=1, partition="uniform")
-    assert back.cfg.n_layers == 2 and back.cfg.d_ff == 64 and back.parts == (0, 3, 5)  # DeepSpeed's uniform split
-
-
-def test_layout_change_without_a_saved_model_or_config_is_refused_in_one_line(tmp_path):
-    from neox.checkpoint.files import digest_files, list_files, write_manifest
-
-    m, _ = _manager(tmp_path)
-    root = m.save(FakeEngine(), 1, {"run_state": _client(1)["run_state"]})
-    write_manifest(root, digest_files(root, list_files(root)),  # an earlier neox's manifest: mp=2, no model
-                   {"tag": root.name, "step": 1, "layout": {"dp": 1, "mp": 2, "pp": 1, "zero_stage": 0}})
-    with pytest.raises(CheckpointError, match=r"step_00000001: resharding needs the saved config in neox_state.json"):
-        m.load(FakeEngine())
-
-
-def test_zero3_layout_change_is_refused_in_one_line(tmp_path):
-    m, _ = _manager(tmp_path)
-    m.save(FakeEngine(), 1, _client(1))
-    zero3, _ = _manager(tmp_path, layout=_layout(zero_stage=3))
-    with pytest.raises(CheckpointError, match=r"saved with tp=1 pp=1 dp=1 zero=0, this run has tp=1 pp=1 dp=1 "
-                                              r"zero=3: resharding to or from ZeRO-3 is not supported yet"):
-        zero3.load(FakeEngine())
-
-
-def test_what_counts_as_a_layout_change():
-    """DeepSpeed's own loader follows none of these: tp, pp, dp, ZeRO stage, and (same pp) other stage
-    bounds, e.g. another partition method; a checkpoint that records no layout is loaded as it is."""
-    from neox.checkpoint.saved import describe, layout_changed
-
-    now = _layout(pp=2, partition="uniform")
-    same = now.record()["layout"]
-    assert not layout_changed(same, now) and not layout_changed({}, now)
-    for key, value in (("tp", 2), ("pp", 1), ("dp", 2), ("zero_stage", 1), ("parts", [0, 1, 5])):
-        assert layout_changed({**same, key: value, **({"parts": [0, 5]} if key == "pp" else {})}, now), key
-    assert not layout_changed({"dp": 1, "mp": 2, "pp": 2, "zero_stage": 0}, now)  # an earlier manifest: no bounds
-    assert describe({**same, "parts": [0, 1, 5]}, now) == ("saved with tp=1 pp=2 dp=1 zero=0 stages [0, 1, 5], "
-                                                           "loading into tp=1 pp=2 dp=1 zero=0 stages [0, 3, 5]")
-    assert describe({**same, "dp": 2}, now) == "saved with tp=1 pp=2 dp=2 zero=0, loading into tp=1 pp=2 dp=1 zero=0"
