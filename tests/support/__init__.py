@@ -1,8 +1,11 @@
-"""Helpers shared by the tests (importable as `support`: tests/conftest.py puts tests/ on sys.path).
+"""Helpers shared by the tests (importable as `support`: tests/conftest.py puts tests/ on sys.path,
+pytest's default `prepend` import mode; test modules have no __init__.py, so their basenames must be
+unique across folders, which pytest checks at collection).
 
 - `support.runs`: tiny runs through the real launcher: `TINY`, `tiny()`, `launch()`, `start()`,
-  `read_metrics()`, `train_losses()`, `wait_for_step()`.
+  `read_metrics()`, `train_losses()`, `wait_for_step()`, `at_checkpoint()`.
 - `support.procs`: `free_port()`, the /dev/shm check (`shm_files()`, `no_shm_leak()`), `kill_tree()`.
-- `support.workers`: `run_workers()`, a function on N spawned CPU processes over gloo.
+- `support.workers`: `run_workers()`, a function on N spawned CPU processes over gloo; `Checks`,
+  several such functions in one spawn, each test asking for its own outcome.
 - `support.plans`: real `RunPlan`s from `make_plan` for a composed config.
 """

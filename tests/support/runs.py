@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,3 +93,16 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
             raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached within {timeout} s")
+
+
+def at_checkpoint(src: Path, dst: Path, tag: str) -> Path:
+    """A new run dir holding `src`'s config and its checkpoints up to `tag`, with `latest` naming it:
+    what `src` looked like right after saving `tag` (its metrics excepted)."""
+    dst.mkdir(parents=True)
+    shutil.copy(Path(src) / "config.yaml", dst / "config.yaml")
+    ckpts = dst / "checkpoints"
+    shutil.copytree(Path(src) / "checkpoints", ckpts)
+    for newer in (p for p in ckpts.iterdir() if p.is_dir() and p.name > tag):
+        shutil.rmtree(newer)
+    (ckpts / "latest").write_text(tag)
+    return dst

@@ -13,14 +13,12 @@ the skips), which tests/checkpoint/test_faults.py repeats with a launch of its o
 """
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from neox.checkpoint.manager import CheckpointManager
-from support.runs import TINY, launch, read_metrics, train_losses
+from support.runs import TINY, at_checkpoint, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.usefixtures("embedded_ready")
 
@@ -61,10 +59,7 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(dp2, tmp_path):
     step 4 and computes dp2's losses exactly (same machine, same kernels). With train.log_every=10 it
     logs the first step of its start (5) at once, then the last (8: the mean of steps 6-8)."""
     src, _ = dp2
-    run = tmp_path / "split"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(src / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000004")
-    (run / "checkpoints" / "latest").write_text("step_00000004")
+    run = at_checkpoint(src, tmp_path / "split", "step_00000004")
     out = launch([*DP2, "train.steps=8", "train.log_every=10", f"run_dir={run}"])
     assert "resumed from step_00000004 at step 4" in out.stdout
     whole, resumed = train_losses(src), train_losses(run)
