@@ -187,12 +187,8 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *,
     tok_tmp = temp_name(tok_sidecar)
     warnings: list[str] = []
     try:
-        tok = _make_tokenizer(tokenizer, lambda: iter_documents(sources, **read), eod_token,
-                              progress, warnings)
-        if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
-            raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's "
-                            f"padded vocab is {model_vocab_size}; use a smaller tokenizer or "
-                            "a bigger model vocab")
+        tok = make_tokenizer(tokenizer, lambda: iter_documents(sources, **read), eod_token,
+                             progress, warnings, model_vocab_size)
         tok.save(tok_tmp)
         dtype = best_dtype(tok.vocab_size)
         # Workers load the tokenizer from the saved file; bytes needs no file.
@@ -266,9 +262,20 @@ def _warn(msg: str) -> None:
     print(f"[neox.data.prepare] warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _make_tokenizer(spec: str, documents: Callable[[], Iterator[str]], eod_token: str | None,
-                    progress: bool, warnings: list[str]) -> Tokenizer:
-    """Load `spec`, or for `bpe:VOCAB` train a byte-level BPE on the documents."""
+def make_tokenizer(spec: str, documents: Callable[[], Iterator[str]], eod_token: str | None,
+                   progress: bool, warnings: list[str], model_vocab_size: int | None = None) -> Tokenizer:
+    """Load `spec`, or for `bpe:VOCAB` train a byte-level BPE on the documents; refuse one larger than
+    the model's padded vocab when that is given."""
+    tok = _load_or_train(spec, documents, eod_token, progress, warnings)
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+        raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's "
+                        f"padded vocab is {model_vocab_size}; use a smaller tokenizer or "
+                        "a bigger model vocab")
+    return tok
+
+
+def _load_or_train(spec: str, documents: Callable[[], Iterator[str]], eod_token: str | None,
+                   progress: bool, warnings: list[str]) -> Tokenizer:
     if not spec.startswith("bpe:"):
         return load_tokenizer(spec, eod_token)
     try:
