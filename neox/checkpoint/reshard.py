@@ -31,7 +31,7 @@ import contextlib
 import io
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -54,11 +54,10 @@ def optimizer_order(local: Local) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------ reading
-def full_state(root: Path, saved: Any = None, _layout: Any = None) -> Tuple[FullState, float]:
+def full_state(root: Path, saved: ModelLayout | None = None) -> Tuple[FullState, float]:
     """The full training state of a checkpoint written under `saved` (its ModelLayout; by default the
-    one its manifest records). neox.convert.source still passes (saved config, manifest layout):
-    both are read from `root` instead."""
-    if not isinstance(saved, ModelLayout):
+    one its manifest records)."""
+    if saved is None:
         saved = saved_layout(root, F.read_manifest(root) or {})
     tp, pp = saved.parallel.tp, saved.parallel.pp
     stages = [saved.stage_params(s) for s in range(pp)]
@@ -277,16 +276,3 @@ def load_across_layouts(engine, root: Path, saved: ModelLayout, now: ModelLayout
             setattr(engine, key, first[key])
     restore(engine, local_view(engine, full, now, tp_rank), step)
     say(f"loaded the full state of {len(full)} tensors at optimizer step {int(step)} into this layout")
-
-
-class ModelNames:
-    """GPT names and split dims of a model: kept for `neox.convert.init` until it takes the
-    `ModelLayout` this wraps (`ModelLayout(cfg, Parallelism(tp=...)).gpt_name / .shard`)."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self._layout = ModelLayout(cfg)
-        self.dims = {n: p.split_dim for n, p in self._layout.params.items()}
-
-    def gpt_name(self, local: str, specs: Optional[list] = None) -> str:
-        return self._layout.gpt_name(local)

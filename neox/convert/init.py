@@ -45,27 +45,24 @@ def load_initial_weights(model: torch.nn.Module, cfg: GPTConfig, source: str, tp
                          checkpoints: Optional[Path] = None, say: Callable[[str], None] = print) -> bool:
     """Copy `source`'s weights into this rank's `model`; False (and nothing done) when `checkpoints`
     already holds a checkpoint to resume from."""
-    from neox.checkpoint.reshard import ModelNames
     from neox.convert.source import load
+    from neox.parallel.model_layout import ModelLayout, Parallelism
 
     if checkpoints is not None and (Path(checkpoints) / "latest").is_file():
         say(f"train.init_from={source} ignored: the run resumes from its own checkpoint")
         return False
     src = load(Path(source))
     check_same_model(cfg, src.cfg, source)
-    names = ModelNames(cfg)
-    specs = getattr(model, "_layer_specs", None)  # a pipeline stage names its layers by index
+    layout = ModelLayout(cfg, Parallelism(tp=tp_size))  # names (plain or pipeline stage) and tp shards
     for local, p in model.named_parameters():
-        name = names.gpt_name(local, specs)
+        name = layout.gpt_name(local)
         if name not in src.weights:
             raise ConfigError(f"train.init_from={source}: it has no weight {name}")
         w = src.weights[name]
-        d = names.dims.get(name)
-        rows = names.cfg.vocab_size
+        rows = cfg.vocab_size
         if name in VOCAB_WEIGHTS and w.shape[0] < rows:
             w = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
-        if d is not None:
-            w = w.chunk(tp_size, dim=d)[tp_rank]
+        w = layout.shard(name, w, tp_rank)
         if w.shape != p.shape:
             raise ConfigError(f"train.init_from={source}: {name} has shape {tuple(w.shape)} for this rank, the "
                               f"model {tuple(p.shape)}")

@@ -120,7 +120,7 @@ def _from_checkpoint(path: Path) -> NeoxModel:
     if int(layout.get("zero_stage") or 0) > 2:  # the full state reads ZeRO 0-2; ZeRO-3 (tp=1) consolidates
         weights, _ = consolidate(root)
     else:
-        full, _ = full_state(root, config, layout)
+        full, _ = full_state(root)  # under the layout the checkpoint's manifest records
         weights = {name: state["param"] for name, state in full.items()}
     section = config["model"]
     return NeoxModel(section, gpt_config_of(section), weights, run_tokenizer(config),
