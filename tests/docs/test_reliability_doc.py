@@ -2,7 +2,8 @@
 
 A reference is `tests/<path>.py::test_name`, optionally followed by `[id]` or `[*]` (parameter ids are not
 checked). The test column of every table holds only such full references, so a renamed, moved or deleted test is
-caught here. The check reads the test files with `ast` (no pytest collection, no imports of the tests).
+caught here, and so is a module path (`neox/....py`) that no longer exists. The check reads the test files with
+`ast` (no pytest collection, no imports of the tests).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ DOC = REPO / "docs" / "reliability.md"
 
 REFERENCE = re.compile(r"(tests/[\w/]+\.py)::(test_\w+)(?:\[[^\]`]*\])?")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+SOURCE = re.compile(r"`(neox/[\w/]+\.py)`")  # a module the doc points to
 
 
 def _defined_tests(path: Path) -> Optional[Set[str]]:
@@ -50,7 +52,8 @@ def _test_rows(text: str) -> Iterator[Tuple[int, List[str], int]]:
 
 
 def problems(text: str, root: Path) -> List[str]:
-    """Every test reference in `text` that names no test under `root`, and every test cell not in full form."""
+    """Every test reference in `text` that names no test under `root`, every test cell not in full form, and
+    every module path (`neox/....py`) that does not exist."""
     found: List[str] = []
     files: Dict[str, Optional[Set[str]]] = {}  # each file parsed once per check
     for number, line in enumerate(text.splitlines(), 1):
@@ -63,6 +66,8 @@ def problems(text: str, root: Path) -> List[str]:
                 found.append(f"line {number}: {path} does not exist (named for {name})")
             elif name not in defined:
                 found.append(f"line {number}: {path} defines no {name}")
+        found += [f"line {number}: {m.group(1)} does not exist" for m in SOURCE.finditer(line)
+                  if not (root / m.group(1)).is_file()]
     for number, cells, width in _test_rows(text):
         if len(cells) != width:  # an unescaped | inside a cell shifts the test column
             found.append(f"line {number}: {len(cells)} cells, the header has {width}")
@@ -78,7 +83,7 @@ def problems(text: str, root: Path) -> List[str]:
 
 def test_every_test_the_doc_names_exists():
     found = problems(DOC.read_text(), REPO)
-    assert not found, "docs/reliability.md names tests that do not exist:\n" + "\n".join(found)
+    assert not found, "docs/reliability.md names tests or modules that do not exist:\n" + "\n".join(found)
 
 
 def test_every_table_of_the_doc_is_read():
@@ -155,3 +160,11 @@ def test_only_the_test_column_of_a_test_table_is_held_to_the_form(tmp_path):
     doc = ("| name | meaning |\n|---|---|\n| `x` | `y` |\n\n" + _table("`tests/a/test_x.py::test_here`")
            + "\nIn prose `pytest tests/a` is fine, a reference in prose is checked: `tests/a/test_x.py::test_nope`.\n")
     assert problems(doc, root) == ["line 13: tests/a/test_x.py defines no test_nope"]
+
+
+def test_the_check_fails_on_a_module_that_moved(tmp_path):
+    root = _fake_tree(tmp_path)
+    (root / "neox").mkdir()
+    (root / "neox" / "here.py").write_text("")
+    doc = "Guards in `neox/here.py` and `neox/gone.py`.\n" + _table("`tests/a/test_x.py::test_here`")
+    assert problems(doc, root) == ["line 1: neox/gone.py does not exist"]
