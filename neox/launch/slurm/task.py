@@ -85,12 +85,13 @@ def _requeue_self(job_id: str, max_requeue: int) -> bool:
         say(f"job {job_id} is not requeued: it was requeued {restarts} times already (cluster.max_requeue="
             f"{max_requeue}); rerun the same command to resume from the checkpoint")
         return False
+    # Said before asking: Slurm's SIGTERM for the requeue can end this process before `scontrol` returns.
+    say(f"requeued job {job_id} (requeue {restarts + 1} of at most {max_requeue}); it resumes from the checkpoint")
     res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     if res.returncode:
-        say(f"scontrol requeue {job_id} failed: {(res.stderr or res.stdout).strip()}; rerun the same command "
-            "to resume from the checkpoint")
+        say(f"scontrol requeue {job_id} failed: {(res.stderr or res.stdout).strip()}: the job was not requeued after "
+            "all; rerun the same command to resume from the checkpoint")
         return False
-    say(f"requeued job {job_id} (requeue {restarts + 1} of at most {max_requeue}); it resumes from the checkpoint")
     return True
 
 
