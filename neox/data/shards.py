@@ -99,6 +99,7 @@ def prepare_sharded(inputs: Sequence[str], output: str, tokenizer: str = "bytes"
     sources = resolve_inputs(list(inputs))
     output = _check_output(output)
     work = Path(output + ".shards")
+    _check_work_folder(work)
     # A folder or glob holding the output must not read it (or the pieces) back in.
     own = {os.path.abspath(output + ext) for ext in (".bin", ".idx", ".meta.json",
                                                       ".tokenizer.json")}
@@ -174,6 +175,17 @@ def prepare_sharded(inputs: Sequence[str], output: str, tokenizer: str = "bytes"
          f"{s:.1f} s ({counts.tokens / s / 1e6:.2f} M tok/s, {counts.bytes_read / s / 1e6:.1f} "
          f"MB/s, encoder {'+'.join(encoders)}); skipped: {counts.skipped()}")
     return result
+
+
+def _check_work_folder(work: Path) -> None:
+    """The pieces' folder is removed after the merge: refuse one that a sharded preparation did not
+    make (no plan.json in it), so a user's own folder of that name is never emptied."""
+    if work.exists() and not work.is_dir():
+        raise DataError(f"{work} is a file; the pieces of --shards are written in a folder of that name: "
+                        "move it away or choose another -o")
+    if work.is_dir() and any(work.iterdir()) and not (work / "plan.json").is_file():
+        raise DataError(f"{work} exists and was not made by `neox.data.prepare --shards` (it has no plan.json); "
+                        "its content would be removed after the merge: move it away or choose another -o")
 
 
 def _clean_temp_files(work: Path) -> None:

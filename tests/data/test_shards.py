@@ -247,6 +247,21 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         prepare(corpus, str(tmp_path / "o"), shards=0, progress=False)
 
 
+def test_a_folder_of_the_pieces_name_not_made_by_prepare_is_never_emptied(tmp_path: Path) -> None:
+    """The pieces' folder `<-o>.shards` is removed after the merge: a user's own folder of that name
+    is refused before anything runs, and left as it was; a file of that name too."""
+    corpus = make_corpus(tmp_path / "c")
+    mine = tmp_path / "o.shards"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"o.shards exists and was not made by .*--shards"):
+        prepare(corpus, str(tmp_path / "o"), shards=2, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "o.bin").exists()
+    (tmp_path / "p.shards").write_text("a file")
+    with pytest.raises(DataError, match=r"p.shards is a file"):
+        prepare(corpus, str(tmp_path / "p"), shards=2, progress=False)
+
+
 def test_progress_and_summary(tmp_path: Path, bpe: str, capsys: pytest.CaptureFixture) -> None:
     """Bytes with an ETA while running; then bytes and tokens per second, and what was skipped
     and why, for one process and for pieces."""
