@@ -169,6 +169,13 @@ def _check_output(run_dir: Path) -> None:
         raise ConfigError(f"the output directory {run_dir} is not writable (at {probe}); set run_dir=<a writable path>")
 
 
+def _check_init_from(source: Optional[str]) -> None:
+    """train.init_from must name something there, before any worker starts (the workers read its weights)."""
+    if source and not os.path.exists(os.path.expanduser(source)):
+        raise ConfigError(f"train.init_from={source} does not exist; give a run dir, a checkpoint, a model dir "
+                          "written by `python -m neox.convert from-hf`, or a Hugging Face model dir")
+
+
 def _check_data(cfg: DictConfig) -> None:
     data = cfg.data
     if data.kind != "prepared":
@@ -228,6 +235,7 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     run_dir = default_run_dir(cfg)
     _check_output(run_dir)
     _check_data(cfg)
+    _check_init_from(t.init_from)
     from neox.data.preflight import preflight  # opens every dataset and tokenizer the workers will
 
     evals = t.eval_batches * micro * dp  # the samples the workers ask for (neox/train/worker.py)

@@ -51,7 +51,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: GPTConfig, source: str, tp
     if checkpoints is not None and (Path(checkpoints) / "latest").is_file():
         say(f"train.init_from={source} ignored: the run resumes from its own checkpoint")
         return False
-    src = load(Path(source))
+    src = load(Path(source).expanduser())
     check_same_model(cfg, src.cfg, source)
     layout = ModelLayout(cfg, Parallelism(tp=tp_size))  # names (plain or pipeline stage) and tp shards
     for local, p in model.named_parameters():

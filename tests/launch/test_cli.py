@@ -159,3 +159,8 @@ def test_cli_exit_status_and_one_line():
     assert proc.stderr.strip().splitlines() == [
         "neox: error: unknown config key 'model.nope': check its spelling "
         "(`python launch.py --cfg job` prints every key with its default)"]
+
+
+def test_init_from_that_does_not_exist_fails_before_any_worker(capsys, tmp_path):
+    _fails(capsys, [*TINY, "train.init_from=/no/such/model", f"run_dir={tmp_path / 'r'}", "dry_run=true"],
+           "train.init_from=/no/such/model does not exist; give a run dir, a checkpoint")
