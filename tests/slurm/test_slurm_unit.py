@@ -236,22 +236,3 @@ def test_sweep_run_dir_interpolation_gives_each_job_its_own_dir(tmp_path):
     assert _job_name(configs) == ["hydra.job.name=neox-sweep"]  # the runs' names differ
     named = [compose_config(c + ["run_name=exp"]) for c in sweep_combinations(["optim.lr=1e-3,3e-3"])]
     assert _job_name(named) == ["hydra.job.name=exp"]
-
-
-def test_a_job_cancelled_before_it_started_removes_only_its_own_files(tmp_path):
-    """A resumed run dir holds an earlier job's logs; a new submission cancelled before it started
-    removes its own files (and the job record naming it), never the earlier job's."""
-    import json
-
-    from neox.launch.slurm.monitor import remove_unstarted
-
-    run, logs = tmp_path / "run", tmp_path / "run" / "slurm"
-    logs.mkdir(parents=True)
-    earlier = ["100_0_log.out", "100_0_log.err", "100_0_result.pkl", "100_submission.sh"]
-    for name in earlier + ["200_submission.sh", "200_submitted.pkl"]:
-        (logs / name).write_text("x")
-    (logs / "job.json").write_text(json.dumps({"job_id": "200"}))
-    (run / "config.yaml").write_text("the run's config")
-    remove_unstarted(run, "200")
-    assert sorted(p.name for p in logs.iterdir()) == sorted(earlier)
-    assert (run / "config.yaml").read_text() == "the run's config"

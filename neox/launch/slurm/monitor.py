@@ -227,32 +227,14 @@ def never_started(run: SlurmRun) -> bool:
         not any(run.log_dir.glob(f"{run.job_id}_*_result.pkl"))
 
 
-def _made_by_this_submission(path: Path, job_id: Optional[str], before: Optional[set]) -> bool:
-    """Files of slurm/ that this submission wrote: those not there `before` it, or else the job's own
-    (`<job_id>_*`, and the job record while it names this job). An earlier job's logs of the same run
-    dir (a resumed run) are never this submission's."""
-    if before is not None:
-        return path.name not in before
-    if job_id is None:
-        return False
-    if path.name.startswith(f"{job_id}_"):
-        return True
-    if path.name == "job.json":
-        try:
-            return str(json.loads(path.read_text()).get("job_id")) == str(job_id)
-        except (OSError, ValueError, AttributeError):
-            return False
-    return False
-
-
 def remove_unstarted(run_dir: Path, job_id: Optional[str] = None, before: Optional[set] = None) -> None:
-    """Undo what a submission that never ran left behind: its files in slurm/ (see
-    `_made_by_this_submission`), the config written for the job, the run dir's lock when it names this
-    job (which has ended), and the run dir itself once empty. The lock a live launch holds is its own."""
+    """Undo what a submission that never ran left behind: the new files in slurm/ (all of them when
+    `before` is None), the config written for the job, the run dir's lock when it names this job
+    (which has ended), and the run dir itself once empty. The lock a live launch holds is its own."""
     log_dir = run_dir / "slurm"
     if log_dir.is_dir():
         for path in log_dir.iterdir():
-            if _made_by_this_submission(path, job_id, before) and (path.is_file() or path.is_symlink()):
+            if (before is None or path.name not in before) and (path.is_file() or path.is_symlink()):
                 path.unlink()
         if not any(log_dir.iterdir()):
             log_dir.rmdir()
