@@ -169,13 +169,16 @@ class TrainConfig:
     micro_batch: Optional[int] = setting(None, WARN, at_least(1))  # any two of micro, accumulation, global
     grad_accum: Optional[int] = setting(None, WARN, at_least(1))  #   determine the third: global = micro * accum * dp
     global_batch: Optional[int] = setting(None, WARN, at_least(1))
-    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    precision: str = setting("auto", ERROR, Choices(("auto", "fp32", "bf16", "fp16")))
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp8 (bf16 with the linear layers' matmuls in fp8;
+    # Hopper or newer)
+    precision: str = setting("auto", ERROR, Choices(("auto", "fp32", "bf16", "fp16", "fp8")))
     seed: int = setting(1234, WARN, SEED)
     eval_every: int = setting(100, IGNORE, at_least(1))
     eval_batches: int = setting(10, IGNORE, at_least(1))
     save_every: int = setting(100, IGNORE, at_least(1))
     keep_checkpoints: int = setting(3, IGNORE, at_least(1))
+    # copy the state to pinned host memory and write it in the background; None: on GPU yes, on CPU no
+    async_save: Optional[bool] = setting(None, IGNORE)
     log_every: int = setting(10, IGNORE, at_least(1))
     collective_timeout_s: int = setting(600, IGNORE, at_least(1))  # a dead or hung rank ends the job after this
     max_nonfinite_steps: int = setting(5, IGNORE, at_least(1))  # skipped non-finite steps in a row before it stops

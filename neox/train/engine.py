@@ -27,7 +27,7 @@ def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
     }
     if zero == 3:
         config["zero_optimization"].update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=0)
-    if plan.precision == "bf16":
+    if plan.precision in ("bf16", "fp8"):  # fp8: bf16 everywhere but the linear matmuls (neox.model.fp8)
         config["bf16"] = {"enabled": True}
     elif plan.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
