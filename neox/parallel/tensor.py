@@ -80,11 +80,15 @@ class ColumnParallelLinear(nn.Module):
                      else _mark_sharded(nn.Parameter(_shard(linear.bias, 0, r, n)), 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input(x), self.weight, self.bias)
+        return self.local_linear(self._input(x), self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The output before the bias (for a fused bias + activation after it)."""
-        return F.linear(self._input(x), self.weight)
+        return self.local_linear(self._input(x))
+
+    def local_linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's x @ W.T (+ b), the layer's one matmul (neox.model.fp8 runs it in fp8)."""
+        return F.linear(x, self.weight, bias)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.sequence_parallel else copy_to_tp(x, self.topo.tp_group)
@@ -101,13 +105,17 @@ class RowParallelLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.local_linear(x)
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, self.topo.tp_group)
             # The bias is added to this rank's tokens only: sum its gradient over the group.
             return y if self.bias is None else y + copy_to_tp(self.bias, self.topo.tp_group)
         y = reduce_from_tp(y, self.topo.tp_group)
         return y if self.bias is None else y + self.bias  # after the reduce: added once
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial x @ W.T, the layer's one matmul (neox.model.fp8 runs it in fp8)."""
+        return F.linear(x, self.weight)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -159,6 +159,10 @@ class Trainer:
 
             load_initial_weights(self.model, plan.model, cfg.train.init_from, self.topo.tp_rank, self.topo.tp_size,
                                  self.run_dir / "checkpoints", self.say)
+        if plan.precision == "fp8":  # after TP (it swaps the sharded layers), before compile and the engine
+            from neox.model.fp8 import apply_fp8
+
+            self.say(apply_fp8(self.model, info.device))
         if cfg.train.compile:
             from neox.model.gpt import Block
             from neox.train.compile import compile_blocks

@@ -1,0 +1,123 @@
+"""fp8 training (`train.precision=fp8`): the linear layers' matmuls in fp8, everything else in bf16.
+
+The matmuls are torchao's float8 training (`torchao.float8`, tensorwise dynamic scaling: each
+operand is scaled by its own amax at every call, e4m3 forward and e5m2 for the output gradient).
+Its module swap only knows `nn.Linear`, so conversion here swaps the *class* of each chosen layer
+for a subclass whose matmul is torchao's float8 one: `nn.Linear` and the tensor-parallel
+`ColumnParallelLinear`/`RowParallelLinear` alike (their `local_linear`). Parameters, state_dict
+keys and the TP communication are untouched, so checkpoints move freely between bf16 and fp8 runs.
+Each TP rank scales its own shard; a row-parallel layer's partial sums are dequantized before the
+all-reduce, so a shard's scale never leaks into another's.
+
+Kept in bf16: the output head (logits feed the loss directly; torchao's and torchtitan's recipes
+leave it out) and any layer whose local weight has a dim that is not a multiple of 16 (fp8 GEMMs
+need it). Apply after `apply_tensor_parallel` (it builds plain TP layers from what it finds).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from neox.errors import ConfigError
+from neox.model.gpt import Head
+from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
+REQUIREMENT = "train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (compute capability 8.9 or newer: Ada, Hopper)"
+
+
+def check_device(device: torch.device) -> None:
+    """Raise ConfigError unless `device` runs fp8 matmuls (make_plan cannot see the GPU from a login node)."""
+    if device.type != "cuda":
+        raise ConfigError(f"{REQUIREMENT}; this worker runs on {device.type}: use train.precision=bf16 or fp32")
+    if torch.version.hip is None:
+        cap = torch.cuda.get_device_capability(device)
+        if cap < MIN_CAPABILITY:
+            raise ConfigError(f"{REQUIREMENT}; {torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}: "
+                              "use train.precision=bf16")
+
+
+def _fp8_linear(self: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ self.weight.T (+ bias) with the matmul (and its two backward matmuls) in fp8."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    y = matmul_with_hp_or_float8_args.apply(x, self.weight.t(), self.fp8_mm_config, self.fp8_config)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear with an fp8 matmul; `matmul` is the output before the bias (gpt.linear_before_bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp8_linear(self, x, self.bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp8_linear(self, x)
+
+
+class FP8ColumnParallelLinear(ColumnParallelLinear):
+    local_linear = _fp8_linear
+
+
+class FP8RowParallelLinear(RowParallelLinear):
+    local_linear = _fp8_linear
+
+
+_SWAPS: Dict[type, type] = {nn.Linear: FP8Linear, ColumnParallelLinear: FP8ColumnParallelLinear,
+                            RowParallelLinear: FP8RowParallelLinear}
+
+
+def _torchao_configs(emulate: bool):
+    """(LinearMMConfig, Float8LinearConfig) exactly as torchao builds them for its own Float8Linear.
+    Converting a throwaway meta-device layer through the public entry point also applies torchao's
+    inductor workaround for compiled fp8 casts (train.compile)."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)  # a deprecation note torch logs while torchao 0.18 imports
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    finally:
+        pytree_log.setLevel(level)
+    probe = convert_to_float8_training(nn.Linear(16, 16, bias=False, device="meta"),
+                                       config=Float8LinearConfig(emulate=emulate))
+    return probe.linear_mm_config, probe.config
+
+
+def convert_to_fp8(model: nn.Module, emulate: bool = False) -> Dict[str, List[str]]:
+    """Swap the model's linear layers (plain or TP-sharded) for fp8 ones, in place.
+
+    emulate: fp8 casts with the matmul in high precision (torchao's emulation; runs on CPU).
+    Returns {"fp8": [names converted], "bf16": ["name (why)" kept in bf16]}.
+    """
+    mm_config, config = _torchao_configs(emulate)
+    heads = {id(m.proj) for m in model.modules() if isinstance(m, Head)}
+    done: Dict[str, List[str]] = {"fp8": [], "bf16": []}
+    for name, module in model.named_modules():
+        fp8_cls = _SWAPS.get(type(module))
+        if fp8_cls is None:
+            continue
+        out_dim, in_dim = module.weight.shape
+        if id(module) in heads:
+            done["bf16"].append(f"{name} (output head)")
+        elif out_dim % 16 or in_dim % 16:
+            done["bf16"].append(f"{name} (weight {out_dim}x{in_dim}: fp8 matmuls need multiples of 16)")
+        else:
+            module.__class__ = fp8_cls
+            module.fp8_mm_config, module.fp8_config = mm_config, config
+            done["fp8"].append(name)
+    return done
+
+
+def apply_fp8(model: nn.Module, device: torch.device) -> str:
+    """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8."""
+    check_device(device)
+    done = convert_to_fp8(model)
+    if not done["fp8"]:
+        raise ConfigError("train.precision=fp8: no linear layer has dims that are multiples of 16; "
+                          "use train.precision=bf16")
+    kept = done["bf16"][:3] + ([f"{len(done['bf16']) - 3} more"] if len(done["bf16"]) > 3 else [])
+    kept = f"; kept in bf16: {', '.join(kept)}" if kept else ""
+    return f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao, tensorwise dynamic scaling){kept}"
