@@ -1,0 +1,229 @@
+"""train.precision=fp8 (neox.model.fp8): which layers get fp8 matmuls, what those matmuls compute,
+and the refusals. On CPU torchao's emulation (fp8 casts, fp32 matmul) stands in for the fp8 GEMM;
+the `gpu` tests run the real one against bf16 and against the emulation."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from neox.errors import ConfigError
+from neox.model.fp8 import (FP8ColumnParallelLinear, FP8Linear, FP8RowParallelLinear, apply_fp8, check_device,
+                            convert_to_fp8)
+from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
+from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear, apply_tensor_parallel
+
+from support.runs import REPO
+
+BASE = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, seq_len=32, vocab_size=128,
+            position="rotary", rotary_dims=8)
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _linears(model: nn.Module) -> dict:
+    """Every module with a 2-d `weight` that a linear layer could be: name -> class."""
+    return {n: type(m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, ColumnParallelLinear, RowParallelLinear))}
+
+
+def _fake_tp(rank: int = 0, size: int = 2):
+    """A topology for building a rank's shards without process groups (nothing here communicates)."""
+    return types.SimpleNamespace(tp_rank=rank, tp_size=size, tp_group=None)
+
+
+# ---------------------------------------------------------------------------------------- which layers
+def test_the_block_linears_get_fp8_and_the_head_stays_bf16():
+    model = GPT(GPTConfig(**BASE))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    done = convert_to_fp8(model, emulate=True)
+    blocks = [f"blocks.{i}.{leaf}" for i in range(2) for leaf in ("attn.qkv", "attn.proj", "mlp.fc_in", "mlp.fc_out")]
+    assert done == {"fp8": blocks, "bf16": ["head.proj (output head)"]}
+    assert _linears(model) == {**{n: FP8Linear for n in blocks}, "head.proj": nn.Linear}
+    after = model.state_dict()  # same keys, same tensors: checkpoints move between bf16 and fp8 runs
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_tied_model_has_no_head_layer_to_keep():
+    model = GPT(GPTConfig(**BASE, tied_embeddings=True))
+    done = convert_to_fp8(model, emulate=True)
+    assert len(done["fp8"]) == 8 and done["bf16"] == []
+
+
+def test_the_tp_shards_get_fp8_and_the_rule_of_16_reads_the_local_shard():
+    # d_ff=48: fc_in is 48x64 whole (multiples of 16) but 24x64 on each of 2 ranks
+    cfg = GPTConfig(**{**BASE, "d_ff": 48})
+    model = apply_tensor_parallel(GPT(cfg), _fake_tp())
+    done = convert_to_fp8(model, emulate=True)
+    kinds = _linears(model)
+    for i in range(2):
+        assert kinds[f"blocks.{i}.attn.qkv"] is FP8ColumnParallelLinear
+        assert kinds[f"blocks.{i}.attn.proj"] is FP8RowParallelLinear
+        assert kinds[f"blocks.{i}.mlp.fc_in"] is ColumnParallelLinear  # 24x64 here
+        assert kinds[f"blocks.{i}.mlp.fc_out"] is RowParallelLinear  # 64x24 here
+    assert kinds["head.proj"] is ColumnParallelLinear
+    assert "blocks.0.mlp.fc_in (weight 24x64: fp8 matmuls need multiples of 16)" in done["bf16"]
+    assert "head.proj (output head)" in done["bf16"] and len(done["fp8"]) == 4
+
+
+# ---------------------------------------------------------------------------------------- what they compute
+def _q(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Tensorwise dynamic scaling, written out: scale = fp8 max / amax, cast, back to fp32."""
+    t = t.float()
+    scale = (torch.finfo(dtype).max / t.abs().max().double().clamp(min=1e-12)).float()
+    return (t * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype).float() / scale
+
+
+def test_an_fp8_linear_computes_the_three_matmuls_on_fp8_rounded_operands():
+    """Forward x·Wᵀ from e4m3 x and W; backward from e5m2 output gradients (independent reference)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).bfloat16()
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    convert_to_fp8(nn.Sequential(lin), emulate=True)
+    x = torch.randn(3, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 16, 32, dtype=torch.bfloat16)
+    y = lin(x)
+    y.backward(g)
+    x2, g2 = x.detach().reshape(-1, 64), g.reshape(-1, 32)
+    want_y = (_q(x2, E4M3) @ _q(ref_w, E4M3).T).bfloat16() + ref_b
+    want_dx = (_q(g2, E5M2) @ _q(ref_w, E4M3)).bfloat16()
+    want_dw = (_q(g2, E5M2).T @ _q(x2, E4M3)).bfloat16()
+    torch.testing.assert_close(y.detach().reshape(-1, 32), want_y, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.reshape(-1, 64), want_dx, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lin.weight.grad, want_dw, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lin.matmul(x.detach()).reshape(-1, 32), want_y - ref_b, rtol=1e-2, atol=1e-2)
+    # and it is not the bf16 matmul: fp8 rounding moves the output by far more than bf16's
+    plain = (x2.float() @ ref_w.float().T).bfloat16() + ref_b
+    assert (y.detach().reshape(-1, 32) - plain).abs().max() > 0.02
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _compare_with_bf16(device: str, emulate: bool) -> None:
+    """fp8 model against the same bf16 model: loss, logits and every gradient within fp8's error. Measured on
+    CPU (emulated, 4 seeds): logits 8-9% off in norm, the worst gradient 14-17% (e5m2 gradients through two
+    blocks), the loss under 0.1%; bf16 against fp32 is 0.7% on the logits. A wrong swap is off by ~100%."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**BASE, "d_model": 128, "d_ff": 512, "seq_len": 64})
+    ref = GPT(cfg).to(device, torch.bfloat16)
+    model = copy.deepcopy(ref)
+    convert_to_fp8(model, emulate=emulate)
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len + 1), device=device)
+    out = {}
+    for name, m in (("ref", ref), ("fp8", model)):
+        logits = m(tokens[:, :-1])
+        loss = cross_entropy_loss(logits, tokens[:, 1:])
+        loss.backward()
+        out[name] = (logits.detach(), loss.detach(), {n: p.grad for n, p in m.named_parameters()})
+    (l_ref, loss_ref, g_ref), (l8, loss8, g8) = out["ref"], out["fp8"]
+    assert abs(loss8.item() - loss_ref.item()) < 0.01 * loss_ref.item(), (loss8.item(), loss_ref.item())
+    assert 0.03 < _rel(l8, l_ref) < 0.12, _rel(l8, l_ref)  # above bf16's noise: fp8 was used, not silently bf16
+    for n in g_ref:
+        assert _rel(g8[n], g_ref[n]) < 0.25, f"grad {n}: relative error {_rel(g8[n], g_ref[n]):.3f}"
+
+
+def test_the_emulated_fp8_model_matches_bf16_within_fp8_error():
+    _compare_with_bf16("cpu", emulate=True)
+
+
+# ---------------------------------------------------------------------------------------- tp=2
+def _tp_worker(rank: int, world: int) -> None:
+    from neox.parallel import Topology, gather_full_state_dict, vocab_parallel_cross_entropy
+    from neox.parallel.comm import all_gather_no_grad
+
+    topo = Topology.build(tp=2)
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**BASE, "d_model": 128, "d_ff": 512, "seq_len": 64, "mlp": "swiglu"})
+    ref = GPT(cfg).bfloat16()
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1))
+    ref_logits = ref(tokens[:, :-1])
+    cross_entropy_loss(ref_logits, tokens[:, 1:]).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for sp in (False, True):
+        model = apply_tensor_parallel(copy.deepcopy(ref), topo, sequence_parallel=sp)
+        model.zero_grad(set_to_none=True)
+        assert len(convert_to_fp8(model, emulate=True)["fp8"]) == 8
+        logits = model(tokens[:, :-1])
+        vocab_parallel_cross_entropy(logits, tokens[:, 1:], topo.tp_group).backward()
+        full = all_gather_no_grad(logits.detach(), -1, topo.tp_group)
+        assert 0.03 < _rel(full, ref_logits.detach()) < 0.12, (sp, _rel(full, ref_logits.detach()))
+        grads = gather_full_state_dict(model, topo, grads=True)
+        for n, g in ref_grads.items():
+            assert _rel(grads[n], g) < 0.25, f"sp={sp} grad {n}: relative error {_rel(grads[n], g):.3f}"
+
+
+def test_tp2_with_fp8_shards_matches_the_bf16_model():
+    from support.workers import run_workers
+
+    run_workers(_tp_worker, 2, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------- refusals
+def test_fp8_on_cpu_is_refused_by_the_dry_run_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "train.precision=fp8", "dry_run=true",
+                           f"run_dir={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "neox: error: train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (Hopper, compute capability 8.9 "
+        "or newer); use bf16 or fp32 on CPU"], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_without_fp8_is_refused_at_model_build(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError) as err:
+        apply_fp8(GPT(GPTConfig(**BASE)), torch.device("cuda", 0))
+    assert str(err.value) == ("train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (compute capability 8.9 or "
+                              "newer: Ada, Hopper); NVIDIA A100-SXM4-80GB is 8.0: use train.precision=bf16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_device(torch.device("cuda", 0))  # Hopper passes
+
+
+def test_fp8_on_a_cpu_worker_is_refused():
+    with pytest.raises(ConfigError, match=r"^train\.precision=fp8 needs .*; this worker runs on cpu: use "
+                                          r"train\.precision=bf16 or fp32$"):
+        apply_fp8(GPT(GPTConfig(**BASE)), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("emulate", [False, True], ids=["fp8-gemm", "emulated"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_gpu_fp8_model_matches_bf16_within_fp8_error(emulate):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("this GPU has no fp8 matmuls")
+    _compare_with_bf16("cuda", emulate=emulate)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_gpu_fp8_gemm_matches_the_emulation():
+    """The real fp8 GEMM against torchao's emulation on the same fp8 operands (only accumulation differs)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("this GPU has no fp8 matmuls")
+    torch.manual_seed(0)
+    lins = {}
+    for emulate in (False, True):
+        torch.manual_seed(0)
+        lins[emulate] = nn.Linear(1024, 2048, device="cuda", dtype=torch.bfloat16)
+        convert_to_fp8(nn.Sequential(lins[emulate]), emulate=emulate)
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for emulate, lin in lins.items():
+        xi = x.clone().requires_grad_()
+        y = lin(xi)
+        y.backward(g)
+        outs[emulate] = (y.detach(), xi.grad, lin.weight.grad)
+    for real, emu, what in zip(outs[False], outs[True], ("output", "input grad", "weight grad")):
+        assert _rel(real, emu) < 1e-2, f"{what}: {_rel(real, emu):.2e}"
