@@ -2,6 +2,8 @@
 
     python bench/train_throughput.py --model 1.4B --micro 4 --accum 8            # neox + every peer
     python bench/train_throughput.py --model 1.4B --neox "train.compile=true" --neox "model.kernels=reference"
+    python bench/train_throughput.py --model 1.4B --fp8 --peers ''          # each neox row in bf16 and in fp8
+    python bench/train_throughput.py --model 1.4B --compare-loss 300        # bf16 vs fp8 loss curves, one PNG
 
 Contenders, each in its own process so allocator state and compile caches never leak between them:
   * neox: `launch.py` itself (DeepSpeed engine, bf16 weights, fused AdamW, clip 1.0, real data), steady-state
@@ -10,7 +12,12 @@ Contenders, each in its own process so allocator state and compile caches never 
     bf16 autocast, fused AdamW, clip 1.0, `accum` micro-batches per optimizer step, as neox.
 Every row uses the one FLOP count of the neox model shape: 6 * (non-embedding params + vocab * d) plus
 attention 12 * L * d * s (full) or 6 * L * d * s (causal mask halved); MFU over the card's dense bf16 peak.
-Prints one markdown table (also written to --out/throughput.md) with ratios against the first neox row.
+Prints one markdown table (also written to --out/throughput.md) with ratios against the first neox row;
+with --fp8 each neox variant also runs with train.precision=fp8 and the table ends with fp8/bf16 ratios.
+
+--compare-loss N: neox in bf16 and in fp8 for N steps each, same seed and data (micro 4 x accum 2 unless
+given: a 1.4B pair fits in ~3 minutes each on an H100/H200), both train-loss curves in --out/loss_compare.png,
+the final losses (mean of the last 20 steps; validation loss at step N) and their gap in loss_compare.json/md.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,28 +143,94 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
            f"run_dir={run}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     (out / f"neox-{preset}-{tag}.log").write_text(proc.stdout + proc.stderr)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the final save: ~17 GB at 1.4B, never read here
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
     train = [r for r in records if "train/tokens_per_s" in r][2:]  # the first steps include warm-up/compile
     if proc.returncode != 0 or not train:
         return {"name": f"neox {' '.join(extra) or 'default'}", "failed": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return {"name": f"neox {' '.join(extra) or 'default'}", "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
             "peak_gb": max(r["train/memory_gb"] for r in train),
-            "losses": [r["train/loss"] for r in records if "train/loss" in r]}
+            "losses": [r["train/loss"] for r in records if "train/loss" in r],
+            "loss_steps": [r["step"] for r in records if "train/loss" in r],
+            "valid_loss": next((r["valid/loss"] for r in reversed(records) if "valid/loss" in r), None)}
+
+
+FP8 = "train.precision=fp8"
+
+
+def compare_loss(args, steps: int) -> None:
+    """bf16 and fp8 neox runs of `steps` steps on the same data: one PNG of both curves, the final-loss gap."""
+    base = (args.neox or [""])[0].split()
+    # log every step; validate once, at the end (the trainer always evaluates at the last step)
+    extra = base + [f"train.eval_every={steps}", "train.eval_batches=8"]
+    runs = {}
+    for name, overrides in (("bf16", extra + ["train.precision=bf16"]), ("fp8", extra + [FP8])):
+        runs[name] = neox(args.model, overrides, args.micro, args.accum, steps, args.out, f"loss-{name}")
+        print(json.dumps({k: v for k, v in runs[name].items() if k not in ("losses", "loss_steps")}), flush=True)
+    failed = [f"{n}: {' '.join(r['failed'])}" for n, r in runs.items() if "losses" not in r]
+    if failed:
+        raise SystemExit(f"loss comparison: a run failed ({'; '.join(failed)}); logs in {args.out}")
+    tail = 20
+    final = {n: statistics.fmean(r["losses"][-tail:]) for n, r in runs.items()}
+    gap = final["fp8"] - final["bf16"]
+    valid = {n: r["valid_loss"] for n, r in runs.items()}
+    vgap = valid["fp8"] - valid["bf16"] if None not in valid.values() else None
+    summary = {"model": args.model, "steps": steps, "micro": args.micro, "accum": args.accum, "overrides": base,
+               "final_train_loss_mean_last": tail, "final_train_loss": final, "gap": gap, "gap_pct": 100 * gap / final["bf16"],
+               "valid_loss": valid, "valid_gap_pct": 100 * vgap / valid["bf16"] if vgap is not None else None,
+               "tokens_per_s": {n: r["tokens_per_s"] for n, r in runs.items()},
+               "curves": {n: {"step": r["loss_steps"], "loss": r["losses"]} for n, r in runs.items()}}
+    (args.out / "loss_compare.json").write_text(json.dumps(summary) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for n, r in runs.items():
+        ax.plot(r["loss_steps"], r["losses"], label=f"{n} (final {final[n]:.4f})", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"neox {args.model}, micro {args.micro} x accum {args.accum}: fp8 - bf16 = {gap:+.4f} "
+                 f"({100 * gap / final['bf16']:+.2f}%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "loss_compare.png", dpi=120)
+    lines = [f"{args.model}, {steps} steps, micro {args.micro} x accum {args.accum}, same seed and data"
+             f"{' (' + ' '.join(base) + ')' if base else ''}", "",
+             f"| precision | train loss (mean of last {tail} steps) | validation loss at step {steps} | tokens/s |",
+             "|---|---|---|---|"]
+    for n, r in runs.items():
+        v = f"{valid[n]:.4f}" if valid[n] is not None else "-"
+        lines.append(f"| {n} | {final[n]:.4f} | {v} | {r['tokens_per_s']:,.0f} |")
+    lines += ["", f"fp8 - bf16: train {gap:+.4f} ({summary['gap_pct']:+.2f}%)"
+              + (f", validation {vgap:+.4f} ({summary['valid_gap_pct']:+.2f}%)" if vgap is not None else "")
+              + f"; curves: {args.out / 'loss_compare.png'}"]
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "loss_compare.md").write_text(table + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1.4B")
     ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--accum", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=None, help="default 8 (2 with --compare-loss)")
     ap.add_argument("--steps", type=int, default=8, help="neox steps (2 warm-up steps are dropped)")
     ap.add_argument("--peer-steps", type=int, default=3)
     ap.add_argument("--neox", action="append", default=None,
                     help="a neox variant: space-separated overrides (repeatable; '' is the default config)")
     ap.add_argument("--peers", default="hf,hf_compile,mini_compile", help="comma list, or '' for none")
+    ap.add_argument("--fp8", action="store_true", help="run each neox variant in bf16 and with " + FP8)
+    ap.add_argument("--compare-loss", type=int, metavar="STEPS", default=None,
+                    help="only neox, bf16 vs fp8 for STEPS steps: loss curves (PNG) and the final-loss gap")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")))
     ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run one peer in this process
     args = ap.parse_args()
+    if args.accum is None:
+        args.accum = 2 if args.compare_loss else 8
     shape = model_shape(args.model)
     if args.peer:
         print(json.dumps(peer(args.peer, shape, args.micro, args.accum, args.peer_steps)))
@@ -166,8 +240,14 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.compare_loss:
+        compare_loss(args, args.compare_loss)
+        return
     rows = []
-    for i, variant in enumerate(args.neox if args.neox is not None else [""]):
+    variants = args.neox if args.neox is not None else [""]
+    if args.fp8:
+        variants = [v for base in variants for v in (base, f"{base} {FP8}".strip())]
+    for i, variant in enumerate(variants):
         tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.strip()) or "default"  # a path component and a name
         rows.append(neox(args.model, variant.split(), args.micro, args.accum, args.steps, args.out, tag))
         print(json.dumps(rows[-1]), flush=True)
@@ -194,6 +274,11 @@ def main() -> None:
         mfu = (f"{tf / peak:.1%}", f"{tok * half / 1e12 / peak:.1%}") if peak else ("unknown", "unknown")
         ratio = f"{base / tok:.2f}x" if base else "-"
         lines.append(f"| {r['name']} | {tok:,.0f} | {tf:.0f} | {mfu[0]} | {mfu[1]} | {r['peak_gb']:.1f} | {ratio} |")
+    if args.fp8:  # each variant's fp8 row right after its bf16 row
+        lines.append("")
+        for bf16, fp8 in zip(rows[0:len(variants):2], rows[1:len(variants):2]):
+            if "tokens_per_s" in bf16 and "tokens_per_s" in fp8:
+                lines.append(f"fp8 / bf16 tokens/s: {fp8['tokens_per_s'] / bf16['tokens_per_s']:.2f}x ({fp8['name']})")
     table = "\n".join(lines)
     print(table)
     (args.out / "throughput.md").write_text(table + "\n")
