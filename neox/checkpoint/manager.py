@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -40,11 +41,13 @@ import torch
 import torch.distributed as dist
 
 from neox.checkpoint import files as F
+from neox.checkpoint.background import WRITERS, SnapshotEngine, WriteJob
 from neox.checkpoint.config_check import check_resume_config
 from neox.checkpoint.faults import Fault
 from neox.checkpoint.reshard import load_across_layouts
 from neox.checkpoint.rng import rng_state, set_rng_state
 from neox.checkpoint.safe_load import safe_engine_loads, safe_load
+from neox.checkpoint.snapshot import HostMemory
 from neox.checkpoint.saved import STATE_JSON, describe, layout_changed, saved_layout
 from neox.checkpoint.tags import PARTIAL, TAG_PREFIX, read_latest, step_of, tag_for
 from neox.errors import CheckpointError
@@ -87,10 +90,16 @@ class CheckpointManager:
     compared with a checkpoint's on load (a change goes through `neox.checkpoint.reshard`); `tp_rank`:
     this rank's tensor rank in it. Without a layout (tools that only read or list checkpoints)
     nothing is recorded and a checkpoint is loaded as it is. `fault`: a test seam called as
-    fault(point, step) at the named points of every save (`neox.checkpoint.faults`)."""
+    fault(point, step) at the named points of every save (`neox.checkpoint.faults`).
+
+    `async_save`: a save snapshots the state into host memory and returns; a background thread writes
+    it (`neox.checkpoint.background`), and `wait()` returns once it is done: a job calls it before it
+    ends. `commit_timeout_s` bounds how long rank 0's writer waits for the other ranks' files.
+    `host_memory`: where the snapshots go (default: pinned when CUDA is there, else plain)."""
 
     def __init__(self, directory: Path, keep: int, is_main: bool, log: Optional[Callable[[str], None]] = None,
-                 layout: Optional[ModelLayout] = None, tp_rank: int = 0, fault: Optional[Fault] = None):
+                 layout: Optional[ModelLayout] = None, tp_rank: int = 0, fault: Optional[Fault] = None,
+                 async_save: bool = False, commit_timeout_s: float = 600.0, host_memory: Optional[HostMemory] = None):
         if keep < 1:
             raise CheckpointError(f"train.keep_checkpoints={keep} must be at least 1 (the checkpoints kept on disk)")
         self.directory = Path(directory)
@@ -101,6 +110,11 @@ class CheckpointManager:
         self.fault: Fault = fault or (lambda point, step: None)
         self.loaded_tag: Optional[str] = None
         self.warnings: List[str] = []
+        self.async_save, self.commit_timeout_s = async_save, commit_timeout_s
+        self._memory = host_memory
+        self._writer: Optional[threading.Thread] = None
+        self._short: Optional[str] = None  # why this rank writes in the training thread from now on
+        self._unsupported_said = False
 
     def say(self, msg: str) -> None:
         if self.is_main:
@@ -147,20 +161,26 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
+        """Save (collective); with async_save, return once the state is copied to host memory."""
         try:
+            if self.async_save:
+                return self._save_async(engine, step, client_state)
             return self._save(engine, step, client_state)
         except (OSError, RuntimeError) as exc:
             # torch.save reports a failed write (a full disk, a quota) as a RuntimeError from its zip
             # writer, e.g. "[enforce fail at inline_container.cc:672] . unexpected pos 9156624960 vs ..."
             if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
                 raise  # e.g. a collective that failed inside DeepSpeed's save: the worker reports it
-            cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            partial = self.directory / f"{tag_for(step)}{PARTIAL}"
             if _world()[0] == 0:
-                shutil.rmtree(partial, ignore_errors=True)  # give the space back
-            where, free = self.directory / tag_for(step), _free_space(self.directory)
-            raise CheckpointError(f"saving {where} failed: {cause} ({free}); the previous checkpoint "
-                                  f"({self.latest_tag() or 'none'}) is still the latest") from None
+                shutil.rmtree(self.directory / f"{tag_for(step)}{PARTIAL}", ignore_errors=True)  # the space back
+            raise CheckpointError(self._failure(step, exc)) from None
+
+    def _failure(self, step: int, exc: BaseException) -> str:
+        """One line: which save failed, why, the free space, and what is still the latest."""
+        cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        where, free = self.directory / tag_for(step), _free_space(self.directory)
+        return (f"saving {where} failed: {cause} ({free}); the previous checkpoint "
+                f"({self.latest_tag() or 'none'}) is still the latest")
 
     def _save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
         tag = tag_for(step)
@@ -188,26 +208,133 @@ class CheckpointManager:
             digests.update(part)
 
         if rank == 0:
-            recorded = self.layout.record() if self.layout is not None else {}
-            F.write_manifest(partial, digests, {"tag": tag, "step": step, **recorded,
-                                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            for sub in {partial / os.path.dirname(r) for r in rels} | {partial}:
-                F.fsync_dir(sub)
-            self.fault("before_rename", step)
-            replaced = None
-            if final.exists():  # an unusable checkpoint of the same step (e.g. after a fallback)
-                replaced = self.directory / f"{tag}.replaced"
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.replace(final, replaced)
-            os.replace(partial, final)
-            F.fsync_dir(self.directory)
-            self.fault("before_latest", step)
-            F.atomic_write_text(self.directory / "latest", tag)
-            if replaced is not None:
-                shutil.rmtree(replaced, ignore_errors=True)
-            self._prune(tag)
+            self._commit(tag, step, digests)
         _barrier()
         return final
+
+    def _commit(self, tag: str, step: int, digests: Dict[str, Dict[str, object]]) -> None:
+        """Rank 0, once every rank's files are on disk with their hashes: the manifest, the rename, then
+        `latest`, then retention. A file no rank hashed (written outside the ranks' shares) is hashed here."""
+        final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
+        rels = F.list_files(partial)
+        gone = sorted(set(digests) - set(rels))
+        if gone:
+            raise CheckpointError(f"{partial / gone[0]} was written, then disappeared")
+        digests.update(F.digest_files(partial, [r for r in rels if r not in digests], fsync=True))
+        recorded = self.layout.record() if self.layout is not None else {}
+        F.write_manifest(partial, digests, {"tag": tag, "step": step, **recorded,
+                                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        for sub in {partial / os.path.dirname(r) for r in rels} | {partial}:
+            F.fsync_dir(sub)
+        self.fault("before_rename", step)
+        replaced = None
+        if final.exists():  # an unusable checkpoint of the same step (e.g. after a fallback)
+            replaced = self.directory / f"{tag}.replaced"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        F.fsync_dir(self.directory)
+        self.fault("before_latest", step)
+        F.atomic_write_text(self.directory / "latest", tag)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        self._prune(tag)
+
+    # ------------------------------------------------------------------------------------ async save
+    def _save_async(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
+        self.wait()  # at most one save in flight (see neox.checkpoint.background)
+        tag = tag_for(step)
+        final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
+        rank, world = _world()
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+        _barrier()
+        client_state = {**client_state, "step": step}
+        if self._memory is None:
+            self._memory = HostMemory(pinned=torch.cuda.is_available())
+        job = WriteJob(tag, step, partial, rank, world)
+        capture = SnapshotEngine(engine.checkpoint_engine, job, self._memory, short=self._short)
+        engine.checkpoint_engine = capture
+        try:
+            engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state,
+                                   save_latest=False)
+        finally:
+            engine.checkpoint_engine = capture.inner
+        rng, rng_file = rng_state(), partial / RNG_DIR / f"rank_{rank:05d}.pt"
+        job.add(rng_file, lambda: torch.save(rng, rng_file))
+        if rank == 0:
+            text = json.dumps(_jsonable(client_state), indent=1, sort_keys=True)
+            job.add(partial / STATE_JSON, lambda: F.atomic_write_text(partial / STATE_JSON, text))
+        if capture.unsupported and not self._unsupported_said:
+            self._unsupported_said = True
+            self.log(f"checkpoint: note (rank {rank}): a file holding {capture.unsupported} is written "
+                     "synchronously; the others in the background")
+        if capture.short is not None and self._short is None:
+            self._short = capture.short
+            self.log(f"checkpoint: warning (rank {rank}): not enough host memory for an asynchronous save "
+                     f"({capture.short}); this save and the later ones are written synchronously")
+        if self._memory.pinned and torch.cuda.is_available():
+            job.ready = torch.cuda.Event()
+            job.ready.record()  # after the device->host copies on this stream
+        if self._short is not None:
+            self._write(job)  # in this thread: the same protocol, no host copies kept
+            self._memory.close()
+        else:
+            self._writer = threading.Thread(target=self._write, args=(job,), name=f"neox-checkpoint-{tag}")
+            self._writer.start()
+        return final
+
+    def _write(self, job: WriteJob) -> None:
+        """The writer: this rank's files, then (rank 0) every rank's markers and the commit. Never
+        raises: a failure is one line in the log, and the previous checkpoint stays `latest`."""
+        digests: Dict[str, Dict[str, object]] = {}
+        error: Optional[BaseException] = None
+        try:
+            digests = job.write_share()
+        except Exception as exc:  # noqa: BLE001 - any failure of the write is reported, not raised
+            error = exc
+        finally:
+            job.writes = []
+            if self._memory is not None:
+                self._memory.reset()
+        if job.rank != 0:
+            try:
+                job.report(digests if error is None else None,
+                           None if error is None else str(error).splitlines()[0][:200] or type(error).__name__)
+            except OSError:
+                pass  # rank 0's wait runs out and says so
+            return
+        try:
+            others, errors = job.collect(self.commit_timeout_s)
+            if error is not None:
+                raise error
+            if errors:
+                raise CheckpointError("; ".join(errors))
+            shutil.rmtree(job.partial / WRITERS, ignore_errors=True)
+            self.fault("after_shards", job.step)
+            digests.update(others)
+            self._commit(job.tag, job.step, digests)
+        except Exception as exc:  # noqa: BLE001
+            shutil.rmtree(job.partial, ignore_errors=True)  # give the space back
+            self.say(f"{self._failure(job.step, exc)}; training goes on, and the next save retries")
+            return
+        size = sum(int(d["size"]) for d in digests.values())
+        self.say(f"{job.tag} written ({size / 2**30:.2f} GiB in {time.perf_counter() - job.started:.1f} s, "
+                 f"{'in the background' if self._short is None else 'synchronously'})")
+
+    def wait(self) -> None:
+        """Return once this rank's background writer, if any, is done (its failure is in the log)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+
+    def close(self) -> None:
+        """Wait for the writer, then give back the host memory of the snapshots."""
+        self.wait()
+        if self._memory is not None:
+            self._memory.close()
 
     def _prune(self, written: str) -> None:
         """Keep the newest `keep` checkpoints up to the one just written. A newer one (a crash before
@@ -268,6 +395,7 @@ class CheckpointManager:
         With `current_config` (the resolved run config), a change of model shape raises
         CheckpointError naming the fields; other changes are reported (also kept in `.warnings`).
         """
+        self.wait()
         self.check_usable()
         candidates = _broadcast(self.candidates())
         if not candidates:

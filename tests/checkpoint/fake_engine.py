@@ -17,11 +17,11 @@ def tiny_layout(**parallel) -> ModelLayout:
     return ModelLayout(TINY_MODEL, Parallelism(**parallel))
 
 
-def manager(tmp_path, keep=3, log=None, layout=None):
+def manager(tmp_path, keep=3, log=None, layout=None, async_save=False):
     """(a manager as the trainer makes it: with the run's layout, default tp=pp=dp=1 ZeRO-0; its messages)"""
     msgs = []
     m = CheckpointManager(tmp_path / "checkpoints", keep, True, log=log or msgs.append,
-                          layout=layout or tiny_layout())
+                          layout=layout or tiny_layout(), async_save=async_save)
     return m, msgs
 
 
@@ -32,7 +32,10 @@ def client(step):
 
 
 class UnsafeTorchEngine:
-    """Like DeepSpeed 0.19.8's TorchCheckpointEngine: loads with weights_only=False."""
+    """Like DeepSpeed 0.19.8's TorchCheckpointEngine: saves with torch.save, loads with weights_only=False."""
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
 
     def load(self, path, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=False)
@@ -50,8 +53,10 @@ class FakeEngine:
         assert save_latest is False, "neox must write `latest` itself"
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": {"w": self.w.clone()}, **(client_state or {})}, d / "mp_rank_00_model_states.pt")
-        torch.save({"optimizer": {"m": self.w * 2}}, d / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        # as DeepSpeed: through the checkpoint engine, with the live tensors (an async save must copy them)
+        self.checkpoint_engine.save({"module": {"w": self.w}, **(client_state or {})},
+                                    str(d / "mp_rank_00_model_states.pt"))
+        self.checkpoint_engine.save({"optimizer": {"m": self.w * 2}}, str(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
         return True
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True):

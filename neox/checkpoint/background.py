@@ -1,0 +1,144 @@
+"""Asynchronous saves: DeepSpeed's files are snapshotted into host memory during the save call and
+written by a background thread, with the guarantees of a synchronous save.
+
+In the training thread, on every rank (`CheckpointManager.save` with async_save):
+    wait for this rank's previous writer; rank 0's includes the commit, and every rank passes the
+    barrier below only after rank 0 did: at most one save is in flight, across all ranks
+    rank 0 removes a stale <tag>.partial; barrier
+    `engine.save_checkpoint` runs with `SnapshotEngine` as the engine's checkpoint engine: each file
+    DeepSpeed writes is snapshotted (neox.checkpoint.snapshot) and queued; DeepSpeed's own collectives
+    in that call stay in this thread
+    start the writer and return to training
+In the writer (a thread that runs no collective):
+    write the queued files, then fsync and hash them; every rank but 0 drops its hashes (or its one-line
+    error) in <tag>.partial/.writers/rank_NNNNN.json
+    rank 0 waits for every rank's marker (the collective timeout bounds the wait), then commits as a
+    synchronous save does: manifest, rename, `latest`, prune
+
+A failed write is reported in the log by rank 0 in one line; the previous checkpoint stays `latest`,
+training goes on and the next save starts afresh. A host without memory for the copies falls back to
+writing in the training thread (`SnapshotEngine.short`), through the same protocol.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from neox.checkpoint import files as F
+from neox.checkpoint.snapshot import HostMemory, HostMemoryShort, SnapshotUnsupported, snapshot
+from neox.errors import CheckpointError
+
+WRITERS = ".writers"  # inside <tag>.partial: one marker per rank; removed before the manifest is written
+_POLL_S = 0.05
+
+Digests = Dict[str, Dict[str, object]]
+
+
+@dataclass
+class WriteJob:
+    """One rank's share of one save."""
+    tag: str
+    step: int
+    partial: Path
+    rank: int
+    world: int
+    writes: List[Tuple[Path, Callable[[], None]]] = field(default_factory=list)  # still to write
+    written: List[Path] = field(default_factory=list)  # already on disk (written in the training thread)
+    ready: Any = None  # a CUDA event: the device->host copies are done when it is
+    failed: Optional[BaseException] = None  # a file written in the training thread failed
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, path: Path, write: Callable[[], None]) -> None:
+        self.writes.append((Path(path), write))
+
+    def write_share(self) -> Digests:
+        """Write the queued files; fsync and hash every file of this rank's share."""
+        if self.failed is not None:
+            raise self.failed
+        if self.ready is not None:
+            self.ready.synchronize()
+        paths = list(self.written)
+        for path, write in self.writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write()
+            paths.append(path)
+        self.writes = []  # drop the references to the host copies
+        rels = sorted({p.relative_to(self.partial).as_posix() for p in paths})
+        return F.digest_files(self.partial, rels, fsync=True)
+
+    def marker(self, rank: int) -> Path:
+        return self.partial / WRITERS / f"rank_{rank:05d}.json"
+
+    def report(self, digests: Optional[Digests], error: Optional[str]) -> None:
+        """A rank other than 0 tells rank 0 it is done (its hashes) or failed (one line)."""
+        path = self.marker(self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        F.atomic_write_text(path, json.dumps({"files": digests} if error is None else {"error": error}))
+
+    def collect(self, timeout_s: float) -> Tuple[Digests, List[str]]:
+        """Rank 0: every other rank's hashes, once all reported; and the errors they reported."""
+        digests: Digests = {}
+        errors: List[str] = []
+        pending = set(range(1, self.world))
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for rank in sorted(pending):
+                try:
+                    got = json.loads(self.marker(rank).read_text())
+                except (OSError, ValueError):
+                    continue  # not there yet (written atomically: never half-read)
+                pending.discard(rank)
+                if "error" in got:
+                    errors.append(f"rank {rank}: {got['error']}")
+                else:
+                    digests.update(got["files"])
+            if pending and time.monotonic() > deadline:
+                errors.append(f"rank(s) {', '.join(map(str, sorted(pending)))} did not finish writing within "
+                              f"{timeout_s:g} s")
+                break
+            if pending:
+                time.sleep(_POLL_S)
+        return digests, errors
+
+
+class SnapshotEngine:
+    """Stands in for the engine's DeepSpeed checkpoint engine during one `save_checkpoint`: each
+    `save(state_dict, path)` takes a host copy and queues its write with the engine's own `save`; the
+    rest (load, makedirs, create, ...) is the engine's own. Without host memory for a copy (`short`),
+    it and every later file is written at once, as DeepSpeed would have."""
+
+    def __init__(self, inner: Any, job: WriteJob, memory: HostMemory, short: Optional[str] = None):
+        self.inner, self.job, self.memory = inner, job, memory
+        self.short = short  # why this rank writes in the training thread (None: in the background)
+        self.unsupported: Optional[str] = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.short is None:
+            try:
+                copy = snapshot(state_dict, self.memory)
+            except HostMemoryShort as exc:
+                self.short = str(exc)
+            except SnapshotUnsupported as exc:
+                self.unsupported = str(exc)  # only this file: written now
+            else:
+                self.job.add(Path(path), lambda: self.inner.save(copy, path))
+                return
+        try:
+            self.inner.save(state_dict, path)
+        except Exception as exc:  # noqa: BLE001 - reported by the writer: DeepSpeed's collectives go on
+            self.job.failed = self.job.failed or exc
+            return
+        self.job.written.append(Path(path))
+
+    def commit(self, info: Any) -> bool:  # the manager commits, after the writer
+        return True
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
