@@ -1,6 +1,7 @@
-"""Benchmark neox's fused kernels against PyTorch eager and torch.compile of the same reference code.
+"""Benchmark neox's fused kernels against PyTorch eager, torch.compile of the same reference code, and Liger.
 
     python bench/kernels.py                      # GPU: 8192 tokens, hidden 2048 and 4096, vocab 50304
+    python bench/kernels.py --hidden 2048        # the 1.4B shape only (4 x 2048 tokens, d 2048, vocab 50304)
     python bench/kernels.py --device cpu --tokens 1024 --hidden 1024 --no-compile   # decides AUTO_FUSED on CPU
 
 Each op runs forward + backward on bf16 inputs (fp32 on CPU by default: --dtype). Reported: median time
@@ -8,13 +9,22 @@ over --iters runs, the fused kernel's achieved bandwidth (the bytes an ideal fus
 over its time) as a share of measured device copy bandwidth, the speed-up against eager and compiled,
 and for cross-entropy the peak extra memory of each contender. On a GPU each contender is timed twice:
 as a step the host must first launch (wall, the GPU idles meanwhile), and with the host hidden behind a
-sleep kernel (GPU-only: its work alone, as in a training step where the host runs ahead). Goals (issue #6): >= 1.5x eager,
->= 1.0x torch.compile, fused CE peak memory <= 1/2 of eager's. Prints a markdown table as it goes.
+sleep kernel (GPU-only: its work alone, as in a training step where the host runs ahead). Goals (issues #6, #16):
+>= 1.5x eager, >= 1.0x torch.compile and >= 1.0x Liger, fused CE peak memory <= 1/2 of eager's. Prints a markdown
+table as it goes.
+
+Liger (liger-kernel, Triton; GPU only, imported only when it runs) is called the way its nn modules call it
+(`liger_kernel.ops.Liger*Function.apply`, their defaults: RMSNorm in place, casting "llama"), each op on the
+inputs in its own layout: rotary rotates q and k (half the heads each) with duplicated cos/sin tables, SwiGLU
+and GeGLU take gate and up as two tensors. Rows neox has no kernel for (GeGLU) show Liger against eager and
+compile alone; "linear + cross_entropy" is neox's path (the matmul, then its fused CE from the bf16 logits)
+against Liger's fused linear cross-entropy, which never materializes the logits.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import statistics
 import sys
 import time
@@ -22,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 from neox import kernels as K  # noqa: E402
@@ -33,7 +44,10 @@ class Case:
     shape: str
     inputs: list[torch.Tensor]  # grads are taken w.r.t. the floating ones that require grad
     fn: Callable[..., object]  # fn(*inputs, impl=...) -> tensor or tuple
-    bytes_moved: int  # what an ideal fused forward + backward reads and writes
+    bytes_moved: int  # what an ideal fused forward + backward reads and writes (0: matmul-bound, not shown)
+    neox: bool = True  # False: neox has no kernel for it (Liger's alone, against eager and compile)
+    # liger(liger_kernel.ops, inputs) -> (Liger's inputs in its own layout, fn(*those) -> tensor or tuple)
+    liger: Optional[Callable[..., tuple[list[torch.Tensor], Callable[..., object]]]] = None
 
 
 def _sync(device: str) -> None:
@@ -92,17 +106,59 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / ms / 1e6
 
 
-def _fwd_bwd(case: Case, impl: Optional[str], compiled: Optional[Callable], grads: list[torch.Tensor]) -> Callable[[], None]:
-    leaves = [t for t in case.inputs if t.requires_grad]
+def _fwd_bwd(inputs: list[torch.Tensor], call: Callable[..., object]) -> Callable[[], None]:
+    """One forward + backward of call(*inputs); output gradients drawn at the first call (per contender: Liger's
+    outputs may have another layout)."""
+    leaves = [t for t in inputs if t.requires_grad]
+    grads: list[torch.Tensor] = []
 
     def step() -> None:
         for t in leaves:
             t.grad = None
-        out = compiled(*case.inputs) if compiled is not None else case.fn(*case.inputs, impl=impl)
+        out = call(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, grads[: len(outs)])
+        if not grads:
+            grads.extend(torch.randn_like(o) for o in outs)
+        torch.autograd.backward(outs, grads)
 
     return step
+
+
+def load_liger(device: str) -> tuple[Optional[object], str]:
+    """(liger_kernel.ops, a line for the header), or (None, why not): Liger's kernels are Triton, GPU only."""
+    if device != "cuda":
+        return None, "liger-kernel: GPU only (Triton), not run on CPU"
+    logging.getLogger("liger_kernel").setLevel(logging.ERROR)  # its discovery of DSLs not installed here
+    try:
+        import importlib.metadata
+
+        import liger_kernel.ops as ops
+    except ImportError as e:
+        return None, f"liger-kernel not importable ({e}); pip install liger-kernel==0.8.5 to add its column"
+    return ops, f"liger-kernel {importlib.metadata.version('liger-kernel')} (liger_kernel.ops, Triton)"
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().clone().requires_grad_(t.requires_grad)
+
+
+def _liger_rope(L, inputs: list[torch.Tensor]):
+    """q and k = the two halves of x's heads ([b, s, h/2, hd] storage, passed as [b, h/2, s, hd] views, as in HF);
+    cos/sin duplicated to the rotary width ([1, s, rot]), in x's dtype."""
+    x, cos, sin = inputs
+    h = x.shape[2] // 2
+    q, k = _leaf(x[:, :, :h]), _leaf(x[:, :, h:])
+    c, s = (torch.cat((t, t), dim=-1)[None].to(x.dtype) for t in (cos, sin))
+    return [q, k, c, s], lambda q, k, c, s: L.LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), c, s)
+
+
+def _liger_pairs(fn_name: str):
+    """SwiGLU/GeGLU for Liger: gate and up as two [T, f] tensors (its MLPs' layout); ours are (gate, up) pairs."""
+    def make(L, inputs: list[torch.Tensor]):
+        x = inputs[0]
+        gate, up = (_leaf(x[..., i::2]) for i in (0, 1))
+        return [gate, up], getattr(L, fn_name).apply
+    return make
 
 
 def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab: Optional[int]) -> list[Case]:
@@ -116,42 +172,65 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
     seq = min(T, 2048)
     batch = max(1, T // seq)
     f = 256 * ((8 * H // 3 + 255) // 256)  # SwiGLU width, Llama-style
+    def rotary(dims: int) -> tuple[list[torch.Tensor], Callable]:
+        return ([t(batch, seq, heads, hd), t(seq, dims // 2, grad=False, dt=torch.float32),
+                 t(seq, dims // 2, grad=False, dt=torch.float32)],
+                lambda x, c, s, impl: K.rotary(x, c, s, dims, impl=impl))
+
+    quarter = hd // 4  # Pythia's rotary_pct 0.25
     cases = [
         Case("layer_norm", f"[{T}, {H}]", [t(T, H), t(H), t(H)], lambda x, w, b, impl: K.layer_norm(x, w, b, 1e-5, impl=impl),
-             5 * T * H * e),
+             5 * T * H * e, liger=lambda L, i: (i, lambda x, w, b: L.LigerLayerNormFunction.apply(x, w, b, 1e-5))),
         Case("layer_norm+residual", f"[{T}, {H}]", [t(T, H), t(H), t(H), t(T, H)],
              lambda x, w, b, r, impl: K.layer_norm(x, w, b, 1e-5, residual=r, impl=impl), 8 * T * H * e),
-        Case("rms_norm", f"[{T}, {H}]", [t(T, H), t(H)], lambda x, w, impl: K.rms_norm(x, w, 1e-5, impl=impl), 5 * T * H * e),
-        Case("rotary (full, neox)", f"[{batch}, {seq}, {heads}, {hd}]",
-             [t(batch, seq, heads, hd), t(seq, hd // 2, grad=False, dt=torch.float32),
-              t(seq, hd // 2, grad=False, dt=torch.float32)],
-             lambda x, c, s, impl: K.rotary(x, c, s, hd, impl=impl), 4 * T * H * e),
+        Case("rms_norm", f"[{T}, {H}]", [t(T, H), t(H)], lambda x, w, impl: K.rms_norm(x, w, 1e-5, impl=impl), 5 * T * H * e,
+             liger=lambda L, i: (i, lambda x, w: L.LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama", True, None))),
+        Case("rotary (full, neox)", f"[{batch}, {seq}, {heads}, {hd}]", *rotary(hd), 4 * T * H * e, liger=_liger_rope),
+        Case("rotary (25%, neox)", f"[{batch}, {seq}, {heads}, {hd}] rot {quarter}", *rotary(quarter),
+             4 * T * heads * quarter * e, liger=_liger_rope),
         Case("masked_softmax", f"[{batch}, {heads}, {seq}, {seq}]", [t(batch, heads, seq, seq)],
              lambda x, impl: K.masked_softmax(x, 0.088, impl=impl), 4 * batch * heads * seq * seq * e),
         Case("bias_gelu", f"[{T}, {4 * H}]", [t(T, 4 * H), t(4 * H)], lambda x, b, impl: K.bias_gelu(x, b, impl=impl),
              5 * T * 4 * H * e),
-        Case("swiglu", f"[{T}, {2 * f}]", [t(T, 2 * f)], lambda x, impl: K.swiglu(x, impl=impl), 6 * T * f * e),
+        Case("swiglu", f"[{T}, {2 * f}]", [t(T, 2 * f)], lambda x, impl: K.swiglu(x, impl=impl), 6 * T * f * e,
+             liger=_liger_pairs("LigerSiLUMulFunction")),
+        Case("geglu (no neox kernel)", f"[{T}, {2 * f}]", [t(T, 2 * f)],
+             lambda x, impl: F.gelu(x[..., 0::2], approximate="tanh") * x[..., 1::2], 6 * T * f * e, neox=False,
+             liger=_liger_pairs("LigerGELUMulFunction")),
     ]
     if vocab:
         tg = torch.randint(0, vocab, (T,), device=device)
         cases.append(Case("cross_entropy", f"[{T}, {vocab}]", [t(T, vocab, scale=2.0), tg],
-                          lambda x, y, impl: K.cross_entropy(x, y, impl=impl), 2 * T * vocab * e))
+                          lambda x, y, impl: K.cross_entropy(x, y, impl=impl), 2 * T * vocab * e,
+                          liger=lambda L, i: (i, lambda x, y: L.LigerCrossEntropyFunction.apply(x, y, None)[0])))
+        # the head and the loss: neox has no fused linear + CE (its path: the matmul, then the fused CE)
+        cases.append(Case("linear + cross_entropy", f"[{T}, {H}] x [{vocab}, {H}]",
+                          [t(T, H), t(vocab, H, scale=H ** -0.5), tg],
+                          lambda x, w, y, impl: K.cross_entropy(F.linear(x, w), y, impl=impl), 0,
+                          liger=lambda L, i: (i, lambda x, w, y: L.LigerFusedLinearCrossEntropyFunction.apply(x, w, y)[0])))
     return cases
 
 
-def bench_case(case: Case, device: str, iters: int, use_compile: bool) -> dict:
-    out = case.fn(*case.inputs, impl="reference")
-    outs = out if isinstance(out, tuple) else (out,)
-    grads = [torch.randn_like(o) for o in outs]
+CONTENDERS = ("eager", "compile", "fused", "liger")
+
+
+def bench_case(case: Case, device: str, iters: int, use_compile: bool, liger: Optional[object] = None) -> dict:
     res = {}
-    contenders: list[tuple[str, Optional[str], Optional[Callable]]] = [("eager", "reference", None)]
+    ref = case.fn
+    contenders: list[tuple[str, list[torch.Tensor], Callable]] = [
+        ("eager", case.inputs, functools.partial(ref, impl="reference"))]
     if use_compile:
-        ref = case.fn
         torch._dynamo.reset()  # each case compiles afresh: no recompile limit carried across cases
-        contenders.append(("compile", None, torch.compile(lambda *a: ref(*a, impl="reference"))))
-    contenders.append(("fused", "fused", None))
-    for name, impl, compiled in contenders:
-        step = _fwd_bwd(case, impl, compiled, grads)
+        contenders.append(("compile", case.inputs, torch.compile(lambda *a: ref(*a, impl="reference"))))
+    if case.neox:
+        contenders.append(("fused", case.inputs, functools.partial(ref, impl="fused")))
+    if liger is not None and case.liger is not None:
+        try:
+            contenders.append(("liger", *case.liger(liger, case.inputs)))
+        except Exception as e:  # an API that moved: a row note
+            res["liger"], res["liger_err"] = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
+    for name, inputs, call in contenders:
+        step = _fwd_bwd(inputs, call)
         t0 = time.time()
         try:
             step()  # compiles / warms up
@@ -160,7 +239,7 @@ def bench_case(case: Case, device: str, iters: int, use_compile: bool) -> dict:
             res[name + "_err"] = f"{type(e).__name__}: {str(e)[:120]}"
             continue
         res[name + "_warm_s"] = time.time() - t0
-        for t in case.inputs:
+        for t in inputs:
             t.grad = None  # peak memory below counts the gradients this contender allocates
         if device == "cuda":
             torch.cuda.synchronize()
@@ -192,34 +271,49 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     bw = copy_bandwidth(args.device)
     print(f"# neox kernels: fwd+bwd, {dev_name}, torch {torch.__version__}, {dtype}, copy bandwidth {bw:.0f} GB/s")
-    print(f"# {K.describe('fused', args.device)}\n")
+    liger, liger_note = load_liger(args.device)
+    print(f"# {K.describe('fused', args.device)}")
+    print(f"# {liger_note}\n")
     gpu = args.device == "cuda"
-    print("| op | shape | eager ms | compile ms | fused ms | x eager | x compile | "
-          + ("GPU-only ms eager/compile/fused | GPU-only x eager | GPU-only x compile | " if gpu else "")
-          + "fused GB/s (% copy) | peak MB eager/compile/fused | goals |")
-    print("|---" * (13 if gpu else 10) + "|", flush=True)
+    # "fused" is neox's kernel; ratios are other / fused (> 1: neox faster); "nan": that contender did not run
+    print("| op | shape | eager ms | compile ms | fused ms | liger ms | x eager | x compile | x liger | "
+          + ("GPU-only ms eager/compile/fused/liger | GPU-only x eager | GPU-only x compile | GPU-only x liger | "
+             if gpu else "")
+          + "fused GB/s (% copy) | peak MB eager/compile/fused/liger | goals |")
+    print("|---" * (16 if gpu else 12) + "|", flush=True)
+    nan = float("nan")
     for i, hidden in enumerate(args.hidden):
         for case in make_cases(args.device, dtype, args.tokens, hidden, args.vocab if i == 0 else None):
             if args.ops and not any(case.op.startswith(o) for o in args.ops):
                 continue
-            r = bench_case(case, args.device, args.iters, not args.no_compile)
-            e, c, f = r.get("eager", float("nan")), r.get("compile", float("nan")), r.get("fused", float("nan"))
-            ge, gc, gf = (r.get(k + "_gpu", float("nan")) for k in ("eager", "compile", "fused"))
+            if not case.neox and (liger is None or case.liger is None):
+                continue  # nothing of ours and no Liger: no row
+            r = bench_case(case, args.device, args.iters, not args.no_compile, liger)
+            e, c, f, li = (r.get(k, nan) for k in CONTENDERS)
+            ge, gc, gf, gl = (r.get(k + "_gpu", nan) for k in CONTENDERS)
+            # neox's kernel is the subject of the ratios; a row without one (GeGLU) is Liger's against the others
+            subject, gsubject = (f, gf) if case.neox else (li, gl)
             # bandwidth of the GPU's own work where measured (the kernels' speed), else of the wall time
-            gbs = case.bytes_moved / (gf if gpu else f) / 1e6
-            peak = "/".join(f"{r.get(k + '_peak_mb', float('nan')):.0f}" for k in ("eager", "compile", "fused"))
+            gbs = case.bytes_moved / (gsubject if gpu else subject) / 1e6
+            bandwidth = f"{gbs:.0f} ({100 * gbs / bw:.0f}%)" if case.bytes_moved else "- (matmul-bound)"
+            peak = "/".join(f"{r.get(k + '_peak_mb', nan):.0f}" for k in CONTENDERS)
 
             memory_ok = (r.get("fused_peak_mb", float("inf")) <= 0.5 * r.get("eager_peak_mb", 0.0)
                          if case.op == "cross_entropy" and gpu else True)
 
-            def verdict(e, c, f):
-                return "met" if e / f >= 1.5 and (c != c or c / f >= 1.0) and memory_ok else "MISSED"
+            def verdict(e, c, f, li):
+                return ("met" if e / f >= 1.5 and (c != c or c / f >= 1.0) and (li != li or li / f >= 1.0) and memory_ok
+                        else "MISSED")
 
-            goals = f"wall {verdict(e, c, f)}" + (f", GPU-only {verdict(ge, gc, gf)}" if gpu else "")
+            goals = (f"wall {verdict(e, c, f, li)}" + (f", GPU-only {verdict(ge, gc, gf, gl)}" if gpu else "")
+                     if case.neox else "no neox kernel: liger's time is the subject of the ratios")
             errs = "; ".join(f"{k}: {v}" for k, v in r.items() if k.endswith("_err"))
-            gpu_cols = (f"{ge:.3f}/{gc:.3f}/{gf:.3f} | {ge / gf:.2f} | {gc / gf:.2f} | " if gpu else "")
-            print(f"| {case.op} | {case.shape} | {e:.3f} | {c:.3f} | {f:.3f} | {e / f:.2f} | {c / f:.2f} | {gpu_cols}"
-                  f"{gbs:.0f} ({100 * gbs / bw:.0f}%) | {peak} | {goals}{' ' + errs if errs else ''} |", flush=True)
+            x = subject
+            ratios = f"{e / x:.2f} | {c / x:.2f} | {li / x:.2f}"
+            gpu_cols = (f"{ge:.3f}/{gc:.3f}/{gf:.3f}/{gl:.3f} | {ge / gsubject:.2f} | {gc / gsubject:.2f} | "
+                        f"{gl / gsubject:.2f} | " if gpu else "")
+            print(f"| {case.op} | {case.shape} | {e:.3f} | {c:.3f} | {f:.3f} | {li:.3f} | {ratios} | {gpu_cols}"
+                  f"{bandwidth} | {peak} | {goals}{' ' + errs if errs else ''} |", flush=True)
             del case
             if args.device == "cuda":
                 torch.cuda.empty_cache()
