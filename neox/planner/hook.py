@@ -1,0 +1,126 @@
+"""Where the launcher calls the planner (neox/launch/job.py): before the plan and after it.
+
+`prepare(cfg, res)` resolves `parallelism=auto` into a concrete layout (printing the choice and the
+next best four) and turns `plan=true` into a dry run; it returns the config the run is planned, saved
+and resumed with. `review(cfg, plan)` prints the report for `plan=true` (True: stop there) and refuses
+a layout predicted not to fit unless `plan.force=true`.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from neox.config.resources import Resources
+from neox.errors import ConfigError
+from neox.planner import report, search
+from neox.planner.gpus import GiB
+from neox.planner.setup import Estimate, Setup, candidate_from, evaluate, setup_from
+
+AUTO = "auto"
+LAYOUT_KEYS = ("parallelism.tp", "parallelism.pp", "parallelism.dp", "parallelism.zero_stage", "train.micro_batch",
+               "train.grad_accum", "train.global_batch", "model.activation_checkpointing")
+
+
+def is_auto(cfg: DictConfig) -> bool:
+    return cfg.parallelism.name == AUTO
+
+
+def target_global_batch(cfg: DictConfig, gpus: int) -> int:
+    """auto keeps train.global_batch; unset, it reads micro_batch x grad_accum as per GPU."""
+    t = cfg.train
+    if t.global_batch:
+        return int(t.global_batch)
+    return int((t.micro_batch or 1) * (t.grad_accum or 1) * gpus)
+
+
+def _saved_layout(cfg: DictConfig) -> Optional[DictConfig]:
+    """The layout an earlier launch of this run resolved (its config.yaml), so a rerun resumes with it."""
+    from neox.config.plan import default_run_dir
+
+    saved = default_run_dir(cfg) / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        old = OmegaConf.load(saved)
+    except Exception:  # unreadable: the launch's own checks say so later
+        return None
+    if OmegaConf.select(old, "parallelism.name") != AUTO or OmegaConf.select(old, "model.name") != cfg.model.name:
+        return None
+    return old
+
+
+def _apply(cfg: DictConfig, values: dict) -> DictConfig:
+    out = cfg.copy()
+    for key, value in values.items():
+        OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None) -> DictConfig:
+    """parallelism=auto -> the concrete layout (printed with the next best four)."""
+    old = _saved_layout(cfg)
+    if old is not None:
+        values = {k: OmegaConf.select(old, k) for k in LAYOUT_KEYS}
+        print(f"parallelism=auto: resuming with the layout this run chose before ({old.parallelism.tp} tp, "
+              f"{old.parallelism.pp} pp, {old.parallelism.dp} dp, ZeRO-{old.parallelism.zero_stage}, micro "
+              f"{old.train.micro_batch} x accum {old.train.grad_accum})", flush=True)
+        return _apply(cfg, values)
+    setup = setup or setup_from(cfg, res)
+    batch = target_global_batch(cfg, setup.gpus)
+    ranked = search.choose(setup, batch, sequence_parallel=bool(cfg.parallelism.sequence_parallel),
+                           partition=str(cfg.parallelism.pipe_partition))
+    best = ranked[0].candidate
+    print(f"parallelism=auto: {len(ranked)} layouts of model={setup.model_name} fit on {setup.gpus} x "
+          f"{setup.gpu.name} at global batch {batch}; the best five:", flush=True)
+    print(report.table(ranked), flush=True)
+    return _apply(cfg, {"parallelism.tp": best.tp, "parallelism.pp": best.pp, "parallelism.dp": best.dp,
+                        "parallelism.zero_stage": best.zero_stage, "train.micro_batch": best.micro_batch,
+                        "train.grad_accum": best.grad_accum, "train.global_batch": best.global_batch,
+                        "model.activation_checkpointing": "full" if best.checkpointing else "none"})
+
+
+def prepare(cfg: DictConfig, res: Resources) -> DictConfig:
+    """The config to plan and run: auto resolved, and plan=true planned like a dry run."""
+    if is_auto(cfg):
+        cfg = resolve_auto(cfg, res)
+    if cfg.plan.show and not cfg.dry_run:
+        cfg = _apply(cfg, {"dry_run": True})  # plans for the cluster named, not for this machine
+    return cfg
+
+
+def estimate_run(cfg: DictConfig, plan) -> Tuple[Estimate, Setup]:
+    """The planner's estimate of the layout `plan` (neox.config.plan.RunPlan) resolved."""
+    setup = setup_from(cfg, plan.resources, gpus=plan.world_size)
+    return evaluate(setup, candidate_from(cfg, plan.dp, plan.micro_batch, plan.grad_accum)), setup
+
+
+def review(cfg: DictConfig, plan) -> bool:
+    """plan=true: print the report, True (launch nothing). Otherwise refuse a layout predicted not to fit
+    (ConfigError, after the report on stderr) unless plan.force; False: go on."""
+    gpu_run = plan.device == "cuda" or cfg.cluster.get("gpu") or cfg.cluster.get("gpu_memory_gb")
+    if not cfg.plan.show and not gpu_run:
+        return False  # a CPU run: make_plan's RAM check is the one that applies
+    try:
+        est, setup = estimate_run(cfg, plan)
+    except ConfigError:
+        if cfg.plan.show:
+            raise
+        return False  # the GPU is unknown (Slurm, hostfile without cluster.gpu): nothing to check against
+    text = report.render(setup, est)
+    fixes = search.fixes(setup, est) if not est.fits else []
+    if not est.fits:
+        text += "\n" + report.fixes_text(fixes)
+        if not fixes:
+            text += "\n" + "parallelism=auto: " + search.more_gpus(setup, est.candidate.global_batch)
+    if cfg.plan.show:
+        print(text, flush=True)
+        print("plan: nothing launched", flush=True)
+        return True
+    if not est.fits and not cfg.plan.force:
+        print(text, file=sys.stderr, flush=True)
+        hint = (f"; e.g. {fixes[0][0]} ({fixes[0][1].memory.total / GiB:.1f} GiB/GPU)" if fixes
+                else f"; {search.more_gpus(setup, est.candidate.global_batch)}")
+        raise ConfigError(f"the layout {est.verdict()}{hint}; set plan.force=true to launch anyway")
+    return False

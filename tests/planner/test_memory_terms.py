@@ -1,0 +1,132 @@
+"""The planner's memory terms against hand arithmetic for a small model (every ZeRO stage, tp, sequence
+parallelism, pp and checkpointing), and the activation count per token against what autograd really
+keeps for one block on this CPU (neox's fused kernels, bf16)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from neox.model.gpt import Block, GPTConfig, count_params
+from neox.planner.layout import Candidate, stage_bounds, stages
+from neox.planner.memory import estimate, layer_activation_bytes, stage_memory
+
+# 4 layers, h 64, 4 heads, d_ff 256, seq 32, vocab 256, learned positions, biases, LayerNorm, GeLU, untied.
+M = GPTConfig(n_layers=4, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, seq_len=32, vocab_size=256,
+              position="learned")
+# By hand: a block is qkv 64*192+192, proj 64*64+64, fc_in 64*256+256, fc_out 256*64+64, two norms 2*128
+BLOCK = 12480 + 4160 + 16640 + 16448 + 256  # 49984
+P = (256 * 64 + 32 * 64) + 4 * BLOCK + 128 + 256 * 64  # embedding + positions, blocks, final norm, head
+TOKENS = 2 * 32  # micro-batch 2 of 32 tokens
+# Per token per block, bf16: x, ln1 out, qkv (3h), SDPA out (h), x after attention, ln2 out: 8h;
+# GeLU in and out 2f; fp32 mean/rstd of two norms 16 bytes; log-sum-exp 4 heads x 4 bytes.
+PER_TOKEN = (8 * 64 + 2 * 256) * 2 + 16 + 16  # 2080
+LOGITS = TOKENS * (256 * 2 + 2 * 64 * 2)  # bf16 logits (fused loss) + final norm in/out
+
+
+def test_the_hand_count_of_parameters_is_the_models():
+    assert count_params(M)["total"] == P == 234880
+
+
+def one_stage(c: Candidate, **kw):
+    return estimate(M, c, **kw)
+
+
+@pytest.mark.parametrize("zero,weights,grads,optim,buffers,step", [
+    (0, 2 * P, 2 * P, 12 * P, None, 4 * P + 2 * P),  # fp32 copies of the grads + the flat all-reduce bucket
+    (1, 2 * P, 2 * P, 12 * P / 4, 2 * P * 2, 4 * P / 4),
+    (2, 2 * P, 2 * P / 4, 12 * P / 4, 2 * P * 2, 4 * P / 4),
+    (3, 2 * P / 4, 2 * P / 4, 12 * P / 4, 2 * P * 2 + 2 * BLOCK * 2, 4 * P / 4),
+])
+def test_model_states_under_each_zero_stage(zero, weights, grads, optim, buffers, step):
+    mem = one_stage(Candidate(dp=4, zero_stage=zero, micro_batch=2))
+    assert mem.terms["weights"] == pytest.approx(weights)
+    assert mem.terms["gradients"] == pytest.approx(grads)
+    assert mem.terms["optimizer"] == pytest.approx(optim)
+    assert mem.terms.get("communication buffers") == (pytest.approx(buffers) if buffers else None)
+    assert mem.step_extra == pytest.approx(step)
+
+
+def test_fp32_has_no_master_copy():
+    mem = one_stage(Candidate(micro_batch=2), precision="fp32")
+    assert (mem.terms["weights"], mem.terms["gradients"], mem.terms["optimizer"]) == (4 * P, 4 * P, 8 * P)
+    assert mem.step_extra == 0
+    assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((8 * 64 + 2 * 256) * 4 + 32))
+
+
+def test_activations_and_logits_without_parallelism():
+    mem = one_stage(Candidate(micro_batch=2))
+    assert mem.terms["activations"] == 4 * TOKENS * PER_TOKEN == 532480
+    assert mem.terms["logits and loss"] == LOGITS
+    # the reference loss keeps an fp32 copy, its softmax and gradient: 14 bytes per logit
+    ref = one_stage(Candidate(micro_batch=2), fused_loss=False)
+    assert ref.terms["logits and loss"] == TOKENS * (256 * 14 + 2 * 64 * 2)
+
+
+def test_tensor_parallel_shards_what_tp_splits():
+    mem = one_stage(Candidate(tp=2, micro_batch=2))
+    # sharded: qkv, proj, fc_in, fc_out weights and the colwise biases (49600 of a block); replicated:
+    # the rowwise biases and norms (384); the embedding and head split by vocab, positions replicated
+    local = 4 * (49600 / 2 + 384) + (16384 / 2 + 2048) + 128 + 16384 / 2
+    assert mem.terms["weights"] == pytest.approx(2 * local)
+    # per token: norms 4h replicated; qkv 3h, SDPA out h and GeLU 2f split in two; stats 16 + 2 heads x 4
+    assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((4 * 64 + (4 * 64 + 512) / 2) * 2 + 16 + 8))
+    assert mem.terms["logits and loss"] == pytest.approx(TOKENS * (128 * 2 + 2 * 64 * 2))
+
+
+def test_sequence_parallel_splits_the_norms_but_keeps_the_gathered_matmul_inputs():
+    mem = one_stage(Candidate(tp=2, micro_batch=2, sequence_parallel=True))
+    replicated = (4 * 64 - 2 * 64) / 2 + 2 * 64
+    assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((replicated + (4 * 64 + 512) / 2) * 2 + 24))
+
+
+def test_checkpointing_keeps_block_inputs_and_one_block():
+    mem = one_stage(Candidate(micro_batch=2, checkpointing=True))
+    assert mem.terms["activations"] == 4 * TOKENS * 64 * 2 + TOKENS * PER_TOKEN
+
+
+def test_pipeline_first_stage_holds_pp_micro_batches_in_flight():
+    c = Candidate(pp=2, zero_stage=1, micro_batch=2, grad_accum=4)
+    assert stage_bounds(M, 2) == (0, 3, 7)  # embedding + 2 blocks | 2 blocks, final norm, head
+    first, last = (stage_memory(M, c, st, "bf16") for st in stages(M, 1, 2))
+    stage0 = 256 * 64 + 32 * 64 + 2 * BLOCK
+    assert first.terms["weights"] == 2 * stage0 and first.terms["optimizer"] == 12 * stage0
+    assert first.terms["activations"] == 2 * 2 * TOKENS * PER_TOKEN  # 2 blocks x 2 micro-batches
+    assert last.terms["activations"] == 2 * 1 * TOKENS * PER_TOKEN and last.terms["logits and loss"] == LOGITS
+    assert first.terms["pipeline buffers"] == 2 * 2 * TOKENS * 64 * 2
+    assert "logits and loss" not in first.terms
+    assert estimate(M, c).stage == 0  # the most loaded
+    fewer = stage_memory(M, dataclasses.replace(c, grad_accum=1), stages(M, 1, 2)[0], "bf16")
+    assert fewer.terms["activations"] == 2 * 1 * TOKENS * PER_TOKEN  # only one micro-batch to hold
+
+
+def _saved_bytes(block: torch.nn.Module, cfg: GPTConfig, batch: int) -> int:
+    """Bytes of the distinct storages autograd keeps for one forward of `block` (its weights left out)."""
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(batch, cfg.seq_len, cfg.d_model, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"parallel_residual": True}, {"position": "rotary", "rotary_dims": 16}, {"mlp": "swiglu", "d_ff": 192},
+    {"position": "rotary", "rotary_dims": 8, "n_kv_heads": 2}, {"bias": False, "norm": "rmsnorm"},
+    {"position": "alibi"},
+])
+def test_activation_count_is_what_autograd_keeps(change):
+    """Two batch sizes: the difference per token leaves out what a layer keeps once (rotary tables)."""
+    cfg = dataclasses.replace(M, kernels="fused", **change)
+    torch.manual_seed(0)
+    block = Block(cfg).to(torch.bfloat16)
+    per_token = (_saved_bytes(block, cfg, 4) - _saved_bytes(block, cfg, 2)) / (2 * cfg.seq_len)
+    assert per_token == layer_activation_bytes(cfg, 1, False, "bf16")
