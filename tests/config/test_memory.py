@@ -1,58 +1,14 @@
-"""The per-device memory estimate: the formula against hand arithmetic, and the launcher's use of it
-(refuse above 2x the device's memory, warn above 80%, say nothing of a machine it cannot see)."""
+"""The launcher's use of the per-device memory estimate (refuse above 2x the device's memory, warn above
+80%, say nothing of a machine it cannot see). The estimate's terms against hand arithmetic are in
+tests/planner/test_memory_terms.py (neox/config/memory.py is the planner's model)."""
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 
-from neox.config.memory import estimate
 from neox.config.plan import Resources, make_plan
 from neox.errors import ConfigError
 from neox.launch.cli import main
 from neox.launch.compose import compose_config
-from neox.model.gpt import GPTConfig
-
-# 2 layers, h=64, a=4, s=32, V=256: one layer of one micro-batch of b=2 holds s*b*h = 4096 elements.
-M = GPTConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, seq_len=32, vocab_size=256)
-P = 100_000
-
-
-def est(m=M, **kw):
-    args = dict(micro_batch=2, grad_accum=1, tp=1, pp=1, dp=1, zero_stage=0, precision="bf16",
-                sequence_parallel=False)
-    args.update(kw)
-    return estimate(m, P, **args)
-
-
-@pytest.mark.parametrize("kw,states", [
-    (dict(precision="fp32"), P * (4 + 4 + 8)),  # fp32 weights, grads, Adam m and v
-    (dict(), P * (2 + 2 + 12)),  # bf16 weights, grads; fp32 master + m + v
-    (dict(zero_stage=1, dp=4), P * (2 + 2 + 12 / 4)),
-    (dict(zero_stage=2, dp=4), P * (2 + (2 + 12) / 4)),
-    (dict(zero_stage=3, dp=4), P * 16 / 4),
-    (dict(tp=2), P / 2 * 16),
-    (dict(pp=2, grad_accum=4), P / 2 * 16),
-])
-def test_model_states(kw, states):
-    assert est(**kw).states == pytest.approx(states)
-
-
-LOGITS = 2 * 4 * 32 * 2 * 256  # fp32 logits and their gradient
-
-
-@pytest.mark.parametrize("m,kw,activations", [
-    (M, dict(), 2 * 4096 * 34 + LOGITS),  # Korthikanti: s*b*h*34 per layer, 2-byte elements
-    (M, dict(precision="fp32"), 2 * 4096 * 34 * 2 + LOGITS),
-    (M, dict(tp=2), 2 * 4096 * (10 + 24 / 2) + LOGITS / 2),
-    (M, dict(tp=2, sequence_parallel=True), 2 * 4096 * 34 / 2 + LOGITS / 2),
-    (dataclasses.replace(M, position="alibi"), dict(), 2 * 4096 * (34 + 5 * 4 * 32 / 64) + LOGITS),
-    (dataclasses.replace(M, activation_checkpointing="full"), dict(), 2 * 2 * 4096 + 4096 * 34 + LOGITS),
-    (M, dict(pp=2, grad_accum=4), 1 * 2 * 4096 * 34 + LOGITS),  # 1 layer/stage x 2 micro-batches in flight
-    (M, dict(pp=2, grad_accum=1), 1 * 1 * 4096 * 34 + LOGITS),
-])
-def test_activations(m, kw, activations):
-    assert est(m, **kw).activations == pytest.approx(activations)
 
 
 def _plan(tmp_path, memory, overrides=(), slots=2):
