@@ -88,6 +88,16 @@ class ParallelConfig:
     tp_across_nodes_is_slow: bool = setting(False, IGNORE)  # force a tp group wider than one node
 
 
+def _gpu() -> Any:
+    # the card the run gets, by name (neox/planner/gpus.py: H100, H200, A100-40GB, A100-80GB); None: the
+    # one detected here (local runs), else unknown (set it, or gpu_memory_gb, for plan=true / parallelism=auto)
+    return setting(None, IGNORE)
+
+
+def _gbs() -> Any:
+    return setting(None, IGNORE, Range(lo=0, lo_open=True, eg="450"))
+
+
 @dataclass
 class LocalCluster:
     kind: str = setting("local", IGNORE)
@@ -96,6 +106,9 @@ class LocalCluster:
     exclude: Optional[str] = setting(None, IGNORE)
     cpu_procs: int = setting(2, IGNORE, at_least(1))  # processes over gloo when there is no GPU
     master_port: Optional[int] = setting(None, IGNORE, PORT)  # None: a free port
+    gpu: Optional[str] = _gpu()  # the planner's card when planning here for a GPU machine
+    gpu_memory_gb: Optional[float] = setting(None, IGNORE, Range(lo=0, lo_open=True, eg="80"))  # GiB; overrides gpu's
+    intra_node_gbs: Optional[float] = _gbs()  # GPU to GPU in a node, GB/s one way; None: the card's NVLink
 
 
 @dataclass
@@ -106,6 +119,10 @@ class HostfileCluster:
     master_port: Optional[int] = setting(None, IGNORE, PORT)
     # deepspeed's multi-node launcher
     launcher: str = setting("pdsh", IGNORE, Choices(("pdsh", "openmpi", "mvapich", "slurm")))
+    gpu: Optional[str] = _gpu()
+    gpu_memory_gb: Optional[float] = setting(None, IGNORE, Range(lo=0, lo_open=True, eg="80"))  # GiB; overrides gpu's
+    intra_node_gbs: Optional[float] = _gbs()  # GPU to GPU in a node, GB/s one way; None: the card's NVLink
+    inter_node_gbs: Optional[float] = _gbs()  # one GPU's share of the network between nodes, GB/s; None: the card's
 
 
 @dataclass
@@ -132,6 +149,10 @@ class SlurmCluster:
     # A job pending this long for a reason it cannot get past (a partition limit, a drained node, a
     # hold) is cancelled, saying why; None: keep waiting.
     hopeless_pending_s: Optional[int] = setting(60, IGNORE, NON_NEGATIVE)
+    gpu: Optional[str] = _gpu()
+    gpu_memory_gb: Optional[float] = setting(None, IGNORE, Range(lo=0, lo_open=True, eg="80"))  # GiB; overrides gpu's
+    intra_node_gbs: Optional[float] = _gbs()  # GPU to GPU in a node, GB/s one way; None: the card's NVLink
+    inter_node_gbs: Optional[float] = _gbs()  # one GPU's share of the network between nodes, GB/s; None: the card's
 
 
 @dataclass
@@ -197,6 +218,16 @@ class LoggingConfig:
     progress: bool = setting(True, IGNORE)  # progress bars on long work before training (the embedded corpus)
 
 
+@dataclass
+class PlanConfig:
+    """The planner (neox/planner): `plan=true` is shorthand for plan.show=true (the launcher rewrites it:
+    Hydra cannot set a section to a bool). It prints memory per GPU term by term, the step time and
+    whether the layout fits, and launches nothing. A launch whose layout is predicted not to fit is
+    refused with that verdict unless plan.force=true."""
+    show: bool = setting(False, IGNORE)
+    force: bool = setting(False, IGNORE)
+
+
 CLUSTER_SCHEMAS = {"local": LocalCluster, "hostfile": HostfileCluster, "slurm": SlurmCluster}
 
 
@@ -213,6 +244,7 @@ class RunConfig:
     run_name: Optional[str] = setting(None, IGNORE)  # None: <model>-<parallelism>-<data>
     run_dir: Optional[str] = setting(None, IGNORE)  # None: runs/<run_name> (same command, same dir: it resumes)
     dry_run: bool = setting(False, IGNORE)  # validate and print the summary, launch nothing
+    plan: PlanConfig = field(default_factory=PlanConfig)  # plan=true: the planner's report, launch nothing
 
 
 def register_configs() -> None:

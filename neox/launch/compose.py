@@ -20,8 +20,20 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MAX_PREFLIGHT = 64  # sweep combinations validated before any job starts
 
 
+def plan_shorthand(overrides: List[str]) -> List[str]:
+    """`plan=true|false` -> `plan.show=...`: plan is a section (show, force), which Hydra cannot set to a bool."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+~") == "plan" and value.strip().lower() in ("true", "false"):
+            o = f"plan.show={value.strip().lower()}"
+        out.append(o)
+    return out
+
+
 def compose_config(overrides: List[str]) -> DictConfig:
     """The run config for these command-line overrides (no sweeps)."""
+    overrides = plan_shorthand(overrides)
     register_configs()
     GlobalHydra.instance().clear()
     try:
@@ -45,7 +57,7 @@ def _require_complete(cfg: DictConfig) -> None:
 def sweep_combinations(overrides: List[str]) -> Iterator[List[str]]:
     """Expand `a=1,2 b=x,y` into every single-run override list, as Hydra's basic sweeper does."""
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(plan_shorthand(overrides))
     except HydraException as exc:
         raise ConfigError(explain(exc)) from None
     choices = []
