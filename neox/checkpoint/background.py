@@ -142,3 +142,8 @@ class SnapshotEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def resolve_async_save(setting: Optional[bool], device_type: str) -> bool:
+    """train.async_save as a run uses it: unset (None) means yes on GPU, no on CPU."""
+    return bool(setting) if setting is not None else device_type == "cuda"

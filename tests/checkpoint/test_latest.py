@@ -28,12 +28,13 @@ def _client(step):
             "config": {"model": {"n_layers": 2}}}
 
 
-def _run_dir_with(tmp_path, steps, keep=3):
+def _run_dir_with(tmp_path, steps, keep=3, async_save=False):
     """The issue's repro: a run saved at these steps; returns its checkpoints directory."""
     d = tmp_path / "checkpoints"
-    m = CheckpointManager(d, keep, True, log=lambda _: None)
+    m = CheckpointManager(d, keep, True, log=lambda _: None, async_save=async_save)
     for s in steps:
         m.save(FakeEngine(float(s)), s, _client(s))
+    m.close()
     return d
 
 
@@ -65,14 +66,15 @@ def _spoil_latest(d: Path, how: str) -> str:
 SPOILS = ["deleted", "empty", "blank", "binary", "dangling_symlink", "path"]
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("how", SPOILS)
-def test_unusable_latest_resumes_from_the_newest_verified_checkpoint(tmp_path, how):
+def test_unusable_latest_resumes_from_the_newest_verified_checkpoint(tmp_path, how, async_save):
     """Before: `latest` deleted or empty -> a silent fresh start whose first save deleted step 4;
     binary bytes -> UnicodeDecodeError traceback."""
-    d = _run_dir_with(tmp_path, [2, 4])
+    d = _run_dir_with(tmp_path, [2, 4], async_save=async_save)
     said = _spoil_latest(d, how)
     msgs = []
-    m = CheckpointManager(d, 3, True, log=msgs.append)
+    m = CheckpointManager(d, 3, True, log=msgs.append, async_save=async_save)
     engine = FakeEngine()
     client = m.load(engine)
     assert client is not None and client["step"] == 4 and engine.w[0] == 4.0
@@ -80,6 +82,7 @@ def test_unusable_latest_resumes_from_the_newest_verified_checkpoint(tmp_path, h
                     "step_00000004"], msgs
     # The resumed run saves later steps; nothing it had is lost.
     m.save(FakeEngine(6.0), 6, _client(6))
+    m.wait()
     assert m.complete_tags() == ["step_00000002", "step_00000004", "step_00000006"]
     assert read_latest(d) == ("step_00000006", None)
 
@@ -102,13 +105,15 @@ def test_unusable_latest_and_no_usable_checkpoint_is_an_error_not_a_fresh_start(
         CheckpointManager(d, 3, True, log=lambda _: None).load(FakeEngine())
 
 
-def test_a_save_never_prunes_a_checkpoint_newer_than_itself(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_never_prunes_a_checkpoint_newer_than_itself(tmp_path, async_save):
     """keep=1, and the run somehow saves step 2 beside a step 4 (e.g. `latest` pointed back by hand):
     the older rule deleted every checkpoint newer than `latest`."""
     d = _run_dir_with(tmp_path, [4], keep=1)
-    m = CheckpointManager(d, 1, True, log=lambda _: None)
+    m = CheckpointManager(d, 1, True, log=lambda _: None, async_save=async_save)
     m.save(FakeEngine(2.0), 2, _client(2))
     m.save(FakeEngine(3.0), 3, _client(3))
+    m.wait()
     assert m.complete_tags() == ["step_00000003", "step_00000004"]
     engine = FakeEngine()
     CheckpointManager(d, 1, True, log=lambda _: None).load(engine)  # `latest` names step 3
@@ -129,15 +134,17 @@ def test_latest_naming_a_tag_of_another_format(tmp_path):
     assert (d / "global_step10").is_dir()  # not ours: never removed
 
 
-def test_symlinked_checkpoint_is_loaded_and_never_deleted_through_the_link(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_symlinked_checkpoint_is_loaded_and_never_deleted_through_the_link(tmp_path, async_save):
     elsewhere = _run_dir_with(tmp_path / "elsewhere", [2])
     d = tmp_path / "run" / "checkpoints"
     d.mkdir(parents=True)
     (d / "step_00000002").symlink_to(elsewhere / "step_00000002")
     msgs = []
-    m = CheckpointManager(d, 1, True, log=msgs.append)
+    m = CheckpointManager(d, 1, True, log=msgs.append, async_save=async_save)
     assert m.load(FakeEngine())["step"] == 2 and "latest is missing" in msgs[0]
     m.save(FakeEngine(3.0), 3, _client(3))  # keep=1: the link is pruned, not what it points to
+    m.wait()
     assert (elsewhere / "step_00000002" / SHARD).is_file()
 
 

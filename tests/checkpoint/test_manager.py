@@ -27,11 +27,14 @@ SHARD = "mp_rank_00_model_states.pt"
 def _save_steps(m, steps):
     for s in steps:
         m.save(FakeEngine(float(s)), s, _client(s))
+        m.wait()  # an async save's writer (a no-op for a synchronous one)
 
 
-def test_save_layout_and_round_trip(tmp_path):
-    m, _ = _manager(tmp_path)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_save_layout_and_round_trip(tmp_path, async_save):
+    m, _ = _manager(tmp_path, async_save=async_save)
     path = m.save(FakeEngine(3.0), 3, _client(3))
+    m.wait()
     assert path == tmp_path / "checkpoints" / "step_00000003"
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
     manifest = json.loads((path / "manifest.json").read_text())
@@ -73,8 +76,9 @@ def test_rng_state_loads_weights_only(tmp_path):
     set_rng_state(state)
 
 
-def test_retention_keeps_the_last_n(tmp_path):
-    m, _ = _manager(tmp_path, keep=2)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_retention_keeps_the_last_n(tmp_path, async_save):
+    m, _ = _manager(tmp_path, keep=2, async_save=async_save)
     _save_steps(m, [1, 2, 3, 4])
     assert m.complete_tags() == ["step_00000003", "step_00000004"]
     assert m.latest_tag() == "step_00000004"
@@ -90,9 +94,11 @@ def test_retention_keeps_the_last_n(tmp_path):
     ("rng_truncate", "rng/rank_00000.pt is truncated"),
     ("dir_missing", "it does not exist"),
 ])
-def test_damaged_latest_falls_back_with_one_line(tmp_path, damage, expect):
-    m, msgs = _manager(tmp_path)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_damaged_latest_falls_back_with_one_line(tmp_path, damage, expect, async_save):
+    m, msgs = _manager(tmp_path, async_save=async_save)
     _save_steps(m, [1, 2])
+    msgs.clear()  # an async save says when its writer is done
     d = tmp_path / "checkpoints" / "step_00000002"
     shard = d / SHARD
     if damage == "truncate":
@@ -139,8 +145,9 @@ def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):
         m.load(FakeEngine())
 
 
-def test_save_over_an_unusable_checkpoint_of_the_same_step(tmp_path):
-    m, _ = _manager(tmp_path)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_save_over_an_unusable_checkpoint_of_the_same_step(tmp_path, async_save):
+    m, _ = _manager(tmp_path, async_save=async_save)
     _save_steps(m, [1, 2])
     os.truncate(tmp_path / "checkpoints" / "step_00000002" / SHARD, 5)
     assert m.load(FakeEngine())["step"] == 1
@@ -196,23 +203,31 @@ CRASH = textwrap.dedent("""
     from fake_engine import FakeEngine, client as _client, manager as _manager
     from neox.checkpoint import CheckpointManager
     from neox.train.faults import Faults
-    m = CheckpointManager(Path({d!r}), 3, True, fault=Faults.from_env({{"NEOX_CHECKPOINT_FAULT": {spec!r}}}).checkpoint)
+    m = CheckpointManager(Path({d!r}), 3, True, fault=Faults.from_env({{"NEOX_CHECKPOINT_FAULT": {spec!r}}}).checkpoint,
+                          async_save={async_save})
     m.save(FakeEngine(1.0), 1, {{"run_state": {{"step": 1}}}})
-    m.save(FakeEngine(2.0), 2, {{"run_state": {{"step": 2}}}})  # the fault kills us here
+    engine = FakeEngine(2.0)
+    m.save(engine, 2, {{"run_state": {{"step": 2}}}})  # the fault kills us here (async: in the writer)
+    engine.w.add_(1.0)  # training goes on while an async save is written
+    m.wait()
     print("survived")
 """)
 
 
-def test_a_save_calls_its_fault_at_the_named_points_and_never_reads_the_environment(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_calls_its_fault_at_the_named_points_and_never_reads_the_environment(tmp_path, monkeypatch,
+                                                                                  async_save):
     """Before: the manager read NEOX_CHECKPOINT_FAULT itself on every save (a test seam inside the
     production path); now the worker parses it once and passes the manager a callback."""
     from neox.checkpoint.faults import FAULT_POINTS
 
     monkeypatch.setenv("NEOX_CHECKPOINT_FAULT", "after_shards@1")  # ignored: only `fault` is called
     calls = []
-    m = CheckpointManager(tmp_path / "checkpoints", 3, True, fault=lambda point, step: calls.append((point, step)))
+    m = CheckpointManager(tmp_path / "checkpoints", 3, True, fault=lambda point, step: calls.append((point, step)),
+                          async_save=async_save)
     m.save(FakeEngine(1.0), 1, _client(1))
     m.save(FakeEngine(2.0), 2, _client(2))
+    m.wait()
     assert calls == [(p, s) for s in (1, 2) for p in FAULT_POINTS]
 
 
@@ -227,10 +242,15 @@ def test_the_checkpoint_fault_is_parsed_with_the_others_and_a_bad_spec_is_one_li
             Faults.from_env({"NEOX_CHECKPOINT_FAULT": spec})
 
 
-@pytest.mark.parametrize("point", ["after_shards", "before_rename", "before_latest"])
-def test_kill9_during_save_leaves_previous_latest(tmp_path, point):
+@pytest.mark.parametrize("point,async_save", [("after_shards", False), ("before_rename", False),
+                                              ("before_latest", False), ("after_shards", True)],
+                         ids=["after_shards", "before_rename", "before_latest", "after_shards-async"])
+def test_kill9_during_save_leaves_previous_latest(tmp_path, point, async_save):
+    """Async: rank 0 is killed inside the background writer (its files written, no manifest yet) while
+    training has gone on; the later points run the commit that sync and async saves share."""
     d = tmp_path / "checkpoints"
-    proc = subprocess.run([sys.executable, "-c", CRASH.format(here=str(HERE), d=str(d), spec=f"{point}@2")],
+    script = CRASH.format(here=str(HERE), d=str(d), spec=f"{point}@2", async_save=async_save)
+    proc = subprocess.run([sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9 and "survived" not in proc.stdout, proc.stderr[-2000:]
     m, msgs = _manager(tmp_path)
@@ -246,7 +266,8 @@ def test_kill9_during_save_leaves_previous_latest(tmp_path, point):
     else:
         assert msgs == []
     m.save(FakeEngine(2.0), 2, {"run_state": {"step": 2}})  # the resumed run saves step 2 again
-    assert m.load(FakeEngine())["run_state"]["step"] == 2
+    engine = FakeEngine()
+    assert m.load(engine)["run_state"]["step"] == 2 and engine.w[0] == 2.0  # the values at the save
     assert sorted(p.name for p in d.iterdir()) == ["latest", "step_00000001", "step_00000002"]
 
 
@@ -299,21 +320,25 @@ def test_shape_change_is_checked_before_any_tensor_is_read(tmp_path):
 
 
 
-def test_checkpoints_newer_than_latest_are_kept_until_the_run_saves_that_step_again(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_checkpoints_newer_than_latest_are_kept_until_the_run_saves_that_step_again(tmp_path, async_save):
     """`latest` pointed back (a crash before it moved, or on purpose): the run resumes from it and
     says that newer ones exist; no save removes a checkpoint newer than the one it writes (the old
     rule pruned 2 and 3 here, and would have destroyed any newer run's work the same way)."""
-    m, msgs = _manager(tmp_path, keep=1)
+    m, msgs = _manager(tmp_path, keep=1, async_save=async_save)
     _save_steps(m, [1, 2, 3])
     assert m.complete_tags() == ["step_00000003"]
-    _save_steps(CheckpointManager(tmp_path / "checkpoints", 3, True, log=msgs.append), [1, 2])
+    _save_steps(CheckpointManager(tmp_path / "checkpoints", 3, True, log=lambda _: None), [1, 2])
+    msgs.clear()
     atomic_write_text(tmp_path / "checkpoints" / "latest", "step_00000001")
     assert m.load(FakeEngine())["step"] == 1
     assert len(msgs) == 1 and "step_00000002, step_00000003, newer than step_00000001" in msgs[0], msgs
     m.save(FakeEngine(22.0), 2, _client(2))  # keep=1: step 1 goes, 3 is newer and stays
+    m.wait()
     assert m.complete_tags() == ["step_00000002", "step_00000003"]
     engine = FakeEngine()
     assert m.load(engine)["step"] == 2 and engine.w[0] == 22.0  # the rewritten step 2
     m.save(FakeEngine(33.0), 3, _client(3))  # the run reaches 3 again: that one is replaced
+    m.wait()
     engine = FakeEngine()
     assert m.complete_tags() == ["step_00000003"] and m.load(engine)["step"] == 3 and engine.w[0] == 33.0
