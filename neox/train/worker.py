@@ -23,6 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from neox.checkpoint import CheckpointManager
+from neox.checkpoint.background import resolve_async_save
 from neox.config.plan import RunPlan, make_plan
 from neox.config.resources import from_worker_env
 from neox.config.run_files import PENDING_CONFIG
@@ -105,6 +106,9 @@ def run(config_path: str) -> int:
         raise TrainingError(f"a collective failed at step {trainer.state.step + 1}: {who} "
                             f"(collective timeout {cfg.train.collective_timeout_s} s); "
                             f"cause: {str(exc).splitlines()[0][:200]}") from exc
+    finally:
+        if trainer is not None:  # every way out (the end, a requeue, an error) waits for the checkpoint writer
+            trainer.checkpoints.close()
 
 
 def model_layout(cfg: DictConfig, plan: RunPlan) -> ModelLayout:
@@ -187,7 +191,9 @@ class Trainer:
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info.is_main,
                                              layout=self.layout, tp_rank=self.topo.tp_rank,
-                                             fault=faults.checkpoint if info.rank == 0 else None)
+                                             fault=faults.checkpoint if info.rank == 0 else None,
+                                             async_save=resolve_async_save(cfg.train.async_save, info.device.type),
+                                             commit_timeout_s=cfg.train.collective_timeout_s)
         client = self.checkpoints.load(self.engine, current_config=OmegaConf.to_container(cfg, resolve=True))
         if client is not None:
             self.state = RunState(**client["run_state"])
@@ -266,7 +272,7 @@ class Trainer:
             "run_state": vars(self.state).copy(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         })
-        self.say(f"saved checkpoint {path}")
+        self.say(f"{'saving' if self.checkpoints.async_save else 'saved'} checkpoint {path}")
 
     def skip_counts(self) -> tuple:
         """(steps our optimizer skipped, steps DeepSpeed's engine skipped): one of them grows per skip."""
@@ -349,6 +355,7 @@ class Trainer:
             if watcher is not None and state.step < t.steps and watcher.should_stop():
                 if not saved:
                     self.save()  # collective: every rank agreed to stop at this step
+                self.checkpoints.wait()  # the background writer commits before the job ends
                 # What follows (a requeue, or not) is for the launcher to say: it knows, this does not.
                 self.say(f"stopping at step {state.step} ({watcher.signal_name}): checkpoint saved")
                 self.metrics.close()
@@ -364,6 +371,7 @@ class Trainer:
             self.metrics.log(self.state.step, {"unigram_entropy": entropy}, prefix="data")
             print(f"unigram entropy of the data: {entropy:.3f} nats/token (a context-free model's loss)", flush=True)
         self.metrics.close()
+        self.checkpoints.wait()  # the last save is committed before the run says it is done
         if self.info.is_main:
             png = plot_losses(self.run_dir, reference=entropy)
             print(f"done: {self.state.step} steps; loss curve {png}; checkpoints {self.checkpoints.directory}",
