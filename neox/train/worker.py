@@ -337,6 +337,8 @@ class Trainer:
                           "mfu_causal": plan.flops_per_token_causal * tok_s / plan.world_size / 1e12 / peak
                           if peak else math.nan,
                           "data_wait_frac": window_wait / elapsed, "memory_gb": memory_gb(self.info.device),
+                          "memory_reserved_gb": torch.cuda.max_memory_reserved(self.info.device) / 2**30
+                          if self.info.device.type == "cuda" else math.nan,  # the planner's calibration
                           "tokens": state.tokens, "skipped_steps": state.skipped_steps}
                 self.metrics.log(state.step, record)
                 mfu_text = f" mfu {record['mfu']:.1%} (causal {record['mfu_causal']:.1%})" if peak else ""
