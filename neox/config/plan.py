@@ -1,26 +1,30 @@
 """Validate a composed run config and derive everything that follows from it, in one place.
 
 `make_plan(cfg, resources)` either raises one `ConfigError`/`LaunchError` whose message names the
-fix, or returns a frozen `RunPlan`: the layout (world, tp, pp, dp), the batch triad, the padded
-vocab, the resolved model shape, the FLOP count and the memory estimate. The config itself is never
-mutated. Each field's own domain is declared on the schema (`neox.config.domains`); this module
-checks what relates several fields.
+fix, or returns a frozen `RunPlan`: the validated config typed once (`plan.config`, the schema's
+dataclasses), the layout (world, tp, pp, dp), the batch triad, the padded vocab, the resolved model
+shape, the FLOP count and the memory estimate. Everything after the entry points (workers, engine,
+metrics, summary, launchers) reads the plan, never the raw `DictConfig`; neither is mutated. Each
+field's own domain is declared on the schema (`neox.config.domains`); this module checks what
+relates several fields.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from neox.config.domains import check_domains
 from neox.config.layout import resolve_layout
 from neox.config.memory import MemoryEstimate, estimate, gib
 from neox.config.resources import Resources
-from neox.config.schema import RunConfig
+from neox.config.schema import CLUSTER_SCHEMAS, ModelConfig, RunConfig
 from neox.errors import ConfigError
 from neox.model.gpt import GPTConfig, count_params
 
@@ -30,6 +34,7 @@ WARN_MEMORY = 0.8  # warn above this fraction: the estimate leaves out the frame
 
 @dataclass(frozen=True)
 class RunPlan:
+    config: RunConfig  # the validated config as the schema's dataclasses; read, never written
     world_size: int
     tp: int
     pp: int
@@ -70,7 +75,32 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def gpt_config(model: DictConfig) -> GPTConfig:
+def typed_config(cfg: DictConfig) -> RunConfig:
+    """The composed (or loaded) config as the schema's dataclasses: `RunConfig` holding `ModelConfig`,
+    `TrainConfig`, ... and the cluster section as the dataclass its kind names (`CLUSTER_SCHEMAS`)."""
+    kind = cfg.cluster.kind
+    if kind not in CLUSTER_SCHEMAS:
+        raise ConfigError(f"cluster.kind={kind!r} is not {', '.join(CLUSTER_SCHEMAS)}; pick cluster=<one of them>")
+    try:
+        if OmegaConf.get_type(cfg) is not RunConfig:
+            cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        config = OmegaConf.to_object(cfg)
+        # The cluster field is `Any`: composed from its group it comes back typed, read back from a
+        # config.yaml it is a plain dict.
+        if not isinstance(config.cluster, CLUSTER_SCHEMAS[kind]):
+            config.cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CLUSTER_SCHEMAS[kind]),
+                                                                 cfg.cluster))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {str(exc).strip().splitlines()[0]}") from None
+    return config
+
+
+def config_dict(config: RunConfig) -> dict:
+    """The typed config as plain data: what checkpoints record (the resume check compares it) and W&B shows."""
+    return dataclasses.asdict(config)
+
+
+def gpt_config(model: ModelConfig) -> GPTConfig:
     """Resolve the model section into the frozen shape the model is built from."""
     d, heads = model.d_model, model.n_heads
     kv = model.n_kv_heads or heads
@@ -101,13 +131,15 @@ def flops_per_token(m: GPTConfig, params: dict, causal: bool = False) -> float:
     return 6 * (params["non_embedding"] + m.vocab_size * m.d_model) + attention
 
 
-def kernel_overrides(model: DictConfig) -> dict[str, str]:
-    """The ops whose kernel choice differs from model.kernels's: op -> auto | fused | reference."""
-    ops = model.get("kernel_ops") or {}
-    return {str(op): str(v) for op, v in ops.items() if v is not None}
+def kernel_overrides(model: ModelConfig) -> dict[str, str]:
+    """The ops whose kernel choice differs from model.kernels's: op -> auto | fused | reference.
+    (`model` may also be a DictConfig of the section, as a saved config is read back.)"""
+    ops = getattr(model, "kernel_ops", None) or {}
+    items = vars(ops).items() if dataclasses.is_dataclass(ops) else ops.items()
+    return {str(op): str(v) for op, v in items if v is not None}
 
 
-def _check_model(m: DictConfig) -> None:
+def _check_model(m: ModelConfig) -> None:
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     kv = m.n_kv_heads or m.n_heads
@@ -117,7 +149,7 @@ def _check_model(m: DictConfig) -> None:
         raise ConfigError("model.rotary_pct leaves fewer than 2 rotary dims per head; raise it")
 
 
-def _check_optim(cfg: DictConfig) -> list:
+def _check_optim(cfg: RunConfig) -> list:
     """Raise on a schedule that contradicts itself; return warnings for one that is merely odd."""
     o, steps = cfg.optim, cfg.train.steps
     if o.decay != "constant" and o.min_lr > o.lr:
@@ -176,7 +208,7 @@ def _check_init_from(source: Optional[str]) -> None:
                           "written by `python -m neox.convert from-hf`, or a Hugging Face model dir")
 
 
-def _check_data(cfg: DictConfig) -> None:
+def _check_data(cfg: RunConfig) -> None:
     data = cfg.data
     if data.kind != "prepared":
         return
@@ -191,12 +223,13 @@ def _check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"data.weights has {len(data.weights)} entries for {len(data.prefixes)} prefixes")
 
 
-def default_run_dir(cfg: DictConfig) -> Path:
+def default_run_dir(cfg: RunConfig) -> Path:
+    """(a DictConfig of the run config too: the launcher names sweep jobs before planning them)"""
     name = cfg.run_name or f"{cfg.model.name}-{cfg.parallelism.name}-{cfg.data.name}"
     return Path(cfg.run_dir if cfg.run_dir else os.path.join("runs", name)).expanduser().absolute()
 
 
-def _check_memory(cfg: DictConfig, res: Resources, world: int, mem: MemoryEstimate) -> list:
+def _check_memory(res: Resources, world: int, mem: MemoryEstimate) -> list:
     """Refuse a run estimated at over REFUSE_MEMORY x a device's memory; warn above WARN_MEMORY."""
     # A dry run of a layout bigger than this machine plans for another one, whose memory is unknown.
     if res.memory_per_slot is None or world > res.slots:
@@ -217,16 +250,17 @@ def _check_memory(cfg: DictConfig, res: Resources, world: int, mem: MemoryEstima
 def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     """Validate `cfg` against what is available and derive the run plan. Raises on the first problem."""
     check_domains(cfg, RunConfig)  # first: the checks below divide by and index with these values
-    _check_model(cfg.model)
-    model = gpt_config(cfg.model)
-    layout = resolve_layout(cfg.parallelism, model, res, cfg.dry_run)
+    config = typed_config(cfg)
+    _check_model(config.model)
+    model = gpt_config(config.model)
+    layout = resolve_layout(config.parallelism, model, res, config.dry_run)
     world, dp, warnings = layout.world, layout.dp, list(layout.warnings)
-    t = cfg.train
+    t, p = config.train, config.parallelism
     micro, accum, global_ = batch_triad(t.micro_batch, t.grad_accum, t.global_batch, dp)
-    if cfg.parallelism.pp > 1 and accum < cfg.parallelism.pp:
-        warnings.append(f"grad_accum={accum} micro-batches is below pp={cfg.parallelism.pp} stages: "
-                        f"the pipeline bubble is {(cfg.parallelism.pp - 1) / (accum + cfg.parallelism.pp - 1):.0%}")
-    warnings += _check_optim(cfg)
+    if p.pp > 1 and accum < p.pp:
+        warnings.append(f"grad_accum={accum} micro-batches is below pp={p.pp} stages: "
+                        f"the pipeline bubble is {(p.pp - 1) / (accum + p.pp - 1):.0%}")
+    warnings += _check_optim(config)
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if res.device == "cuda" else "fp32"
@@ -235,21 +269,20 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     if precision == "fp8" and res.device == "cpu":
         raise ConfigError("train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (Hopper, compute capability 8.9 "
                           "or newer); use bf16 or fp32 on CPU")
-    run_dir = default_run_dir(cfg)
+    run_dir = default_run_dir(config)
     _check_output(run_dir)
-    _check_data(cfg)
+    _check_data(config)
     _check_init_from(t.init_from)
     from neox.data.preflight import preflight  # opens every dataset and tokenizer the workers will
 
     evals = t.eval_batches * micro * dp  # the samples the workers ask for (neox/train/worker.py)
-    warnings += preflight(cfg.data, seq_len=model.seq_len, model_vocab=model.vocab_size, seed=t.seed,
+    warnings += preflight(config.data, seq_len=model.seq_len, model_vocab=model.vocab_size, seed=t.seed,
                           num_samples={"train": t.steps * global_, "valid": evals, "test": evals})
     params = count_params(model)
-    p = cfg.parallelism
     memory = estimate(model, params["total"], micro_batch=micro, grad_accum=accum, tp=p.tp, pp=p.pp, dp=dp,
                       zero_stage=p.zero_stage, precision=precision, sequence_parallel=p.sequence_parallel)
-    warnings += _check_memory(cfg, res, world, memory)
-    return RunPlan(world_size=world, tp=p.tp, pp=p.pp, dp=dp, micro_batch=micro,
+    warnings += _check_memory(res, world, memory)
+    return RunPlan(config=config, world_size=world, tp=p.tp, pp=p.pp, dp=dp, micro_batch=micro,
                    grad_accum=accum, global_batch=global_, seq_len=model.seq_len, precision=precision,
                    device=res.device, model=model, params=params, flops_per_token=flops_per_token(model, params),
                    run_dir=run_dir, resources=res, memory=memory, warnings=tuple(warnings))

@@ -73,7 +73,7 @@ def resolve_prepared(cfg: Any) -> tuple[list[str], str, list[str]]:
     if not prefixes:
         raise DataError("data.kind=prepared needs data.prefixes: the .bin/.idx paths "
                         "without extension")
-    if cfg.get("name") == "blend" and cfg.weights is None:
+    if cfg.name == "blend" and cfg.weights is None:
         raise DataError("data=blend needs data.weights, one per prefix (e.g. "
                         "data.weights=[0.3,0.7]); use data=files to weight by token count")
     if cfg.weights is not None:

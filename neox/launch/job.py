@@ -14,7 +14,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from neox.config.plan import RunPlan, make_plan
+from neox.config.plan import RunPlan, config_dict, make_plan
 from neox.errors import EXIT_INTERRUPTED, LaunchError
 from neox.launch import local, resources, summary
 from neox.launch.rundir import PENDING_CONFIG, RunDirLock
@@ -22,7 +22,7 @@ from neox.launch.rundir import PENDING_CONFIG, RunDirLock
 
 
 def plan_for(cfg: DictConfig) -> RunPlan:
-    """Validate the config against what this launch can use."""
+    """Validate the config against what this launch can use; what follows reads the plan alone."""
     return make_plan(cfg, resources.detect(cfg.cluster))
 
 
@@ -36,7 +36,7 @@ def save_config(cfg: DictConfig, run_dir: Path, name: str = "config.yaml") -> Pa
     return path
 
 
-def check_run_dir(cfg: DictConfig, plan: RunPlan) -> None:
+def check_run_dir(plan: RunPlan) -> None:
     """What the workers would refuse at start about the run dir, refused here first (one line): a
     config or checkpoints path that cannot be written, and a resume with a different model shape."""
     from neox.checkpoint import CheckpointManager, check_resume_config
@@ -46,7 +46,7 @@ def check_run_dir(cfg: DictConfig, plan: RunPlan) -> None:
         if os.path.isdir(plan.run_dir / name):
             raise LaunchError(f"{plan.run_dir / name} is a directory; the run's config is written there: "
                               "move it away and rerun")
-    manager = CheckpointManager(plan.run_dir / "checkpoints", cfg.train.keep_checkpoints, is_main=True)
+    manager = CheckpointManager(plan.run_dir / "checkpoints", plan.config.train.keep_checkpoints, is_main=True)
     manager.check_usable()
     for tag in manager.candidates():  # the first one with a readable state is what the workers load
         try:
@@ -54,7 +54,7 @@ def check_run_dir(cfg: DictConfig, plan: RunPlan) -> None:
         except CheckpointError:
             continue  # missing or damaged: the workers verify it and fall back, saying so
         if "config" in saved:
-            check_resume_config(saved["config"], OmegaConf.to_container(cfg, resolve=True))
+            check_resume_config(saved["config"], config_dict(plan.config))
         return
 
 
@@ -78,30 +78,32 @@ def run_job(cfg: DictConfig) -> int:
     plan = None
     try:
         plan = plan_for(cfg)
-        print(summary.render(cfg, plan), flush=True)
-        check_run_dir(cfg, plan)
-        if cfg.dry_run:
+        print(summary.render(plan), flush=True)
+        check_run_dir(plan)
+        if plan.config.dry_run:
             print("dry run: config valid, nothing launched")
             return 0
-        cfg = cfg.copy()
+        cfg = cfg.copy()  # what config.yaml records: the run dir made explicit
         cfg.run_dir = str(plan.run_dir)
         with RunDirLock(plan.run_dir) as lock:
-            check_run_dir(cfg, plan)  # again: the run dir cannot change under us any more
+            check_run_dir(plan)  # again: the run dir cannot change under us any more
             return _dispatch(cfg, plan, lock)
     except KeyboardInterrupt:
         return interrupted(plan, local_workers=cfg.cluster.kind != "slurm")
 
 
 def _dispatch(cfg: DictConfig, plan: RunPlan, lock: RunDirLock) -> int:
-    if cfg.cluster.kind == "slurm":
+    """Write `cfg` (the config the workers read) and start them as `plan` says."""
+    kind = plan.config.cluster.kind
+    if kind == "slurm":
         from neox.launch import slurm
 
         # A requeued or still-starting job reads this file; it becomes config.yaml once the job runs.
-        return slurm.submit(cfg, plan, save_config(cfg, plan.run_dir, PENDING_CONFIG), plan.run_dir, lock=lock)
-    if cfg.cluster.kind == "local":
-        local.check_master_port(cfg.cluster)
+        return slurm.submit(plan, save_config(cfg, plan.run_dir, PENDING_CONFIG), plan.run_dir, lock=lock)
+    if kind == "local":
+        local.check_master_port(plan.config.cluster)
     config_path = save_config(cfg, plan.run_dir, PENDING_CONFIG)
     try:
-        return local.run(cfg.cluster, plan, config_path, keep_fds=(lock.fd,) if lock.fd is not None else ())
+        return local.run(plan, config_path, keep_fds=(lock.fd,) if lock.fd is not None else ())
     finally:
         config_path.unlink(missing_ok=True)  # still there: the workers refused it

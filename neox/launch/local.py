@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import List, Sequence
 
-from omegaconf import DictConfig
-
 from neox.config.plan import RunPlan
+from neox.config.schema import LocalCluster
 from neox.errors import LaunchError
 
 
@@ -25,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_master_port(cluster: DictConfig) -> None:
+def check_master_port(cluster: LocalCluster) -> None:
     """A given cluster.master_port must be free here (rank 0 listens on it); without one a free port
     is picked. Checked before anything starts: otherwise every rank fails after its imports."""
-    port = cluster.get("master_port")
+    port = cluster.master_port
     if not port:
         return
     with socket.socket() as s:
@@ -48,7 +47,9 @@ def check_master_port(cluster: DictConfig) -> None:
                               "to use a free one") from None
 
 
-def deepspeed_command(cluster: DictConfig, plan: RunPlan, config_path: Path, port: int) -> List[str]:
+def deepspeed_command(plan: RunPlan, config_path: Path, port: int) -> List[str]:
+    """The deepspeed launcher's command for the plan's cluster section (local or hostfile)."""
+    cluster = plan.config.cluster
     exe = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if not os.path.exists(exe):
         raise LaunchError("the `deepspeed` launcher is not on PATH; install neox with "
@@ -103,12 +104,12 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run(cluster: DictConfig, plan: RunPlan, config_path: Path, keep_fds: Sequence[int] = ()) -> int:
+def run(plan: RunPlan, config_path: Path, keep_fds: Sequence[int] = ()) -> int:
     """Run the workers to completion and return their exit status. `keep_fds` stay open in the
     deepspeed launcher (the run dir's lock: held while the workers run, even if this process dies).
     Ctrl-C stops the workers and is raised again as KeyboardInterrupt once they are gone."""
-    port = cluster.master_port or free_port()
-    cmd = deepspeed_command(cluster, plan, config_path, port)
+    port = plan.config.cluster.master_port or free_port()
+    cmd = deepspeed_command(plan, config_path, port)
     print(f"launching {plan.world_size} workers: {' '.join(cmd)}", flush=True)
     # The deepspeed runner starts with SIGINT ignored (an ignored signal stays ignored across exec):
     # it has no handler of its own and would print a KeyboardInterrupt traceback. Its child,

@@ -1,8 +1,6 @@
 """The one-screen summary printed before a run starts."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from neox.config.memory import gib
 from neox.config.plan import RunPlan
 
@@ -14,17 +12,19 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.3g}{unit}"
 
 
-def stage_plan(cfg: DictConfig, plan: RunPlan) -> str:
+def stage_plan(plan: RunPlan) -> str:
     """Layers and parameters per pipeline stage, computed on the meta device (nothing is built);
     raises ConfigError when the partition method leaves a stage empty."""
     from neox.parallel.pipeline import deepspeed_layer_specs, describe_partition, partition_layers
 
     specs = deepspeed_layer_specs(plan.model)
-    parts = partition_layers(specs, plan.pp, cfg.parallelism.pipe_partition)
-    return describe_partition(specs, parts, cfg.parallelism.pipe_partition, plan.tp)
+    partition = plan.config.parallelism.pipe_partition
+    parts = partition_layers(specs, plan.pp, partition)
+    return describe_partition(specs, parts, partition, plan.tp)
 
 
-def render(cfg: DictConfig, plan: RunPlan) -> str:
+def render(plan: RunPlan) -> str:
+    cfg = plan.config
     m, p = plan.model, cfg.parallelism
     pos = m.position + (f" ({m.rotary_dims}/{m.head_dim} dims{', interleaved' if m.rotary_interleaved else ''})"
                         if m.position == "rotary" else "")
@@ -56,7 +56,7 @@ def render(cfg: DictConfig, plan: RunPlan) -> str:
     if plan.pp > 1:
         lines.append(f"  pipeline  {plan.pp} stages, {plan.grad_accum} micro-batches: expected bubble "
                      f"(p-1)/(m+p-1) = {plan.bubble_fraction:.1%}")
-        lines += ["            " + line for line in stage_plan(cfg, plan).splitlines()]
+        lines += ["            " + line for line in stage_plan(plan).splitlines()]
     data = cfg.data
     source = "this machine's Python stdlib source" if data.kind == "embedded" else ", ".join(data.prefixes)
     lines.append(f"  data      {data.name}: {source}; split {data.split}")

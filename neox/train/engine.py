@@ -4,22 +4,23 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
 
 from neox.config.plan import RunPlan
+from neox.config.schema import OptimConfig
 from neox.train.grad_clip import install_grad_clipping
 from neox.train.guards import SkipNonFiniteAdamW
 from neox.train.schedule import lr_multiplier
 
 
-def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
-    zero = cfg.parallelism.zero_stage
-    bucket = int(cfg.parallelism.zero_bucket_size)
+def deepspeed_config(plan: RunPlan) -> dict:
+    parallel = plan.config.parallelism
+    zero = parallel.zero_stage
+    bucket = int(parallel.zero_bucket_size)
     config = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": plan.config.optim.grad_clip,
         "zero_optimization": {"stage": zero, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # neox logs its own metrics
@@ -35,38 +36,37 @@ def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
     if plan.pp > 1:  # refuses ZeRO-2/3 and bf16+ZeRO-0; adds the `pipeline` section
         from neox.parallel.pipeline import pipeline_deepspeed_config
 
-        config = pipeline_deepspeed_config(config, cfg.parallelism.sequence_parallel)
+        config = pipeline_deepspeed_config(config, parallel.sequence_parallel)
     return config
 
 
-def optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+def optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """torch AdamW (fused on GPU; no JIT-built DeepSpeed optimizer) that skips non-finite steps.
     Biases and norms get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    o = cfg.optim
-    return SkipNonFiniteAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+    return SkipNonFiniteAdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                              fused=device.type == "cuda")
 
 
-def lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    o = cfg.optim
-    decay_steps = o.decay_steps or cfg.train.steps
+def lr_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule over a run of `steps` (train.steps), decaying over optim.decay_steps when set."""
+    decay_steps = o.decay_steps or steps
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lr_multiplier(o.warmup_steps, decay_steps, o.decay, o.min_lr / o.lr))
 
 
-def initialize(model: torch.nn.Module, cfg: DictConfig, plan: RunPlan, device: torch.device,
-               mpu: Optional[Any] = None):
+def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu: Optional[Any] = None):
     """Wrap the model in a DeepSpeed engine; returns (engine, optimizer, scheduler)."""
     import deepspeed
 
-    opt = optimizer(model, cfg, device)
-    sched = lr_scheduler(opt, cfg)
+    opt = optimizer(model, plan.config.optim, device)
+    sched = lr_scheduler(opt, plan.config.optim, plan.config.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, plan), mpu=mpu)
+                                           config=deepspeed_config(plan), mpu=mpu)
     install_grad_clipping(engine)  # ZeRO-0 fp32: a norm right under pp and tp, and kept for the metrics
     return engine, opt, sched

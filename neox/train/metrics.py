@@ -11,9 +11,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from neox.config.schema import LoggingConfig
 
 SECRET_HINTS = ("key", "token", "secret", "password")
 
@@ -36,7 +36,11 @@ def _wandb_mode() -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int = 0):
+    """`logging`: the run's logging section; `config`: the run's whole config as plain data
+    (neox.config.plan.config_dict), shown with the W&B run after `scrub`."""
+
+    def __init__(self, run_dir: Path, logging: LoggingConfig, enabled: bool, resume_step: int = 0,
+                 config: Optional[Dict[str, Any]] = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -45,17 +49,17 @@ class MetricsLogger:
             return
         self._drop_after(resume_step)
         self.file = open(self.path, "a")
-        if cfg.logging.tensorboard:
+        if logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except Exception as exc:  # a logging sink never breaks a run
                 self.warn(f"TensorBoard logging off: {exc}")
-        if cfg.logging.wandb:
-            self.wandb = self._start_wandb(run_dir, cfg)
+        if logging.wandb:
+            self.wandb = self._start_wandb(run_dir, logging, config or {})
 
-    def _start_wandb(self, run_dir: Path, cfg: DictConfig):
+    def _start_wandb(self, run_dir: Path, logging: LoggingConfig, config: Dict[str, Any]):
         try:
             import wandb
         except ImportError:
@@ -63,9 +67,9 @@ class MetricsLogger:
             return None
         mode = _wandb_mode()
         try:
-            run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, dir=str(run_dir),
+            run = wandb.init(project=logging.wandb_project, entity=logging.wandb_entity, dir=str(run_dir),
                              name=run_dir.name, id=_stable_id(run_dir), resume="allow", mode=mode,
-                             config=scrub(OmegaConf.to_container(cfg, resolve=True)),
+                             config=scrub(config),
                              settings=wandb.Settings(silent=True, console="off"))
             print(f"W&B: {mode} run in {run_dir / 'wandb'}", flush=True)
             return run

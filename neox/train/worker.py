@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neox.checkpoint import CheckpointManager
 from neox.checkpoint.background import resolve_async_save
-from neox.config.plan import RunPlan, make_plan
+from neox.config.plan import RunPlan, config_dict, make_plan
 from neox.config.resources import from_worker_env
 from neox.config.run_files import PENDING_CONFIG
 from neox.model.gpt import GPT, cross_entropy_loss
@@ -77,14 +77,14 @@ def run(config_path: str) -> int:
     watcher = PreemptionWatcher()  # first thing: a stop signal during startup is kept as a flag
     faults = Faults.from_env()  # the training loop's test faults, read once
     path = config_to_read(config_path)
-    cfg = load_config(str(path))
+    cfg = load_config(str(path))  # the raw config ends here: everything below reads the plan
     info = distributed.init(cfg.train.collective_timeout_s)
     plan = make_plan(cfg, from_worker_env(info.device.type))
     if plan.world_size != info.world_size:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer: Optional[Trainer] = None
     try:
-        trainer = Trainer(cfg, plan, info, faults=faults)
+        trainer = Trainer(plan, info, faults=faults)
         if info.is_main:
             publish_config(path, plan.run_dir)
         status = trainer.fit(watcher)
@@ -96,7 +96,7 @@ def run(config_path: str) -> int:
             raise TrainingError(out_of_memory_message(
                 exc, rank=info.rank, step=step, device="GPU" if info.device.type == "cuda" else "CPU",
                 micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-                activation_checkpointing=cfg.model.activation_checkpointing, tp=plan.tp, pp=plan.pp)) from exc
+                activation_checkpointing=plan.config.model.activation_checkpointing, tp=plan.tp, pp=plan.pp)) from exc
         if trainer is None:
             raise  # a startup failure that is not a collective's: shown as it is
         # gloo/nccl raise RuntimeError subclasses when a peer is gone
@@ -104,16 +104,16 @@ def run(config_path: str) -> int:
         who = (f"rank(s) {', '.join(map(str, stalled))} did not reach it" if stalled
                else "a peer rank died or hung")
         raise TrainingError(f"a collective failed at step {trainer.state.step + 1}: {who} "
-                            f"(collective timeout {cfg.train.collective_timeout_s} s); "
+                            f"(collective timeout {plan.config.train.collective_timeout_s} s); "
                             f"cause: {str(exc).splitlines()[0][:200]}") from exc
     finally:
         if trainer is not None:  # every way out (the end, a requeue, an error) waits for the checkpoint writer
             trainer.checkpoints.close()
 
 
-def model_layout(cfg: DictConfig, plan: RunPlan) -> ModelLayout:
+def model_layout(plan: RunPlan) -> ModelLayout:
     """Where every parameter of the run lives (stage, tensor shard): what checkpoints record and reshard by."""
-    p = cfg.parallelism
+    p = plan.config.parallelism
     return ModelLayout(plan.model, Parallelism(tp=plan.tp, pp=plan.pp, dp=plan.dp, zero_stage=p.zero_stage,
                                                partition=p.pipe_partition))
 
@@ -125,9 +125,9 @@ def memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, plan: RunPlan, info: distributed.WorkerInfo,
-                 faults: Faults = Faults()):
-        self.cfg, self.plan, self.info = cfg, plan, info
+    def __init__(self, plan: RunPlan, info: distributed.WorkerInfo, faults: Faults = Faults()):
+        self.plan, self.info = plan, info
+        cfg = plan.config  # typed (neox.config.schema); what is derived from it is on the plan
         self.run_dir = plan.run_dir
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
         from neox import kernels
@@ -136,7 +136,7 @@ class Trainer:
         # topology: pipe x data x model groups; the data shard follows the dp rank
         self.topo = Topology.build(tp=plan.tp, pp=plan.pp, dp=plan.dp)
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
-        self.layout = model_layout(cfg, plan)
+        self.layout = model_layout(plan)
         seed_all(cfg.train.seed, self.topo.pp_rank)  # identical on every tp rank: same full weights
         np.random.seed(cfg.train.seed)
 
@@ -172,8 +172,7 @@ class Trainer:
             from neox.train.compile import compile_blocks
 
             compile_blocks(self.model, Block, self.say)
-        self.engine, self.optimizer, self.scheduler = engine_lib.initialize(self.model, cfg, plan, info.device,
-                                                                             mpu=mpu)
+        self.engine, self.optimizer, self.scheduler = engine_lib.initialize(self.model, plan, info.device, mpu=mpu)
 
         # data
         from neox.data import build_datasets
@@ -194,11 +193,12 @@ class Trainer:
                                              fault=faults.checkpoint if info.rank == 0 else None,
                                              async_save=resolve_async_save(cfg.train.async_save, info.device.type),
                                              commit_timeout_s=cfg.train.collective_timeout_s)
-        client = self.checkpoints.load(self.engine, current_config=OmegaConf.to_container(cfg, resolve=True))
+        client = self.checkpoints.load(self.engine, current_config=config_dict(cfg))
         if client is not None:
             self.state = RunState(**client["run_state"])
             self.say(f"resumed from {self.checkpoints.loaded_tag} at step {self.state.step}")
-        self.metrics = MetricsLogger(self.run_dir, cfg, enabled=info.is_main, resume_step=self.state.step)
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=info.is_main, resume_step=self.state.step,
+                                     config=config_dict(cfg))
         self.heartbeats = Heartbeats(self.run_dir, info.rank)
         self.faults = faults
 
@@ -259,18 +259,18 @@ class Trainer:
             return None
         if self.pipelined:  # mean over micro-batches and dp ranks, broadcast to every stage
             batches = self.loader(self.data.valid, 0)
-            micro = [next(batches) for _ in range(self.cfg.train.eval_batches)]
+            micro = [next(batches) for _ in range(self.plan.config.train.eval_batches)]
             return self.engine.eval_batch(pipeline_batches(iter(micro)), num_micro_batches=len(micro)).item()
         self.engine.eval()
         batches = self.loader(self.data.valid, 0)
-        losses = [self.forward_loss(next(batches)).float() for _ in range(self.cfg.train.eval_batches)]
+        losses = [self.forward_loss(next(batches)).float() for _ in range(self.plan.config.train.eval_batches)]
         self.engine.train()
         return self.mean_over_dp(torch.stack(losses).mean())
 
     def save(self) -> None:
         path = self.checkpoints.save(self.engine, self.state.step, {
             "run_state": vars(self.state).copy(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": config_dict(self.plan.config),
         })
         self.say(f"{'saving' if self.checkpoints.async_save else 'saved'} checkpoint {path}")
 
@@ -280,8 +280,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self, watcher: Optional[PreemptionWatcher] = None) -> int:
-        cfg, plan, state = self.cfg, self.plan, self.state
-        t = cfg.train
+        plan, state = self.plan, self.state
+        t = plan.config.train
         batches = self.loader(self.data.train, state.consumed_samples)
         device_name = torch.cuda.get_device_name(self.info.device) if self.info.device.type == "cuda" else None
         peak = mfu.peak_tflops(device_name, t.peak_tflops)

@@ -42,7 +42,7 @@ def resume_and_train(rank: int, world: int, run_dir: str, overrides: Dict[str, A
         if rank == 0:
             quiet.enter_context(contextlib.redirect_stdout(log))
             quiet.enter_context(contextlib.redirect_stderr(log))
-        trainer = Trainer(cfg, make_plan(cfg, from_worker_env("cpu")), info)
+        trainer = Trainer(make_plan(cfg, from_worker_env("cpu")), info)
         tag = trainer.checkpoints.loaded_tag
         assert tag is not None, "nothing was resumed"
         _check_state(trainer, Path(run_dir) / "checkpoints" / tag)

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the supp
 
 def main(run_dir: str, source_stages: str, scratch: str) -> None:
     from ckpt_helpers import one_process_plan
-    from omegaconf import OmegaConf
+    from support.plans import cpu
 
     from neox.checkpoint import CheckpointManager
+    from neox.config.plan import config_dict, make_plan
     from neox.model.gpt import GPT, cross_entropy_loss
     from neox.train import distributed, engine as engine_lib
     from neox.train.worker import model_layout
@@ -32,12 +33,14 @@ def main(run_dir: str, source_stages: str, scratch: str) -> None:
     tokens = torch.randint(0, plan.model.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
 
     def make(stage: int):
+        nonlocal plan
         cfg.parallelism.zero_stage = stage
+        plan = make_plan(cfg, cpu(1))
         torch.manual_seed(1234)
-        return engine_lib.initialize(GPT(plan.model), cfg, plan, info.device)[0]
+        return engine_lib.initialize(GPT(plan.model), plan, info.device)[0]
 
     def manager():  # as the trainer makes it: with the run's layout (the ZeRO stage just set)
-        return CheckpointManager(ckpts, 3, True, layout=model_layout(cfg, plan))
+        return CheckpointManager(ckpts, 3, True, layout=model_layout(plan))
 
     def steps(engine, first: int, n: int):
         losses = []
@@ -56,7 +59,7 @@ def main(run_dir: str, source_stages: str, scratch: str) -> None:
         shutil.rmtree(ckpts, ignore_errors=True)
         src = make(int(source_stage))
         steps(src, 0, 3)
-        manager().save(src, 3, {"run_state": {"step": 3}, "config": OmegaConf.to_container(cfg, resolve=True)})
+        manager().save(src, 3, {"run_state": {"step": 3}, "config": config_dict(plan.config)})
         out = {"source": steps(src, 3, 2)}
         for stage in (0, 1, 2):
             engine = make(stage)

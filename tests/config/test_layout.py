@@ -7,7 +7,6 @@ back from the code.
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
@@ -131,17 +130,24 @@ def test_the_vocab_is_padded_before_the_rule_sees_it():
 
 
 def test_the_planner_and_slurm_say_the_same(tmp_path):
-    """One rule: the plan (before any launch) and the Slurm submission refuse a layout in the same words."""
+    """One rule: the plan (before any launch) and the Slurm submission refuse a layout in the same words.
+    The submission checks the plan it is handed against the job's allocation again: a real plan (tp=2,
+    accepted) changed to the tp=4 layout the planner refused is refused there too."""
     from neox.config.plan import make_plan
     from neox.launch import slurm
     from neox.launch.compose import compose_config
     from neox.launch.resources import detect
 
-    cfg = compose_config(["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=6", "parallelism.tp=4",
-                          "model.n_heads=8", "model.d_model=512", f"run_dir={tmp_path}/r"])
+    def planned_with(tp: int):
+        cfg = compose_config(["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=6", f"parallelism.tp={tp}",
+                              "model.n_heads=8", "model.d_model=512", f"run_dir={tmp_path}/r"])
+        return make_plan(cfg, detect(cfg.cluster))
+
     with pytest.raises(LaunchError) as planned:
-        make_plan(cfg, detect(cfg.cluster))
+        planned_with(4)
+    accepted = planned_with(2)
+    assert (accepted.tp, accepted.dp, slurm.check(accepted)) == (2, 6, 6)
     with pytest.raises(LaunchError) as submitted:
-        slurm.check(cfg, SimpleNamespace(tp=4, pp=1, dp=3))
+        slurm.check(dataclasses.replace(accepted, tp=4, dp=3))
     assert str(planned.value) == str(submitted.value)
     assert "parallelism.tp=4 does not fit inside one node of 6 GPUs" in str(planned.value)

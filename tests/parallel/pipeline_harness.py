@@ -108,7 +108,7 @@ def _engine(run: Dict[str, Any], topo, announce: bool):
               .describe_stages(), flush=True)
     _check_init(module, model_cfg, topo)
     # engine.py adds the pipeline section of the DeepSpeed config and the pipe-aware fp32 clipping.
-    engine = engine_lib.initialize(module, cfg, plan, torch.device("cpu"), mpu=None)[0]
+    engine = engine_lib.initialize(module, plan, torch.device("cpu"), mpu=None)[0]
     if run["checkpointing"] == "full":  # Blocks are checkpointed, the embedding chunk never
         flags = dict(zip(range(module._local_start, module._local_stop), module.is_checkpointable_results))
         for i, flag in flags.items():
@@ -192,8 +192,8 @@ def reference(run: Dict[str, Any]) -> Dict[str, Any]:
     model_cfg = plan.model
     torch.manual_seed(SEED)
     model = GPT(model_cfg)
-    opt = engine_lib.optimizer(model, cfg, torch.device("cpu"))
-    sched = engine_lib.lr_scheduler(opt, cfg)
+    opt = engine_lib.optimizer(model, plan.config.optim, torch.device("cpu"))
+    sched = engine_lib.lr_scheduler(opt, plan.config.optim, plan.config.train.steps)
     losses, norms = {}, {}
     for step, batch in enumerate(token_batches(run, dp)):
         total = 0.0

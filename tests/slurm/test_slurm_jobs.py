@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slurm
 
 def submit(run_dir, **kw):
     cfg = make_cfg(run_dir, **kw)
-    return sl.submit_job(cfg, plan_for(cfg), write_config(cfg, run_dir), run_dir, entry=STANDIN)
+    return sl.submit_job(plan_for(cfg), write_config(cfg, run_dir), run_dir, entry=STANDIN)
 
 
 def losses(run_dir):
@@ -41,11 +41,11 @@ def test_two_task_job_completes_streaming_its_log(slurm, tmp_path, capsys):
     # Beside it, a job submitted with wait=false: submit returns once sbatch has taken it.
     quick = make_cfg(tmp_path / "nowait", steps=4, wait=False)
     t0 = time.time()
-    assert sl.submit(quick, plan_for(quick), write_config(quick, tmp_path / "nowait"), tmp_path / "nowait",
+    assert sl.submit(plan_for(quick), write_config(quick, tmp_path / "nowait"), tmp_path / "nowait",
                      entry=STANDIN) == 0
     assert time.time() - t0 < 10
     cfg = make_cfg(tmp_path / "run", steps=12)
-    rc = sl.submit(cfg, plan_for(cfg), write_config(cfg, tmp_path / "run"), tmp_path / "run", entry=STANDIN)
+    rc = sl.submit(plan_for(cfg), write_config(cfg, tmp_path / "run"), tmp_path / "run", entry=STANDIN)
     out = capsys.readouterr().out
     assert rc == 0, out
     job_id = re.search(r"Submitted Slurm job (\d+) \(run\)", out).group(1)
@@ -69,7 +69,7 @@ def test_sweep_jobs_go_out_together_and_run_in_their_own_dirs(slurm, tmp_path, c
     t0 = time.time()
     for d in dirs:  # what launch.py -m does for each run: submit without waiting, then wait for all
         cfg = make_cfg(d, steps=6, tasks_per_node=1, wait=False)
-        assert sl.submit(cfg, plan_for(cfg), write_config(cfg, d), d, entry=STANDIN) == 0
+        assert sl.submit(plan_for(cfg), write_config(cfg, d), d, entry=STANDIN) == 0
     assert time.time() - t0 < 15
     assert sl.wait_for(dirs) == 0
     out = capsys.readouterr().out
@@ -138,7 +138,7 @@ def test_usr2_and_outside_requeue_resume_at_the_saved_step(slurm, tmp_path, caps
 def test_training_error_reaches_the_caller_with_the_log_path(slurm, tmp_path, capsys):
     cfg = make_cfg(tmp_path, steps=10)
     cfg.standin.raise_at = 3
-    rc = sl.submit(cfg, plan_for(cfg), write_config(cfg, tmp_path), tmp_path, entry=STANDIN)
+    rc = sl.submit(plan_for(cfg), write_config(cfg, tmp_path), tmp_path, entry=STANDIN)
     err = capsys.readouterr().err
     assert rc == 1
     assert "training raised on rank 1" in err and "RuntimeError: standin: boom at step 3" in err
@@ -230,6 +230,6 @@ def test_hydra_submitit_launcher_job_runs_the_worker_in_place(slurm, tmp_path):
     path = write_config(cfg, tmp_path)
     executor = submitit.SlurmExecutor(folder=tmp_path / "hydra")
     executor.update_parameters(ntasks_per_node=2, cpus_per_task=1, time=10, setup=["export OMP_NUM_THREADS=1"])
-    job = executor.submit(sl.submit, cfg, plan_for(cfg), path, tmp_path, entry=STANDIN)
+    job = executor.submit(sl.submit, plan_for(cfg), path, tmp_path, entry=STANDIN)
     assert job.results() == [0, 0]
     assert len(losses(tmp_path)) == 5 and not (tmp_path / "slurm").exists()

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def checked(cfg) -> int:
     """What the launcher does with cluster=slurm: the plan (make_plan on the job's resources), then
     slurm.check against the allocation; returns the tasks per node."""
-    return slurm.check(cfg, plan_for(cfg))
+    return slurm.check(plan_for(cfg))
 
 
 # ---- neox.launch.slurm checks ----------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_sbatch_not_found_says_cluster_local(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     cfg = make_cfg(tmp_path)
     with pytest.raises(LaunchError, match="cluster=local"):
-        slurm.submit(cfg, plan_for(cfg), tmp_path / "c.yaml", tmp_path)
+        slurm.submit(plan_for(cfg), tmp_path / "c.yaml", tmp_path)
 
 
 def test_sbatch_script_has_the_cluster_fields(tmp_path):
@@ -84,7 +84,7 @@ def test_sbatch_script_has_the_cluster_fields(tmp_path):
         time_min=600, signal_delay_s=120,
     )
     executor = TaskExecutor(folder=tmp_path)
-    executor.update_parameters(**slurm.executor_parameters(cfg, 8, "6B"))
+    executor.update_parameters(**slurm.executor_parameters(plan_for(cfg).config.cluster, 8, "6B"))
     text = executor._make_submission_file_text(executor._submitit_command_str, "uid")
     for flag in (
         "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--mem=400GB",
@@ -97,7 +97,7 @@ def test_sbatch_script_has_the_cluster_fields(tmp_path):
     # Each task runs neox's runner, which exits with the trainer's status (Slurm records it).
     assert f"-u -m neox.launch.slurm {tmp_path}" in text and "submitit.core._submit" not in text
     assert "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" in text
-    cpu = slurm.executor_parameters(make_cfg(tmp_path), 2, "t")
+    cpu = slurm.executor_parameters(plan_for(make_cfg(tmp_path)).config.cluster, 2, "t")
     assert "gpus_per_node" not in cpu and cpu["setup"][0] == "export OMP_NUM_THREADS=1"
 
 
@@ -134,7 +134,9 @@ def test_sbatch_extra_takes_the_documented_forms(override, expected):
 
     cfg = compose_config(["cluster=slurm", override])
     assert dict(cfg.cluster.sbatch_extra) == expected
-    assert slurm.executor_parameters(cfg, 8, "x")["additional_parameters"] == {"requeue": True, **expected}
+    cluster = plan_for(cfg).config.cluster  # the typed section the submission reads
+    assert cluster.sbatch_extra == expected
+    assert slurm.executor_parameters(cluster, 8, "x")["additional_parameters"] == {"requeue": True, **expected}
 
 
 def test_unknown_cluster_keys_are_still_refused():

@@ -7,15 +7,21 @@ from __future__ import annotations
 import json
 import math
 
-from neox.launch.compose import compose_config
+from support.plans import cpu, plan_of
+
+from neox.config.plan import config_dict
 from neox.train import metrics as metrics_lib
 from neox.train.metrics import MetricsLogger, scrub
 
 SECRET = "wandb-secret-do-not-log-1234"
 
 
-def _cfg(*overrides: str):
-    return compose_config(["logging.wandb=false", "logging.tensorboard=false", *overrides])
+def _logger(run_dir, *overrides: str, enabled: bool = True, resume_step: int = 0) -> MetricsLogger:
+    """The logger a worker makes: the plan's logging section, and its whole config for W&B."""
+    _, plan = plan_of(["logging.wandb=false", "logging.tensorboard=false", *overrides, f"run_dir={run_dir}"],
+                      cpu(1))
+    return MetricsLogger(run_dir, plan.config.logging, enabled=enabled, resume_step=resume_step,
+                         config=config_dict(plan.config))
 
 
 def _lines(run_dir):
@@ -23,7 +29,7 @@ def _lines(run_dir):
 
 
 def test_each_log_call_is_one_flushed_jsonl_record(tmp_path):
-    m = MetricsLogger(tmp_path, _cfg(), enabled=True)
+    m = _logger(tmp_path)
     m.log(1, {"loss": 2.5, "lr": 1e-3})
     assert _lines(tmp_path)[0]["train/loss"] == 2.5  # readable before close: a killed run keeps it
     m.log(1, {"loss": 2.25}, prefix="valid")
@@ -37,18 +43,18 @@ def test_each_log_call_is_one_flushed_jsonl_record(tmp_path):
 
 
 def test_other_ranks_write_nothing(tmp_path):
-    m = MetricsLogger(tmp_path, _cfg("logging.tensorboard=true"), enabled=False)
+    m = _logger(tmp_path, "logging.tensorboard=true", enabled=False)
     m.log(1, {"loss": 1.0})
     m.close()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path):
-    m = MetricsLogger(tmp_path, _cfg(), enabled=True)
+    m = _logger(tmp_path)
     for step in range(1, 7):
         m.log(step, {"loss": 10.0 - step})
     m.close()
-    m = MetricsLogger(tmp_path, _cfg(), enabled=True, resume_step=4)
+    m = _logger(tmp_path, resume_step=4)
     m.log(5, {"loss": 0.5})
     m.close()
     assert [(r["step"], r["train/loss"]) for r in _lines(tmp_path)] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0),
@@ -58,12 +64,12 @@ def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path):
 def test_a_resumed_run_drops_a_last_line_cut_short(tmp_path):
     """A kill or a full disk in the middle of a write leaves a last line cut short: the resumed run drops
     it (before: a JSONDecodeError traceback), and its own lines never join the cut one."""
-    m = MetricsLogger(tmp_path, _cfg(), enabled=True)
+    m = _logger(tmp_path)
     m.log(1, {"loss": 9.0})
     m.close()
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 2, "train/lo')
-    m = MetricsLogger(tmp_path, _cfg(), enabled=True, resume_step=1)
+    m = _logger(tmp_path, resume_step=1)
     m.log(2, {"loss": 8.0})
     m.close()
     assert [(r["step"], r["train/loss"]) for r in _lines(tmp_path)] == [(1, 9.0), (2, 8.0)]
@@ -90,10 +96,9 @@ def test_wandb_offline_without_credentials_writes_its_run_and_no_secret(tmp_path
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    cfg = _cfg("logging.wandb=true", "logging.tensorboard=true")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    m = MetricsLogger(run_dir, cfg, enabled=True)
+    m = _logger(run_dir, "logging.wandb=true", "logging.tensorboard=true")
     assert m.wandb is not None, capsys.readouterr().err
     for step in (1, 2):
         m.log(step, {"loss": 3.0 / step})
@@ -125,7 +130,7 @@ def test_wandb_that_fails_to_start_is_one_warning_and_the_run_goes_on(tmp_path, 
         raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.\nmore detail")
 
     monkeypatch.setattr(wandb, "init", refuse)
-    m = MetricsLogger(tmp_path, _cfg("logging.wandb=true"), enabled=True)
+    m = _logger(tmp_path, "logging.wandb=true")
     m.log(1, {"loss": 1.0})
     m.close()
     err = capsys.readouterr().err
@@ -144,11 +149,27 @@ def test_wandb_that_fails_while_logging_is_turned_off_once(tmp_path, monkeypatch
         def finish(self):
             raise AssertionError("a run turned off is not finished")
 
-    monkeypatch.setattr(MetricsLogger, "_start_wandb", lambda self, run_dir, cfg: BrokenRun())
+    monkeypatch.setattr(MetricsLogger, "_start_wandb", lambda self, run_dir, logging, config: BrokenRun())
     monkeypatch.setattr(metrics_lib, "_teardown_wandb_quietly", lambda: None)
-    m = MetricsLogger(tmp_path, _cfg("logging.wandb=true"), enabled=True)
+    m = _logger(tmp_path, "logging.wandb=true")
     for step in (1, 2, 3):
         m.log(step, {"loss": 1.0})
     m.close()
     assert capsys.readouterr().err == "warning: W&B logging off: Connection lost\n"
     assert BrokenRun.calls == 1 and [r["step"] for r in _lines(tmp_path)] == [1, 2, 3]
+
+
+def test_wandb_records_the_config_launch_py_composed(tmp_path, monkeypatch):
+    """The W&B run's config is the composed config (every section, cluster included) as it was before
+    the plan was typed: the typed plan's `config_dict` holds the same data."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs) or None)
+    cfg, plan = plan_of(["cluster=slurm", "logging.wandb=true", "logging.tensorboard=false", f"run_dir={tmp_path}",
+                         "+cluster.sbatch_extra.mail-type=END"], cpu(1))
+    MetricsLogger(tmp_path, plan.config.logging, enabled=True, config=config_dict(plan.config)).close()
+    assert seen["config"] == scrub(OmegaConf.to_container(cfg, resolve=True))
+    assert seen["config"]["cluster"]["sbatch_extra"] == {"mail-type": "END"}
+    assert seen["project"] == "neox" and seen["entity"] is None

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.plans import cpu, plan_of
 
-from neox.launch.compose import compose_config
 from neox.train.schedule import lr_multiplier
 
 WARMUP = {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0}
@@ -42,9 +42,9 @@ def _lrs(overrides, steps):
     """The lr of each of `steps` updates, from the trainer's own scheduler on a real optimizer."""
     from neox.train import engine
 
-    cfg = compose_config(["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=4", *overrides])
-    opt = engine.optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
-    sched = engine.lr_scheduler(opt, cfg)
+    _, plan = plan_of(["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=4", *overrides], cpu(1))
+    opt = engine.optimizer(torch.nn.Linear(2, 2), plan.config.optim, torch.device("cpu"))
+    sched = engine.lr_scheduler(opt, plan.config.optim, plan.config.train.steps)
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"])

@@ -1,6 +1,6 @@
 """Run training as a Slurm job: one job of nodes × tasks_per_node ranks, submitted through submitit.
 
-    submit(cfg, plan, config_path, run_dir) -> exit status
+    submit(plan, config_path, run_dir) -> exit status
 
 By concern:
   params   what the job asks for: layout and time checks, the job name, the sbatch flags

@@ -5,6 +5,7 @@ never start cancelled with the reason and the field to change, and how each job 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -14,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from omegaconf import OmegaConf
-
 from neox.config.run_files import PENDING_CONFIG
+from neox.config.schema import SlurmCluster
 from neox.errors import EXIT_REQUEUE
 from neox.launch.rundir import LOCK_NAME
 from neox.launch.slurm.params import say
@@ -38,7 +38,7 @@ class SlurmRun:
     run_dir: Path
     tasks: int
     name: str
-    cluster: Any  # the SlurmCluster section (for the field names and values messages give)
+    cluster: SlurmCluster  # the section it asked with (for the field names and values messages give)
 
     @property
     def log_dir(self) -> Path:
@@ -49,7 +49,7 @@ class SlurmRun:
 
     def save(self) -> None:
         record = {"job_id": self.job_id, "tasks": self.tasks, "name": self.name,
-                  "cluster": OmegaConf.to_container(self.cluster, resolve=True)}
+                  "cluster": dataclasses.asdict(self.cluster)}
         (self.log_dir / RECORD).write_text(json.dumps(record) + "\n")
 
     @classmethod
@@ -57,7 +57,7 @@ class SlurmRun:
         """The job last submitted for this run dir."""
         record = json.loads((Path(run_dir) / "slurm" / RECORD).read_text())
         return cls(str(record["job_id"]), Path(run_dir), int(record["tasks"]), str(record["name"]),
-                   OmegaConf.create(record["cluster"]))
+                   SlurmCluster(**record["cluster"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ job's name, and the submitit SlurmExecutor parameters (sbatch flags). No Slurm c
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Dict
 
 from neox.config.layout import fit
+from neox.config.plan import RunPlan
+from neox.config.schema import SlurmCluster
 from neox.errors import LaunchError
-from neox.launch.resources import detect
 
 # Below this much time between start and the time-limit signal, a job may never save a step.
 MIN_USEFUL_S = 600
@@ -17,18 +19,20 @@ def say(msg: str) -> None:
     print(f"[neox slurm] {msg}", file=sys.stderr, flush=True)
 
 
-def tasks_per_node(cluster: Any) -> int:
+def tasks_per_node(cluster: SlurmCluster) -> int:
     """Ranks per node: tasks_per_node, else one per GPU, else 1 (CPU)."""
     if cluster.tasks_per_node:
         return int(cluster.tasks_per_node)
     return int(cluster.gpus_per_node) or 1
 
 
-def check(cfg: Any, plan: Any) -> int:
-    """Validate the layout against the job's allocation (the layout rule, neox.config.layout) and the
-    time limit; return tasks per node. Warns about short limits."""
+def check(plan: RunPlan) -> int:
+    """Validate the layout against the job's allocation (the layout rule, neox.config.layout; the
+    plan's resources are the job's, neox.launch.resources.detect) and the time limit; return tasks
+    per node. Warns about short limits."""
+    cfg = plan.config
     cl = cfg.cluster
-    fit(int(plan.tp), int(plan.pp), int(plan.dp), detect(cl), tp_across_nodes=cfg.parallelism.tp_across_nodes_is_slow)
+    fit(plan.tp, plan.pp, plan.dp, plan.resources, tp_across_nodes=cfg.parallelism.tp_across_nodes_is_slow)
     usable_s = int(cl.time_min) * 60 - int(cl.signal_delay_s)
     if usable_s <= 0:
         raise LaunchError(
@@ -46,12 +50,12 @@ def check(cfg: Any, plan: Any) -> int:
     return tasks_per_node(cl)
 
 
-def run_name(cfg: Any, run_dir: Any) -> str:
+def run_name(plan: RunPlan, run_dir: Path) -> str:
     """The Slurm job name: the run's name (a sweep adds its index to it), else the run dir's name."""
-    return str(cfg.get("run_name") or run_dir.name)
+    return str(plan.config.run_name or run_dir.name)
 
 
-def sbatch_extra(cluster: Any) -> Dict[str, Any]:
+def sbatch_extra(cluster: SlurmCluster) -> Dict[str, Any]:
     """`--requeue` plus cluster.sbatch_extra: true is a bare flag, false or null leaves a flag out."""
     extra: Dict[str, Any] = {"requeue": True}
     for key, value in dict(cluster.sbatch_extra or {}).items():
@@ -62,9 +66,8 @@ def sbatch_extra(cluster: Any) -> Dict[str, Any]:
     return extra
 
 
-def executor_parameters(cfg: Any, tpn: int, job_name: str) -> Dict[str, Any]:
-    """The submitit SlurmExecutor parameters (sbatch flags) for this run."""
-    cl = cfg.cluster
+def executor_parameters(cl: SlurmCluster, tpn: int, job_name: str) -> Dict[str, Any]:
+    """The submitit SlurmExecutor parameters (sbatch flags) for this cluster section."""
     cpu = int(cl.gpus_per_node) == 0
     setup = ["export OMP_NUM_THREADS=1" if cpu else "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"]
     setup += [str(line) for line in (cl.setup or [])]

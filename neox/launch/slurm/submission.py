@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from neox.config.plan import RunPlan
 from neox.errors import LaunchError
 from neox.launch.slurm.limits import check_partition, find_partition
 from neox.launch.slurm.monitor import SlurmRun, remove_unstarted, wait
@@ -18,7 +19,7 @@ from neox.launch.slurm.params import check, executor_parameters, run_name
 from neox.launch.slurm.task import ENTRY, SlurmTask, TaskExecutor, in_submitit_slurm_job, run_task
 
 
-def submit_job(cfg: Any, plan: Any, config_path: Path, run_dir: Path, entry: str = ENTRY,
+def submit_job(plan: RunPlan, config_path: Path, run_dir: Path, entry: str = ENTRY,
                lock: Optional[Any] = None) -> SlurmRun:
     """Check, then submit the job without waiting; the run dir's lock (neox.launch.rundir), when
     given, is handed to the job. Raises LaunchError on any refusal."""
@@ -26,26 +27,26 @@ def submit_job(cfg: Any, plan: Any, config_path: Path, run_dir: Path, entry: str
     log_dir = run_dir / "slurm"
     before = {p.name for p in log_dir.iterdir()} if log_dir.is_dir() else set()
     try:
-        return _submit(cfg, plan, config_path, run_dir, entry, lock)
+        return _submit(plan, config_path, run_dir, entry, lock)
     except LaunchError:
         remove_unstarted(run_dir, before=before)
         raise
 
 
-def _submit(cfg: Any, plan: Any, config_path: Path, run_dir: Path, entry: str, lock: Optional[Any]) -> SlurmRun:
+def _submit(plan: RunPlan, config_path: Path, run_dir: Path, entry: str, lock: Optional[Any]) -> SlurmRun:
     if shutil.which("sbatch") is None:
         raise LaunchError(
             "sbatch not found: this machine is not a Slurm submit host (or Slurm is not on PATH); "
             "submit from a Slurm login node, or train on this machine with cluster=local"
         )
-    cl = cfg.cluster
-    tpn = check(cfg, plan)
+    cl = plan.config.cluster
+    tpn = check(plan)
     check_partition(cl, tpn, find_partition(cl.partition))
     log_dir = run_dir / "slurm"
     log_dir.mkdir(parents=True, exist_ok=True)
-    name = run_name(cfg, run_dir)
+    name = run_name(plan, run_dir)
     executor = TaskExecutor(folder=log_dir, max_num_timeout=int(cl.max_requeue))
-    executor.update_parameters(**executor_parameters(cfg, tpn, name))
+    executor.update_parameters(**executor_parameters(cl, tpn, name))
     task = SlurmTask(str(Path(config_path).resolve()), entry, int(cl.max_requeue))
     try:
         job = executor.submit(task)
@@ -64,8 +65,7 @@ def _submit(cfg: Any, plan: Any, config_path: Path, run_dir: Path, entry: str, l
 
 
 def submit(
-    cfg: Any,
-    plan: Any,
+    plan: RunPlan,
     config_path: Path,
     run_dir: Path,
     *,
@@ -84,7 +84,7 @@ def submit(
                 f"this Slurm job has {ntasks} tasks but the layout needs {plan.world_size} ranks: set the "
                 "launcher's hydra.launcher.tasks_per_node and nodes so they multiply to the world size"
             )
-        return run_task(str(Path(config_path).resolve()), entry, int(cfg.cluster.max_requeue))
-    run = submit_job(cfg, plan, config_path, run_dir, entry, lock)
-    blocking = bool(cfg.cluster.wait) if wait_for_end is None else wait_for_end
+        return run_task(str(Path(config_path).resolve()), entry, int(plan.config.cluster.max_requeue))
+    run = submit_job(plan, config_path, run_dir, entry, lock)
+    blocking = bool(plan.config.cluster.wait) if wait_for_end is None else wait_for_end
     return wait([run]) if blocking else 0
