@@ -20,7 +20,7 @@ from neox.data import sources as src_mod
 from neox.data.fsutil import atomic_path
 from neox.data.indexed import IndexedDatasetWriter, paths
 from neox.data.progress import Counts
-from neox.data.sources import ReadStats, Source
+from neox.data.sources import Source
 from neox.data.stream import Docs, cpu_count
 from neox.errors import DataError, NeoxError
 
@@ -132,16 +132,13 @@ class ItemDocs(Docs):
         self.items = list(items)
         self.read = dict(text_field=text_field, split=split, hf_config=hf_config,
                          streaming=streaming, invalid_utf8=invalid_utf8)
-        self.stats = ReadStats()
+        self.stats = Counts()  # what the readers counted; bytes_read follows the items (counts())
         self.done = 0  # bytes of the items before the current one
         self.here = 0  # bytes of the current item read
         self._first_line: dict[int, int] = {}  # item -> file offset its first line starts at
 
     def counts(self) -> Counts:
-        s = self.stats
-        return Counts(documents=s.documents, bytes_read=self.done + self.here,
-                      skipped_invalid_utf8=s.skipped_invalid_utf8,
-                      skipped_empty_files=s.skipped_empty_files)
+        return replace(self.stats, bytes_read=self.done + self.here)
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
         for k, item in enumerate(self.items):

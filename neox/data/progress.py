@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 @dataclass
 class Counts:
-    """What a run (or one shard of it) read and wrote."""
+    """What a run (or one shard of it) read and wrote; the readers (neox.data.sources, pieces) count
+    files, documents and skips into it as they go, the writer adds tokens."""
 
     documents: int = 0
     tokens: int = 0
     bytes_read: int = 0
     skipped_invalid_utf8: int = 0
     skipped_empty_files: int = 0
+    files: int = 0
 
     def add(self, other: "Counts") -> None:
         for key in vars(self):

@@ -18,23 +18,15 @@ import io
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from neox.data.progress import Counts
 from neox.errors import DataError
 
 HF_PREFIX = "hf:"
 _JSON_SUFFIXES = (".jsonl", ".json")
-
-
-@dataclass
-class ReadStats:
-    documents: int = 0
-    skipped_invalid_utf8: int = 0
-    skipped_empty_files: int = 0
-    files: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -169,7 +161,7 @@ def _kind(path: str) -> str:
     return "text"
 
 
-def _decode(raw: bytes, where: str, invalid_utf8: str, stats: ReadStats) -> str | None:
+def _decode(raw: bytes, where: str, invalid_utf8: str, stats: Counts) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -182,11 +174,11 @@ def _decode(raw: bytes, where: str, invalid_utf8: str, stats: ReadStats) -> str 
 
 def iter_documents(sources: list[Source], *, text_field: str = "text", split: str = "train",
                    hf_config: str | None = None, streaming: bool = False,
-                   invalid_utf8: str = "skip", stats: ReadStats | None = None) -> Iterator[str]:
+                   invalid_utf8: str = "skip", stats: Counts | None = None) -> Iterator[str]:
     """Every document of every source, in order."""
     if invalid_utf8 not in ("skip", "fail"):
         raise DataError(f"invalid_utf8={invalid_utf8!r}; use 'skip' or 'fail'")
-    stats = stats if stats is not None else ReadStats()
+    stats = stats if stats is not None else Counts()
     for src in sources:
         stats.files += 1
         if src.hf:
@@ -213,7 +205,7 @@ def iter_documents(sources: list[Source], *, text_field: str = "text", split: st
             yield doc
 
 
-def _iter_text_file(path: str, invalid_utf8: str, stats: ReadStats) -> Iterator[str]:
+def _iter_text_file(path: str, invalid_utf8: str, stats: Counts) -> Iterator[str]:
     try:
         with _open(path) as f:
             raw = f.read()
@@ -225,7 +217,7 @@ def _iter_text_file(path: str, invalid_utf8: str, stats: ReadStats) -> Iterator[
 
 
 def _iter_jsonl(path: str, text_field: str, invalid_utf8: str,
-                stats: ReadStats) -> Iterator[str]:
+                stats: Counts) -> Iterator[str]:
     n = 0
     try:
         with _open(path) as raw:
@@ -236,7 +228,7 @@ def _iter_jsonl(path: str, text_field: str, invalid_utf8: str,
 
 
 def _json_doc(line: bytes, where: str, text_field: str, invalid_utf8: str,
-              stats: ReadStats) -> Iterator[str]:
+              stats: Counts) -> Iterator[str]:
     """The document of one JSON line (nothing for a blank line or skipped invalid UTF-8)."""
     if not line.strip():
         return

@@ -22,7 +22,7 @@ import pytest
 from neox.data import shards
 from neox.data.indexed import IndexedDataset, IndexedDatasetWriter
 from neox.data.prepare import main, prepare
-from neox.data.sources import ReadStats, iter_documents, resolve_inputs
+from neox.data.sources import iter_documents, resolve_inputs
 from neox.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def bpe(tmp_path_factory) -> str:
 def test_pieces_read_every_document_once(tmp_path: Path, n: int) -> None:
     inputs = make_corpus(tmp_path / "c")
     sources = resolve_inputs(inputs)
-    expected_stats = ReadStats()
+    expected_stats = shards.Counts()
     expected = list(iter_documents(sources, stats=expected_stats))
     pieces = shards.plan(sources, n)
     assert len(pieces) == n
