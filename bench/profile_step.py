@@ -1,0 +1,134 @@
+"""Where one training step's time goes: neox's real Trainer (DeepSpeed engine, model, data) in one
+process on one GPU, profiled with torch.profiler over a few optimizer steps.
+
+    python bench/profile_step.py --model 1.4B --micro 4 --accum 8 [--set train.compile=true ...] [--out DIR]
+
+Prints one table: GPU time per step by category (matmul, attention, norms/activations/rotary, loss,
+optimizer, communication, copies/casts, other), the GPU-idle time inside the step (host gaps: Python,
+launches, the engine's own bookkeeping, synchronizations), and the step's wall time. Categories come from
+kernel names; `other` lists its largest kernels so nothing hides there. Writes profile.md and a Chrome
+trace (trace.json) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# First match wins; matched against the kernel's name, lower-cased.
+CATEGORIES = [
+    ("communication", r"nccl|all_?reduce|allgather|reduce_?scatter"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|attn)|_efficient_"),
+    ("optimizer", r"multi_tensor|adam|_foreach_|fused_.*optim"),
+    ("loss", r"cross_entropy|log_softmax|nll_loss|logsumexp|vocab"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|matmul|sm90_|wgmma|splitk|ampere_.*(gemm|h\d)"),
+    ("norms/activations/rotary", r"layer_?norm|rms|gelu|silu|swiglu|geglu|rotary|softmax|dropout|bias"),
+    ("copies/casts", r"memcpy|memset|copy|cast|to_copy|fill|cat|convert|elementwise_kernel.*(float|bfloat)"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, pat in CATEGORIES if re.search(pat, low)), "other")
+
+
+def busy_time(intervals: list) -> float:
+    """Union length of [start, end) intervals (kernels on several streams overlap)."""
+    total, end = 0.0, -1.0
+    for s, e in sorted(intervals):
+        if s >= end:
+            total, end = total + (e - s), e
+        elif e > end:
+            total, end = total + (e - end), e
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1.4B")
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
+    ap.add_argument("--steps", type=int, default=2, help="profiled optimizer steps")
+    ap.add_argument("--set", action="append", default=[], help="an extra override (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from neox.config.plan import make_plan
+    from neox.config.resources import from_worker_env
+    from neox.launch.compose import compose_config
+    from neox.train import distributed
+    from neox.train.worker import Trainer
+
+    run_dir = tempfile.mkdtemp(prefix="neox-profile-")
+    overrides = [f"model={args.model}", f"train.micro_batch={args.micro}", f"train.grad_accum={args.accum}",
+                 "cluster.gpus=1", "logging.wandb=false", "logging.tensorboard=false", f"run_dir={run_dir}",
+                 f"train.steps={args.warmup + args.steps + 1}", *args.set]
+    cfg = compose_config(overrides)
+    info = distributed.init(cfg.train.collective_timeout_s)
+    plan = make_plan(cfg, from_worker_env(info.device.type))
+    trainer = _trainer(Trainer, cfg, plan, info)
+    batches = trainer.loader(trainer.data.train, 0)
+    for _ in range(args.warmup):
+        trainer.train_step(batches)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step(batches)
+        sync()
+        wall = (time.perf_counter() - t0) / args.steps
+    prof.export_chrome_trace(str(args.out / "trace.json"))
+
+    per_cat, per_kernel, intervals = defaultdict(float), defaultdict(float), []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        dur = ev.time_range.elapsed_us() / 1e6
+        per_cat[category(ev.name)] += dur
+        per_kernel[ev.name] += dur
+        intervals.append((ev.time_range.start / 1e6, ev.time_range.end / 1e6))
+    busy = busy_time(intervals) / args.steps
+    tokens = plan.tokens_per_step
+    lines = [f"{args.model}, micro {args.micro} x accum {args.accum}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+             f"overrides: {' '.join(args.set) or 'none'}; per optimizer step ({tokens:,} tokens), "
+             f"mean of {args.steps} profiled steps", "",
+             "| part | ms per step | share of wall |", "|---|---|---|"]
+    for cat, _ in CATEGORIES + [("other", "")]:
+        ms = per_cat.get(cat, 0.0) / args.steps * 1e3
+        lines.append(f"| {cat} | {ms:,.1f} | {ms / (wall * 1e3):.1%} |")
+    idle = max(wall - busy, 0.0) * 1e3
+    lines += [f"| GPU idle inside the step (host gaps) | {idle:,.1f} | {idle / (wall * 1e3):.1%} |",
+              f"| **wall** | **{wall * 1e3:,.1f}** | {tokens / wall:,.0f} tok/s |", "",
+              "Largest kernels in `other`: " + "; ".join(
+                  f"{name[:60]} {t / args.steps * 1e3:.1f} ms" for name, t in
+                  sorted(((n, t) for n, t in per_kernel.items() if category(n) == "other"),
+                         key=lambda x: -x[1])[:5])]
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "profile.md").write_text(table + "\n")
+    distributed.shutdown()
+
+
+def _trainer(cls, cfg, plan, info):
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters)
+    return cls(cfg, plan, info) if "cfg" in params else cls(plan, info)
+
+
+if __name__ == "__main__":
+    main()
