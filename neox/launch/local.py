@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from neox.config.plan import RunPlan
+from neox.config.run_files import LAUNCHED_AT, process_started
 from neox.config.schema import LocalCluster
 from neox.errors import LaunchError
 
@@ -78,6 +79,7 @@ def worker_env(plan: RunPlan) -> dict:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, plan.resources.slots_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/neox/torch_extensions"))
+    env[LAUNCHED_AT] = f"{process_started():.3f}"  # the workers' start-up breakdown begins at `python launch.py`
     return env
 
 

@@ -39,6 +39,7 @@ from neox.train.guards import Heartbeats
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
+from neox.train.startup import StartupClock, launched_at, process_started
 
 
 
@@ -75,16 +76,19 @@ def publish_config(config_path: Path, run_dir: Path) -> None:
 
 def run(config_path: str) -> int:
     watcher = PreemptionWatcher()  # first thing: a stop signal during startup is kept as a flag
+    clock = StartupClock(process_started(), launched_at())
+    clock.mark("imports")
     faults = Faults.from_env()  # the training loop's test faults, read once
     path = config_to_read(config_path)
     cfg = load_config(str(path))  # the raw config ends here: everything below reads the plan
     info = distributed.init(cfg.train.collective_timeout_s)
     plan = make_plan(cfg, from_worker_env(info.device.type))
+    clock.mark("distributed")
     if plan.world_size != info.world_size:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer: Optional[Trainer] = None
     try:
-        trainer = Trainer(plan, info, faults=faults)
+        trainer = Trainer(plan, info, faults=faults, clock=clock)
         if info.is_main:
             publish_config(path, plan.run_dir)
         status = trainer.fit(watcher)
@@ -125,8 +129,10 @@ def memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, plan: RunPlan, info: distributed.WorkerInfo, faults: Faults = Faults()):
+    def __init__(self, plan: RunPlan, info: distributed.WorkerInfo, faults: Faults = Faults(),
+                 clock: Optional[StartupClock] = None):
         self.plan, self.info = plan, info
+        self.clock = clock or StartupClock(time.time())
         cfg = plan.config  # typed (neox.config.schema); what is derived from it is on the plan
         self.run_dir = plan.run_dir
         self.say(f"rank 0 of {info.world_size}: {info.device.type}, {plan.precision}, run dir {self.run_dir}")
@@ -147,17 +153,19 @@ class Trainer:
         self.loss_fn: Callable = (make_loss_fn(self.topo.tp_group, ce_impl) if plan.tp > 1
                                   else functools.partial(cross_entropy_loss, impl=ce_impl))
         mpu = None  # a PipelineEngine takes its groups from the module's grid (same layout as topo)
-        if self.pipelined:
-            self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
-                                               plan.model.activation_checkpointing, self.loss_fn,
-                                               seed=cfg.train.seed, sequence_parallel=cfg.parallelism.sequence_parallel)
-            self.say(self.layout.describe_stages())
-        else:
-            self.model = GPT(plan.model)
-            if plan.tp > 1:
-                self.model = apply_tensor_parallel(self.model, self.topo,
+        # Built where it trains: a GPU initializes billions of weights in seconds, a CPU takes minutes.
+        with torch.device(info.device):
+            if self.pipelined:
+                self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
+                                                   plan.model.activation_checkpointing, self.loss_fn, seed=cfg.train.seed,
                                                    sequence_parallel=cfg.parallelism.sequence_parallel)
-                mpu = self.topo.mpu()
+                self.say(self.layout.describe_stages())
+            else:
+                self.model = GPT(plan.model)
+                if plan.tp > 1:
+                    self.model = apply_tensor_parallel(self.model, self.topo,
+                                                       sequence_parallel=cfg.parallelism.sequence_parallel)
+                    mpu = self.topo.mpu()
         if cfg.train.init_from:  # weights only, before the engine copies them; a resumed run ignores it
             from neox.convert.init import load_initial_weights
 
@@ -172,7 +180,9 @@ class Trainer:
             from neox.train.compile import compile_blocks
 
             compile_blocks(self.model, Block, self.say)
+        self.clock.mark("model")
         self.engine, self.optimizer, self.scheduler = engine_lib.initialize(self.model, plan, info.device, mpu=mpu)
+        self.clock.mark("engine")
 
         # data
         from neox.data import build_datasets
@@ -185,6 +195,7 @@ class Trainer:
                                    is_builder=info.is_main, barrier=dist.barrier,
                                    progress=cfg.logging.progress and info.is_main)
         self.say(self.data.describe())
+        self.clock.mark("data")
 
         # resume
         self.state = RunState()
@@ -201,6 +212,7 @@ class Trainer:
                                      config=config_dict(cfg))
         self.heartbeats = Heartbeats(self.run_dir, info.rank)
         self.faults = faults
+        self.clock.mark("resume")
 
     # ------------------------------------------------------------------------------------ helpers
     def say(self, msg: str) -> None:
@@ -274,6 +286,14 @@ class Trainer:
         })
         self.say(f"{'saving' if self.checkpoints.async_save else 'saved'} checkpoint {path}")
 
+    def report_startup(self) -> None:
+        """Once, after the first step of this start: how long it took to get here, phase by phase."""
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.clock.mark("first_step")
+        self.say(self.clock.line())
+        self.metrics.log(self.state.step, self.clock.record(), prefix="startup")
+
     def skip_counts(self) -> tuple:
         """(steps our optimizer skipped, steps DeepSpeed's engine skipped): one of them grows per skip."""
         return self.optimizer.skip_events, int(getattr(self.engine, "skipped_steps", 0) or 0)
@@ -301,6 +321,8 @@ class Trainer:
             self.heartbeats.beat(state.step + 1)  # "entered step N": a rank that never got here is named
             loss, wait = self.train_step(batches)
             state.step += 1
+            if state.step == first_step:
+                self.report_startup()
             # ZeRO calls the optimizer once per parameter group: count steps, not calls.
             counts = self.skip_counts()
             if any(now > before for now, before in zip(counts, skip_counts)):

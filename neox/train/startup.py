@@ -1,0 +1,53 @@
+"""Where a run's start-up time goes, from `python launch.py` to the first optimizer step.
+
+The local launcher exports its own start time (`NEOX_LAUNCHED_AT`, seconds since the epoch) to the workers
+(a Slurm task counts from its own start: the queue is not start-up);
+each worker marks the end of each phase. Rank 0 prints one line and writes the phases to metrics.jsonl,
+so the breakdown of every run is on record (bench/RESULTS.md's start-up table reads them).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+from neox.config.run_files import LAUNCHED_AT, process_started
+
+__all__ = ["StartupClock", "launched_at", "process_started"]
+
+
+def launched_at() -> Optional[float]:
+    try:
+        return float(os.environ[LAUNCHED_AT])
+    except (KeyError, ValueError):
+        return None
+
+
+class StartupClock:
+    """Phases in the order they happen; each lasts from the previous mark (or the clock's start) to its own."""
+
+    def __init__(self, started: float, launched: Optional[float] = None):
+        """`started`: this process's start; `launched`: the launcher's, when it handed one over."""
+        self.phases: List[Tuple[str, float]] = []
+        if launched is not None and launched <= started:
+            self.phases.append(("launcher", started - launched))
+        self._last = started
+
+    def mark(self, phase: str) -> float:
+        now = time.time()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+        return self.phases[-1][1]
+
+    @property
+    def total(self) -> float:
+        return sum(seconds for _, seconds in self.phases)
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.phases)
+        origin = "launch.py" if self.phases and self.phases[0][0] == "launcher" else "worker start"
+        return f"start-up: {self.total:.1f} s from {origin} to the end of the first step ({parts})"
+
+    def record(self) -> Dict[str, float]:
+        """For metrics.jsonl under the `startup/` prefix."""
+        return {**{f"{name}_s": round(seconds, 3) for name, seconds in self.phases}, "total_s": round(self.total, 3)}

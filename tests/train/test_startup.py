@@ -1,0 +1,35 @@
+"""The start-up breakdown: phases partition the time from the launcher's start to the first step."""
+import time
+
+import pytest
+
+from neox.config.run_files import LAUNCHED_AT, process_started
+from neox.train.startup import StartupClock, launched_at
+
+
+def test_phases_add_up_to_the_time_since_the_launcher_started():
+    launched = time.time() - 2.0
+    clock = StartupClock(started=launched + 0.5, launched=launched)
+    time.sleep(0.05)
+    clock.mark("model")
+    assert [name for name, _ in clock.phases] == ["launcher", "model"]
+    assert clock.phases[0][1] == pytest.approx(0.5)
+    assert clock.total == pytest.approx(time.time() - launched, abs=0.02)
+    record = clock.record()
+    assert record["launcher_s"] == pytest.approx(0.5) and record["total_s"] == pytest.approx(clock.total, abs=1e-3)
+    assert "from launch.py" in clock.line() and "model" in clock.line()
+
+
+def test_a_worker_without_a_launcher_counts_from_its_own_start(monkeypatch):
+    monkeypatch.delenv(LAUNCHED_AT, raising=False)
+    assert launched_at() is None
+    clock = StartupClock(started=time.time(), launched=launched_at())
+    clock.mark("imports")
+    assert [name for name, _ in clock.phases] == ["imports"] and "from worker start" in clock.line()
+    monkeypatch.setenv(LAUNCHED_AT, "not a time")
+    assert launched_at() is None
+
+
+def test_this_process_started_before_now_and_not_long_ago():
+    # pytest itself started this process: seconds to minutes ago, never in the future (boot time is in whole s)
+    assert time.time() - 3600 < process_started() <= time.time() + 1.0
