@@ -8,6 +8,7 @@ test_slurm_launch.py runs the real trainer through `python launch.py cluster=slu
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -220,6 +221,31 @@ def test_scancel_before_the_job_starts_points_to_no_log(slurm, tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"job {run.job_id} was cancelled (scancel) before it started; nothing ran" in err
     assert "_log." not in err and not run.log_dir.exists()
+
+
+def _folder(log_dir) -> dict:
+    """Every entry of slurm/: a file's bytes, a symlink's target."""
+    return {p.name: (os.readlink(p) if p.is_symlink() else p.read_bytes()) for p in log_dir.iterdir()}
+
+
+def test_an_earlier_jobs_logs_survive_a_later_submission_cancelled_before_it_starts(slurm, tmp_path, capsys):
+    """A resumed run submits into the slurm/ folder of its earlier job. A new job cancelled before it
+    starts takes away exactly what its submission wrote (submitit's script, pickle and symlink, the job
+    record naming it); the earlier job's logs, results and submission files stay, byte for byte
+    (before: every file of slurm/ was deleted)."""
+    first = submit(tmp_path, steps=2, save_every=1)
+    assert sl.wait([first]) == 0
+    earlier = _folder(first.log_dir)
+    assert {f"{first.job_id}_0_log.out", f"{first.job_id}_1_log.err", f"{first.job_id}_0_result.pkl",
+            f"{first.job_id}_submission.sh"} <= set(earlier)
+    second = submit(tmp_path, steps=2, sbatch_extra={"hold": True}, hopeless_pending_s=None)
+    assert {f"{second.job_id}_submission.sh", f"{second.job_id}_submitted.pkl"} <= set(_folder(first.log_dir))
+    threading.Timer(2.0, subprocess.run, args=(["scancel", second.job_id],)).start()
+    assert sl.wait([second]) == 1
+    assert f"job {second.job_id} was cancelled (scancel) before it started" in capsys.readouterr().err
+    del earlier["job.json"]  # the record of the job last submitted: it named the cancelled job
+    assert _folder(first.log_dir) == earlier
+    assert len(losses(tmp_path)) == 2  # the run dir keeps the earlier job's work
 
 
 def test_hydra_submitit_launcher_job_runs_the_worker_in_place(slurm, tmp_path):

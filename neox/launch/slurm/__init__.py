@@ -8,6 +8,7 @@ By concern:
   task     inside the job: each task's bootstrap (rank, master address and port, requeue) and its exit status
   submission  check, submit, and (cluster.wait) wait; a refused submission leaves nothing behind
   monitor  waiting: job states, rank 0's log streamed, a job that can never start cancelled, the outcome
+  files    what a submission and its tasks write in <run_dir>/slurm; undoing a submission that never ran
 
 Logs go to `<run_dir>/slurm/<jobid>_<rank>_log.{out,err}`; `<run_dir>/slurm/job.json` records the
 job last submitted for the run dir (a sweep waits on its jobs through it, `wait_for`).

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from neox.config.run_files import PENDING_CONFIG
 from neox.config.schema import SlurmCluster
 from neox.errors import EXIT_REQUEUE
-from neox.launch.rundir import LOCK_NAME
+from neox.launch.slurm.files import RECORD, never_started, remove_unstarted
 from neox.launch.slurm.params import say
 
 # Slurm job states after which the job will not run again (without a user's action).
@@ -27,7 +26,6 @@ TERMINAL = {
     "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
 }
 REQUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-RECORD = "job.json"  # <run_dir>/slurm/job.json: the job last submitted for this run dir
 
 
 @dataclass
@@ -221,41 +219,11 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
-def never_started(run: SlurmRun) -> bool:
-    """No task of the job ever ran: it has no log and no result."""
-    return not any(run.log_dir.glob(f"{run.job_id}_*_log.*")) and \
-        not any(run.log_dir.glob(f"{run.job_id}_*_result.pkl"))
-
-
-def remove_unstarted(run_dir: Path, job_id: Optional[str] = None, before: Optional[set] = None) -> None:
-    """Undo what a submission that never ran left behind: the new files in slurm/ (all of them when
-    `before` is None), the config written for the job, the run dir's lock when it names this job
-    (which has ended), and the run dir itself once empty. The lock a live launch holds is its own."""
-    log_dir = run_dir / "slurm"
-    if log_dir.is_dir():
-        for path in log_dir.iterdir():
-            if (before is None or path.name not in before) and (path.is_file() or path.is_symlink()):
-                path.unlink()
-        if not any(log_dir.iterdir()):
-            log_dir.rmdir()
-    (run_dir / PENDING_CONFIG).unlink(missing_ok=True)
-    lock = run_dir / LOCK_NAME
-    try:
-        if job_id and str(json.loads(lock.read_text()).get("slurm_job")) == job_id:
-            lock.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        run_dir.rmdir()  # only when empty
-    except OSError:
-        pass
-
-
 def _outcome(run: SlurmRun, state: Optional[str]) -> int:
     """Read the tasks' results once the job has ended; say what happened; return the exit status."""
     from submitit.core.utils import JobPaths, pickle_load
 
-    if state != "COMPLETED" and never_started(run):  # its tasks would have opened their logs first
+    if state != "COMPLETED" and never_started(run.log_dir, run.job_id):  # its tasks would have opened their logs first
         how = "was cancelled (scancel)" if state == "CANCELLED" else f"ended {state or 'unknown to Slurm'}"
         say(f"job {run.job_id} {how} before it started; nothing ran")
         remove_unstarted(run.run_dir, run.job_id)
@@ -322,7 +290,7 @@ def _cancel_hopeless(w: _Watch, info: JobInfo, why: str) -> int:
     grace = run.cluster.hopeless_pending_s
     print(f"neox: error: Slurm job {run.job_id} ({run.name}) can never start: it pended {grace} s with reason "
           f"{reason_name(info.reason)}: {why}. It was cancelled", file=sys.stderr, flush=True)
-    if never_started(run):
+    if never_started(run.log_dir, run.job_id):
         remove_unstarted(run.run_dir, run.job_id)
     return 2
 

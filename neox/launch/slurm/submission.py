@@ -14,7 +14,8 @@ from typing import Any, Optional
 from neox.config.plan import RunPlan
 from neox.errors import LaunchError
 from neox.launch.slurm.limits import check_partition, find_partition
-from neox.launch.slurm.monitor import SlurmRun, remove_unstarted, wait
+from neox.launch.slurm.files import remove_unstarted
+from neox.launch.slurm.monitor import SlurmRun, wait
 from neox.launch.slurm.params import check, executor_parameters, run_name
 from neox.launch.slurm.task import ENTRY, SlurmTask, TaskExecutor, in_submitit_slurm_job, run_task
 
