@@ -48,12 +48,12 @@ def render(setup: Setup, est: Estimate) -> str:
         label = name + (flying if name == "activations" else "")
         if name == "activations" and c.checkpointing:
             label += ", checkpointed"
-        lines.append(f"  {label:<44}{_gib(value)}")
+        lines.append(f"  {label:<58}{_gib(value)}")
     if mem.step_extra > mem.activations:
-        lines.append(f"  {'optimizer step (fp32 gradients; replaces activations)':<44}{_gib(mem.step_extra)}")
+        lines.append(f"  {'optimizer step (fp32 gradients; replaces activations)':<58}{_gib(mem.step_extra)}")
     overhead = mem.total - mem.states - max(mem.activations, mem.step_extra)
-    lines.append(f"  {'allocator, CUDA context, NCCL (calibrated)':<44}{_gib(overhead)}")
-    lines.append(f"  {'total':<44}{_gib(mem.total)} of {gpu.memory / GiB:.1f} GiB, margin {est.margin / GiB:.1f} GiB")
+    lines.append(f"  {'allocator, CUDA context, NCCL (calibrated)':<58}{_gib(overhead)}")
+    lines.append(f"  {'total':<58}{_gib(mem.total)} of {gpu.memory / GiB:.1f} GiB, margin {est.margin / GiB:.1f} GiB")
     bubble = f", pipeline bubble {t.bubble:.2f} s ({t.bubble / t.compute:.0%})" if c.pp > 1 else ""
     tp = f", tp collectives {t.tp_comm:.2f} s" if c.tp > 1 else ""
     lines.append(f"time      per step {t.step:.2f} s: compute {t.compute:.2f} s{tp}{bubble}")

@@ -1,0 +1,373 @@
+"""The planner against measurement: peak memory and step time of real training runs, predicted vs measured.
+
+    python bench/planner_calibrate.py --gpus 1 --out $OUT          # 8 layouts on one GPU   (~6-8 min)
+    python bench/planner_calibrate.py --gpus 2 --out $OUT          # 7 layouts needing two GPUs (tp, pp, dp)
+    python bench/planner_calibrate.py --gpus 2 --set auto --out $OUT   # parallelism=auto vs hand layouts, 1.4B/6.7B
+    python bench/planner_calibrate.py --fit a.json [b.json ...]    # (CPU) refit calibration.py from measured JSONs
+
+Each layout runs through neox's real path, `python launch.py ...` (DeepSpeed engine, bf16, fused kernels, the
+embedded corpus), for --steps steps with a log record per step; the run is stopped (SIGINT: the ranks exit at
+once) as soon as its last step is logged, so no checkpoint is written. Measured, from the run's metrics.jsonl
+(rank 0: tensor rank 0 of the first pipeline stage): the peak of torch.cuda.max_memory_allocated (`memory_gb`)
+and max_memory_reserved (`memory_reserved_gb`), the median step time over the steps after the first two; and
+the peak of nvidia-smi's memory.used of GPU 0 while it ran (the CUDA context and NCCL on top of the reserve).
+Predicted, in this process, by neox/planner for the same config on this machine's GPU (stage 0, as measured).
+
+Writes planner_calibration_<gpus>gpu_<set>.json (every field), .md (the table) and .log (the runs' output)
+to --out, and prints the table. Goals (issue 18): memory within 5%, step time within 15%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GiB = 1024**3
+
+
+@dataclass
+class Case:
+    name: str
+    overrides: List[str]
+    gpus: int
+    group: str = "calibration"  # calibration | auto:<model> (auto's pick and the hand layouts it is held to)
+    extra: Dict[str, str] = field(default_factory=dict)
+
+
+def _case(name: str, model: str, gpus: int, micro: int, accum: int, *, par: str = "single", zero: int = 0,
+          ckpt: bool = False, group: str = "calibration") -> Case:
+    over = [f"model={model}", f"parallelism={par}", f"parallelism.zero_stage={zero}", f"train.micro_batch={micro}",
+            f"train.grad_accum={accum}", f"model.activation_checkpointing={'full' if ckpt else 'none'}",
+            f"cluster.gpus={gpus}"]
+    return Case(name, over, gpus, group)
+
+
+# One GPU: 125M-6.7B, ZeRO 0-3, checkpointing off/on, micro-batch 1-16 (~40-60 s each with start-up).
+ONE_GPU = [
+    _case("125M z0 m16", "125M", 1, 16, 1),
+    _case("350M z1 m8 ckpt", "350M", 1, 8, 2, zero=1, ckpt=True),
+    _case("1.4B z0 m4", "1.4B", 1, 4, 4),
+    _case("1.4B z2 m8 ckpt", "1.4B", 1, 8, 2, zero=2, ckpt=True),
+    _case("1.4B z3 m2", "1.4B", 1, 2, 4, zero=3),
+    _case("2.7B z1 m2", "2.7B", 1, 2, 4, zero=1),
+    _case("2.7B z0 m1 ckpt", "2.7B", 1, 1, 8, ckpt=True),
+    _case("6.7B z0 m1 ckpt", "6.7B", 1, 1, 2, ckpt=True),
+]
+# Two GPUs: tp 2, pp 2, dp 2 under ZeRO 1-3.
+TWO_GPUS = [
+    _case("1.3B tp2 m4", "1.3B", 2, 4, 2, par="tp2"),
+    _case("1.4B pp2 z1 m4", "1.4B", 2, 4, 8, par="pp2", zero=1),
+    _case("2.7B pp2 z1 m8 ckpt", "2.7B", 2, 8, 4, par="pp2", zero=1, ckpt=True),
+    _case("6.7B tp2 m4", "6.7B", 2, 4, 2, par="tp2"),
+    _case("1.4B dp2 z2 m8", "1.4B", 2, 8, 2, zero=2),
+    _case("6.7B dp2 z3 m2 ckpt", "6.7B", 2, 2, 2, zero=3, ckpt=True),
+    _case("6.7B tp2 m16 ckpt", "6.7B", 2, 16, 1, par="tp2", ckpt=True),
+]
+# parallelism=auto on 2 GPUs against layouts chosen by hand, same global batch (64 sequences).
+AUTO_BATCH = 64
+
+
+def auto_cases() -> List[Case]:
+    out = []
+    for model in ("1.4B", "6.7B"):
+        group = f"auto:{model}"
+        out.append(Case(f"{model} auto", [f"model={model}", "parallelism=auto", f"train.global_batch={AUTO_BATCH}",
+                                          "train.micro_batch=null", "train.grad_accum=null", "cluster.gpus=2"],
+                        2, group))
+        hand = ([("dp2 z1 m4", "single", 1, 4, False), ("tp2 m8", "tp2", 0, 8, False), ("pp2 z1 m4", "pp2", 1, 4, False)]
+                if model == "1.4B" else
+                [("tp2 m4", "tp2", 0, 4, False), ("dp2 z3 m2 ckpt", "single", 3, 2, True), ("pp2 z1 m2", "pp2", 1, 2, False)])
+        for name, par, zero, micro, ckpt in hand:
+            dp = 2 if par == "single" else 1
+            out.append(_case(f"{model} {name}", model, 2, micro, AUTO_BATCH // (micro * dp), par=par, zero=zero,
+                             ckpt=ckpt, group=group))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ predict
+def resolve(case: Case) -> List[str]:
+    """parallelism=auto resolved here, by the planner, into the overrides of the layout it picks."""
+    if "parallelism=auto" not in case.overrides:
+        return case.overrides
+    from neox.launch.compose import compose_config
+    from neox.launch.resources import detect
+    from neox.planner import hook
+
+    cfg = compose_config(case.overrides)
+    chosen = hook.resolve_auto(cfg, detect(cfg.cluster))
+    p, t = chosen.parallelism, chosen.train
+    layout = [f"parallelism.tp={p.tp}", f"parallelism.pp={p.pp}", f"parallelism.dp={p.dp}",
+              f"parallelism.zero_stage={p.zero_stage}", f"train.micro_batch={t.micro_batch}",
+              f"train.grad_accum={t.grad_accum}", f"train.global_batch={t.global_batch}",
+              f"model.activation_checkpointing={chosen.model.activation_checkpointing}"]
+    case.extra["auto_choice"] = " ".join(layout)
+    return [o for o in case.overrides if not o.startswith(("parallelism=", "train.micro_batch", "train.grad_accum",
+                                                           "train.global_batch"))] + layout
+
+
+def inputs(overrides: List[str], gpu_name: Optional[str] = None, gpu_memory: Optional[int] = None) -> tuple:
+    """(model, layout, gpu, ZeRO bucket, FLOPs per token) of a config, on the GPU detected here unless named."""
+    from neox.config.plan import flops_per_token, gpt_config
+    from neox.launch.compose import compose_config
+    from neox.model.gpt import count_params
+    from neox.planner.gpus import by_name, resolve as resolve_gpu
+    from neox.planner.layout import Candidate
+
+    cfg = compose_config(overrides)
+    m = gpt_config(cfg.model)
+    p, t = cfg.parallelism, cfg.train
+    gpus = cfg.cluster.gpus or p.tp * p.pp * (p.dp or 1)
+    dp = p.dp or gpus // (p.tp * p.pp)
+    micro = t.micro_batch or t.global_batch // (dp * (t.grad_accum or 1))
+    accum = t.grad_accum or t.global_batch // (dp * micro)
+    cand = Candidate(tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage, micro_batch=micro, grad_accum=accum,
+                     checkpointing=cfg.model.activation_checkpointing == "full",
+                     sequence_parallel=bool(p.sequence_parallel), partition=str(p.pipe_partition))
+    if gpu_name is None:
+        import torch
+
+        gpu_name = torch.cuda.get_device_name(0)
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    gpu = resolve_gpu(None, None, gpu_name, gpu_memory) if gpu_memory else by_name(gpu_name)
+    return m, cand, gpu, int(p.zero_bucket_size), flops_per_token(m, count_params(m))
+
+
+def numbers(m, cand, gpu, zero_bucket: int, flops: float) -> dict:
+    """The planner's numbers for rank 0 (tensor rank 0 of stage 0, as measured)."""
+    from neox.planner import memory, step_time
+    from neox.planner.layout import stages
+
+    mem = memory.stage_memory(m, cand, stages(m, cand.tp, cand.pp, cand.partition)[0], "bf16",
+                              fused_loss=m.impl("cross_entropy") != "reference", zero_bucket=zero_bucket)
+    st = step_time.estimate(m, cand, gpu, gpus_per_node=max(cand.world, 1), flops_per_token=flops)
+    return {"layout": asdict(cand), "gpu": gpu.name, "gpu_memory": gpu.memory,
+            "allocated_gib": mem.allocated / GiB, "reserved_gib": mem.reserved / GiB, "total_gib": mem.total / GiB,
+            "terms_gib": {k: v / GiB for k, v in mem.terms.items()}, "step_extra_gib": mem.step_extra / GiB,
+            "step_s": st.step, "tokens_per_s": st.tokens_per_s}
+
+
+def predict(overrides: List[str], gpu_name: Optional[str] = None, gpu_memory: Optional[int] = None) -> dict:
+    return numbers(*inputs(overrides, gpu_name, gpu_memory))
+
+
+# ------------------------------------------------------------------------------------------ measure
+def _smi_peak(stop: threading.Event, out: list) -> None:
+    """Peak memory.used (MiB) of GPU 0 while the run goes (the CUDA context and NCCL on top of torch's)."""
+    while not stop.is_set():
+        try:
+            text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+            out.append(float(text.splitlines()[0]))
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            pass
+        stop.wait(0.5)
+
+
+def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict:
+    """Run launch.py; stop it once step `steps` is logged; the measured peaks and step time."""
+    with tempfile.TemporaryDirectory(prefix="planner_cal_", dir=os.environ.get("TMPDIR")) as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps}",
+               "train.log_every=1", "train.eval_every=1000000", "train.save_every=1000000", "train.eval_batches=1",
+               "logging.wandb=false", "logging.tensorboard=false", "logging.progress=false", "plan.force=true"]
+        stop, smi = threading.Event(), []
+        watcher = threading.Thread(target=_smi_peak, args=(stop, smi), daemon=True)
+        watcher.start()
+        start = time.time()
+        with open(log, "a") as out:
+            out.write(f"\n$ {' '.join(cmd)}\n")
+            out.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            records: list = []
+            while proc.poll() is None and time.time() - start < timeout:
+                records = _records(run_dir / "metrics.jsonl")
+                if any(r.get("step") == steps and "train/tokens_per_s" in r for r in records):
+                    break
+                time.sleep(1)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # launch.py stops the ranks at once (no checkpoint)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        stop.set()
+        watcher.join()
+        records = [r for r in _records(run_dir / "metrics.jsonl") if "train/tokens_per_s" in r]
+    if not records:
+        return {"error": f"no training step logged in {time.time() - start:.0f} s (see {log.name})"}
+    steady = [r for r in records if r["step"] > 2] or records
+    tokens = statistics.median(r["train/tokens_per_s"] for r in steady)
+    return {"steps_logged": len(records), "wall_s": time.time() - start, "tokens_per_s": tokens,
+            "allocated_gib": max(r.get("train/memory_gb", math.nan) for r in records),
+            "reserved_gib": max(r.get("train/memory_reserved_gb", math.nan) for r in records),
+            "smi_used_gib": max(smi) / 1024 if smi else math.nan}
+
+
+def _records(path: Path) -> list:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ table
+def _ratio(pred: float, meas: float) -> str:
+    return f"{pred / meas:.3f}" if meas and not math.isnan(meas) else "-"
+
+
+def table(rows: List[dict]) -> str:
+    head = ("| case | layout | alloc GiB meas / pred (x) | reserved GiB meas / pred (x) | nvidia-smi GiB / pred total "
+            "| tokens/s meas / pred (x) |\n|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        m, p = r.get("measured", {}), r["predicted"]
+        lay = p["layout"]
+        desc = (f"tp{lay['tp']} pp{lay['pp']} dp{lay['dp']} z{lay['zero_stage']} m{lay['micro_batch']}x"
+                f"{lay['grad_accum']}{' ckpt' if lay['checkpointing'] else ''}")
+        if "error" in m or not m:
+            lines.append(f"| {r['name']} | {desc} | {m.get('error', 'not run')} | | | |")
+            continue
+        lines.append(f"| {r['name']} | {desc} | {m['allocated_gib']:.2f} / {p['allocated_gib']:.2f} "
+                     f"({_ratio(p['allocated_gib'], m['allocated_gib'])}) | {m['reserved_gib']:.2f} / "
+                     f"{p['reserved_gib']:.2f} ({_ratio(p['reserved_gib'], m['reserved_gib'])}) | "
+                     f"{m['smi_used_gib']:.2f} / {p['total_gib']:.2f} | {m['tokens_per_s']:,.0f} / "
+                     f"{p['tokens_per_s']:,.0f} ({_ratio(p['tokens_per_s'], m['tokens_per_s'])}) |")
+    return "\n".join(lines)
+
+
+def summary(rows: List[dict]) -> str:
+    done = [r for r in rows if r.get("measured") and "error" not in r["measured"]]
+    if not done:
+        return "no run measured"
+    def err(key: str) -> List[float]:
+        return [abs(r["predicted"][key] / r["measured"][key] - 1) for r in done if not math.isnan(r["measured"][key])]
+
+    mem, res, tok = err("allocated_gib"), err("reserved_gib"), err("tokens_per_s")
+    lines = [f"allocated: max error {max(mem, default=math.nan):.1%} (goal 5%); reserved: max error "
+             f"{max(res, default=math.nan):.1%}; tokens/s: max error {max(tok, default=math.nan):.1%} (goal 15%)"]
+    for group in sorted({r["group"] for r in done if r["group"].startswith("auto:")}):
+        members = [r for r in done if r["group"] == group]
+        auto = [r for r in members if r.get("extra", {}).get("auto_choice")]
+        best = max(members, key=lambda r: r["measured"]["tokens_per_s"])
+        if auto:
+            a = auto[0]["measured"]["tokens_per_s"]
+            lines.append(f"{group}: auto picked {auto[0]['extra']['auto_choice']} -> {a:,.0f} tok/s; best measured "
+                         f"{best['name']} {best['measured']['tokens_per_s']:,.0f}: auto at "
+                         f"{a / best['measured']['tokens_per_s']:.1%} of it (goal >= 90%)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ fit
+def fit(paths: List[str]) -> str:
+    """Refit calibration.py's constants to measured JSONs; returns the new lines and the refit table."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    from neox.planner import calibration as cal
+
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())
+            if r.get("measured") and "error" not in r["measured"]]
+    mem_names = ["ACTIVATION_SCALE", "ALLOCATED_EXTRA_BYTES"]
+    time_names = ["MATMUL_EFFICIENCY", "MATMUL_HALF_WORK", "ELEMENTWISE_TRAFFIC", "HOST_SECONDS_PER_LAYER",
+                  "STEP_OVERHEAD_S", "OPTIMIZER_BYTES_PER_PARAM", "COMM_LATENCY_S"]
+
+    cases = [inputs(r["overrides_run"], r["predicted"]["gpu"], r["predicted"]["gpu_memory"]) for r in rows]
+
+    def repredict() -> List[dict]:
+        return [numbers(*c) for c in cases]
+
+    def residuals(names, x, key):
+        for n, v in zip(names, x):
+            setattr(cal, n, float(v))
+        return [math.log(p[key] / r["measured"][key]) for p, r in zip(repredict(), rows)]
+
+    x0 = [getattr(cal, n) for n in mem_names]
+    mem_fit = least_squares(lambda x: residuals(mem_names, x, "allocated_gib"), x0, x_scale=[1.0, GiB],
+                            bounds=([0.5, 0.0], [1.5, 4 * GiB]))
+    ratios = [r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] for r in rows
+              if not math.isnan(r["measured"]["reserved_gib"])]
+    cal.RESERVED_FRACTION = float(np.median(ratios) - 1) if ratios else cal.RESERVED_FRACTION
+    context = [r["measured"]["smi_used_gib"] - r["measured"]["reserved_gib"] for r in rows
+               if r["predicted"]["layout"]["tp"] * r["predicted"]["layout"]["pp"] * r["predicted"]["layout"]["dp"] == 1
+               and not math.isnan(r["measured"].get("smi_used_gib", math.nan))]
+    if context:
+        cal.CONTEXT_BYTES = float(np.median(context)) * GiB
+    x0 = [getattr(cal, n) for n in time_names]
+    time_fit = least_squares(lambda x: residuals(time_names, x, "tokens_per_s"), x0, x_scale=x0,
+                             bounds=([0.2, 0, 0, 0, 0, 0, 0], [0.95, 1e9, 50, 0.05, 1.0, 2000, 0.01]))
+    lines = ["# refit by bench/planner_calibrate.py --fit " + " ".join(paths)]
+    for n in mem_names + ["RESERVED_FRACTION", "CONTEXT_BYTES"] + time_names:
+        lines.append(f"{n} = {getattr(cal, n):.6g}")
+    fitted = repredict()
+    for r, p in zip(rows, fitted):
+        r["predicted"] = p
+    return "\n".join(lines) + f"\n(memory fit cost {mem_fit.cost:.3g}, time fit cost {time_fit.cost:.3g})\n\n" \
+        + table(rows) + "\n\n" + summary(rows)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, choices=(1, 2), default=1, help="the layouts for 1 GPU, or for 2")
+    ap.add_argument("--set", choices=("calibration", "auto", "all"), default="calibration")
+    ap.add_argument("--steps", type=int, default=6, help="training steps per layout (the first 2 are skipped)")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per layout before it is stopped")
+    ap.add_argument("--only", default="", help="comma-separated case names (default: every case of the set)")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "out")))
+    ap.add_argument("--fit", nargs="*", help="measured JSONs to refit calibration.py from (no GPU needed)")
+    args = ap.parse_args()
+    if args.fit:
+        print(fit(args.fit))
+        return 0
+    cases: List[Case] = []
+    if args.set in ("calibration", "all"):
+        cases += ONE_GPU if args.gpus == 1 else TWO_GPUS
+    if args.set in ("auto", "all"):
+        if args.gpus != 2:
+            print("--set auto compares layouts of 2 GPUs: add --gpus 2", file=sys.stderr)
+            return 2
+        cases += auto_cases()
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        cases = [c for c in cases if c.name in wanted]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"planner_calibration_{args.gpus}gpu_{args.set}"
+    log = out / f"{stem}.log"
+    rows = []
+    for case in cases:
+        overrides = resolve(case)
+        row = {"name": case.name, "group": case.group, "gpus": case.gpus, "overrides_run": overrides,
+               "extra": case.extra, "predicted": predict(overrides)}
+        print(f"[{case.name}] {' '.join(overrides)}", flush=True)
+        row["measured"] = measure(overrides, args.steps, args.timeout, log)
+        print(f"  measured {row['measured']}", flush=True)
+        rows.append(row)
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    text = table(rows) + "\n\n" + summary(rows)
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
