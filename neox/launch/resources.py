@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from neox.config.domains import check_domains
 from neox.config.resources import Resources
-from neox.config.schema import CLUSTER_SCHEMAS
+from neox.config.schema import CLUSTER_SCHEMAS, LocalCluster
 from neox.errors import LaunchError
 
 _HOSTFILE_LINE = re.compile(r"^(?P<host>[A-Za-z0-9._-]+)\s+slots=(?P<slots>\S+)$")
@@ -93,8 +93,9 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def local_gpu_selection(cluster: DictConfig, present: int) -> List[int]:
-    """The GPU ids a local run uses, from include/exclude/gpus (CUDA_VISIBLE_DEVICES already applies)."""
+def local_gpu_selection(cluster: LocalCluster | DictConfig, present: int) -> List[int]:
+    """The GPU ids a local run uses, from include/exclude/gpus (CUDA_VISIBLE_DEVICES already applies).
+    `cluster`: the plan's typed section, or the raw one `detect` plans with."""
     chosen = list(range(present))
     include = _gpu_ids(cluster.include, "include", present)
     exclude = _gpu_ids(cluster.exclude, "exclude", present)
