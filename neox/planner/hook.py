@@ -97,8 +97,9 @@ def estimate_run(cfg: DictConfig, plan) -> Tuple[Estimate, Setup]:
 
 
 def review(cfg: DictConfig, plan) -> bool:
-    """plan=true: print the report, True (launch nothing). Otherwise refuse a layout predicted not to fit
-    (ConfigError, after the report on stderr) unless plan.force; False: go on."""
+    """plan=true: print the report, True (launch nothing). Otherwise refuse a layout predicted above the
+    card (ConfigError, after the report on stderr) unless plan.force, warn about one above the share the
+    planner promises; False: go on."""
     gpu_run = plan.device == "cuda" or cfg.cluster.get("gpu") or cfg.cluster.get("gpu_memory_gb")
     if not cfg.plan.show and not gpu_run:
         return False  # a CPU run: make_plan's RAM check is the one that applies
@@ -109,8 +110,8 @@ def review(cfg: DictConfig, plan) -> bool:
             raise
         return False  # the GPU is unknown (Slurm, hostfile without cluster.gpu): nothing to check against
     text = report.render(setup, est)
-    fixes = search.fixes(setup, est) if not est.fits else []
-    if not est.fits:
+    fixes = search.fixes(setup, est) if est.over else []
+    if est.over:
         text += "\n" + report.fixes_text(fixes)
         if not fixes:
             text += "\n" + "parallelism=auto: " + search.more_gpus(setup, est.candidate.global_batch)
@@ -118,7 +119,9 @@ def review(cfg: DictConfig, plan) -> bool:
         print(text, flush=True)
         print("plan: nothing launched", flush=True)
         return True
-    if not est.fits and not cfg.plan.force:
+    if not est.fits and not est.over:
+        print(f"warning: the layout {est.verdict()}", file=sys.stderr, flush=True)
+    if est.over and not cfg.plan.force:
         print(text, file=sys.stderr, flush=True)
         hint = (f"; e.g. {fixes[0][0]} ({fixes[0][1].memory.total / GiB:.1f} GiB/GPU)" if fixes
                 else f"; {search.more_gpus(setup, est.candidate.global_batch)}")

@@ -119,7 +119,7 @@ def more_gpus(setup: Setup, global_batch: int, sequence_parallel: bool = False,
                 return (f"with {world} GPUs (cluster.nodes={nodes} of {setup.gpus_per_node}{batch_note}) "
                         f"{best.candidate.describe()} fits at {best.memory.total / GiB:.1f} GiB per GPU, "
                         f"~{best.time.tokens_per_s:,.0f} tokens/s")
-    return f"none fits on up to {setup.gpus * GROWTH[-1]} GPUs either: use a smaller model or longer-memory GPUs"
+    return f"none fits on up to {setup.gpus * GROWTH[-1]} GPUs either: use a smaller model or GPUs with more memory"
 
 
 def fixes(setup: Setup, est: Estimate) -> List[Tuple[str, Estimate]]:

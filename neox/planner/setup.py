@@ -49,7 +49,13 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
+        """Within the share of the card the planner promises (what parallelism=auto picks from)."""
         return self.memory.total <= self.budget
+
+    @property
+    def over(self) -> bool:
+        """Predicted above the card itself: a launch is refused (unless plan.force)."""
+        return self.memory.total > self.gpu.memory
 
     @property
     def margin(self) -> float:
@@ -61,10 +67,11 @@ class Estimate:
         used = f"{mem.total / GiB:.1f} of {self.gpu.memory / GiB:.1f} GiB per GPU on a {self.gpu.name}"
         if self.fits:
             return f"fits: {used} ({self.margin / GiB:.1f} GiB to spare)"
+        if not self.over:
+            return (f"fits only just: {used}, above the {cal.FIT_FRACTION:.0%} the planner promises (its aim is 5%): "
+                    "it may run out of memory")
         term = mem.biggest_term()
-        over = "over" if mem.total > self.gpu.memory else f"above the {cal.FIT_FRACTION:.0%} the planner promises:"
-        return (f"does not fit: {used}, {over} the card; the biggest term is {term} "
-                f"({mem.terms[term] / GiB:.1f} GiB)")
+        return (f"does not fit: {used}; the biggest term is {term} ({mem.terms[term] / GiB:.1f} GiB)")
 
 
 def evaluate(setup: Setup, cand: Candidate) -> Estimate:
