@@ -104,10 +104,10 @@ def resolve(case: Case) -> List[str]:
         return case.overrides
     from neox.launch.compose import compose_config
     from neox.launch.resources import detect
-    from neox.planner import hook
+    from neox.launch import planning
 
     cfg = compose_config(case.overrides)
-    chosen = hook.resolve_auto(cfg, detect(cfg.cluster))
+    chosen = planning.resolve_auto(cfg, detect(cfg.cluster))
     p, t = chosen.parallelism, chosen.train
     layout = [f"parallelism.tp={p.tp}", f"parallelism.pp={p.pp}", f"parallelism.dp={p.dp}",
               f"parallelism.zero_stage={p.zero_stage}", f"train.micro_batch={t.micro_batch}",

@@ -8,5 +8,7 @@
     setup.py        what a plan is for (model, GPU, cluster) and the estimate of one layout
     search.py       parallelism=auto, and the smallest change when nothing fits
     report.py       the one-screen output
-    hook.py         the launcher's two calls (neox/launch/job.py)
+It reads no run config: neox/launch/planning.py builds its Setup from one and holds the launcher's calls
+(plan=true, parallelism=auto, the refusal of a layout that does not fit); neox/config/memory.py gives
+make_plan this package's memory model.
 """

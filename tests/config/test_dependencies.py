@@ -14,7 +14,7 @@ LAYERS = [
     ("__init__", "errors"),  # neox/__init__.py holds only the version
     ("kernels",),
     ("model",),
-    ("data",),
+    ("data", "planner"),
     ("config",),
     ("parallel",),
     ("checkpoint",),

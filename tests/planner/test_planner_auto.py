@@ -12,9 +12,9 @@ from neox.config.plan import make_plan
 from neox.config.resources import Resources
 from neox.errors import ConfigError
 from neox.launch.compose import compose_config
-from neox.planner import hook
+from neox.launch import planning
 from neox.planner.gpus import GPUS
-from neox.planner.setup import setup_from
+from neox.launch.planning import setup_from
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))
 GPU_COUNTS = (1, 2, 8, 64, 512)
@@ -33,7 +33,7 @@ def test_auto_returns_a_layout_that_validates(model, gpus, tmp_path, embedded_re
     overrides, res = slurm(gpus)
     cfg = compose_config([f"model={model}", "parallelism=auto", f"run_dir={tmp_path}/run", *overrides])
     try:
-        chosen = hook.resolve_auto(cfg, res)
+        chosen = planning.resolve_auto(cfg, res)
     except ConfigError as exc:  # nothing fits: only where the model cannot fit at all, with the advice
         text = str(exc)
         assert gpus < 512 and f"no layout of model={model}" in text and "\n" not in text, text
@@ -49,7 +49,7 @@ def test_auto_returns_a_layout_that_validates(model, gpus, tmp_path, embedded_re
     assert plan.world_size == gpus == p.tp * p.pp * p.dp
     assert plan.global_batch == chosen.train.global_batch
     assert chosen.parallelism.name == "auto"
-    est, _ = hook.estimate_run(chosen, plan)
+    est, _ = planning.estimate_run(chosen, plan)
     assert est.fits, est.verdict()
 
 
@@ -58,19 +58,19 @@ def test_every_preset_fits_somewhere_at_512_gpus():
     for model in PRESETS:
         overrides, res = slurm(512)
         cfg = compose_config([f"model={model}", "parallelism=auto", *overrides])
-        assert hook.resolve_auto(cfg, res).parallelism.tp >= 1
+        assert planning.resolve_auto(cfg, res).parallelism.tp >= 1
 
 
 def test_a_rerun_resumes_with_the_layout_chosen_before(tmp_path, capsys):
     overrides, res = slurm(8)
     cfg = compose_config(["model=6.7B", "parallelism=auto", f"run_dir={tmp_path}/run", *overrides])
-    first = hook.resolve_auto(cfg, res)
+    first = planning.resolve_auto(cfg, res)
     (tmp_path / "run").mkdir()
     saved = first.copy()
     saved.parallelism.tp, saved.train.micro_batch = 4, 1  # an earlier launch's choice (say, older constants)
     saved.train.grad_accum = first.train.global_batch // (saved.parallelism.dp * 1)
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
-    again = hook.resolve_auto(cfg, res)
+    again = planning.resolve_auto(cfg, res)
     assert (again.parallelism.tp, again.train.micro_batch) == (4, 1)
     assert "resuming with the layout this run chose before" in capsys.readouterr().out
 
@@ -79,6 +79,6 @@ def test_the_global_batch_is_kept_when_given():
     overrides, res = slurm(8)
     cfg = compose_config(["model=1.4B", "parallelism=auto", "train.global_batch=256", "train.micro_batch=null",
                           "train.grad_accum=null", *overrides])
-    chosen = hook.resolve_auto(cfg, res)
+    chosen = planning.resolve_auto(cfg, res)
     t, p = chosen.train, chosen.parallelism
     assert t.global_batch == 256 == t.micro_batch * t.grad_accum * p.dp

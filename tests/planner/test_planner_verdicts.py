@@ -1,6 +1,6 @@
 """Published layouts fit (GPT-NeoX-20B as trained, Megatron-LM's 145.6B), known failures do not, a launch of a
 layout that does not fit is refused unless plan.force, and the bad inputs get one line naming the fix.
-Each case runs the launcher's path: hook.prepare, the real make_plan, hook.review."""
+Each case runs the launcher's path: planning.prepare, the real make_plan, planning.review."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from neox.config.plan import make_plan
 from neox.config.resources import Resources
 from neox.errors import ConfigError
 from neox.launch.compose import compose_config
-from neox.planner import hook
+from neox.launch import planning
 
 NEOX_20B = ["model=20B", "parallelism=pp2_tp2", "parallelism.pp=4", "train.micro_batch=4", "train.grad_accum=32",
             "model.activation_checkpointing=full", "cluster=slurm", "cluster.nodes=12", "cluster.gpu=A100-40GB"]
@@ -30,9 +30,9 @@ def launch(overrides, tmp_path, res=None):
     """What neox/launch/job.py does around make_plan: (stopped?, cfg, plan)."""
     cfg = compose_config([*overrides, f"run_dir={tmp_path}/run"])
     res = res or slurm_res(cfg)
-    cfg = hook.prepare(cfg, res)
+    cfg = planning.prepare(cfg, res)
     plan = make_plan(cfg, res)
-    return hook.review(cfg, plan), cfg, plan
+    return planning.review(cfg, plan), cfg, plan
 
 
 @pytest.mark.parametrize("overrides,gpu_gib", [(NEOX_20B, 39.6), (MEGATRON_145B, 79.3)])
@@ -44,7 +44,7 @@ def test_published_layouts_fit(overrides, gpu_gib, tmp_path, capsys, embedded_re
     for term in ("weights", "gradients", "optimizer", "activations", "pipeline buffers", "communication buffers",
                  "allocator, CUDA context, NCCL", "tokens/s", "MFU", "pipeline bubble", "train.steps="):
         assert term in out, (term, out)
-    est, _ = hook.estimate_run(cfg, plan)
+    est, _ = planning.estimate_run(cfg, plan)
     assert est.fits and est.memory.stage == 0  # the first stage holds pp micro-batches in flight
 
 
@@ -83,8 +83,8 @@ def test_unknown_gpu_memory_asks_for_it(cluster, tmp_path, embedded_ready):
         cfg = compose_config(["model=1.4B", *cluster, *extra, f"run_dir={tmp_path}/run"])
         res = slurm_res(cfg) if cfg.cluster.kind == "slurm" else Resources("local", "cpu", 2, 2)
         with pytest.raises(ConfigError, match=r"needs the GPU's memory .*set cluster\.gpu_memory_gb=<GiB per GPU>"):
-            cfg = hook.prepare(cfg, res)
-            hook.review(cfg, make_plan(cfg, res))
+            cfg = planning.prepare(cfg, res)
+            planning.review(cfg, make_plan(cfg, res))
 
 
 def test_gpu_memory_by_number_plans_an_unknown_card(tmp_path, capsys, embedded_ready):
@@ -115,7 +115,7 @@ def test_a_layout_just_under_the_card_runs_with_a_warning(tmp_path, capsys, embe
     """Above the 95% the planner promises but under the card: launched (its error may be the 5%), warned."""
     base = ["model=1.4B", "train.micro_batch=4", "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=1"]
     _, cfg, plan = launch([*base, "cluster.gpu_memory_gb=80"], tmp_path)
-    need = hook.estimate_run(cfg, plan)[0].memory.total / 2**30
+    need = planning.estimate_run(cfg, plan)[0].memory.total / 2**30
     stopped, _, _ = launch([*base, f"cluster.gpu_memory_gb={need / 0.97:.3f}"], tmp_path)
     assert stopped is False
     assert "warning: the layout fits only just: " in capsys.readouterr().err

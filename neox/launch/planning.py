@@ -1,4 +1,5 @@
-"""Where the launcher calls the planner (neox/launch/job.py): before the plan and after it.
+"""The planner (neox/planner) at launch: the run config read into its Setup, and the launcher's two calls
+(neox/launch/job.py), before the plan and after it.
 
 `prepare(cfg, res)` resolves `parallelism=auto` into a concrete layout (printing the choice and the
 next best four) and turns `plan=true` into a dry run; it returns the config the run is planned, saved
@@ -12,11 +13,67 @@ from typing import Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from neox.config.plan import default_run_dir, flops_per_token, gpt_config
 from neox.config.resources import Resources
 from neox.errors import ConfigError
+from neox.model.gpt import count_params
 from neox.planner import report, search
-from neox.planner.gpus import GiB
-from neox.planner.setup import Estimate, Setup, candidate_from, evaluate, setup_from
+from neox.planner.gpus import GiB, resolve
+from neox.planner.layout import Candidate
+from neox.planner.setup import Estimate, Setup, evaluate
+
+
+def _detected_gpu(res: Resources) -> tuple:
+    """(name, bytes) of this machine's GPU when the launch runs here on one."""
+    if res.kind != "local" or res.device != "cuda":
+        return None, None
+    import torch
+
+    return torch.cuda.get_device_name(0), res.memory_per_slot
+
+
+def setup_from(cfg: DictConfig, res: Resources, gpus: Optional[int] = None) -> Setup:
+    """The planner's view of a composed run config on `res` (the launcher's resources). Raises one
+    line asking for cluster.gpu_memory_gb when nothing says the GPU's memory."""
+    cluster = cfg.cluster
+    name, detected = _detected_gpu(res)
+    gpu = resolve(cluster.get("gpu"), cluster.get("gpu_memory_gb"), name, detected)
+    if gpu is None:
+        where = {"local": "no GPU is visible here", "hostfile": "a hostfile does not say which GPUs its hosts have",
+                 "slurm": "a Slurm request does not say which GPUs it gets"}.get(cluster.kind, "it is not known")
+        raise ConfigError(f"the planner needs the GPU's memory and {where}: set cluster.gpu_memory_gb=<GiB per "
+                          "GPU> (or cluster.gpu=H100|H200|A100-40GB|A100-80GB)")
+    model = gpt_config(cfg.model)
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16"
+    per_node = res.slots_per_node if res.device == "cuda" else 8
+    if cluster.kind == "slurm":
+        per_node = cluster.gpus_per_node or per_node
+    total = gpus if gpus is not None else (res.slots if res.device == "cuda" else _planned_world(cfg))
+    fused = model.impl("cross_entropy") != "reference"
+    return Setup(model=model, model_name=str(cfg.model.name), precision=precision, gpu=gpu, gpus=total,
+                 gpus_per_node=per_node, intra_gbs=float(cluster.get("intra_node_gbs") or 0.0),
+                 inter_gbs=float(cluster.get("inter_node_gbs") or 0.0), steps=int(cfg.train.steps),
+                 flops_per_token=flops_per_token(model, count_params(model)), fused_loss=fused,
+                 zero_bucket=int(cfg.parallelism.zero_bucket_size))
+
+
+def _planned_world(cfg: DictConfig) -> int:
+    """GPUs of a run planned on a machine without them: cluster.gpus, else what the layout asks for."""
+    if cfg.cluster.kind == "local" and cfg.cluster.gpus:
+        return int(cfg.cluster.gpus)
+    p = cfg.parallelism
+    return p.tp * p.pp * (p.dp or 1)
+
+
+def candidate_from(cfg: DictConfig, dp: int, micro: int, accum: int) -> Candidate:
+    """The layout a config asks for by hand (dp and the batch as make_plan resolved them)."""
+    p = cfg.parallelism
+    return Candidate(tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage, micro_batch=micro, grad_accum=accum,
+                     checkpointing=cfg.model.activation_checkpointing == "full",
+                     sequence_parallel=bool(p.sequence_parallel), partition=str(p.pipe_partition))
+
 
 AUTO = "auto"
 LAYOUT_KEYS = ("parallelism.tp", "parallelism.pp", "parallelism.dp", "parallelism.zero_stage", "train.micro_batch",
@@ -37,8 +94,6 @@ def target_global_batch(cfg: DictConfig, gpus: int) -> int:
 
 def _saved_layout(cfg: DictConfig) -> Optional[DictConfig]:
     """The layout an earlier launch of this run resolved (its config.yaml), so a rerun resumes with it."""
-    from neox.config.plan import default_run_dir
-
     saved = default_run_dir(cfg) / "config.yaml"
     if not saved.is_file():
         return None
