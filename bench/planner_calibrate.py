@@ -87,9 +87,10 @@ def auto_cases() -> List[Case]:
         out.append(Case(f"{model} auto", [f"model={model}", "parallelism=auto", f"train.global_batch={AUTO_BATCH}",
                                           "train.micro_batch=null", "train.grad_accum=null", "cluster.gpus=2"],
                         2, group))
-        hand = ([("dp2 z1 m4", "single", 1, 4, False), ("tp2 m8", "tp2", 0, 8, False), ("pp2 z1 m4", "pp2", 1, 4, False)]
-                if model == "1.4B" else
-                [("tp2 m4", "tp2", 0, 4, False), ("dp2 z3 m2 ckpt", "single", 3, 2, True), ("pp2 z1 m2", "pp2", 1, 2, False)])
+        hand = {"1.4B": [("dp2 z1 m4", "single", 1, 4, False), ("tp2 m8", "tp2", 0, 8, False),
+                         ("pp2 z1 m4", "pp2", 1, 4, False)],
+                "6.7B": [("tp2 m4", "tp2", 0, 4, False), ("dp2 z3 m2 ckpt", "single", 3, 2, True),
+                         ("pp2 z1 m2", "pp2", 1, 2, False)]}[model]
         for name, par, zero, micro, ckpt in hand:
             dp = 2 if par == "single" else 1
             out.append(_case(f"{model} {name}", model, 2, micro, AUTO_BATCH // (micro * dp), par=par, zero=zero,

@@ -19,7 +19,7 @@ measured table of bench/planner_calibrate.py when it comes back.
 """
 from __future__ import annotations
 
-CALIBRATED_ON = "2026-11-30, by hand against [R1]-[R3] (bench/RESULTS.md, issues 16 and 17; H200)"
+CALIBRATED_ON = "2026-11-30 on H200 runs of bench/RESULTS.md and issues 16-17"
 
 # ---------------------------------------------------------------------------------------------- memory
 # Activations as counted (memory.layer_activation_bytes) under-count the backward's transient
@@ -62,6 +62,7 @@ OPTIMIZER_BYTES_PER_PARAM = 166.0
 # each collective's latency (fitted: [R2] 6.7B tp2, [R3] 1.3B tp2).
 COMM_EFFICIENCY = 0.7
 COMM_LATENCY_S = 90e-6
-# Share of the data-parallel gradient reduction hidden behind the backward (DeepSpeed overlaps it
-# only under ZeRO-2/3 with overlap_comm): [R2] dp=2 at 1.4B runs at 102.7% per GPU.
-DP_OVERLAP = {0: 0.0, 1: 0.0, 2: 0.5, 3: 0.5}
+# Share of the data-parallel communication hidden behind compute. DeepSpeed overlaps it only with
+# overlap_comm, which neox leaves at DeepSpeed's default: off for ZeRO-1/2, on for ZeRO-3. Not measured
+# yet (0.5 for ZeRO-3 is a guess); [R2]'s dp=2 ZeRO-1 run at 1.4B is fitted with none hidden.
+DP_OVERLAP = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5}

@@ -38,7 +38,7 @@ from neox.planner import calibration as cal
 from neox.planner.layout import Candidate, Stage, stages
 
 GiB = 1024**3
-PERSISTENT = ("weights", "gradients", "optimizer", "communication buffers")
+PERSISTENT = ("weights", "gradients", "optimizer states", "communication buffers")
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,11 @@ def model_state_bytes(params: float, c: Candidate, precision: str) -> Dict[str, 
     moments = 8
     dp = c.dp
     if c.zero_stage == 0:
-        return {"weights": params * w, "gradients": params * w, "optimizer": params * (master + moments)}
+        return {"weights": params * w, "gradients": params * w, "optimizer states": params * (master + moments)}
     opt = params * (master + moments) / dp
     grads = params * w / dp if c.zero_stage >= 2 else params * w
     weights = params * w / dp if c.zero_stage == 3 else params * w
-    return {"weights": weights, "gradients": grads, "optimizer": opt}
+    return {"weights": weights, "gradients": grads, "optimizer states": opt}
 
 
 def in_flight(stage: int, c: Candidate) -> int:

@@ -58,7 +58,7 @@ class Estimate:
 
     def verdict(self) -> str:
         mem = self.memory
-        used = f"{mem.total / GiB:.1f} of {self.gpu.memory / GiB:.1f} GiB per GPU on a {self.gpu.name}"
+        used = f"{mem.total / GiB:.1f} of {self.gpu.memory / GiB:.1f} GiB per GPU ({self.gpu.name})"
         if self.fits:
             return f"fits: {used} ({self.margin / GiB:.1f} GiB to spare)"
         if not self.over:

@@ -10,8 +10,10 @@ For the busiest pipeline stage, one micro-batch costs
                   elements: latency + 2 (t-1)/t x bytes / (link bandwidth x efficiency), not overlapped
 the first two never less than the host's time to launch them (per layer, calibrated). A pipeline runs
 (m + p - 1) such slots per step (1F1B: the bubble is the p - 1), plus the point-to-point sends at
-each boundary. Once per step: the data-parallel gradient reduction (ZeRO-3 also gathers the weights
-twice per micro-batch), the optimizer's pass over its states at HBM speed, and a fixed overhead.
+each boundary. The data-parallel reduction: one all-reduce per step (ZeRO-0/1), a reduce-scatter per
+micro-batch (ZeRO-2/3, which partition the gradients) with the weights all-gathered once per step
+(ZeRO-2) or twice per micro-batch (ZeRO-3). Once per step: the optimizer's pass over its states at HBM
+speed, and a fixed overhead.
 tp and pp groups stay inside a node when they fit in one (neox's layout rule keeps tp there); dp
 crosses nodes whenever the world does.
 """
@@ -115,12 +117,14 @@ def estimate(m: GPTConfig, c: Candidate, gpu: GpuSpec, *, precision: str = "bf16
     params = max(st.params for st in all_stages)
     dp_bw = intra if c.world <= gpus_per_node else inter
     grads = params * w
-    if c.zero_stage <= 1:
+    if c.zero_stage <= 1:  # one all-reduce of the accumulated gradients per step
         dp = collective_time(grads, c.dp, dp_bw, "all_reduce")
-    else:  # reduce-scatter the gradients, all-gather the updated weights
-        dp = 2 * collective_time(grads, c.dp, dp_bw, "all_gather")
-    if c.zero_stage == 3:  # every micro-batch gathers the weights for its forward and its backward
-        dp += 2 * c.grad_accum * collective_time(params * w, c.dp, dp_bw, "all_gather")
+    else:  # every micro-batch's gradients are reduce-scattered into the partitions
+        dp = c.grad_accum * collective_time(grads, c.dp, dp_bw, "reduce_scatter")
+        if c.zero_stage == 2:  # and the updated weights all-gathered once per step
+            dp += collective_time(params * w, c.dp, dp_bw, "all_gather")
+        else:  # ZeRO-3 gathers the weights for every micro-batch's forward and backward
+            dp += 2 * c.grad_accum * collective_time(params * w, c.dp, dp_bw, "all_gather")
     dp_comm = dp * (1 - cal.DP_OVERLAP.get(c.zero_stage, 0.0))
     opt_params = params / (c.dp if c.zero_stage >= 1 else 1)
     optimizer = opt_params * cal.OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_gbs * 1e9)

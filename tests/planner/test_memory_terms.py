@@ -43,14 +43,14 @@ def test_model_states_under_each_zero_stage(zero, weights, grads, optim, buffers
     mem = one_stage(Candidate(dp=4, zero_stage=zero, micro_batch=2))
     assert mem.terms["weights"] == pytest.approx(weights)
     assert mem.terms["gradients"] == pytest.approx(grads)
-    assert mem.terms["optimizer"] == pytest.approx(optim)
+    assert mem.terms["optimizer states"] == pytest.approx(optim)
     assert mem.terms.get("communication buffers") == (pytest.approx(buffers) if buffers else None)
     assert mem.step_extra == pytest.approx(step)
 
 
 def test_fp32_has_no_master_copy():
     mem = one_stage(Candidate(micro_batch=2), precision="fp32")
-    assert (mem.terms["weights"], mem.terms["gradients"], mem.terms["optimizer"]) == (4 * P, 4 * P, 8 * P)
+    assert (mem.terms["weights"], mem.terms["gradients"], mem.terms["optimizer states"]) == (4 * P, 4 * P, 8 * P)
     assert mem.step_extra == 0
     assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((8 * 64 + 2 * 256) * 4 + 32))
 
@@ -91,7 +91,7 @@ def test_pipeline_first_stage_holds_pp_micro_batches_in_flight():
     assert stage_bounds(M, 2) == (0, 3, 7)  # embedding + 2 blocks | 2 blocks, final norm, head
     first, last = (stage_memory(M, c, st, "bf16") for st in stages(M, 1, 2))
     stage0 = 256 * 64 + 32 * 64 + 2 * BLOCK
-    assert first.terms["weights"] == 2 * stage0 and first.terms["optimizer"] == 12 * stage0
+    assert first.terms["weights"] == 2 * stage0 and first.terms["optimizer states"] == 12 * stage0
     assert first.terms["activations"] == 2 * 2 * TOKENS * PER_TOKEN  # 2 blocks x 2 micro-batches
     assert last.terms["activations"] == 2 * 1 * TOKENS * PER_TOKEN and last.terms["logits and loss"] == LOGITS
     assert first.terms["pipeline buffers"] == 2 * 2 * TOKENS * 64 * 2

@@ -41,7 +41,7 @@ def test_published_layouts_fit(overrides, gpu_gib, tmp_path, capsys, embedded_re
     out = capsys.readouterr().out
     assert stopped and "plan: nothing launched" in out
     assert "verdict   fits: " in out and f"of {gpu_gib} GiB per GPU" in out, out
-    for term in ("weights", "gradients", "optimizer", "activations", "pipeline buffers", "communication buffers",
+    for term in ("weights", "gradients", "optimizer states", "activations", "pipeline buffers", "communication buffers",
                  "allocator, CUDA context, NCCL", "tokens/s", "MFU", "pipeline bubble", "train.steps="):
         assert term in out, (term, out)
     est, _ = planning.estimate_run(cfg, plan)
@@ -52,7 +52,7 @@ def test_20b_on_one_80gb_gpu_does_not_fit_and_names_the_biggest_term(tmp_path, c
     stopped, cfg, plan = launch([*ONE_GPU_20B, "plan=true"], tmp_path)
     out = capsys.readouterr().out
     assert stopped
-    assert "verdict   does not fit: " in out and "the biggest term is optimizer (229.7 GiB)" in out, out
+    assert "verdict   does not fit: " in out and "the biggest term is optimizer states (229.7 GiB)" in out, out
     # 20.55e9 parameters x 12 bytes (fp32 master weights + Adam's two moments) = 229.7 GiB
     assert "changes that make it fit" in out or "no single change" in out
 
@@ -90,7 +90,7 @@ def test_unknown_gpu_memory_asks_for_it(cluster, tmp_path, embedded_ready):
 def test_gpu_memory_by_number_plans_an_unknown_card(tmp_path, capsys, embedded_ready):
     stopped, _, _ = launch(["model=1.4B", "train.micro_batch=4", "cluster=slurm", "cluster.nodes=1",
                             "cluster.gpus_per_node=1", "cluster.gpu_memory_gb=24", "plan=true"], tmp_path)
-    assert stopped and "of 24.0 GiB per GPU on a GPU of 24 GiB" in capsys.readouterr().out
+    assert stopped and "of 24.0 GiB per GPU (GPU of 24 GiB)" in capsys.readouterr().out
 
 
 def test_an_unknown_gpu_name_is_one_line():
