@@ -136,9 +136,14 @@ def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None)
                         "model.activation_checkpointing": "full" if best.checkpointing else "none"})
 
 
-def prepare(cfg: DictConfig, res: Resources) -> DictConfig:
-    """The config to plan and run: auto resolved, and plan=true planned like a dry run."""
+def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
+    """The config to plan and run: auto resolved (on `res`, default: what this launch can use), and
+    plan=true planned like a dry run."""
     if is_auto(cfg):
+        if res is None:
+            from neox.launch.resources import detect
+
+            res = detect(cfg.cluster)
         cfg = resolve_auto(cfg, res)
     if cfg.plan.show and not cfg.dry_run:
         cfg = _apply(cfg, {"dry_run": True})  # plans for the cluster named, not for this machine

@@ -22,10 +22,11 @@ from __future__ import annotations
 CALIBRATED_ON = "2026-11-30 on H200 runs of bench/RESULTS.md and issues 16-17"
 
 # ---------------------------------------------------------------------------------------------- memory
-# Activations as counted (memory.layer_activation_bytes) under-count the backward's transient
-# gradients of a layer; scale [R1]: 1.4B micro 4 -> 8 grows the peak by 13.6 GiB for 13.9 GiB counted.
+# Multiplies the activations as counted (memory.layer_activation_bytes). 1.0: [R1] 1.4B from micro 4 to 8
+# grows the measured peak by 13.6 GiB, as counted (13.6 GiB).
 ACTIVATION_SCALE = 1.0
-# Allocated bytes no term names (cuBLAS workspaces, rotary tables, the loss's row statistics) [R1].
+# Allocated bytes no term names (cuBLAS workspaces, rotary tables, the loss's row statistics), set by
+# hand: with it the five current-code peaks of [R1]-[R2] are predicted at 0.998-1.026 of the measured.
 ALLOCATED_EXTRA_BYTES = 0.25 * 1024**3
 # torch's caching allocator reserves more than the peak it allocated (block rounding, fragmentation).
 # Not yet measured here (RESULTS.md logs allocated only): PyTorch's usual 5-10%, to be fitted.
