@@ -117,6 +117,13 @@ def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None)
     """parallelism=auto -> the concrete layout (printed with the next best four)."""
     old = _saved_layout(cfg)
     if old is not None:
+        p = old.parallelism
+        world = p.tp * p.pp * (p.dp or 1)
+        if res.device == "cuda" and world != res.slots:  # other GPUs now: choose again (resharded on resume)
+            print(f"parallelism=auto: this run chose a layout for {world} GPUs before; choosing again for "
+                  f"{res.slots}", flush=True)
+            old = None
+    if old is not None:
         values = {k: OmegaConf.select(old, k) for k in LAYOUT_KEYS}
         print(f"parallelism=auto: resuming with the layout this run chose before ({old.parallelism.tp} tp, "
               f"{old.parallelism.pp} pp, {old.parallelism.dp} dp, ZeRO-{old.parallelism.zero_stage}, micro "

@@ -67,8 +67,9 @@ def test_a_rerun_resumes_with_the_layout_chosen_before(tmp_path, capsys):
     first = planning.resolve_auto(cfg, res)
     (tmp_path / "run").mkdir()
     saved = first.copy()
-    saved.parallelism.tp, saved.train.micro_batch = 4, 1  # an earlier launch's choice (say, older constants)
-    saved.train.grad_accum = first.train.global_batch // (saved.parallelism.dp * 1)
+    # an earlier launch's choice (say, with older constants), on the same 8 GPUs
+    saved.parallelism.tp, saved.parallelism.pp, saved.parallelism.dp, saved.train.micro_batch = 4, 1, 2, 1
+    saved.train.grad_accum = first.train.global_batch // 2
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     again = planning.resolve_auto(cfg, res)
     assert (again.parallelism.tp, again.train.micro_batch) == (4, 1)
@@ -82,3 +83,15 @@ def test_the_global_batch_is_kept_when_given():
     chosen = planning.resolve_auto(cfg, res)
     t, p = chosen.train, chosen.parallelism
     assert t.global_batch == 256 == t.micro_batch * t.grad_accum * p.dp
+
+
+def test_a_rerun_on_other_gpus_chooses_again(tmp_path, capsys):
+    overrides, res = slurm(8)
+    cfg = compose_config(["model=6.7B", "parallelism=auto", f"run_dir={tmp_path}/run", *overrides])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(planning.resolve_auto(cfg, res)))
+    overrides, res = slurm(64)
+    cfg = compose_config(["model=6.7B", "parallelism=auto", f"run_dir={tmp_path}/run", *overrides])
+    again = planning.resolve_auto(cfg, res)
+    p = again.parallelism
+    assert p.tp * p.pp * p.dp == 64 and "choosing again for 64" in capsys.readouterr().out
