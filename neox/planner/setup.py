@@ -60,7 +60,7 @@ class Estimate:
         mem = self.memory
         used = f"{mem.total / GiB:.1f} of {self.gpu.memory / GiB:.1f} GiB per GPU ({self.gpu.name})"
         if self.fits:
-            return f"fits: {used} ({self.margin / GiB:.1f} GiB to spare)"
+            return f"fits: {used}, {self.margin / GiB:.1f} GiB to spare"
         if not self.over:
             return (f"fits only just: {used}, above the {cal.FIT_FRACTION:.0%} the planner promises (its aim is 5%): "
                     "it may run out of memory")
