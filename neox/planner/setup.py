@@ -48,8 +48,10 @@ class Estimate:
 
     @property
     def over(self) -> bool:
-        """Predicted above the card itself: a launch is refused (unless plan.force)."""
-        return self.memory.total > self.gpu.memory
+        """Predicted above the card even before the allocator's slack: a launch is refused (unless
+        plan.force). Between this and `fits` a launch goes on with a warning: the reserve is the least
+        certain term, and refusing a run that would have fitted costs as much as an out-of-memory."""
+        return self.memory.allocated + self.memory.context > self.gpu.memory
 
     @property
     def margin(self) -> float:
@@ -61,9 +63,13 @@ class Estimate:
         used = f"{mem.total / GiB:.1f} of {self.gpu.memory / GiB:.1f} GiB per GPU ({self.gpu.name})"
         if self.fits:
             return f"fits: {used}, {self.margin / GiB:.1f} GiB to spare"
-        if not self.over:
+        if not self.over and mem.total <= self.gpu.memory:
             return (f"fits only just: {used}, above the {cal.FIT_FRACTION:.0%} the planner promises (its aim is 5%): "
                     "it may run out of memory")
+        if not self.over:
+            bare = (mem.allocated + mem.context) / GiB
+            return (f"may not fit: {used} with the allocator's reserve, {bare:.1f} GiB without it: it may run out "
+                    "of memory")
         term = mem.biggest_term()
         return (f"does not fit: {used}; the biggest term is {term} ({mem.terms[term] / GiB:.1f} GiB)")
 
