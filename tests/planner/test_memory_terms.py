@@ -130,3 +130,22 @@ def test_activation_count_is_what_autograd_keeps(change):
     block = Block(cfg).to(torch.bfloat16)
     per_token = (_saved_bytes(block, cfg, 4) - _saved_bytes(block, cfg, 2)) / (2 * cfg.seq_len)
     assert per_token == layer_activation_bytes(cfg, 1, False, "bf16")
+
+
+@pytest.mark.parametrize("change,tp,pp,partition", [
+    ({}, 2, 2, "parameters"), ({"tied_embeddings": True}, 1, 3, "parameters"),
+    ({"mlp": "swiglu", "d_ff": 192, "n_kv_heads": 2, "bias": False}, 2, 4, "uniform"),
+    ({"position": "rotary", "rotary_dims": 16, "norm": "rmsnorm"}, 4, 2, "type:Block"),
+])
+def test_stage_parameters_are_the_models(change, tp, pp, partition):
+    """Each stage's parameters on one tp rank, against neox's own map of the model (ModelLayout: the
+    pipeline's real partition over DeepSpeed's layer specs built on the meta device, TP_PLAN's shards)."""
+    from math import prod
+
+    from neox.parallel.model_layout import ModelLayout, Parallelism
+
+    cfg = dataclasses.replace(M, **change)
+    layout = ModelLayout(cfg, Parallelism(tp=tp, pp=pp, partition=partition))
+    assert tuple(layout.parts) == stage_bounds(cfg, pp, partition)
+    for st in stages(cfg, tp, pp, partition):
+        assert st.params == sum(prod(layout.local_shape(p.name)) for _, p in layout.stage_params(st.index))
