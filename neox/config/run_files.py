@@ -4,7 +4,7 @@ import os
 import time
 
 # The config a launch writes for its workers; rank 0 makes it config.yaml once the run has started
-# (neox.train.worker.publish_config), so a launch the workers refuse leaves config.yaml as it was.
+# (neox.train.config_files.publish_config), so a launch the workers refuse leaves config.yaml as it was.
 PENDING_CONFIG = "config.pending.yaml"
 
 # The launcher's start (seconds since the epoch), so a worker's start-up breakdown begins at `python launch.py`.

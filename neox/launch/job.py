@@ -3,7 +3,7 @@
 Nothing in the run dir is written before this launch owns it (neox.launch.rundir), and a launch
 the workers refuse at start leaves `config.yaml` as it was: the workers read `config.pending.yaml`
 and rank 0 moves it to `config.yaml` only once the run has started (checkpoint loaded, data
-opened; see neox.train.worker.publish_config).
+opened; see neox.train.config_files.publish_config).
 """
 from __future__ import annotations
 

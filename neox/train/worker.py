@@ -14,25 +14,22 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
-
 from neox.checkpoint import CheckpointManager
 from neox.checkpoint.background import resolve_async_save
 from neox.config.plan import RunPlan, config_dict, make_plan
 from neox.config.resources import from_worker_env
-from neox.config.run_files import PENDING_CONFIG
 from neox.model.gpt import GPT, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_all
 from neox.parallel.model_layout import ModelLayout, Parallelism
 from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
 from neox.errors import TrainingError
 from neox.train import distributed, engine as engine_lib, mfu
+from neox.train.config_files import config_to_read, load_config, publish_config
 from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, out_of_memory_message
 from neox.train.faults import Faults
 from neox.train.guards import Heartbeats
@@ -49,29 +46,6 @@ class RunState:
     consumed_samples: int = 0  # global samples consumed by training
     tokens: int = 0
     skipped_steps: int = 0
-
-
-def load_config(path: str) -> DictConfig:
-    from neox.config.schema import RunConfig
-
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-    return cfg
-
-
-def config_to_read(config_path: str) -> Path:
-    """The launcher's pending config; after rank 0 made it config.yaml (a requeued Slurm job runs
-    the same command again), config.yaml."""
-    path = Path(config_path)
-    if path.name == PENDING_CONFIG and not path.exists() and (path.parent / "config.yaml").is_file():
-        return path.parent / "config.yaml"
-    return path
-
-
-def publish_config(config_path: Path, run_dir: Path) -> None:
-    """The run has started with this config: make it the run dir's config.yaml (rank 0)."""
-    pending = run_dir / PENDING_CONFIG
-    if config_path.name == PENDING_CONFIG and config_path.resolve() == pending.resolve() and pending.exists():
-        os.replace(pending, run_dir / "config.yaml")
 
 
 def run(config_path: str) -> int:

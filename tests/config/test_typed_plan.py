@@ -15,7 +15,7 @@ from neox.config.plan import config_dict, make_plan
 from neox.config.resources import Resources
 from neox.config.schema import (DataConfig, HostfileCluster, LocalCluster, LoggingConfig, ModelConfig, OptimConfig,
                                 ParallelConfig, RunConfig, SlurmCluster, TrainConfig)
-from neox.train.worker import load_config
+from neox.train.config_files import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 # Each cluster kind, with resources make_plan accepts for the tiny default run (a hostfile needs no file here).
