@@ -61,15 +61,28 @@ def deepspeed_command(plan: RunPlan, config_path: Path, port: int) -> List[str]:
         if cluster.master_addr:
             cmd += ["--master_addr", cluster.master_addr]
         cmd += ["--num_nodes", str(plan.resources.nodes), "--num_gpus", str(plan.world_size // plan.resources.nodes)]
-    elif plan.device == "cuda" and (cluster.include or cluster.exclude):
+    elif plan.device == "cuda":
         from neox.launch.resources import local_gpu_count, local_gpu_selection
 
         ids = local_gpu_selection(cluster, local_gpu_count())[: plan.world_size]
-        cmd += ["--include", "localhost:" + ",".join(map(str, ids))]
+        cmd += ["--include", "localhost:" + ",".join(physical_gpu_ids(ids, os.environ.get("CUDA_VISIBLE_DEVICES")))]
     else:
         # On CPU, --num_gpus N starts N processes over gloo (--include fails there).
         cmd += ["--num_gpus", str(plan.world_size)]
     return cmd + ["--module", "neox.train", str(config_path)]
+
+
+def physical_gpu_ids(ids: List[int], visible: str | None) -> List[str]:
+    """The deepspeed launcher sets the workers' CUDA_VISIBLE_DEVICES from --include and ignores the user's,
+    so ids counted among the visible GPUs are turned back into the machine's own (CUDA_VISIBLE_DEVICES=2,3
+    with cluster.gpus=1 is GPU 2, never GPU 0)."""
+    if visible is None or not visible.strip():
+        return [str(i) for i in ids]
+    entries = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(v.isdigit() for v in entries):
+        raise LaunchError(f"CUDA_VISIBLE_DEVICES={visible} names GPUs by UUID; the deepspeed launcher takes "
+                          "indices: set CUDA_VISIBLE_DEVICES to GPU indices (nvidia-smi -L lists them)")
+    return [entries[i] for i in ids]
 
 
 def worker_env(plan: RunPlan) -> dict:

@@ -31,6 +31,22 @@ def test_a_hostfile_run_names_its_hosts_launcher_and_master(tmp_path):
                        "--module", "neox.train", "/r/c.yaml"]
 
 
+@pytest.mark.parametrize("visible, chosen, expected", [
+    (None, [0, 1], ["0", "1"]),
+    ("2,3", [0], ["2"]),  # the first visible GPU is the machine's GPU 2
+    ("3, 1", [0, 1], ["3", "1"]),
+    ("", [1], ["1"]),
+])
+def test_gpus_counted_among_the_visible_ones_are_passed_as_the_machines_own(visible, chosen, expected):
+    # deepspeed --include sets the workers' CUDA_VISIBLE_DEVICES itself, replacing the user's
+    assert local.physical_gpu_ids(chosen, visible) == expected
+
+
+def test_gpus_named_by_uuid_are_refused_with_the_fix():
+    with pytest.raises(LaunchError, match="CUDA_VISIBLE_DEVICES=GPU-1a2b names GPUs by UUID"):
+        local.physical_gpu_ids([0], "GPU-1a2b")
+
+
 def test_a_master_port_in_use_is_refused_before_anything_starts(tmp_path):
     with socket.socket() as busy:
         busy.bind(("", 0))
