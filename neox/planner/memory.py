@@ -105,7 +105,7 @@ def layer_activation_elements(m: GPTConfig, tp: int, sequence_parallel: bool) ->
 def layer_activation_bytes(m: GPTConfig, tp: int, sequence_parallel: bool, precision: str) -> float:
     """Bytes one block keeps per token: elements, fp32 norm statistics, dropout masks."""
     w = element_bytes(precision)
-    stats = 2 * 2 * 4  # each norm's mean and rstd (fp32)
+    stats = 2 * 2 * 4 / (tp if sequence_parallel else 1)  # each norm's mean and rstd (fp32), on its tokens
     if m.position != "alibi":
         stats += m.n_heads / tp * 4  # flash attention's log-sum-exp per head (ALiBi keeps its scores instead)
     masks = 0.0

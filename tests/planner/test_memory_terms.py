@@ -78,7 +78,8 @@ def test_tensor_parallel_shards_what_tp_splits():
 def test_sequence_parallel_splits_the_norms_but_keeps_the_gathered_matmul_inputs():
     mem = one_stage(Candidate(tp=2, micro_batch=2, sequence_parallel=True))
     replicated = (4 * 64 - 2 * 64) / 2 + 2 * 64
-    assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((replicated + (4 * 64 + 512) / 2) * 2 + 24))
+    # norm statistics 16 / 2 bytes, log-sum-exp of 2 heads 8
+    assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((replicated + (4 * 64 + 512) / 2) * 2 + 8 + 8))
 
 
 def test_checkpointing_keeps_block_inputs_and_one_block():
@@ -149,3 +150,22 @@ def test_stage_parameters_are_the_models(change, tp, pp, partition):
     assert tuple(layout.parts) == stage_bounds(cfg, pp, partition)
     for st in stages(cfg, tp, pp, partition):
         assert st.params == sum(prod(layout.local_shape(p.name)) for _, p in layout.stage_params(st.index))
+
+
+@pytest.mark.parametrize("change", [{}, {"parallel_residual": True, "position": "rotary", "rotary_dims": 16}])
+def test_tensor_parallel_activation_count_is_what_autograd_keeps(change, tmp_path):
+    """Two CPU ranks over gloo shard one block (tp=2, sequence parallelism off and on); per token of the
+    micro-batch, each keeps what layer_activation_bytes says."""
+    import json
+
+    from support.workers import run_workers
+    from tp_activation_probe import fields, probe
+
+    cfg = dataclasses.replace(M, kernels="fused", **change)
+    out = tmp_path / "saved.json"
+    run_workers(probe, 2, fields(cfg), str(out))
+    got = json.loads(out.read_text())
+    assert got["False"] == layer_activation_bytes(cfg, 2, False, "bf16")
+    # under sequence parallelism the norms are torch's, whose mean and rstd are bf16 on CPU (fp32 on CUDA,
+    # as counted): 8 of the 16 bytes per token, over 2 ranks
+    assert got["True"] == layer_activation_bytes(cfg, 2, True, "bf16") - 8 / 2
