@@ -35,8 +35,8 @@ def probe(rank: int, world: int, cfg_fields: dict, out: str) -> None:
         torch.manual_seed(0)
         block = apply_tensor_parallel(Block(cfg), topo, sequence_parallel=sp, cfg=cfg).to(torch.bfloat16)
         s = cfg.seq_len // world if sp else cfg.seq_len  # a sequence-parallel block gets its share of tokens
-        per_token = (saved_bytes(block, (4, s, cfg.d_model)) - saved_bytes(block, (2, s, cfg.d_model))) / (2 * cfg.seq_len)
-        result[str(sp)] = per_token
+        two, four = saved_bytes(block, (2, s, cfg.d_model)), saved_bytes(block, (4, s, cfg.d_model))
+        result[str(sp)] = (four - two) / (2 * cfg.seq_len)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
