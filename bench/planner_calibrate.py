@@ -207,7 +207,10 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
                     proc.wait()
         stop.set()
         watcher.join()
-        records = [r for r in _records(run_dir / "metrics.jsonl") if "train/tokens_per_s" in r]
+        every = _records(run_dir / "metrics.jsonl")
+        records = [r for r in every if "train/tokens_per_s" in r]
+        startup = next(({k: v for k, v in r.items() if k.startswith("startup/")} for r in every
+                        if "startup/total_s" in r), {})
     if not records:
         return {"error": f"no training step logged in {time.time() - start:.0f} s (see {log.name})"}
     steady = [r for r in records if r["step"] > 2] or records
@@ -215,7 +218,7 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
     return {"steps_logged": len(records), "wall_s": time.time() - start, "tokens_per_s": tokens,
             "allocated_gib": max(r.get("train/memory_gb", math.nan) for r in records),
             "reserved_gib": max(r.get("train/memory_reserved_gb", math.nan) for r in records),
-            "smi_used_gib": max(smi) / 1024 if smi else math.nan}
+            "smi_used_gib": max(smi) / 1024 if smi else math.nan, "startup": startup}
 
 
 def _records(path: Path) -> list:
