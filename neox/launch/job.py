@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neox.config.plan import RunPlan, config_dict, make_plan
 from neox.errors import EXIT_INTERRUPTED, LaunchError
-from neox.launch import local, resources, summary
+from neox.launch import local, planning, resources, summary
 from neox.launch.rundir import PENDING_CONFIG, RunDirLock
 
 
@@ -77,8 +77,11 @@ def run_job(cfg: DictConfig) -> int:
     """Plan, print the summary and dispatch; returns the workers' exit status."""
     plan = None
     try:
+        cfg = planning.prepare(cfg)  # parallelism=auto resolved, plan=true planned as a dry run (neox/planner)
         plan = plan_for(cfg)
         print(summary.render(plan), flush=True)
+        if planning.review(plan):  # plan=true: the planner's report, nothing launched; refuses what cannot fit
+            return 0
         check_run_dir(plan)
         if plan.config.dry_run:
             print("dry run: config valid, nothing launched")

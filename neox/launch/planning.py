@@ -3,18 +3,19 @@
 
 `prepare(cfg, res)` resolves `parallelism=auto` into a concrete layout (printing the choice and the
 next best four) and turns `plan=true` into a dry run; it returns the config the run is planned, saved
-and resumed with. `review(cfg, plan)` prints the report for `plan=true` (True: stop there) and refuses
-a layout predicted not to fit unless `plan.force=true`.
+and resumed with. `review(plan)` prints the report for `plan=true` (True: stop there) and refuses a
+layout predicted above the card unless `plan.force=true`.
 """
 from __future__ import annotations
 
 import sys
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from neox.config.plan import default_run_dir, flops_per_token, gpt_config
+from neox.config.plan import RunPlan, default_run_dir, flops_per_token, gpt_config
 from neox.config.resources import Resources
+from neox.config.schema import RunConfig
 from neox.errors import ConfigError
 from neox.model.gpt import count_params
 from neox.planner import report, search
@@ -32,12 +33,12 @@ def _detected_gpu(res: Resources) -> tuple:
     return torch.cuda.get_device_name(0), res.memory_per_slot
 
 
-def setup_from(cfg: DictConfig, res: Resources, gpus: Optional[int] = None) -> Setup:
-    """The planner's view of a composed run config on `res` (the launcher's resources). Raises one
-    line asking for cluster.gpu_memory_gb when nothing says the GPU's memory."""
+def setup_from(cfg: Union[DictConfig, RunConfig], res: Resources, gpus: Optional[int] = None) -> Setup:
+    """The planner's view of a run config (composed, or a plan's typed one) on `res` (the launcher's
+    resources). Raises one line asking for cluster.gpu_memory_gb when nothing says the GPU's memory."""
     cluster = cfg.cluster
     name, detected = _detected_gpu(res)
-    gpu = resolve(cluster.get("gpu"), cluster.get("gpu_memory_gb"), name, detected)
+    gpu = resolve(cluster.gpu, cluster.gpu_memory_gb, name, detected)
     if gpu is None:
         where = {"local": "no GPU is visible here", "hostfile": "a hostfile does not say which GPUs its hosts have",
                  "slurm": "a Slurm request does not say which GPUs it gets"}.get(cluster.kind, "it is not known")
@@ -53,8 +54,8 @@ def setup_from(cfg: DictConfig, res: Resources, gpus: Optional[int] = None) -> S
     total = gpus if gpus is not None else (res.slots if res.device == "cuda" else _planned_world(cfg))
     fused = model.impl("cross_entropy") != "reference"
     return Setup(model=model, model_name=str(cfg.model.name), precision=precision, gpu=gpu, gpus=total,
-                 gpus_per_node=per_node, intra_gbs=float(cluster.get("intra_node_gbs") or 0.0),
-                 inter_gbs=float(cluster.get("inter_node_gbs") or 0.0), steps=int(cfg.train.steps),
+                 gpus_per_node=per_node, intra_gbs=float(cluster.intra_node_gbs or 0.0),
+                 inter_gbs=float(getattr(cluster, "inter_node_gbs", None) or 0.0), steps=int(cfg.train.steps),
                  flops_per_token=flops_per_token(model, count_params(model)), fused_loss=fused,
                  zero_bucket=int(cfg.parallelism.zero_bucket_size))
 
@@ -67,7 +68,7 @@ def _planned_world(cfg: DictConfig) -> int:
     return p.tp * p.pp * (p.dp or 1)
 
 
-def candidate_from(cfg: DictConfig, dp: int, micro: int, accum: int) -> Candidate:
+def candidate_from(cfg: RunConfig, dp: int, micro: int, accum: int) -> Candidate:
     """The layout a config asks for by hand (dp and the batch as make_plan resolved them)."""
     p = cfg.parallelism
     return Candidate(tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage, micro_batch=micro, grad_accum=accum,
@@ -157,21 +158,22 @@ def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
     return cfg
 
 
-def estimate_run(cfg: DictConfig, plan) -> Tuple[Estimate, Setup]:
-    """The planner's estimate of the layout `plan` (neox.config.plan.RunPlan) resolved."""
-    setup = setup_from(cfg, plan.resources, gpus=plan.world_size)
-    return evaluate(setup, candidate_from(cfg, plan.dp, plan.micro_batch, plan.grad_accum)), setup
+def estimate_run(plan: RunPlan) -> Tuple[Estimate, Setup]:
+    """The planner's estimate of the layout `plan` resolved."""
+    setup = setup_from(plan.config, plan.resources, gpus=plan.world_size)
+    return evaluate(setup, candidate_from(plan.config, plan.dp, plan.micro_batch, plan.grad_accum)), setup
 
 
-def review(cfg: DictConfig, plan) -> bool:
+def review(plan: RunPlan) -> bool:
     """plan=true: print the report, True (launch nothing). Otherwise refuse a layout predicted above the
     card (ConfigError, after the report on stderr) unless plan.force, warn about one above the share the
     planner promises; False: go on."""
-    gpu_run = plan.device == "cuda" or cfg.cluster.get("gpu") or cfg.cluster.get("gpu_memory_gb")
+    cfg = plan.config
+    gpu_run = plan.device == "cuda" or cfg.cluster.gpu or cfg.cluster.gpu_memory_gb
     if not cfg.plan.show and not gpu_run:
         return False  # a CPU run: make_plan's RAM check is the one that applies
     try:
-        est, setup = estimate_run(cfg, plan)
+        est, setup = estimate_run(plan)
     except ConfigError:
         if cfg.plan.show:
             raise

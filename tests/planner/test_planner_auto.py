@@ -49,7 +49,7 @@ def test_auto_returns_a_layout_that_validates(model, gpus, tmp_path, embedded_re
     assert plan.world_size == gpus == p.tp * p.pp * p.dp
     assert plan.global_batch == chosen.train.global_batch
     assert chosen.parallelism.name == "auto"
-    est, _ = planning.estimate_run(chosen, plan)
+    est, _ = planning.estimate_run(plan)
     assert est.fits, est.verdict()
 
 

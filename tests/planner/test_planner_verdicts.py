@@ -32,7 +32,7 @@ def launch(overrides, tmp_path, res=None):
     res = res or slurm_res(cfg)
     cfg = planning.prepare(cfg, res)
     plan = make_plan(cfg, res)
-    return planning.review(cfg, plan), cfg, plan
+    return planning.review(plan), cfg, plan
 
 
 @pytest.mark.parametrize("overrides,gpu_gib", [(NEOX_20B, 39.6), (MEGATRON_145B, 79.3)])
@@ -44,7 +44,7 @@ def test_published_layouts_fit(overrides, gpu_gib, tmp_path, capsys, embedded_re
     for term in ("weights", "gradients", "optimizer states", "activations", "pipeline buffers", "communication buffers",
                  "allocator, CUDA context, NCCL", "tokens/s", "MFU", "pipeline bubble", "train.steps="):
         assert term in out, (term, out)
-    est, _ = planning.estimate_run(cfg, plan)
+    est, _ = planning.estimate_run(plan)
     assert est.fits and est.memory.stage == 0  # the first stage holds pp micro-batches in flight
 
 
@@ -84,7 +84,7 @@ def test_unknown_gpu_memory_asks_for_it(cluster, tmp_path, embedded_ready):
         res = slurm_res(cfg) if cfg.cluster.kind == "slurm" else Resources("local", "cpu", 2, 2)
         with pytest.raises(ConfigError, match=r"needs the GPU's memory .*set cluster\.gpu_memory_gb=<GiB per GPU>"):
             cfg = planning.prepare(cfg, res)
-            planning.review(cfg, make_plan(cfg, res))
+            planning.review(make_plan(cfg, res))
 
 
 def test_gpu_memory_by_number_plans_an_unknown_card(tmp_path, capsys, embedded_ready):
@@ -116,7 +116,7 @@ def test_a_layout_just_under_the_card_runs_with_a_warning(tmp_path, capsys, embe
     refused only when the allocated peak and the CUDA context alone exceed the card."""
     base = ["model=1.4B", "train.micro_batch=4", "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=1"]
     _, cfg, plan = launch([*base, "cluster.gpu_memory_gb=80"], tmp_path)
-    mem = planning.estimate_run(cfg, plan)[0].memory
+    mem = planning.estimate_run(plan)[0].memory
     need, bare = mem.total / 2**30, (mem.allocated + mem.context) / 2**30
     stopped, _, _ = launch([*base, f"cluster.gpu_memory_gb={need / 0.97:.3f}"], tmp_path)
     assert stopped is False

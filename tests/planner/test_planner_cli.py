@@ -1,0 +1,42 @@
+"""The planner through `launch.py` itself (neox.launch.cli.main in-process): plan=true prints the report and
+launches nothing, a layout above the card is refused with one line, parallelism=auto prints its choice."""
+from __future__ import annotations
+
+from neox.launch.cli import main
+
+NEOX_20B = ["model=20B", "parallelism=pp2_tp2", "parallelism.pp=4", "train.micro_batch=4", "train.grad_accum=32",
+            "model.activation_checkpointing=full", "cluster=slurm", "cluster.nodes=12", "cluster.gpu=A100-40GB"]
+ONE_GPU_20B = ["model=20B", "train.micro_batch=1", "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=1",
+               "cluster.gpu=A100-80GB"]
+
+
+def test_plan_true_prints_the_report_and_launches_nothing(tmp_path, capsys, embedded_ready):
+    assert main([*NEOX_20B, "plan=true", f"run_dir={tmp_path}/run"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict   fits: 21.3 of 39.6 GiB per GPU (A100 40GB)" in out and "plan: nothing launched" in out, out
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_layout_above_the_card_is_refused_in_one_line(tmp_path, capsys, embedded_ready):
+    assert main([*ONE_GPU_20B, f"run_dir={tmp_path}/run"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("neox: error: the layout does not fit: 414.3 of 79.3 GiB per GPU (A100 80GB); the "
+                           "biggest term is optimizer states (229.7 GiB); e.g. cluster.nodes=8"), last
+    assert last.endswith("set plan.force=true to launch anyway"), last
+    assert "verdict   does not fit" in err  # the report above it
+
+
+def test_auto_prints_its_choice_and_validates(tmp_path, capsys, embedded_ready):
+    assert main(["model=6.7B", "parallelism=auto", "train.global_batch=64", "train.micro_batch=null",
+                 "train.grad_accum=null", "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=2",
+                 "cluster.gpu=H200", "dry_run=true", f"run_dir={tmp_path}/run"]) == 0
+    out = capsys.readouterr().out
+    assert "parallelism=auto: " in out and "->" in out and "dry run: config valid" in out, out
+
+
+def test_unknown_gpu_memory_is_one_line(tmp_path, capsys, embedded_ready):
+    assert main(["model=1.4B", "cluster=slurm", "plan=true", f"run_dir={tmp_path}/run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "neox: error: the planner needs the GPU's memory and a Slurm request does not say which GPUs it gets: "
+        "set cluster.gpu_memory_gb=<GiB per GPU> (or cluster.gpu=H100|H200|A100-40GB|A100-80GB)")
