@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neox.config.plan import default_run_dir
 from neox.errors import ConfigError, NeoxError
-from neox.launch.compose import CONF_DIR, compose_config, sweep_combinations
+from neox.launch.compose import CONF_DIR, compose_config, plan_shorthand, sweep_combinations
 from neox.launch.job import plan_for, run_job
 
 USAGE = """usage: python launch.py [-m] [key=value ...]
@@ -58,7 +58,7 @@ def main(argv: List[str]) -> int:
         return fail(exc)
     if not multirun:
         return guarded(run_job, configs[0])
-    return _hydra_multirun(argv, configs)
+    return _hydra_multirun(plan_shorthand(argv), configs)  # Hydra reads the arguments again
 
 
 def check_distinct_run_dirs(configs: List[DictConfig]) -> None:

@@ -40,3 +40,10 @@ def test_unknown_gpu_memory_is_one_line(tmp_path, capsys, embedded_ready):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "neox: error: the planner needs the GPU's memory and a Slurm request does not say which GPUs it gets: "
         "set cluster.gpu_memory_gb=<GiB per GPU> (or cluster.gpu=H100|H200|A100-40GB|A100-80GB)")
+
+
+def test_plan_true_in_a_sweep_plans_every_job(tmp_path, capsys, embedded_ready):
+    """Hydra reads the arguments again for -m: the plan=true shorthand must reach it rewritten too."""
+    assert main(["-m", "model=tiny,19M", "plan=true", "cluster.gpu=H100", f"hydra.sweep.dir={tmp_path}/sweep"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("verdict   fits: ") == 2 and out.count("plan: nothing launched") == 2, out
