@@ -281,7 +281,8 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     params = count_params(model)
     memory = estimate(model, params["total"], micro_batch=micro, grad_accum=accum, tp=p.tp, pp=p.pp, dp=dp,
                       zero_stage=p.zero_stage, precision=precision, sequence_parallel=p.sequence_parallel)
-    warnings += _check_memory(res, world, memory)
+    if not config.plan.show:  # plan=true: the planner's report gives the verdict (and may plan for a GPU here)
+        warnings += _check_memory(res, world, memory)
     return RunPlan(config=config, world_size=world, tp=p.tp, pp=p.pp, dp=dp, micro_batch=micro,
                    grad_accum=accum, global_batch=global_, seq_len=model.seq_len, precision=precision,
                    device=res.device, model=model, params=params, flops_per_token=flops_per_token(model, params),

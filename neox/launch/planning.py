@@ -19,7 +19,7 @@ from neox.config.schema import RunConfig
 from neox.errors import ConfigError
 from neox.model.gpt import count_params
 from neox.planner import report, search
-from neox.planner.gpus import GiB, resolve
+from neox.planner.gpus import GiB, GpuSpec, resolve
 from neox.planner.layout import Candidate
 from neox.planner.setup import Estimate, Setup, evaluate
 
@@ -33,10 +33,9 @@ def _detected_gpu(res: Resources) -> tuple:
     return torch.cuda.get_device_name(0), res.memory_per_slot
 
 
-def setup_from(cfg: Union[DictConfig, RunConfig], res: Resources, gpus: Optional[int] = None) -> Setup:
-    """The planner's view of a run config (composed, or a plan's typed one) on `res` (the launcher's
-    resources). Raises one line asking for cluster.gpu_memory_gb when nothing says the GPU's memory."""
-    cluster = cfg.cluster
+def gpu_for(cluster, res: Resources) -> GpuSpec:
+    """The card to plan for: cluster.gpu / gpu_memory_gb, else the one detected here; one line asking for
+    cluster.gpu_memory_gb when nothing says its memory."""
     name, detected = _detected_gpu(res)
     gpu = resolve(cluster.gpu, cluster.gpu_memory_gb, name, detected)
     if gpu is None:
@@ -44,6 +43,14 @@ def setup_from(cfg: Union[DictConfig, RunConfig], res: Resources, gpus: Optional
                  "slurm": "a Slurm request does not say which GPUs it gets"}.get(cluster.kind, "it is not known")
         raise ConfigError(f"the planner needs the GPU's memory and {where}: set cluster.gpu_memory_gb=<GiB per "
                           "GPU> (or cluster.gpu=H100|H200|A100-40GB|A100-80GB)")
+    return gpu
+
+
+def setup_from(cfg: Union[DictConfig, RunConfig], res: Resources, gpus: Optional[int] = None) -> Setup:
+    """The planner's view of a run config (composed, or a plan's typed one) on `res` (the launcher's
+    resources). Raises one line asking for cluster.gpu_memory_gb when nothing says the GPU's memory."""
+    cluster = cfg.cluster
+    gpu = gpu_for(cluster, res)
     model = gpt_config(cfg.model)
     precision = cfg.train.precision
     if precision == "auto":
@@ -147,11 +154,13 @@ def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None)
 def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
     """The config to plan and run: auto resolved (on `res`, default: what this launch can use), and
     plan=true planned like a dry run."""
-    if is_auto(cfg):
+    if is_auto(cfg) or cfg.plan.show:
         if res is None:
             from neox.launch.resources import detect
 
             res = detect(cfg.cluster)
+        gpu_for(cfg.cluster, res)  # first: without the GPU's memory there is nothing to plan
+    if is_auto(cfg):
         cfg = resolve_auto(cfg, res)
     if cfg.plan.show and not cfg.dry_run:
         cfg = _apply(cfg, {"dry_run": True})  # plans for the cluster named, not for this machine

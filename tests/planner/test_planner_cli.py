@@ -47,3 +47,14 @@ def test_plan_true_in_a_sweep_plans_every_job(tmp_path, capsys, embedded_ready):
     assert main(["-m", "model=tiny,19M", "plan=true", "cluster.gpu=H100", f"hydra.sweep.dir={tmp_path}/sweep"]) == 0
     out = capsys.readouterr().out
     assert out.count("verdict   fits: ") == 2 and out.count("plan: nothing launched") == 2, out
+
+
+def test_plan_true_here_without_a_gpu_asks_for_its_memory_first(tmp_path, capsys, embedded_ready):
+    """Not this CPU box's RAM check: the plan is for a GPU, and none is named."""
+    assert main(["model=1.4B", "plan=true", f"run_dir={tmp_path}/run"]) == 2
+    assert "set cluster.gpu_memory_gb=<GiB per GPU>" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_plan_true_here_for_a_named_gpu_plans_that_gpu(tmp_path, capsys, embedded_ready):
+    assert main(["model=1.4B", "train.micro_batch=4", "plan=true", "cluster.gpu=H100", f"run_dir={tmp_path}/run"]) == 0
+    assert "verdict   fits: " in capsys.readouterr().out
