@@ -16,7 +16,7 @@ need it). Apply after `apply_tensor_parallel` (it builds plain TP layers from wh
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -42,9 +42,7 @@ def check_device(device: torch.device) -> None:
 
 def _fp8_linear(self: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ self.weight.T (+ bias) with the matmul (and its two backward matmuls) in fp8."""
-    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-
-    y = matmul_with_hp_or_float8_args.apply(x, self.weight.t(), self.fp8_mm_config, self.fp8_config)
+    y = self.fp8_matmul(x, self.weight)
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -70,10 +68,14 @@ _SWAPS: Dict[type, type] = {nn.Linear: FP8Linear, ColumnParallelLinear: FP8Colum
                             RowParallelLinear: FP8RowParallelLinear}
 
 
-def _torchao_configs(emulate: bool):
-    """(LinearMMConfig, Float8LinearConfig) exactly as torchao builds them for its own Float8Linear.
-    Converting a throwaway meta-device layer through the public entry point also applies torchao's
-    inductor workaround for compiled fp8 casts (train.compile)."""
+def _fp8_matmul(emulate: bool, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """matmul(x, weight) = x @ weight.T through torchao's float8 autograd function, with its configs as torchao
+    builds them for its own Float8Linear. Converting a throwaway meta-device layer through the public entry point
+    also applies torchao's inductor workaround for compiled fp8 casts.
+
+    compiled: torch.compile it, so that inductor fuses each operand's amax, scale and cast (eager, those are
+    separate kernels around every GEMM and fp8 runs slower than bf16; inside a `train.compile` block the
+    inner compile is inlined into the block's graph)."""
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)  # a deprecation note torch logs while torchao 0.18 imports
@@ -81,18 +83,26 @@ def _torchao_configs(emulate: bool):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     finally:
         pytree_log.setLevel(level)
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
     probe = convert_to_float8_training(nn.Linear(16, 16, bias=False, device="meta"),
                                        config=Float8LinearConfig(emulate=emulate))
-    return probe.linear_mm_config, probe.config
+    mm_config, config = probe.linear_mm_config, probe.config
+
+    def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return matmul_with_hp_or_float8_args.apply(x, weight.t(), mm_config, config)
+
+    return torch.compile(matmul) if compiled else matmul
 
 
-def convert_to_fp8(model: nn.Module, emulate: bool = False) -> Dict[str, List[str]]:
+def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = False) -> Dict[str, List[str]]:
     """Swap the model's linear layers (plain or TP-sharded) for fp8 ones, in place.
 
     emulate: fp8 casts with the matmul in high precision (torchao's emulation; runs on CPU).
+    compiled: the casts and the GEMM under torch.compile (what training uses: see `_fp8_matmul`).
     Returns {"fp8": [names converted], "bf16": ["name (why)" kept in bf16]}.
     """
-    mm_config, config = _torchao_configs(emulate)
+    matmul = _fp8_matmul(emulate, compiled)
     heads = {id(m.proj) for m in model.modules() if isinstance(m, Head)}
     done: Dict[str, List[str]] = {"fp8": [], "bf16": []}
     for name, module in model.named_modules():
@@ -106,7 +116,7 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False) -> Dict[str, List[st
             done["bf16"].append(f"{name} (weight {out_dim}x{in_dim}: fp8 matmuls need multiples of 16)")
         else:
             module.__class__ = fp8_cls
-            module.fp8_mm_config, module.fp8_config = mm_config, config
+            module.fp8_matmul = matmul
             done["fp8"].append(name)
     return done
 
@@ -114,10 +124,11 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False) -> Dict[str, List[st
 def apply_fp8(model: nn.Module, device: torch.device) -> str:
     """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8."""
     check_device(device)
-    done = convert_to_fp8(model)
+    done = convert_to_fp8(model, compiled=True)
     if not done["fp8"]:
         raise ConfigError("train.precision=fp8: no linear layer has dims that are multiples of 16; "
                           "use train.precision=bf16")
     kept = done["bf16"][:3] + ([f"{len(done['bf16']) - 3} more"] if len(done["bf16"]) > 3 else [])
     kept = f"; kept in bf16: {', '.join(kept)}" if kept else ""
-    return f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao, tensorwise dynamic scaling){kept}"
+    return (f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao, tensorwise dynamic scaling, casts "
+            f"compiled: the first steps include compile time){kept}")

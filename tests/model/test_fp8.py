@@ -105,7 +105,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _compare_with_bf16(device: str, emulate: bool) -> None:
+def _compare_with_bf16(device: str, emulate: bool, compiled: bool = False) -> None:
     """fp8 model against the same bf16 model: loss, logits and every gradient within fp8's error. Measured on
     CPU (emulated, 4 seeds): logits 8-9% off in norm, the worst gradient 14-17% (e5m2 gradients through two
     blocks), the loss under 0.1%; bf16 against fp32 is 0.7% on the logits. A wrong swap is off by ~100%."""
@@ -113,7 +113,7 @@ def _compare_with_bf16(device: str, emulate: bool) -> None:
     cfg = GPTConfig(**{**BASE, "d_model": 128, "d_ff": 512, "seq_len": 64})
     ref = GPT(cfg).to(device, torch.bfloat16)
     model = copy.deepcopy(ref)
-    convert_to_fp8(model, emulate=emulate)
+    convert_to_fp8(model, emulate=emulate, compiled=compiled)
     tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len + 1), device=device)
     out = {}
     for name, m in (("ref", ref), ("fp8", model)):
@@ -196,13 +196,14 @@ def test_fp8_on_a_cpu_worker_is_refused():
 # ---------------------------------------------------------------------------------------- GPU
 
 
-@pytest.mark.parametrize("emulate", [False, True], ids=["fp8-gemm", "emulated"])
+@pytest.mark.parametrize("emulate, compiled", [(False, True), (False, False), (True, False)],
+                         ids=["fp8-gemm-compiled", "fp8-gemm", "emulated"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
-def test_gpu_fp8_model_matches_bf16_within_fp8_error(emulate):
+def test_gpu_fp8_model_matches_bf16_within_fp8_error(emulate, compiled):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("this GPU has no fp8 matmuls")
-    _compare_with_bf16("cuda", emulate=emulate)
+    _compare_with_bf16("cuda", emulate=emulate, compiled=compiled)
 
 
 @pytest.mark.gpu

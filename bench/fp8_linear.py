@@ -1,0 +1,109 @@
+"""fp8 against bf16 for the linear layers alone: where train.precision=fp8 gains and what it pays.
+
+    python bench/fp8_linear.py                                 # the 1.4B layers: 4 x 2048 tokens, d 2048, ff 8192
+    python bench/fp8_linear.py --d 4096 --ff 16384             # the 6.7B layers
+
+Per layer shape, forward + backward (x and weight gradients) of:
+  * bf16: F.linear;
+  * fp8 eager / fp8 compiled: neox.model.fp8's layer (torchao float8, tensorwise dynamic scaling), its casts as
+    separate kernels or fused by torch.compile (what train.precision=fp8 runs);
+  * fp8 GEMMs only: the three torch._scaled_mm calls on operands already in fp8 and in the layouts they need,
+    the ceiling the casts stand between.
+Median GPU milliseconds over --iters, TFLOP/s (6·M·N·K per fwd+bwd) and ratios against bf16. Writes --out JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from neox.model.fp8 import convert_to_fp8  # noqa: E402
+
+
+def gpu_ms(step, iters: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def layer_step(lin: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    def step():
+        lin.weight.grad = x.grad = None
+        lin(x).backward(g)
+    return step
+
+
+def gemms_step(M: int, N: int, K: int):
+    """The fp8 GEMMs of one fwd+bwd: y = x·Wᵀ, dx = g·W, dW = gᵀ·x (row-major first operand, column-major second)."""
+    e4, e5, one = torch.float8_e4m3fn, torch.float8_e5m2, torch.ones((), device="cuda")
+    x = torch.randn(M, K, device="cuda").to(e4)
+    w = torch.randn(N, K, device="cuda").to(e4)
+    g = torch.randn(M, N, device="cuda").to(e5)
+    w_t = w.t().contiguous()  # [K, N]: W as the column-major second operand of g·W
+    g_t, x_t = g.t().contiguous(), x.t().contiguous()  # gᵀ row-major; x as the column-major second operand
+
+    def step():
+        torch._scaled_mm(x, w.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True)
+        torch._scaled_mm(g, w_t.t(), one, one, out_dtype=torch.bfloat16)
+        torch._scaled_mm(g_t, x_t.t(), one, one, out_dtype=torch.bfloat16)
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--ff", type=int, default=8192)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "fp8_linear.json")
+    args = ap.parse_args()
+    M, d, ff = args.tokens, args.d, args.ff
+    shapes = {"qkv": (3 * d, d), "attn proj": (d, d), "mlp fc_in": (ff, d), "mlp fc_out": (d, ff)}
+    print(f"# fp8 vs bf16 linear fwd+bwd, {torch.cuda.get_device_name()}, torch {torch.__version__}, {M} tokens\n")
+    print("| layer | N x K | bf16 ms | fp8 eager ms | fp8 compiled ms | fp8 GEMMs only ms | bf16 TFLOP/s | "
+          "compiled TFLOP/s | bf16 / compiled | bf16 / GEMMs only |")
+    print("|---" * 10 + "|", flush=True)
+    rows, total = [], {"bf16": 0.0, "eager": 0.0, "compiled": 0.0, "gemms": 0.0}
+    for name, (N, K) in shapes.items():
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        base = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        r = {"layer": name, "N": N, "K": K, "bf16": gpu_ms(layer_step(base, x, g), args.iters)}
+        for kind, compiled in (("eager", False), ("compiled", True)):
+            lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+            convert_to_fp8(nn.Sequential(lin), compiled=compiled)
+            r[kind] = gpu_ms(layer_step(lin, x, g), args.iters)
+        r["gemms"] = gpu_ms(gemms_step(M, N, K), args.iters)
+        flops = 6 * M * N * K
+        for k in total:
+            total[k] += r[k]
+        rows.append(r)
+        print(f"| {name} | {N} x {K} | {r['bf16']:.3f} | {r['eager']:.3f} | {r['compiled']:.3f} | {r['gemms']:.3f} | "
+              f"{flops / r['bf16'] / 1e9:.0f} | {flops / r['compiled'] / 1e9:.0f} | {r['bf16'] / r['compiled']:.2f} | "
+              f"{r['bf16'] / r['gemms']:.2f} |", flush=True)
+    print(f"| all four | | {total['bf16']:.3f} | {total['eager']:.3f} | {total['compiled']:.3f} | {total['gemms']:.3f} "
+          f"| | | {total['bf16'] / total['compiled']:.2f} | {total['bf16'] / total['gemms']:.2f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": M, "rows": rows,
+                                    "total_ms": total}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
