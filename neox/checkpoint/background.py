@@ -22,11 +22,13 @@ writing in the training thread (`SnapshotEngine.short`), through the same protoc
 from __future__ import annotations
 
 import json
-import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from neox.checkpoint import files as F
 from neox.checkpoint.snapshot import HostMemory, HostMemoryShort, SnapshotUnsupported, snapshot
@@ -142,6 +144,100 @@ class SnapshotEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class BackgroundSaves:
+    """One rank's asynchronous saves: the writer thread (at most one), the host memory of the copies,
+    and whether this rank fell back to writing in the training thread. The manager supplies the save
+    call, its own files, the commit and what a failure says."""
+
+    def __init__(self, memory: Optional[HostMemory], log: Callable[[str], None], say: Callable[[str], None]):
+        self.memory = memory
+        self.log, self.say = log, say  # every rank / rank 0 only
+        self.thread: Optional[threading.Thread] = None
+        self.short: Optional[str] = None  # why this rank writes in the training thread from now on
+        self.unsupported_said = False
+
+    def capture(self, engine: Any, job: WriteJob, save_checkpoint: Callable[[], Any]) -> None:
+        """Run DeepSpeed's save with `SnapshotEngine` as the engine's checkpoint engine."""
+        if self.memory is None:
+            self.memory = HostMemory(pinned=torch.cuda.is_available())
+        snap = SnapshotEngine(engine.checkpoint_engine, job, self.memory, short=self.short)
+        engine.checkpoint_engine = snap
+        try:
+            save_checkpoint()
+        except BaseException:
+            self.memory.reset()  # the copies taken so far go with the job
+            raise
+        finally:
+            engine.checkpoint_engine = snap.inner
+        if snap.unsupported and not self.unsupported_said:
+            self.unsupported_said = True
+            self.log(f"checkpoint: note (rank {job.rank}): a file holding {snap.unsupported} is written "
+                     "synchronously; the others in the background")
+        if snap.short is not None and self.short is None:
+            self.short = snap.short
+            self.log(f"checkpoint: warning (rank {job.rank}): not enough host memory for an asynchronous save "
+                     f"({snap.short}); this save and the later ones are written synchronously")
+        if self.memory.pinned and torch.cuda.is_available():
+            job.ready = torch.cuda.Event()
+            job.ready.record()  # after the device->host copies queued on this stream
+
+    def start(self, job: WriteJob, commit: Callable[[WriteJob, Digests], None],
+              failed: Callable[[WriteJob, BaseException], None], timeout_s: float) -> None:
+        """Write the job in the background (or here, without host memory for the copies)."""
+        if self.short is not None:
+            self._write(job, commit, failed, timeout_s)
+            self.memory.close()
+            return
+        self.thread = threading.Thread(target=self._write, args=(job, commit, failed, timeout_s),
+                                       name=f"neox-checkpoint-{job.tag}")
+        self.thread.start()
+
+    def _write(self, job: WriteJob, commit: Callable[[WriteJob, Digests], None],
+               failed: Callable[[WriteJob, BaseException], None], timeout_s: float) -> None:
+        """This rank's files, then (rank 0) every rank's markers and the commit. Never raises: a failure
+        is one line in the log (`failed`), and the previous checkpoint stays `latest`."""
+        digests: Digests = {}
+        error: Optional[BaseException] = None
+        try:
+            digests = job.write_share()
+        except Exception as exc:  # noqa: BLE001 - any failure of the write is reported, not raised
+            error = exc
+        finally:
+            job.writes = []
+            self.memory.reset()
+        if job.rank != 0:
+            try:
+                job.report(digests if error is None else None,
+                           None if error is None else (str(error).splitlines() or [type(error).__name__])[0][:200])
+            except OSError:
+                pass  # rank 0's wait runs out and says so
+            return
+        try:
+            others, errors = job.collect(timeout_s)
+            if error is not None:
+                raise error
+            if errors:
+                raise CheckpointError("; ".join(errors))
+            digests.update(others)
+            commit(job, digests)
+        except Exception as exc:  # noqa: BLE001
+            failed(job, exc)
+            return
+        size = sum(int(d["size"]) for d in digests.values())
+        how = "in the background" if self.short is None else "synchronously"
+        self.say(f"{job.tag} written ({size / 2**30:.2f} GiB in {time.perf_counter() - job.started:.1f} s, {how})")
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def close(self) -> None:
+        self.wait()
+        if self.memory is not None:
+            self.memory.close()
 
 
 def resolve_async_save(setting: Optional[bool], device_type: str) -> bool:

@@ -15,7 +15,9 @@ Layout of `<run_dir>/checkpoints`:
 
 A save: all ranks write into `<tag>.partial`; each rank fsyncs and hashes its share of the files;
 rank 0 writes the manifest, renames the directory to `<tag>`, then moves `latest`. A crash at any
-moment leaves the previous `latest` pointing at a complete checkpoint.
+moment leaves the previous `latest` pointing at a complete checkpoint. With `async_save` the files are
+copied into host memory and written by a background thread, each rank's hashes handed to rank 0
+through a marker file instead of a collective (`neox.checkpoint.background`); the commit is the same.
 
 A load: the checkpoint named by `latest` is verified against its manifest (sizes on every rank, the
 hashes split across ranks); a missing, truncated or corrupt one is reported in one line and the
@@ -32,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from neox.checkpoint import files as F
-from neox.checkpoint.background import WRITERS, SnapshotEngine, WriteJob
+from neox.checkpoint.background import WRITERS, BackgroundSaves, WriteJob
 from neox.checkpoint.config_check import check_resume_config
 from neox.checkpoint.faults import Fault
 from neox.checkpoint.reshard import load_across_layouts
@@ -111,10 +112,7 @@ class CheckpointManager:
         self.loaded_tag: Optional[str] = None
         self.warnings: List[str] = []
         self.async_save, self.commit_timeout_s = async_save, commit_timeout_s
-        self._memory = host_memory
-        self._writer: Optional[threading.Thread] = None
-        self._short: Optional[str] = None  # why this rank writes in the training thread from now on
-        self._unsupported_said = False
+        self._async = BackgroundSaves(host_memory, self.log, self.say)
 
     def say(self, msg: str) -> None:
         if self.is_main:
@@ -242,7 +240,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------ async save
     def _save_async(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
-        self.wait()  # at most one save in flight (see neox.checkpoint.background)
+        """The training thread's part (neox.checkpoint.background): copy, queue, return."""
+        self.wait()  # at most one save in flight
         tag = tag_for(step)
         final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
         rank, world = _world()
@@ -252,89 +251,35 @@ class CheckpointManager:
                 shutil.rmtree(partial)
         _barrier()
         client_state = {**client_state, "step": step}
-        if self._memory is None:
-            self._memory = HostMemory(pinned=torch.cuda.is_available())
         job = WriteJob(tag, step, partial, rank, world)
-        capture = SnapshotEngine(engine.checkpoint_engine, job, self._memory, short=self._short)
-        engine.checkpoint_engine = capture
-        try:
-            engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state,
-                                   save_latest=False)
-        finally:
-            engine.checkpoint_engine = capture.inner
+        self._async.capture(engine, job, lambda: engine.save_checkpoint(
+            str(self.directory), tag=partial.name, client_state=client_state, save_latest=False))
         rng, rng_file = rng_state(), partial / RNG_DIR / f"rank_{rank:05d}.pt"
         job.add(rng_file, lambda: torch.save(rng, rng_file))
         if rank == 0:
             text = json.dumps(_jsonable(client_state), indent=1, sort_keys=True)
             job.add(partial / STATE_JSON, lambda: F.atomic_write_text(partial / STATE_JSON, text))
-        if capture.unsupported and not self._unsupported_said:
-            self._unsupported_said = True
-            self.log(f"checkpoint: note (rank {rank}): a file holding {capture.unsupported} is written "
-                     "synchronously; the others in the background")
-        if capture.short is not None and self._short is None:
-            self._short = capture.short
-            self.log(f"checkpoint: warning (rank {rank}): not enough host memory for an asynchronous save "
-                     f"({capture.short}); this save and the later ones are written synchronously")
-        if self._memory.pinned and torch.cuda.is_available():
-            job.ready = torch.cuda.Event()
-            job.ready.record()  # after the device->host copies on this stream
-        if self._short is not None:
-            self._write(job)  # in this thread: the same protocol, no host copies kept
-            self._memory.close()
-        else:
-            self._writer = threading.Thread(target=self._write, args=(job,), name=f"neox-checkpoint-{tag}")
-            self._writer.start()
+        self._async.start(job, self._commit_job, self._failed_job, self.commit_timeout_s)
         return final
 
-    def _write(self, job: WriteJob) -> None:
-        """The writer: this rank's files, then (rank 0) every rank's markers and the commit. Never
-        raises: a failure is one line in the log, and the previous checkpoint stays `latest`."""
-        digests: Dict[str, Dict[str, object]] = {}
-        error: Optional[BaseException] = None
-        try:
-            digests = job.write_share()
-        except Exception as exc:  # noqa: BLE001 - any failure of the write is reported, not raised
-            error = exc
-        finally:
-            job.writes = []
-            if self._memory is not None:
-                self._memory.reset()
-        if job.rank != 0:
-            try:
-                job.report(digests if error is None else None,
-                           None if error is None else str(error).splitlines()[0][:200] or type(error).__name__)
-            except OSError:
-                pass  # rank 0's wait runs out and says so
-            return
-        try:
-            others, errors = job.collect(self.commit_timeout_s)
-            if error is not None:
-                raise error
-            if errors:
-                raise CheckpointError("; ".join(errors))
-            shutil.rmtree(job.partial / WRITERS, ignore_errors=True)
-            self.fault("after_shards", job.step)
-            digests.update(others)
-            self._commit(job.tag, job.step, digests)
-        except Exception as exc:  # noqa: BLE001
-            shutil.rmtree(job.partial, ignore_errors=True)  # give the space back
-            self.say(f"{self._failure(job.step, exc)}; training goes on, and the next save retries")
-            return
-        size = sum(int(d["size"]) for d in digests.values())
-        self.say(f"{job.tag} written ({size / 2**30:.2f} GiB in {time.perf_counter() - job.started:.1f} s, "
-                 f"{'in the background' if self._short is None else 'synchronously'})")
+    def _commit_job(self, job: WriteJob, digests: Dict[str, Dict[str, object]]) -> None:
+        """Rank 0's writer, once every rank reported its files."""
+        shutil.rmtree(job.partial / WRITERS, ignore_errors=True)
+        self.fault("after_shards", job.step)
+        self._commit(job.tag, job.step, digests)
+
+    def _failed_job(self, job: WriteJob, exc: BaseException) -> None:
+        """Rank 0's writer: the save failed; training goes on."""
+        shutil.rmtree(job.partial, ignore_errors=True)  # give the space back
+        self.say(f"{self._failure(job.step, exc)}; training goes on, and the next save retries")
 
     def wait(self) -> None:
         """Return once this rank's background writer, if any, is done (its failure is in the log)."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+        self._async.wait()
 
     def close(self) -> None:
         """Wait for the writer, then give back the host memory of the snapshots."""
-        self.wait()
-        if self._memory is not None:
-            self._memory.close()
+        self._async.close()
 
     def _prune(self, written: str) -> None:
         """Keep the newest `keep` checkpoints up to the one just written. A newer one (a crash before
