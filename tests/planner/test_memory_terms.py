@@ -152,8 +152,7 @@ def test_stage_parameters_are_the_models(change, tp, pp, partition):
         assert st.params == sum(prod(layout.local_shape(p.name)) for _, p in layout.stage_params(st.index))
 
 
-@pytest.mark.parametrize("change", [{}, {"parallel_residual": True, "position": "rotary", "rotary_dims": 16}])
-def test_tensor_parallel_activation_count_is_what_autograd_keeps(change, tmp_path):
+def test_tensor_parallel_activation_count_is_what_autograd_keeps(tmp_path):
     """Two CPU ranks over gloo shard one block (tp=2, sequence parallelism off and on); per token of the
     micro-batch, each keeps what layer_activation_bytes says."""
     import json
@@ -161,11 +160,12 @@ def test_tensor_parallel_activation_count_is_what_autograd_keeps(change, tmp_pat
     from support.workers import run_workers
     from tp_activation_probe import fields, probe
 
-    cfg = dataclasses.replace(M, kernels="fused", **change)
+    cfgs = [dataclasses.replace(M, kernels="fused", **change)
+            for change in ({}, {"parallel_residual": True, "position": "rotary", "rotary_dims": 16})]
     out = tmp_path / "saved.json"
-    run_workers(probe, 2, fields(cfg), str(out))
-    got = json.loads(out.read_text())
-    assert got["False"] == layer_activation_bytes(cfg, 2, False, "bf16")
-    # under sequence parallelism the norms are torch's, whose mean and rstd are bf16 on CPU (fp32 on CUDA,
-    # as counted): 8 of the 16 bytes per token, over 2 ranks
-    assert got["True"] == layer_activation_bytes(cfg, 2, True, "bf16") - 8 / 2
+    run_workers(probe, 2, [fields(c) for c in cfgs], str(out))
+    for cfg, got in zip(cfgs, json.loads(out.read_text())):
+        assert got["False"] == layer_activation_bytes(cfg, 2, False, "bf16")
+        # under sequence parallelism the norms are torch's, whose mean and rstd are bf16 on CPU (fp32 on
+        # CUDA, as counted): 8 of the 16 bytes per token, over 2 ranks
+        assert got["True"] == layer_activation_bytes(cfg, 2, True, "bf16") - 8 / 2

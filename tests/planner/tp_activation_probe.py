@@ -27,16 +27,20 @@ def saved_bytes(block: torch.nn.Module, shape: tuple) -> int:
     return sum(seen.values())
 
 
-def probe(rank: int, world: int, cfg_fields: dict, out: str) -> None:
-    cfg = GPTConfig(**cfg_fields)
+def probe(rank: int, world: int, configs: list, out: str) -> None:
+    """Per config (GPTConfig fields) and sequence parallelism off/on: bytes kept per token of the batch."""
     topo = Topology.build(tp=world)
-    result = {}
-    for sp in (False, True):
-        torch.manual_seed(0)
-        block = apply_tensor_parallel(Block(cfg), topo, sequence_parallel=sp, cfg=cfg).to(torch.bfloat16)
-        s = cfg.seq_len // world if sp else cfg.seq_len  # a sequence-parallel block gets its share of tokens
-        two, four = saved_bytes(block, (2, s, cfg.d_model)), saved_bytes(block, (4, s, cfg.d_model))
-        result[str(sp)] = (four - two) / (2 * cfg.seq_len)
+    result = []
+    for cfg_fields in configs:
+        cfg = GPTConfig(**cfg_fields)
+        row = {}
+        for sp in (False, True):
+            torch.manual_seed(0)
+            block = apply_tensor_parallel(Block(cfg), topo, sequence_parallel=sp, cfg=cfg).to(torch.bfloat16)
+            s = cfg.seq_len // world if sp else cfg.seq_len  # a sequence-parallel block gets its share of tokens
+            two, four = saved_bytes(block, (2, s, cfg.d_model)), saved_bytes(block, (4, s, cfg.d_model))
+            row[str(sp)] = (four - two) / (2 * cfg.seq_len)
+        result.append(row)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
