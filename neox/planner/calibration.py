@@ -52,7 +52,8 @@ MATMUL_HALF_WORK = 1.1e6
 # math) as bytes moved per byte of activations the layer saves.
 ELEMENTWISE_TRAFFIC = 10.9
 # Host time per layer per micro-batch (forward + backward) that the GPU waits on when its own work is
-# shorter (125M at micro 16, 1.3B tp2 at micro 4 are host-bound).
+# shorter. No run of [R1]-[R3] is host-bound with these constants (the closest: 1.3B tp2 at micro 4, 91 of
+# 110 ms), so they only bound it from above; small micro-batches in the calibration runs will pin it.
 HOST_SECONDS_PER_LAYER = 3.5e-3
 # Per optimizer step: a fixed part (the engine's step, clipping, logging) and a part per parameter the
 # GPU updates, as bytes at HBM speed (DeepSpeed's unfused optimizer casts and copies each gradient and
