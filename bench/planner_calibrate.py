@@ -310,16 +310,26 @@ def fit(paths: List[str]) -> str:
     ratios = [r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] for r in rows
               if not math.isnan(r["measured"]["reserved_gib"])]
     cal.RESERVED_FRACTION = float(np.median(ratios) - 1) if ratios else cal.RESERVED_FRACTION
-    context = [r["measured"]["smi_used_gib"] - r["measured"]["reserved_gib"] for r in rows
-               if r["predicted"]["layout"]["tp"] * r["predicted"]["layout"]["pp"] * r["predicted"]["layout"]["dp"] == 1
-               and not math.isnan(r["measured"].get("smi_used_gib", math.nan))]
-    if context:
-        cal.CONTEXT_BYTES = float(np.median(context)) * GiB
+    def outside(r: dict) -> float:  # GiB nvidia-smi sees beyond torch's reserve: context and NCCL
+        return r["measured"].get("smi_used_gib", math.nan) - r["measured"]["reserved_gib"]
+
+    def groups(r: dict) -> int:
+        lay = r["predicted"]["layout"]
+        return sum(1 for n in (lay["tp"], lay["pp"], lay["dp"]) if n > 1)
+
+    alone = [outside(r) for r in rows if groups(r) == 0 and not math.isnan(outside(r))]
+    if alone:
+        cal.CONTEXT_BYTES = float(np.median(alone)) * GiB
+    nccl = [(outside(r) - cal.CONTEXT_BYTES / GiB) / groups(r) for r in rows
+            if groups(r) and not math.isnan(outside(r))]
+    if nccl:
+        cal.NCCL_BYTES_PER_GROUP = max(0.0, float(np.median(nccl))) * GiB
     x0 = [getattr(cal, n) for n in time_names]
-    time_fit = least_squares(lambda x: residuals(time_names, x, "tokens_per_s"), x0, x_scale=x0,
+    time_fit = least_squares(lambda x: residuals(time_names, x, "tokens_per_s"), x0,
+                             x_scale=[max(abs(v), 1e-6) for v in x0],
                              bounds=([0.2, 0, 0, 0, 0, 0, 0], [0.95, 1e9, 50, 0.05, 1.0, 2000, 0.01]))
     lines = ["# refit by bench/planner_calibrate.py --fit " + " ".join(paths)]
-    for n in mem_names + ["RESERVED_FRACTION", "CONTEXT_BYTES"] + time_names:
+    for n in mem_names + ["RESERVED_FRACTION", "CONTEXT_BYTES", "NCCL_BYTES_PER_GROUP"] + time_names:
         lines.append(f"{n} = {getattr(cal, n):.6g}")
     fitted = repredict()
     for r, p in zip(rows, fitted):
