@@ -9,14 +9,16 @@ Per layer shape, forward + backward (x and weight gradients) of:
     separate kernels or fused by torch.compile (what train.precision=fp8 runs);
   * fp8 GEMMs only: the three torch._scaled_mm calls on operands already in fp8 and in the layouts they need,
     the ceiling the casts stand between.
-Median GPU milliseconds over --iters, TFLOP/s (6·M·N·K per fwd+bwd) and ratios against bf16. Writes --out JSON.
+Median milliseconds over --iters with the host hidden behind a sleep kernel (the GPU's work alone, as in a
+training step whose host runs ahead; bench/kernels.py's timing), TFLOP/s (6·M·N·K per fwd+bwd) and ratios
+against bf16; the all-layers row also gives the wall time (host launches and compiled-call overhead in it).
+Writes --out JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,22 +26,14 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import _time  # noqa: E402  (bench/kernels.py: CUDA-event timing, optionally with the host hidden)
 from neox.model.fp8 import convert_to_fp8  # noqa: E402
 
 
-def gpu_ms(step, iters: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def gpu_ms(step, iters: int) -> tuple[float, float]:
+    """(wall ms, GPU-only ms) of step()."""
+    wall = _time(step, "cuda", iters, warmup=5)
+    return wall, _time(step, "cuda", iters, warmup=1, hide_host_ms=2.0 + 3 * wall)
 
 
 def layer_step(lin: nn.Module, x: torch.Tensor, g: torch.Tensor):
@@ -75,34 +69,40 @@ def main() -> None:
     args = ap.parse_args()
     M, d, ff = args.tokens, args.d, args.ff
     shapes = {"qkv": (3 * d, d), "attn proj": (d, d), "mlp fc_in": (ff, d), "mlp fc_out": (d, ff)}
-    print(f"# fp8 vs bf16 linear fwd+bwd, {torch.cuda.get_device_name()}, torch {torch.__version__}, {M} tokens\n")
+    print(f"# fp8 vs bf16 linear fwd+bwd, {torch.cuda.get_device_name()}, torch {torch.__version__}, {M} tokens; "
+          "GPU-only ms (host hidden), the last row wall ms\n")
     print("| layer | N x K | bf16 ms | fp8 eager ms | fp8 compiled ms | fp8 GEMMs only ms | bf16 TFLOP/s | "
           "compiled TFLOP/s | bf16 / compiled | bf16 / GEMMs only |")
     print("|---" * 10 + "|", flush=True)
-    rows, total = [], {"bf16": 0.0, "eager": 0.0, "compiled": 0.0, "gemms": 0.0}
+    rows, total, wall = [], {"bf16": 0.0, "eager": 0.0, "compiled": 0.0, "gemms": 0.0}, {}
     for name, (N, K) in shapes.items():
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         base = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-        r = {"layer": name, "N": N, "K": K, "bf16": gpu_ms(layer_step(base, x, g), args.iters)}
+        r = {"layer": name, "N": N, "K": K}
+        steps = {"bf16": layer_step(base, x, g), "gemms": gemms_step(M, N, K)}
         for kind, compiled in (("eager", False), ("compiled", True)):
             lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
             convert_to_fp8(nn.Sequential(lin), compiled=compiled)
-            r[kind] = gpu_ms(layer_step(lin, x, g), args.iters)
-        r["gemms"] = gpu_ms(gemms_step(M, N, K), args.iters)
+            steps[kind] = layer_step(lin, x, g)
+        for kind, step in steps.items():
+            w, r[kind] = gpu_ms(step, args.iters)
+            r[kind + "_wall"] = w
+            total[kind] += r[kind]
+            wall[kind] = wall.get(kind, 0.0) + w
         flops = 6 * M * N * K
-        for k in total:
-            total[k] += r[k]
         rows.append(r)
         print(f"| {name} | {N} x {K} | {r['bf16']:.3f} | {r['eager']:.3f} | {r['compiled']:.3f} | {r['gemms']:.3f} | "
               f"{flops / r['bf16'] / 1e9:.0f} | {flops / r['compiled'] / 1e9:.0f} | {r['bf16'] / r['compiled']:.2f} | "
               f"{r['bf16'] / r['gemms']:.2f} |", flush=True)
     print(f"| all four | | {total['bf16']:.3f} | {total['eager']:.3f} | {total['compiled']:.3f} | {total['gemms']:.3f} "
           f"| | | {total['bf16'] / total['compiled']:.2f} | {total['bf16'] / total['gemms']:.2f} |")
+    print(f"| all four, wall | | {wall['bf16']:.3f} | {wall['eager']:.3f} | {wall['compiled']:.3f} | {wall['gemms']:.3f} "
+          f"| | | {wall['bf16'] / wall['compiled']:.2f} | {wall['bf16'] / wall['gemms']:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": M, "rows": rows,
-                                    "total_ms": total}) + "\n")
+                                    "gpu_only_total_ms": total, "wall_total_ms": wall}) + "\n")
 
 
 if __name__ == "__main__":

@@ -81,9 +81,12 @@ def _fp8_matmul(emulate: bool, compiled: bool) -> Callable[[torch.Tensor, torch.
     pytree_log.setLevel(logging.ERROR)  # a deprecation note torch logs while torchao 0.18 imports
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+    except ImportError as exc:
+        raise ConfigError(f"train.precision=fp8 needs torchao's float8 training ({exc}); "
+                          "pip install torchao==0.18.*, or use train.precision=bf16") from exc
     finally:
         pytree_log.setLevel(level)
-    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
     probe = convert_to_float8_training(nn.Linear(16, 16, bias=False, device="meta"),
                                        config=Float8LinearConfig(emulate=emulate))

@@ -187,6 +187,13 @@ def test_a_gpu_without_fp8_is_refused_at_model_build(monkeypatch):
     check_device(torch.device("cuda", 0))  # Hopper passes
 
 
+def test_fp8_without_torchao_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import torchao.float8 -> ImportError
+    with pytest.raises(ConfigError, match=r"^train\.precision=fp8 needs torchao's float8 training \(.*\); "
+                                          r"pip install torchao==0\.18\.\*, or use train\.precision=bf16$"):
+        convert_to_fp8(GPT(GPTConfig(**BASE)), emulate=True)
+
+
 def test_fp8_on_a_cpu_worker_is_refused():
     with pytest.raises(ConfigError, match=r"^train\.precision=fp8 needs .*; this worker runs on cpu: use "
                                           r"train\.precision=bf16 or fp32$"):
