@@ -1,0 +1,47 @@
+"""bench/planner_calibrate.py without a GPU: every case it would run composes, validates its layout shape
+and gets the planner's prediction; the table and the summary render from rows as the GPU run writes them."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "planner_calibrate.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("planner_calibrate", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["planner_calibrate"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cases_span_what_the_issue_asks(bench):
+    cases = bench.ONE_GPU + bench.TWO_GPUS
+    assert len(bench.ONE_GPU) >= 8
+    layouts = [bench.inputs(c.overrides, "NVIDIA H200", 143_771 * 2**20)[1] for c in cases]
+    assert {lay.tp for lay in layouts} == {1, 2} and {lay.pp for lay in layouts} == {1, 2}
+    assert {lay.zero_stage for lay in layouts} == {0, 1, 2, 3} and {lay.checkpointing for lay in layouts} == {False, True}
+    assert min(lay.micro_batch for lay in layouts) == 1 and max(lay.micro_batch for lay in layouts) == 16
+    models = {o.split("=")[1] for c in cases for o in c.overrides if o.startswith("model=")}
+    assert {"125M", "6.7B"} <= models
+    assert all(c.gpus == 1 for c in bench.ONE_GPU) and all(c.gpus == 2 for c in bench.TWO_GPUS)
+
+
+def test_predictions_and_the_table(bench):
+    rows = []
+    for case in bench.ONE_GPU[:2]:
+        pred = bench.predict(case.overrides, "NVIDIA H200", 143_771 * 2**20)
+        assert pred["allocated_gib"] < pred["reserved_gib"] < pred["total_gib"] and pred["tokens_per_s"] > 0
+        measured = {"allocated_gib": pred["allocated_gib"] * 1.02, "reserved_gib": pred["reserved_gib"],
+                    "tokens_per_s": pred["tokens_per_s"] * 0.9, "smi_used_gib": math.nan}
+        rows.append({"name": case.name, "group": case.group, "predicted": pred, "measured": measured})
+    rows.append({"name": "lost", "group": "calibration", "predicted": pred, "measured": {"error": "no step"}})
+    text = bench.table(rows)
+    assert text.count("\n") == 4 and "(0.980)" in text and "(1.111)" in text and "no step" in text
+    assert "allocated: max error 2.0%" in bench.summary(rows)
