@@ -5,12 +5,13 @@ operand is scaled by its own amax at every call, e4m3 forward and e5m2 for the o
 Its module swap only knows `nn.Linear`, so conversion here swaps the *class* of each chosen layer
 for a subclass whose matmul is torchao's float8 one: `nn.Linear` and the tensor-parallel
 `ColumnParallelLinear`/`RowParallelLinear` alike (their `local_linear`). Parameters, state_dict
-keys and the TP communication are untouched, so checkpoints move freely between bf16 and fp8 runs.
+keys and the TP communication are untouched: an fp8 run saves what a bf16 run saves (export, consolidation
+and init_from read it as such).
 Each TP rank scales its own shard; a row-parallel layer's partial sums are dequantized before the
 all-reduce, so a shard's scale never leaks into another's.
 
-Kept in bf16: the output head (logits feed the loss directly; torchao's and torchtitan's recipes
-leave it out) and any layer whose local weight has a dim that is not a multiple of 16 (fp8 GEMMs
+Kept in bf16: the output head (the logits feed the loss directly; torchao's float8 example leaves
+the last layer out) and any layer whose local weight has a dim that is not a multiple of 16 (fp8 GEMMs
 need it). Apply after `apply_tensor_parallel` (it builds plain TP layers from what it finds).
 """
 from __future__ import annotations
