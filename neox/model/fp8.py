@@ -17,6 +17,7 @@ need it). Apply after `apply_tensor_parallel` (it builds plain TP layers from wh
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -77,12 +78,16 @@ def _fp8_matmul(emulate: bool, compiled: bool) -> Callable[[torch.Tensor, torch.
     compiled: torch.compile it, so that inductor fuses each operand's amax, scale and cast (eager, those are
     separate kernels around every GEMM and fp8 runs slower than bf16; inside a `train.compile` block the
     inner compile is inlined into the block's graph)."""
+    # torchao 0.18's import makes noise no user can act on: a deprecation note torch logs, and on Python 3.12 a
+    # SyntaxWarning from one of its docstrings (seen once per rank on the GPU machine)
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)  # a deprecation note torch logs while torchao 0.18 imports
+    pytree_log.setLevel(logging.ERROR)
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
     except ImportError as exc:
         raise ConfigError(f"train.precision=fp8 needs torchao's float8 training ({exc}); "
                           "pip install torchao==0.18.*, or use train.precision=bf16") from exc
