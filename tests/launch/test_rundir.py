@@ -19,7 +19,7 @@ from neox.checkpoint.manager import CheckpointManager
 from neox.errors import LaunchError
 from neox.launch.cli import main
 from neox.launch.rundir import LOCK_NAME, PENDING_CONFIG, RunDirLock
-from support.procs import kill_tree, no_shm_leak
+from support.procs import kill_tree, master_ports, no_shm_leak
 from support.runs import TINY, start, wait_for_step
 
 HOST = socket.gethostname()
@@ -257,7 +257,7 @@ def test_second_launch_is_refused_and_ctrl_c_keeps_the_last_checkpoint(tmp_path,
     run = tmp_path / "run"
     args = [*TINY, "train.steps=400", "train.save_every=2", f"run_dir={run}"]
     log = tmp_path / "first.log"
-    with no_shm_leak():
+    with no_shm_leak(ports=lambda: master_ports(log.read_text())):  # its own buffers, not a concurrent test's
         first = start(args, log, new_session=True)
         try:
             wait_for_step(run, 3, first)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import signal
 import socket
-from typing import Dict, Iterator, List, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set
 
 SHM_GLOB = "/dev/shm/deepspeed*"
 
@@ -23,15 +24,31 @@ def shm_files() -> Set[str]:
     return set(glob.glob(SHM_GLOB))
 
 
+def master_ports(text: str) -> Set[int]:
+    """The master ports in a launcher's output (`launching N workers: ... --master_port P ...`)."""
+    return {int(p) for p in re.findall(r"--master_port[= ](\d+)", text)}
+
+
+def shm_port(path: str) -> Optional[int]:
+    """The master port in a DeepSpeed buffer's name (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>)."""
+    parts = os.path.basename(path).rsplit("_", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
 @contextlib.contextmanager
-def no_shm_leak(what: str = "the run") -> Iterator[None]:
+def no_shm_leak(what: str = "the run", ports: Optional[Callable[[], Iterable[int]]] = None) -> Iterator[None]:
     """Fail if the body leaves new /dev/shm/deepspeed* files; remove them first (66 MB each), so a
-    failing test does not fill /dev/shm for the ones after it."""
+    failing test does not fill /dev/shm for the ones after it. `ports`, called at the end: the master
+    ports of the body's runs; only their files count (the files are named by port), so another test
+    running at the same time (pytest-xdist's other worker) is never blamed for, or robbed of, its own."""
     before = shm_files()
     try:
         yield
     finally:
         leaked = shm_files() - before
+        if ports is not None:
+            mine = set(ports())
+            leaked = {path for path in leaked if shm_port(path) in mine}
         for path in leaked:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from support.procs import kill_tree, no_shm_leak
+from support.procs import kill_tree, master_ports, no_shm_leak
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,8 @@ def launch(args: List[str], timeout: int = RUN_TIMEOUT, check: bool = True,
     """Run `python launch.py ARGS` to its end (stdout and stderr captured). Fails the test on a
     timeout (after killing the whole process tree), on DeepSpeed files left in /dev/shm, and, with
     `check`, on a non-zero exit."""
-    with no_shm_leak(f"launch.py {' '.join(args)}"):
+    out = err = ""  # read by `ports` when the body ends: only this run's buffers are its own
+    with no_shm_leak(f"launch.py {' '.join(args)}", ports=lambda: master_ports(out + err)):
         proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env(env))
         try:

@@ -49,8 +49,9 @@ def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
     """Run fn(rank, world, *args) on `world` processes; raise if any fails or time runs out.
     init: "gloo" (a plain process group) or "neox" (the trainer's distributed.init)."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children before torch import
-    with no_shm_leak(f"the workers of {fn.__name__}"):
-        ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args, init), nprocs=world,
+    port = free_port()
+    with no_shm_leak(f"the workers of {fn.__name__}", ports=lambda: [port]):
+        ctx = mp.start_processes(_entry, args=(fn, world, port, args, init), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
