@@ -182,3 +182,32 @@ def test_the_job_end_waits_for_the_writer(tmp_path):
     inner.gate.set()
     closer.join(60)
     assert not closer.is_alive() and m.latest_tag() == "step_00000001"
+
+
+class Subclass(torch.Tensor):
+    """A tensor subclass (as a quantized or distributed tensor would be): no faithful host copy."""
+
+
+def test_a_tensor_subclass_is_written_synchronously_with_one_note(tmp_path):
+    class Odd(FakeEngine):
+        def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+            d = Path(save_dir) / tag
+            d.mkdir(parents=True, exist_ok=True)
+            self.checkpoint_engine.save({"module": {"w": self.w.as_subclass(Subclass)}, **client_state},
+                                        str(d / SHARD))
+            self.checkpoint_engine.save({"optimizer": {"m": self.w * 2}}, str(d / "optim.pt"))
+
+    m, msgs = manager(tmp_path, async_save=True)
+    inner = GatedTorchEngine()
+    inner.gate.set()
+    for step in (1, 2):
+        engine = Odd(float(step))
+        engine.checkpoint_engine = inner
+        m.save(engine, step, client(step))
+        m.wait()
+    notes = [x for x in msgs if "note" in x]
+    assert notes == ["checkpoint: note (rank 0): a file holding a Subclass (torch.strided) tensor is written "
+                     "synchronously; the others in the background"], msgs
+    assert inner.threads == {threading.current_thread().name, "neox-checkpoint-step_00000001",
+                             "neox-checkpoint-step_00000002"}
+    assert m.latest_tag() == "step_00000002" and m.verify("step_00000002") is None
