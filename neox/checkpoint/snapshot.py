@@ -106,7 +106,8 @@ class HostMemory:
 
 
 def _pin(chunk: torch.Tensor) -> None:
-    err = int(torch.cuda.cudart().cudaHostRegister(chunk.data_ptr(), chunk.numel(), 0))
+    # 1 = cudaHostRegisterPortable: pinned for every CUDA context of the process, not only the current one
+    err = int(torch.cuda.cudart().cudaHostRegister(chunk.data_ptr(), chunk.numel(), 1))
     if err != 0:
         raise RuntimeError(f"cudaHostRegister returned cudaError {err}")
 
