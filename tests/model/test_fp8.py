@@ -235,3 +235,35 @@ def test_gpu_fp8_gemm_matches_the_emulation():
         outs[emulate] = (y.detach(), xi.grad, lin.weight.grad)
     for real, emu, what in zip(outs[False], outs[True], ("output", "input grad", "weight grad")):
         assert _rel(real, emu) < 1e-2, f"{what}: {_rel(real, emu):.2e}"
+
+
+# ---------------------------------------------------------------------------------------- the bench's loss comparison
+def test_the_loss_comparison_writes_both_curves_and_the_gap(tmp_path, monkeypatch):
+    """bench/train_throughput.py --compare-loss: one bf16 and one fp8 run with the same overrides; the gap is the mean
+    of the last 20 logged losses, fp8 minus bf16 (runs faked: the real ones need a GPU)."""
+    import argparse
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import train_throughput as tt
+
+    calls = []
+
+    def fake_neox(preset, extra, micro, accum, steps, out, tag):
+        calls.append(extra)
+        offset = 0.05 if "train.precision=fp8" in extra else 0.0
+        return {"name": tag, "tokens_per_s": 1000.0, "peak_gb": 1.0, "loss_steps": list(range(1, steps + 1)),
+                "losses": [5.0 - i / steps + offset for i in range(steps)], "valid_loss": 4.0 + offset}
+
+    monkeypatch.setattr(tt, "neox", fake_neox)
+    args = argparse.Namespace(model="1.4B", neox=["train.compile=true"], micro=4, accum=2, out=tmp_path)
+    tt.compare_loss(args, 100)
+    assert [c[-1] for c in calls] == ["train.precision=bf16", "train.precision=fp8"]
+    assert all(c[0] == "train.compile=true" and "train.eval_every=100" in c for c in calls)
+    summary = json.loads((tmp_path / "loss_compare.json").read_text())
+    bf16_final = sum(5.0 - i / 100 for i in range(80, 100)) / 20
+    assert summary["final_train_loss"]["bf16"] == pytest.approx(bf16_final)
+    assert summary["gap"] == pytest.approx(0.05) and summary["gap_pct"] == pytest.approx(5.0 / bf16_final)
+    assert summary["valid_gap_pct"] == pytest.approx(1.25)
+    assert (tmp_path / "loss_compare.png").stat().st_size > 10_000
+    assert "fp8 - bf16: train +0.0500" in (tmp_path / "loss_compare.md").read_text()
