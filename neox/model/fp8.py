@@ -3,8 +3,9 @@
 The matmuls are torchao's float8 training (`torchao.float8`, tensorwise dynamic scaling: each
 operand is scaled by its own amax at every call, e4m3 forward and e5m2 for the output gradient).
 Its module swap only knows `nn.Linear`, so conversion here swaps the *class* of each chosen layer
-for a subclass whose matmul is torchao's float8 one: `nn.Linear` and the tensor-parallel
-`ColumnParallelLinear`/`RowParallelLinear` alike (their `local_linear`). Parameters, state_dict
+for a subclass whose matmul is torchao's float8 one: `nn.Linear`, and any layer whose one matmul is a
+method `local_linear(x, bias=None)` (the tensor-parallel `ColumnParallelLinear`/`RowParallelLinear` of
+neox.parallel.tensor, which this package sits below and does not import). Parameters, state_dict
 keys and the TP communication are untouched: an fp8 run saves what a bf16 run saves (export, consolidation
 and init_from read it as such).
 Each TP rank scales its own shard; a row-parallel layer's partial sums are dequantized before the
@@ -16,6 +17,7 @@ need it). Apply after `apply_tensor_parallel` (it builds plain TP layers from wh
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Callable, Dict, List, Optional
@@ -25,7 +27,6 @@ import torch.nn as nn
 
 from neox.errors import ConfigError
 from neox.model.gpt import Head
-from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
 REQUIREMENT = "train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (compute capability 8.9 or newer: Ada, Hopper)"
@@ -58,16 +59,20 @@ class FP8Linear(nn.Linear):
         return _fp8_linear(self, x)
 
 
-class FP8ColumnParallelLinear(ColumnParallelLinear):
-    local_linear = _fp8_linear
+@functools.lru_cache(maxsize=None)
+def _fp8_subclass(cls: type) -> type:
+    """`cls` with its `local_linear` in fp8 (one class per layer class, so isinstance, deepcopy and the TP
+    communication of `cls` stay as they are)."""
+    return type(f"FP8{cls.__name__}", (cls,), {"local_linear": _fp8_linear, "__doc__": cls.__doc__})
 
 
-class FP8RowParallelLinear(RowParallelLinear):
-    local_linear = _fp8_linear
-
-
-_SWAPS: Dict[type, type] = {nn.Linear: FP8Linear, ColumnParallelLinear: FP8ColumnParallelLinear,
-                            RowParallelLinear: FP8RowParallelLinear}
+def _fp8_class(module: nn.Module) -> Optional[type]:
+    """The fp8 class for `module`, or None: not a linear layer, or already fp8."""
+    cls = type(module)
+    if cls is nn.Linear:
+        return FP8Linear
+    local = getattr(cls, "local_linear", None)
+    return _fp8_subclass(cls) if callable(local) and local is not _fp8_linear else None
 
 
 def _fp8_matmul(emulate: bool, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -115,7 +120,7 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = Fal
     heads = {id(m.proj) for m in model.modules() if isinstance(m, Head)}
     done: Dict[str, List[str]] = {"fp8": [], "bf16": []}
     for name, module in model.named_modules():
-        fp8_cls = _SWAPS.get(type(module))
+        fp8_cls = _fp8_class(module)
         if fp8_cls is None:
             continue
         out_dim, in_dim = module.weight.shape

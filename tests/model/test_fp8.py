@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 from neox.errors import ConfigError
-from neox.model.fp8 import (FP8ColumnParallelLinear, FP8Linear, FP8RowParallelLinear, apply_fp8, check_device,
-                            convert_to_fp8)
+from neox.model.fp8 import FP8Linear, apply_fp8, check_device, convert_to_fp8
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear, apply_tensor_parallel
 
@@ -61,8 +60,9 @@ def test_the_tp_shards_get_fp8_and_the_rule_of_16_reads_the_local_shard():
     done = convert_to_fp8(model, emulate=True)
     kinds = _linears(model)
     for i in range(2):
-        assert kinds[f"blocks.{i}.attn.qkv"] is FP8ColumnParallelLinear
-        assert kinds[f"blocks.{i}.attn.proj"] is FP8RowParallelLinear
+        qkv, proj = kinds[f"blocks.{i}.attn.qkv"], kinds[f"blocks.{i}.attn.proj"]
+        assert qkv.__name__ == "FP8ColumnParallelLinear" and qkv.__bases__ == (ColumnParallelLinear,)
+        assert proj.__name__ == "FP8RowParallelLinear" and proj.__bases__ == (RowParallelLinear,)
         assert kinds[f"blocks.{i}.mlp.fc_in"] is ColumnParallelLinear  # 24x64 here
         assert kinds[f"blocks.{i}.mlp.fc_out"] is RowParallelLinear  # 64x24 here
     assert kinds["head.proj"] is ColumnParallelLinear
