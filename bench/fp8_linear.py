@@ -44,7 +44,8 @@ def layer_step(lin: nn.Module, x: torch.Tensor, g: torch.Tensor):
 
 
 def gemms_step(M: int, N: int, K: int):
-    """The fp8 GEMMs of one fwd+bwd: y = x·Wᵀ, dx = g·W, dW = gᵀ·x (row-major first operand, column-major second)."""
+    """The fp8 GEMMs of one fwd+bwd: y = x·Wᵀ, dx = g·W, dW = gᵀ·x (first operand row-major, second
+    column-major)."""
     e4, e5, one = torch.float8_e4m3fn, torch.float8_e5m2, torch.ones((), device="cuda")
     x = torch.randn(M, K, device="cuda").to(e4)
     w = torch.randn(N, K, device="cuda").to(e4)
@@ -98,7 +99,8 @@ def main() -> None:
               f"{r['bf16'] / r['gemms']:.2f} |", flush=True)
     print(f"| all four | | {total['bf16']:.3f} | {total['eager']:.3f} | {total['compiled']:.3f} | {total['gemms']:.3f} "
           f"| | | {total['bf16'] / total['compiled']:.2f} | {total['bf16'] / total['gemms']:.2f} |")
-    print(f"| all four, wall | | {wall['bf16']:.3f} | {wall['eager']:.3f} | {wall['compiled']:.3f} | {wall['gemms']:.3f} "
+    print(f"| all four, wall | | {wall['bf16']:.3f} | {wall['eager']:.3f} | {wall['compiled']:.3f} "
+          f"| {wall['gemms']:.3f} "
           f"| | | {wall['bf16'] / wall['compiled']:.2f} | {wall['bf16'] / wall['gemms']:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": M, "rows": rows,

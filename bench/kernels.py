@@ -207,7 +207,8 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
         cases.append(Case("linear + cross_entropy", f"[{T}, {H}] x [{vocab}, {H}]",
                           [t(T, H), t(vocab, H, scale=H ** -0.5), tg],
                           lambda x, w, y, impl: K.cross_entropy(F.linear(x, w), y, impl=impl), 0,
-                          liger=lambda L, i: (i, lambda x, w, y: L.LigerFusedLinearCrossEntropyFunction.apply(x, w, y)[0])))
+                          liger=lambda L, i: (i, lambda x, w, y:
+                                              L.LigerFusedLinearCrossEntropyFunction.apply(x, w, y)[0])))
     return cases
 
 

@@ -176,7 +176,8 @@ def compare_loss(args, steps: int) -> None:
     valid = {n: r["valid_loss"] for n, r in runs.items()}
     vgap = valid["fp8"] - valid["bf16"] if None not in valid.values() else None
     summary = {"model": args.model, "steps": steps, "micro": args.micro, "accum": args.accum, "overrides": base,
-               "final_train_loss_mean_last": tail, "final_train_loss": final, "gap": gap, "gap_pct": 100 * gap / final["bf16"],
+               "final_train_loss_mean_last": tail, "final_train_loss": final,
+               "gap": gap, "gap_pct": 100 * gap / final["bf16"],
                "valid_loss": valid, "valid_gap_pct": 100 * vgap / valid["bf16"] if vgap is not None else None,
                "tokens_per_s": {n: r["tokens_per_s"] for n, r in runs.items()},
                "curves": {n: {"step": r["loss_steps"], "loss": r["losses"]} for n, r in runs.items()}}
