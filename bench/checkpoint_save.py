@@ -4,11 +4,11 @@
     python bench/checkpoint_save.py --out $OUT/checkpoint_save.json --with-6.7B  # and model=6.7B
 
 Each model trains twice through `launch.py` (neox's real path: DeepSpeed engine, bf16 weights, fused
-AdamW, ZeRO-0, real data), every step logged (train.log_every=1, so metrics.jsonl has each step's end
+AdamW, the default layout and data), every step logged (train.log_every=1, so metrics.jsonl has each step's end
 time), keep_checkpoints=1, checkpoints under --dir:
   sync   train.async_save=false, saves at steps E and 2E (the last): the step after the first save
-         takes the save's whole time on top of a normal step;
-  async  train.async_save=true, saves at every `--every` steps up to 3 saves (the last at the end):
+         takes the save's whole time on top of a normal step (--sync-every E);
+  async  train.async_save=true, saves every --every steps, 3 saves (the last at the end):
          the first save allocates and pins the host copy, the second reuses it.
 A save runs after its step's log line, so its cost lands in the steps that follow it. The stall of an
 async save is the extra time of all the steps up to the next save (the save() call, the device->host
@@ -113,7 +113,7 @@ def measure(preset: str, args, root: Path, log_dir: Path) -> dict:
     st = step_times(sync["ends"])
     base = statistics.median(st[s] for s in range(3, args.sync_every + 1))
     row["sync_step_s"] = base
-    row["sync_save_s"] = extra(st, base, args.sync_every + 1, 2 * args.sync_every)
+    row["sync_save_s"] = st[args.sync_every + 1] - base  # the whole save runs before this step's work
     at = step_times(asyn["ends"])
     abase = statistics.median(at[s] for s in range(3, e + 1))
     row["async_step_s"] = abase
@@ -124,6 +124,10 @@ def measure(preset: str, args, root: Path, log_dir: Path) -> dict:
     row["writer"] = [{"tag": t, "gib": float(g), "seconds": float(s), "how": how} for t, g, s, how in asyn["written"]]
     row["async_fell_back_to_sync"] = asyn["fallback"]
     row["stall_over_sync"] = row["async_second_save"]["stall_s"] / row["sync_save_s"] if row["sync_save_s"] > 0 else None
+    interval = e * abase
+    if any(w["seconds"] > interval for w in row["writer"][:2]):
+        row["note"] = (f"a writer took longer than the {interval:.0f} s between saves: the next save waited for it "
+                       "(in the stall); rerun with a larger --every")
     return row
 
 
@@ -152,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="the JSON file to write (the table goes beside it, .md)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/neox-ckpt-bench"), help="where the runs write checkpoints")
     ap.add_argument("--with-6.7B", dest="big", action="store_true", help="also model=6.7B (micro 1 x accum 8)")
-    ap.add_argument("--every", type=int, default=50, help="async run: steps between saves (more than the writer takes)")
+    ap.add_argument("--every", type=int, default=70,
+                    help="async run: steps between saves; they must take longer than the writer, or the next save waits")
     ap.add_argument("--sync-every", type=int, default=6, help="sync run: steps before its first save")
     ap.add_argument("--cpu-smoke", metavar="PRESET", help=argparse.SUPPRESS)  # e.g. tiny, on one CPU process
     args = ap.parse_args(argv)
@@ -171,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(measure(preset, args, args.dir, log_dir))
         summary = {k: v for k, v in rows[-1].items() if k != "runs"}
         print(json.dumps(summary), flush=True)
-    text = table(rows, card)
+    text = table(rows, card) + "".join(f"\n{r['model']}: {r['note']}" for r in rows if r.get("note"))
     print(text)
     args.out.write_text(json.dumps({"card": card, "rows": rows}, indent=1))
     args.out.with_suffix(".md").write_text(text + "\n")
