@@ -133,22 +133,25 @@ def test_the_emulated_fp8_model_matches_bf16_within_fp8_error():
 
 
 # ---------------------------------------------------------------------------------------- tp=2
-def _tp_worker(rank: int, world: int) -> None:
+def _tp_worker(rank: int, world: int, on_gpu: bool = False) -> None:
+    """tp=2 fp8 (sequence parallelism off and on) against the full bf16 model: on CPU torchao's emulation, on a GPU
+    the fp8 GEMMs with compiled casts (what training runs)."""
     from neox.parallel import Topology, gather_full_state_dict, vocab_parallel_cross_entropy
     from neox.parallel.comm import all_gather_no_grad
 
     topo = Topology.build(tp=2)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     torch.manual_seed(0)
     cfg = GPTConfig(**{**BASE, "d_model": 128, "d_ff": 512, "seq_len": 64, "mlp": "swiglu"})
-    ref = GPT(cfg).bfloat16()
-    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1))
+    ref = GPT(cfg).to(device, torch.bfloat16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1)).to(device)
     ref_logits = ref(tokens[:, :-1])
     cross_entropy_loss(ref_logits, tokens[:, 1:]).backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for sp in (False, True):
         model = apply_tensor_parallel(copy.deepcopy(ref), topo, sequence_parallel=sp)
         model.zero_grad(set_to_none=True)
-        assert len(convert_to_fp8(model, emulate=True)["fp8"]) == 8
+        assert len(convert_to_fp8(model, emulate=not on_gpu, compiled=on_gpu)["fp8"]) == 8
         logits = model(tokens[:, :-1])
         vocab_parallel_cross_entropy(logits, tokens[:, 1:], topo.tp_group).backward()
         full = all_gather_no_grad(logits.detach(), -1, topo.tp_group)
@@ -211,6 +214,17 @@ def test_gpu_fp8_model_matches_bf16_within_fp8_error(emulate, compiled):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("this GPU has no fp8 matmuls")
     _compare_with_bf16("cuda", emulate=emulate, compiled=compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_gpu_tp2_fp8_matches_the_bf16_model():
+    """Real fp8 GEMMs (compiled casts, as training runs them) on 2 GPUs over nccl, sequence parallelism off and on."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("this GPU has no fp8 matmuls")
+    from support.workers import run_workers
+
+    run_workers(_tp_worker, 2, True, timeout=300, init="neox")
 
 
 @pytest.mark.gpu
