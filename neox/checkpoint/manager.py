@@ -214,11 +214,11 @@ class CheckpointManager:
         """Rank 0, once every rank's files are on disk with their hashes: the manifest, the rename, then
         `latest`, then retention. A file no rank hashed (written outside the ranks' shares) is hashed here."""
         final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
-        rels = F.list_files(partial)
-        gone = sorted(set(digests) - set(rels))
+        gone = sorted(r for r in digests if not (partial / r).is_file())  # a stat: fresh on network file systems
         if gone:
             raise CheckpointError(f"{partial / gone[0]} was written, then disappeared")
-        digests.update(F.digest_files(partial, [r for r in rels if r not in digests], fsync=True))
+        digests.update(F.digest_files(partial, [r for r in F.list_files(partial) if r not in digests], fsync=True))
+        rels = sorted(digests)
         recorded = self.layout.record() if self.layout is not None else {}
         F.write_manifest(partial, digests, {"tag": tag, "step": step, **recorded,
                                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
