@@ -267,8 +267,8 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     if precision == "fp16" and res.device == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
     if precision == "fp8" and res.device == "cpu":
-        raise ConfigError("train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (Hopper, compute capability 8.9 "
-                          "or newer); use bf16 or fp32 on CPU")
+        raise ConfigError("train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (compute capability 8.9 "
+                          "or newer: Ada, Hopper); use bf16 or fp32 on CPU")
     run_dir = default_run_dir(config)
     _check_output(run_dir)
     _check_data(config)

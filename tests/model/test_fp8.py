@@ -173,8 +173,8 @@ def test_fp8_on_cpu_is_refused_by_the_dry_run_in_one_line(tmp_path):
                            f"run_dir={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "neox: error: train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (Hopper, compute capability 8.9 "
-        "or newer); use bf16 or fp32 on CPU"], proc.stderr
+        "neox: error: train.precision=fp8 needs an NVIDIA GPU with fp8 matmuls (compute capability 8.9 "
+        "or newer: Ada, Hopper); use bf16 or fp32 on CPU"], proc.stderr
     assert not (tmp_path / "run").exists()
 
 
