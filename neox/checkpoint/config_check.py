@@ -78,6 +78,13 @@ def _why(key: str) -> str:
     return "resuming with the new value"
 
 
+def _same_state(key: str, old: Any, new: Any) -> bool:
+    """Values the schema declares to save the same state (train.precision: fp8 trains bf16 weights)."""
+    f = _field(key)
+    same = f.metadata.get("resume_same_state", {}) if f is not None else {}
+    return same.get(old, old) == same.get(new, new)
+
+
 def diff_configs(saved: dict, current: dict) -> List[Tuple[str, Any, Any]]:
     a, b = _flatten(saved), _flatten(current)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -89,6 +96,10 @@ def check_resume_config(saved: dict, current: dict) -> List[str]:
     for key, old, new in diff_configs(saved or {}, current or {}):
         cls = resume_class(key, current or {})
         if cls == IGNORE:
+            continue
+        if cls == ERROR and _same_state(key, old, new):
+            warnings.append(f"{key} changed from {old!r} to {new!r} since the checkpoint: the weights and optimizer "
+                            "state are the same, only how the matmuls run changes")
             continue
         if cls == ERROR:
             errors.append(f"{key} {old!r} -> {new!r}")

@@ -192,7 +192,9 @@ class TrainConfig:
     global_batch: Optional[int] = setting(None, WARN, at_least(1))
     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp8 (bf16 with the linear layers' matmuls in fp8;
     # Hopper or newer)
-    precision: str = setting("auto", ERROR, Choices(("auto", "fp32", "bf16", "fp16", "fp8")))
+    # bf16 <-> fp8 on resume: the same bf16 weights and optimizer state, only the matmuls change (a warning)
+    precision: str = setting("auto", ERROR, Choices(("auto", "fp32", "bf16", "fp16", "fp8")),
+                             resume_same_state={"fp8": "bf16"})
     seed: int = setting(1234, WARN, SEED)
     eval_every: int = setting(100, IGNORE, at_least(1))
     eval_batches: int = setting(10, IGNORE, at_least(1))

@@ -122,3 +122,13 @@ def test_every_schema_field_is_checked_by_its_declared_class():
         else:
             warnings = check_resume_config(base, cfg)
             assert len(warnings) == (1 if cls == "warn" else 0), (key, warnings)
+
+
+def test_bf16_and_fp8_resume_each_other_with_a_warning_but_fp32_does_not():
+    # fp8 trains the same bf16 weights with the same DeepSpeed bf16 optimizer state (neox.train.engine)
+    saved = {"train": {"precision": "bf16"}}
+    warnings = check_resume_config(saved, {"train": {"precision": "fp8"}})
+    assert len(warnings) == 1 and "train.precision changed from 'bf16' to 'fp8'" in warnings[0]
+    assert check_resume_config({"train": {"precision": "fp8"}}, {"train": {"precision": "bf16"}})
+    with pytest.raises(CheckpointError, match=r"train.precision 'fp8' -> 'fp32'"):
+        check_resume_config({"train": {"precision": "fp8"}}, {"train": {"precision": "fp32"}})
