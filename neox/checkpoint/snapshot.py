@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -118,13 +118,13 @@ _PLAIN = (str, bytes, bool, numbers.Number, type(None), torch.dtype, torch.devic
 def snapshot(tree: Any, memory: HostMemory) -> Any:
     """`tree` with every tensor in host memory (see the module docstring). Raises HostMemoryShort or
     SnapshotUnsupported; nothing of `tree` is changed either way."""
-    copies: Dict[Tuple[str, int, int], torch.Tensor] = {}  # a source storage -> its host copy
+    copies: Dict[int, torch.Tensor] = {}  # a source storage (as torch.save tells them apart) -> its host copy
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.is_meta:
             raise SnapshotUnsupported(f"a {type(t).__name__} ({t.layout}) tensor")
         storage = t.untyped_storage()
-        key = (str(t.device), storage.data_ptr(), storage.nbytes())
+        key = storage._cdata  # torch.save's own key: views of one storage share it
         host = copies.get(key)
         if host is None:
             host = memory.take(storage.nbytes())
