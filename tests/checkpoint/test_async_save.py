@@ -211,3 +211,39 @@ def test_a_tensor_subclass_is_written_synchronously_with_one_note(tmp_path):
     assert inner.threads == {threading.current_thread().name, "neox-checkpoint-step_00000001",
                              "neox-checkpoint-step_00000002"}
     assert m.latest_tag() == "step_00000002" and m.verify("step_00000002") is None
+
+
+def test_a_snapshot_saves_the_bytes_of_the_live_state_and_none_of_its_later_changes():
+    """torch.save of the snapshot is byte for byte torch.save of the live tree (storages shared by views
+    stay shared, a module state_dict keeps its _metadata), and stays so after the tree changes in place;
+    the second snapshot reuses the first one's host memory."""
+    import io
+
+    from neox.checkpoint.snapshot import snapshot
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    flat = torch.randn(100)
+    tree = {"module": model.state_dict(), "optimizer": opt.state_dict(), "size": torch.Size([3, 4]), "tag": "x",
+            "views": [flat[:10], flat[50:], flat.view(10, 10)[2]], "groups": [[1, 2], (3, None)]}
+
+    def saved(x) -> bytes:
+        buf = io.BytesIO()
+        torch.save(x, buf)
+        return buf.getvalue()
+
+    memory = HostMemory(pinned=False)
+    before = saved(tree)
+    snap = snapshot(tree, memory)
+    assert saved(snap) == before
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        flat.add_(1.0)
+    tree["groups"][0].append(9)
+    assert saved(snap) == before and saved(tree) != before
+    allocated = memory.allocated
+    memory.reset()
+    assert saved(snapshot(tree, memory)) == saved(tree) and memory.allocated == allocated
