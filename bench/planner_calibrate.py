@@ -307,9 +307,12 @@ def fit(paths: List[str]) -> str:
     x0 = [getattr(cal, n) for n in mem_names]
     mem_fit = least_squares(lambda x: residuals(mem_names, x, "allocated_gib"), x0, x_scale=[1.0, GiB],
                             bounds=([0.5, 0.0], [1.5, 4 * GiB]))
-    ratios = [r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] for r in rows
-              if not math.isnan(r["measured"]["reserved_gib"])]
-    cal.RESERVED_FRACTION = float(np.median(ratios) - 1) if ratios else cal.RESERVED_FRACTION
+    for cls in (0, 1):  # ZeRO-0, ZeRO-1..3
+        ratios = [r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] for r in rows
+                  if min(r["predicted"]["layout"]["zero_stage"], 1) == cls
+                  and not math.isnan(r["measured"]["reserved_gib"])]
+        if ratios:
+            cal.RESERVED_FRACTION = {**cal.RESERVED_FRACTION, cls: float(np.median(ratios) - 1)}
     def outside(r: dict) -> float:  # GiB nvidia-smi sees beyond torch's reserve: context and NCCL
         return r["measured"].get("smi_used_gib", math.nan) - r["measured"]["reserved_gib"]
 
@@ -330,7 +333,9 @@ def fit(paths: List[str]) -> str:
                              bounds=([0.2, 0, 0, 0, 0, 0, 0], [0.95, 1e9, 50, 0.05, 1.0, 2000, 0.01]))
     lines = ["# refit by bench/planner_calibrate.py --fit " + " ".join(paths)]
     for n in mem_names + ["RESERVED_FRACTION", "CONTEXT_BYTES", "NCCL_BYTES_PER_GROUP"] + time_names:
-        lines.append(f"{n} = {getattr(cal, n):.6g}")
+        value = getattr(cal, n)
+        lines.append(f"{n} = " + (repr({k: round(v, 4) for k, v in value.items()}) if isinstance(value, dict)
+                                  else f"{value:.6g}"))
     fitted = repredict()
     for r, p in zip(rows, fitted):
         r["predicted"] = p

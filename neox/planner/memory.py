@@ -30,8 +30,8 @@ layer's backward) is in neox/planner/calibration.py, with the measurement it cam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict
 
 from neox.model.gpt import GPTConfig
 from neox.planner import calibration as cal
@@ -48,7 +48,8 @@ class Memory:
     terms: Dict[str, float]  # in the order a reader adds them up
     step_extra: float  # what the optimizer step adds after the activations are freed
     context: float  # outside the allocator (CUDA context, NCCL)
-    notes: List[str] = field(default_factory=list)
+    apart: float = 0.0  # bytes of the terms that are never alive together (a recomputed block, the logits)
+    zero_stage: int = 0
 
     @property
     def states(self) -> float:
@@ -58,7 +59,7 @@ class Memory:
     @property
     def activations(self) -> float:
         """Held from a micro-batch's forward to its backward (freed before the optimizer step)."""
-        return sum(v for k, v in self.terms.items() if k not in PERSISTENT)
+        return sum(v for k, v in self.terms.items() if k not in PERSISTENT) - self.apart
 
     @property
     def allocated(self) -> float:
@@ -68,7 +69,7 @@ class Memory:
     @property
     def reserved(self) -> float:
         """Predicted torch.cuda.max_memory_reserved."""
-        return self.allocated * (1 + cal.RESERVED_FRACTION)
+        return self.allocated * (1 + cal.RESERVED_FRACTION[min(self.zero_stage, 1)])
 
     @property
     def total(self) -> float:
@@ -147,36 +148,42 @@ def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_lo
     per_layer = layer_activation_bytes(m, c.tp, c.sequence_parallel, precision) * tokens * cal.ACTIVATION_SCALE
     flying = in_flight(st.index, c)
     terms: Dict[str, float] = dict(states)
+    recomputed = 0.0
     if c.checkpointing:
         kept = m.d_model * w * tokens / (c.tp if c.sequence_parallel else 1)  # each block's input
-        terms["activations"] = st.blocks * flying * kept + (per_layer if st.blocks else 0)
+        recomputed = per_layer if st.blocks else 0.0
+        terms["activations"] = st.blocks * flying * kept + recomputed
     else:
         terms["activations"] = st.blocks * flying * per_layer
+    apart = 0.0
     if st.has_head:
         logit_bytes = 2 if fused_loss else 2 + 4 + 4 + 4
         # the final norm's input and output with the logits of one micro-batch
         terms["logits and loss"] = tokens * (m.vocab_size / c.tp * logit_bytes + 2 * m.d_model * w)
+        # blocks are recomputed in the backward after the head's: never together with the logits
+        apart = min(recomputed, terms["logits and loss"])
     if c.pp > 1:  # DeepSpeed's pipe buffers: inputs and outputs of max(2, in-flight) micro-batches
         boundary = tokens * m.d_model * w / (c.tp if c.sequence_parallel else 1)
         terms["pipeline buffers"] = 2 * max(2, flying) * boundary
     buffers = 0.0
-    if c.zero_stage in (1, 2):
-        buffers = 2 * min(zero_bucket, st.params) * w  # reduce and all-gather buckets
-    elif c.zero_stage == 3:
-        largest = max((lp.local(c.tp) for lp in st.layers), default=0)
-        buffers = 2 * min(zero_bucket, st.params) * w + 2 * largest * w  # buckets, gathered layers
+    if c.zero_stage >= 1 and c.dp > 1:
+        buffers = 2 * min(zero_bucket, st.params) * w  # reduce and all-gather buckets (nothing to reduce at dp 1)
+    if c.zero_stage == 3:
+        buffers += 2 * max((lp.local(c.tp) for lp in st.layers), default=0) * w  # the gathered layers
     if buffers:
         terms["communication buffers"] = buffers
     step_extra = 0.0
     if c.zero_stage == 0 and precision != "fp32":
         step_extra = st.params * 4  # fp32 copies of the gradients for the optimizer (unfused optimizer)
-    if c.zero_stage >= 1:
-        step_extra = st.params * 4 / c.dp  # the partition's gradient flattened to fp32
+    if c.zero_stage in (1, 2):  # the partition's gradients flattened (bf16) and cast to fp32 for the step
+        step_extra = st.params * (w + 4) / c.dp
+    if c.zero_stage == 3:
+        step_extra = st.params * 4 / c.dp
     if c.zero_stage == 0 and c.dp > 1:
         step_extra += min(st.params, 500_000_000) * w  # the flattened all-reduce bucket
     groups = sum(1 for n in (c.tp, c.pp, c.dp) if n > 1)
     context = cal.CONTEXT_BYTES + groups * cal.NCCL_BYTES_PER_GROUP
-    return Memory(st.index, terms, step_extra, context)
+    return Memory(st.index, terms, step_extra, context, apart, c.zero_stage)
 
 
 def estimate(m: GPTConfig, c: Candidate, precision: str = "bf16", fused_loss: bool = True,

@@ -34,8 +34,9 @@ def render(setup: Setup, est: Estimate) -> str:
     tokens = t.tokens_per_step
     lines = [
         f"plan      model={setup.model_name} ({params / 1e9:.2f}B params, seq {m.seq_len}, {setup.precision}) on "
-        f"{c.world} x {gpu.name} ({nodes} node{'s' if nodes > 1 else ''} of {setup.gpus_per_node}; "
-        f"{intra:g} GB/s in a node, {inter:g} GB/s per GPU between nodes)",
+        f"{c.world} x {gpu.name}",
+        f"          {nodes} node{'s' if nodes > 1 else ''} of {setup.gpus_per_node}; links {intra:g} GB/s in a node, "
+        f"{inter:g} GB/s per GPU between nodes",
         f"layout    {c.describe()}; global batch {c.global_batch} = {tokens:,} tokens/step",
         f"memory    per GPU, pipeline stage {mem.stage} of {c.pp} (the most loaded); peak in the {mem.peak_phase}",
     ]
@@ -49,6 +50,8 @@ def render(setup: Setup, est: Estimate) -> str:
         if name == "activations" and c.checkpointing:
             label += ", checkpointed"
         lines.append(f"  {label:<58}{_gib(value)}")
+    if mem.apart:
+        lines.append(f"  {'(the recomputed block and the logits are never together)':<58}{_gib(-mem.apart)}")
     if mem.step_extra > mem.activations:
         lines.append(f"  {'optimizer step (fp32 gradients; replaces activations)':<58}{_gib(mem.step_extra)}")
     overhead = mem.total - mem.states - max(mem.activations, mem.step_extra)

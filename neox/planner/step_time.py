@@ -8,7 +8,8 @@ For the busiest pipeline stage, one micro-batch costs
     elementwise   bytes moved by memory-bound ops, proportional to the activations it keeps, / HBM bandwidth
     tensor par.   4 collectives per block (2 forward, 2 backward; 6 when checkpointed) of tokens x d
                   elements: latency + 2 (t-1)/t x bytes / (link bandwidth x efficiency), not overlapped
-the first two never less than the host's time to launch them (per layer, calibrated). A pipeline runs
+the first two never less than the host's time to launch them (per layer, calibrated); ZeRO-2/3 add
+their per-layer hook time (calibrated). A pipeline runs
 (m + p - 1) such slots per step (1F1B: the bubble is the p - 1), plus the point-to-point sends at
 each boundary. The data-parallel reduction: one all-reduce per step (ZeRO-0/1), a reduce-scatter per
 micro-batch (ZeRO-2/3, which partition the gradients) with the weights all-gathered once per step
@@ -93,7 +94,9 @@ def micro_batch_time(m: GPTConfig, c: Candidate, st: Stage, gpu: GpuSpec, precis
         collectives = (6 if c.checkpointing else 4) * st.blocks
         t_tp = collectives * collective_time(per, c.tp, bw)
     t_host = (st.blocks + 2) * cal.HOST_SECONDS_PER_LAYER * recompute
-    return max(t_matmul + t_elem, t_host) + t_tp, t_tp  # a collective waits for both ranks: never hidden
+    # ZeRO-2/3's hooks on every parameter (bucketing gradients; ZeRO-3 gathering and releasing weights)
+    t_zero = (st.blocks + 2) * cal.ZERO_SECONDS_PER_LAYER.get(c.zero_stage, 0.0)
+    return max(t_matmul + t_elem, t_host) + t_tp + t_zero, t_tp  # a collective waits for both ranks: never hidden
 
 
 def estimate(m: GPTConfig, c: Candidate, gpu: GpuSpec, *, precision: str = "bf16", gpus_per_node: int = 8,

@@ -35,8 +35,9 @@ def one_stage(c: Candidate, **kw):
 
 @pytest.mark.parametrize("zero,weights,grads,optim,buffers,step", [
     (0, 2 * P, 2 * P, 12 * P, None, 4 * P + 2 * P),  # fp32 copies of the grads + the flat all-reduce bucket
-    (1, 2 * P, 2 * P, 12 * P / 4, 2 * P * 2, 4 * P / 4),
-    (2, 2 * P, 2 * P / 4, 12 * P / 4, 2 * P * 2, 4 * P / 4),
+    # ZeRO-1/2's step: the partition's gradients flattened (bf16) and cast to fp32
+    (1, 2 * P, 2 * P, 12 * P / 4, 2 * P * 2, (2 + 4) * P / 4),
+    (2, 2 * P, 2 * P / 4, 12 * P / 4, 2 * P * 2, (2 + 4) * P / 4),
     (3, 2 * P / 4, 2 * P / 4, 12 * P / 4, 2 * P * 2 + 2 * BLOCK * 2, 4 * P / 4),
 ])
 def test_model_states_under_each_zero_stage(zero, weights, grads, optim, buffers, step):

@@ -13,7 +13,7 @@ ONE_GPU_20B = ["model=20B", "train.micro_batch=1", "cluster=slurm", "cluster.nod
 def test_plan_true_prints_the_report_and_launches_nothing(tmp_path, capsys, embedded_ready):
     assert main([*NEOX_20B, "plan=true", f"run_dir={tmp_path}/run"]) == 0
     out = capsys.readouterr().out
-    assert "verdict   fits: 21.3 of 39.6 GiB per GPU (A100 40GB)" in out and "plan: nothing launched" in out, out
+    assert "verdict   fits: 24.1 of 39.6 GiB per GPU (A100 40GB)" in out and "plan: nothing launched" in out, out
     assert not (tmp_path / "run").exists()  # nothing written
 
 
@@ -21,7 +21,7 @@ def test_a_layout_above_the_card_is_refused_in_one_line(tmp_path, capsys, embedd
     assert main([*ONE_GPU_20B, f"run_dir={tmp_path}/run"]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("neox: error: the layout does not fit: 414.3 of 79.3 GiB per GPU (A100 80GB); the "
+    assert last.startswith("neox: error: the layout does not fit: 401.4 of 79.3 GiB per GPU (A100 80GB); the "
                            "biggest term is optimizer states (229.7 GiB); e.g. cluster.nodes=8"), last
     assert last.endswith("set plan.force=true to launch anyway"), last
     assert "verdict   does not fit" in err  # the report above it
