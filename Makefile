@@ -15,9 +15,12 @@ export MAX_JOBS ?= 2
 train: $(STAMP)
 	$(PY) launch.py $(ARGS)
 
+# Two pytest-xdist workers: the Slurm tests mostly wait on the scheduler and one-process tests leave a
+# core idle; tests/conftest.py keeps the tests that share a trained run on one worker, slowest first.
+PYTEST_WORKERS ?= -n 2 --no-loadscope-reorder
 test: $(STAMP)
 	bash .ci/slurm.sh start || echo "local Slurm not started: the Slurm tests skip (and fail under CI=true)"
-	set -o pipefail; $(PY) -m pytest $(PYTEST_ARGS)
+	set -o pipefail; $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 install: $(STAMP)
 
