@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -124,3 +125,24 @@ def check_digests(root: Path, manifest: dict, rels: Iterable[str]) -> List[str]:
         if got != want["sha256"]:
             problems.append(f"{rel} is corrupt: sha256 {got[:12]}..., manifest says {want['sha256'][:12]}...")
     return problems
+
+
+# torch's writer reports a full disk as an error of its zip container, not as ENOSPC
+WRITE_FAILURE_MARKS = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed",
+                        "No space left", "Disk quota")
+
+
+def is_write_failure(exc: RuntimeError) -> bool:
+    return any(mark in str(exc) for mark in WRITE_FAILURE_MARKS)
+
+
+def free_space(directory: Path) -> str:
+    """How much room the checkpoint's file system has left, for the error message."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**30:.1f} GiB free on that file system"

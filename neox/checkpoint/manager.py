@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
-from neox.checkpoint import files as F
+from neox.checkpoint import files as F, ranks
 from neox.checkpoint.background import WRITERS, BackgroundSaves, WriteJob
 from neox.checkpoint.config_check import check_resume_config
 from neox.checkpoint.faults import Fault
@@ -55,35 +54,6 @@ from neox.errors import CheckpointError
 from neox.parallel.model_layout import ModelLayout, Parallelism
 
 RNG_DIR = "rng"
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _gather(obj: Any) -> List[Any]:
-    rank, world = _world()
-    if world == 1:
-        return [obj]
-    out: List[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    rank, world = _world()
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class CheckpointManager:
@@ -167,47 +137,47 @@ class CheckpointManager:
         except (OSError, RuntimeError) as exc:
             # torch.save reports a failed write (a full disk, a quota) as a RuntimeError from its zip
             # writer, e.g. "[enforce fail at inline_container.cc:672] . unexpected pos 9156624960 vs ..."
-            if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+            if isinstance(exc, RuntimeError) and not F.is_write_failure(exc):
                 raise  # e.g. a collective that failed inside DeepSpeed's save: the worker reports it
-            if _world()[0] == 0:
+            if ranks.world()[0] == 0:
                 shutil.rmtree(self.directory / f"{tag_for(step)}{PARTIAL}", ignore_errors=True)  # the space back
             raise CheckpointError(self._failure(step, exc)) from None
 
     def _failure(self, step: int, exc: BaseException) -> str:
         """One line: which save failed, why, the free space, and what is still the latest."""
         cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        where, free = self.directory / tag_for(step), _free_space(self.directory)
+        where, free = self.directory / tag_for(step), F.free_space(self.directory)
         return (f"saving {where} failed: {cause} ({free}); the previous checkpoint "
                 f"({self.latest_tag() or 'none'}) is still the latest")
 
     def _save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
         tag = tag_for(step)
         final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
-        rank, world = _world()
+        rank, world = ranks.world()
         if rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             if partial.exists():
                 shutil.rmtree(partial)
-        _barrier()
+        ranks.barrier()
         client_state = {**client_state, "step": step}
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
         (partial / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), partial / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank == 0:
             F.atomic_write_text(partial / STATE_JSON, json.dumps(_jsonable(client_state), indent=1, sort_keys=True))
-        _barrier()
+        ranks.barrier()
         self.fault("after_shards", step)
 
         # every rank fsyncs and hashes its share of the files
-        rels = _broadcast(F.list_files(partial) if rank == 0 else None)
+        rels = ranks.broadcast(F.list_files(partial) if rank == 0 else None)
         mine = F.digest_files(partial, rels[rank::world], fsync=True)
         digests: Dict[str, Dict[str, object]] = {}
-        for part in _gather(mine):
+        for part in ranks.gather(mine):
             digests.update(part)
 
         if rank == 0:
             self._commit(tag, step, digests)
-        _barrier()
+        ranks.barrier()
         return final
 
     def _commit(self, tag: str, step: int, digests: Dict[str, Dict[str, object]]) -> None:
@@ -244,12 +214,12 @@ class CheckpointManager:
         self.wait()  # at most one save in flight
         tag = tag_for(step)
         final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
-        rank, world = _world()
+        rank, world = ranks.world()
         if rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             if partial.exists():
                 shutil.rmtree(partial)
-        _barrier()
+        ranks.barrier()
         client_state = {**client_state, "step": step}
         job = WriteJob(tag, step, partial, rank, world)
         self._async.capture(engine, job, lambda: engine.save_checkpoint(
@@ -299,7 +269,7 @@ class CheckpointManager:
     def verify(self, tag: str) -> Optional[str]:
         """Collective: None if `tag` matches its manifest, else one line saying what is wrong."""
         root = self.directory / tag
-        rank, world = _world()
+        rank, world = ranks.world()
         problem: Optional[str] = None
         manifest = None
         if not root.is_dir():
@@ -318,7 +288,7 @@ class CheckpointManager:
                 rels = sorted(manifest["files"])
                 problems = F.check_digests(root, manifest, rels[rank::world])
         found: List[str] = []
-        for part in _gather([problem] if problem else problems):
+        for part in ranks.gather([problem] if problem else problems):
             found += [p for p in part if p not in found]  # every rank checks every size: report once
         if not found:
             return None
@@ -342,7 +312,7 @@ class CheckpointManager:
         """
         self.wait()
         self.check_usable()
-        candidates = _broadcast(self.candidates())
+        candidates = ranks.broadcast(self.candidates())
         if not candidates:
             return None
         latest, why = read_latest(self.directory)
@@ -404,7 +374,7 @@ class CheckpointManager:
 
     def _finish_load(self, root: Path, tag: str, client: Dict[str, Any]) -> Dict[str, Any]:
         """Every rank's random streams, then the client state."""
-        rank = _world()[0]
+        rank = ranks.world()[0]
         rng_file = root / RNG_DIR / f"rank_{rank:05d}.pt"
         if not rng_file.is_file():
             rng_file = root / RNG_DIR / "rank_00000.pt"  # a new, larger layout: rank 0's streams
@@ -415,26 +385,6 @@ class CheckpointManager:
         client.pop("rng", None)
         self.loaded_tag = tag
         return client
-
-
-_WRITE_FAILURE_MARKS = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed",
-                        "No space left", "Disk quota")
-
-
-def _is_write_failure(exc: RuntimeError) -> bool:
-    return any(mark in str(exc) for mark in _WRITE_FAILURE_MARKS)
-
-
-def _free_space(directory: Path) -> str:
-    """How much room the checkpoint's file system has left, for the error message."""
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return "free space unknown"
-    return f"{free / 2**30:.1f} GiB free on that file system"
 
 
 def _jsonable(tree: Any) -> Any:
