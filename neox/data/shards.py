@@ -42,9 +42,8 @@ from neox.data.merge import merge
 from neox.data.pieces import Item, ItemDocs, PieceJob, piece_main, write_json, plan, run_piece, saved_plan
 from neox.errors import DataError, NeoxError
 
-# Item and ItemDocs are imported by prepare and the tests from here, beside what this module defines.
 __all__ = ["Item", "ItemDocs", "PieceJob", "SlurmOptions", "main", "merge", "plan", "prepare_sharded", "slurm_options",
-           "tokenizer_id"]
+           "tokenizer_id"]  # Item, ItemDocs, PieceJob, plan, merge: re-exported for prepare and the tests
 
 
 # ---------------------------------------------------------------------------------------------
