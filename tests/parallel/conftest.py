@@ -16,7 +16,9 @@ from support.workers import Checks
 
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Checks:
-    """tp=2 equivalence, fused kernels and dropout streams; DeepSpeed with tp=2; the pp=2 runs."""
+    """tp=2 equivalence, fused kernels and dropout streams; DeepSpeed with tp=2; the pp=2 runs; the
+    pipeline stages against ModelLayout."""
+    import test_model_layout
     import test_pipeline as pipe
     import test_tp_deepspeed
     import test_tp_equivalence
@@ -33,6 +35,7 @@ def two_ranks(tmp_path_factory) -> Checks:
     checks.add("pp2", train, pipe.PP2, str(checks.dir("pp2")))
     checks.add("pp2_resumed", train, pipe.resumed(checks.dir("pp2")), str(checks.dir("pp2_resumed")))
     checks.add("pp2_bf16", train, pipe.BF16, str(checks.dir("pp2_bf16")))
+    checks.add("model_layout_pipeline", test_model_layout._check_pipeline_stages)
     return checks.run(timeout=800, init="neox")
 
 

@@ -1,6 +1,6 @@
 """ModelLayout against the real modules: GPT's parameters, the tensor-parallel model that
 `apply_tensor_parallel` builds (in-process: building it needs no collective), and DeepSpeed's
-pipeline module (2 processes: its stages are built by rank)."""
+pipeline module (2 processes: its stages are built by rank; in conftest.py's shared spawn)."""
 from __future__ import annotations
 
 import dataclasses
@@ -113,7 +113,5 @@ def _check_pipeline_stages(rank: int, world: int) -> None:
             assert layout.parts[param.stage] <= param.layer < layout.parts[param.stage + 1]
 
 
-def test_pipeline_stage_names_bounds_and_weights_match_the_pipeline_module():
-    from support.workers import run_workers
-
-    run_workers(_check_pipeline_stages, 2, timeout=240, init="neox")
+def test_pipeline_stage_names_bounds_and_weights_match_the_pipeline_module(two_ranks):
+    two_ranks.outcome("model_layout_pipeline")  # _check_pipeline_stages, in the folder's shared 2-rank spawn
