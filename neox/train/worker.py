@@ -56,8 +56,9 @@ def run(config_path: str) -> int:
     path = config_to_read(config_path)
     cfg = load_config(str(path))  # the raw config ends here: everything below reads the plan
     info = distributed.init(cfg.train.collective_timeout_s)
-    plan = make_plan(cfg, from_worker_env(info.device.type))
     clock.mark("distributed")
+    plan = make_plan(cfg, from_worker_env(info.device.type))  # validation and the data preflight
+    clock.mark("plan")
     if plan.world_size != info.world_size:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer: Optional[Trainer] = None
@@ -96,6 +97,16 @@ def model_layout(plan: RunPlan) -> ModelLayout:
                                                partition=p.pipe_partition))
 
 
+def build_device(plan: RunPlan, device: torch.device) -> torch.device:
+    """Where the model is built (full, in fp32, before TP or ZeRO shard it): on the GPU, which initializes
+    billions of weights in seconds where a CPU takes minutes, when this stage's full weights take at most half
+    of the free memory; else on the CPU as before (only the shards, or DeepSpeed's bf16 copy, reach the GPU)."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if 4 * plan.params["total"] / plan.pp <= free / 2 else torch.device("cpu")
+
+
 def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -127,8 +138,7 @@ class Trainer:
         self.loss_fn: Callable = (make_loss_fn(self.topo.tp_group, ce_impl) if plan.tp > 1
                                   else functools.partial(cross_entropy_loss, impl=ce_impl))
         mpu = None  # a PipelineEngine takes its groups from the module's grid (same layout as topo)
-        # Built where it trains: a GPU initializes billions of weights in seconds, a CPU takes minutes.
-        with torch.device(info.device):
+        with torch.device(build_device(plan, info.device)):
             if self.pipelined:
                 self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
                                                    plan.model.activation_checkpointing, self.loss_fn, seed=cfg.train.seed,

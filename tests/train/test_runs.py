@@ -2,8 +2,9 @@
 
 Each launch costs ~10 s of start-up on 2 cores, so the runs are shared: one ZeRO-3 run (`dp2`, the
 stage with the most machinery: partitioned parameters) serves the artifact, logging and exact-resume
-checks; the non-finite policy (skip, count, stop) is one run per optimizer path (ZeRO-0: torch's
-step; ZeRO-2: DeepSpeed's partitioned optimizer, the same class as ZeRO-1). What needs no worker is
+checks; the non-finite policy (skip, count, stop) is one run of the workers alone (no launcher:
+support.runs.workers) per optimizer path (ZeRO-0: torch's step; ZeRO-2: DeepSpeed's partitioned
+optimizer, the same class as ZeRO-1). What needs no worker is
 tested in-process elsewhere: ZeRO-0 with dp=2 is tests/checkpoint's reference run, ZeRO-1 with
 dp=2 is tests/parallel/test_tp_deepspeed.py (exact against plain torch), the skip step itself and
 the ranks' agreement are test_guards.py and test_agreement.py, a worker alone and the numbers of a
@@ -18,7 +19,7 @@ import time
 import pytest
 
 from neox.checkpoint.manager import CheckpointManager
-from support.runs import TINY, at_checkpoint, launch, read_metrics, train_losses
+from support.runs import TINY, at_checkpoint, launch, read_metrics, train_losses, workers
 
 pytestmark = pytest.mark.usefixtures("embedded_ready")
 
@@ -56,8 +57,8 @@ def test_two_processes_train_with_every_artifact_and_no_secret(dp2):
     assert "start-up: " in out.stdout and "from launch.py to the end of the first step" in out.stdout
     startup = next(r for r in read_metrics(run) if "startup/total_s" in r)
     phases = [k for k in startup if k.startswith("startup/") and k != "startup/total_s"]
-    assert [p.split("/")[1] for p in phases] == ["launcher_s", "imports_s", "distributed_s", "model_s", "engine_s",
-                                                 "data_s", "resume_s", "first_step_s"]
+    assert [p.split("/")[1] for p in phases] == ["launcher_s", "imports_s", "distributed_s", "plan_s", "model_s",
+                                                 "engine_s", "data_s", "resume_s", "first_step_s"]
     assert startup["startup/total_s"] == pytest.approx(sum(startup[p] for p in phases), abs=0.01)
     assert all(startup[p] >= 0 for p in phases) and 1 < startup["startup/total_s"] < 600
 
@@ -82,10 +83,11 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(dp2, tmp_path):
 ])
 def test_non_finite_steps_are_skipped_counted_and_too_many_in_a_row_stop_the_run(tmp_path, parallelism):
     """Step 3 is skipped alone; 5, 6, 7 are skipped in a row and the third stops the run without saving.
-    The skipped steps leave the weights of step 4, so the save at step 6 is good."""
+    The skipped steps leave the weights of step 4, so the save at step 6 is good. The workers alone
+    (support.runs.workers): the policy is theirs; the launcher's part of a failing run is the hung-rank test's."""
     run = tmp_path / "nan"
-    proc = launch([*TINY, f"parallelism={parallelism}", "train.steps=10", "train.save_every=2", "train.max_nonfinite_steps=3",
-                   f"run_dir={run}"], check=False, env={"NEOX_FAULT_NAN_STEPS": "3,5,6,7"})
+    proc = workers([*TINY, f"parallelism={parallelism}", "train.steps=10", "train.save_every=2",
+                    "train.max_nonfinite_steps=3", f"run_dir={run}"], env={"NEOX_FAULT_NAN_STEPS": "3,5,6,7"})
     assert proc.returncode != 0
     assert "step 3: non-finite loss or gradients, step skipped (1 in a row, 1 in all)" in proc.stdout
     assert "step 7: non-finite loss or gradients, step skipped (3 in a row, 4 in all)" in proc.stdout

@@ -33,3 +33,20 @@ def test_a_worker_without_a_launcher_counts_from_its_own_start(monkeypatch):
 def test_this_process_started_before_now_and_not_long_ago():
     # pytest itself started this process: seconds to minutes ago, never in the future (boot time is in whole s)
     assert time.time() - 3600 < process_started() <= time.time() + 1.0
+
+
+def test_the_model_is_built_on_the_gpu_only_when_its_full_weights_take_at_most_half_the_free_memory(monkeypatch,
+                                                                                                  tmp_path):
+    import torch
+    from support.plans import plan_of
+
+    from neox.train.worker import build_device
+
+    _, plan = plan_of(["model=tiny", f"run_dir={tmp_path}"])
+    full = 4 * plan.params["total"]  # fp32 bytes of the whole model
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * full, 8 * full))
+    assert build_device(plan, gpu) == gpu
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * full - 1, 8 * full))
+    assert build_device(plan, gpu) == torch.device("cpu")  # sharded (TP) or cast (ZeRO) before the GPU sees it
+    assert build_device(plan, torch.device("cpu")) == torch.device("cpu")
