@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,7 +48,7 @@ from neox.checkpoint.reshard import load_across_layouts
 from neox.checkpoint.rng import rng_state, set_rng_state
 from neox.checkpoint.safe_load import safe_engine_loads, safe_load
 from neox.checkpoint.snapshot import HostMemory
-from neox.checkpoint.saved import STATE_JSON, describe, layout_changed, saved_layout
+from neox.checkpoint.saved import STATE_JSON, describe, jsonable, layout_changed, saved_layout
 from neox.checkpoint.tags import PARTIAL, TAG_PREFIX, read_latest, step_of, tag_for
 from neox.errors import CheckpointError
 from neox.parallel.model_layout import ModelLayout, Parallelism
@@ -83,6 +83,7 @@ class CheckpointManager:
         self.warnings: List[str] = []
         self.async_save, self.commit_timeout_s = async_save, commit_timeout_s
         self._async = BackgroundSaves(host_memory, self.log, self.say)
+        self.last_failure: Optional[str] = None  # rank 0: why the last background save failed, until one succeeds
 
     def say(self, msg: str) -> None:
         if self.is_main:
@@ -150,21 +151,26 @@ class CheckpointManager:
         return (f"saving {where} failed: {cause} ({free}); the previous checkpoint "
                 f"({self.latest_tag() or 'none'}) is still the latest")
 
-    def _save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
+    def _begin(self, step: int) -> Tuple[str, Path, Path]:
+        """Every save: (tag, final dir, partial dir); rank 0 clears a stale partial dir before any rank writes."""
         tag = tag_for(step)
         final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
-        rank, world = ranks.world()
-        if rank == 0:
+        if ranks.world()[0] == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             if partial.exists():
                 shutil.rmtree(partial)
         ranks.barrier()
+        return tag, final, partial
+
+    def _save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
+        tag, final, partial = self._begin(step)
+        rank, world = ranks.world()
         client_state = {**client_state, "step": step}
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
         (partial / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), partial / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank == 0:
-            F.atomic_write_text(partial / STATE_JSON, json.dumps(_jsonable(client_state), indent=1, sort_keys=True))
+            F.atomic_write_text(partial / STATE_JSON, json.dumps(jsonable(client_state), indent=1, sort_keys=True))
         ranks.barrier()
         self.fault("after_shards", step)
 
@@ -212,14 +218,8 @@ class CheckpointManager:
     def _save_async(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
         """The training thread's part (neox.checkpoint.background): copy, queue, return."""
         self.wait()  # at most one save in flight
-        tag = tag_for(step)
-        final, partial = self.directory / tag, self.directory / f"{tag}{PARTIAL}"
+        tag, final, partial = self._begin(step)
         rank, world = ranks.world()
-        if rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if partial.exists():
-                shutil.rmtree(partial)
-        ranks.barrier()
         client_state = {**client_state, "step": step}
         job = WriteJob(tag, step, partial, rank, world)
         self._async.capture(engine, job, lambda: engine.save_checkpoint(
@@ -227,7 +227,7 @@ class CheckpointManager:
         rng, rng_file = rng_state(), partial / RNG_DIR / f"rank_{rank:05d}.pt"
         job.add(rng_file, lambda: torch.save(rng, rng_file))
         if rank == 0:
-            text = json.dumps(_jsonable(client_state), indent=1, sort_keys=True)
+            text = json.dumps(jsonable(client_state), indent=1, sort_keys=True)
             job.add(partial / STATE_JSON, lambda: F.atomic_write_text(partial / STATE_JSON, text))
         self._async.start(job, self._commit_job, self._failed_job, self.commit_timeout_s)
         return final
@@ -237,15 +237,24 @@ class CheckpointManager:
         shutil.rmtree(job.partial / WRITERS, ignore_errors=True)
         self.fault("after_shards", job.step)
         self._commit(job.tag, job.step, digests)
+        self.last_failure = None
 
     def _failed_job(self, job: WriteJob, exc: BaseException) -> None:
         """Rank 0's writer: the save failed; training goes on."""
         shutil.rmtree(job.partial, ignore_errors=True)  # give the space back
-        self.say(f"{self._failure(job.step, exc)}; training goes on, and the next save retries")
+        self.last_failure = self._failure(job.step, exc)
+        self.say(f"{self.last_failure}; training goes on, and the next save retries")
 
     def wait(self) -> None:
         """Return once this rank's background writer, if any, is done (its failure is in the log)."""
         self._async.wait()
+
+    def wait_saved(self) -> None:
+        """Wait for the writer; if the last save failed (known on rank 0), raise it as a synchronous save would:
+        a run must not end, or stop for a requeue, saying its checkpoint was saved when it was not."""
+        self.wait()
+        if self.last_failure is not None:
+            raise CheckpointError(self.last_failure)
 
     def close(self) -> None:
         """Wait for the writer, then give back the host memory of the snapshots."""
@@ -385,15 +394,3 @@ class CheckpointManager:
         client.pop("rng", None)
         self.loaded_tag = tag
         return client
-
-
-def _jsonable(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {str(k): _jsonable(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_jsonable(v) for v in tree]
-    if isinstance(tree, (str, int, float, bool)) or tree is None:
-        return tree
-    if isinstance(tree, torch.Tensor) and tree.numel() == 1:
-        return tree.item()
-    return repr(tree)

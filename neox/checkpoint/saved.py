@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
+
 from neox.errors import CheckpointError
 from neox.parallel.model_layout import ModelLayout, Parallelism
 
@@ -63,3 +65,16 @@ def layout_changed(saved: Dict[str, Any], now: ModelLayout) -> bool:
     old, new = Parallelism.from_record(saved), now.parallel
     sizes = lambda p: (p.tp, p.pp, p.dp, p.zero_stage)  # noqa: E731
     return sizes(old) != sizes(new) or ("parts" in saved and tuple(saved["parts"]) != now.parts)
+
+
+def jsonable(tree: Any) -> Any:
+    """The client state as neox_state.json holds it (tensors of one element as numbers, anything else by repr)."""
+    if isinstance(tree, dict):
+        return {str(k): jsonable(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [jsonable(v) for v in tree]
+    if isinstance(tree, (str, int, float, bool)) or tree is None:
+        return tree
+    if isinstance(tree, torch.Tensor) and tree.numel() == 1:
+        return tree.item()
+    return repr(tree)

@@ -363,7 +363,7 @@ class Trainer:
             if watcher is not None and state.step < t.steps and watcher.should_stop():
                 if not saved:
                     self.save()  # collective: every rank agreed to stop at this step
-                self.checkpoints.wait()  # the background writer commits before the job ends
+                self.checkpoints.wait_saved()  # committed before the job ends; a failed write is an error
                 # What follows (a requeue, or not) is for the launcher to say: it knows, this does not.
                 self.say(f"stopping at step {state.step} ({watcher.signal_name}): checkpoint saved")
                 self.metrics.close()
@@ -379,7 +379,7 @@ class Trainer:
             self.metrics.log(self.state.step, {"unigram_entropy": entropy}, prefix="data")
             print(f"unigram entropy of the data: {entropy:.3f} nats/token (a context-free model's loss)", flush=True)
         self.metrics.close()
-        self.checkpoints.wait()  # the last save is committed before the run says it is done
+        self.checkpoints.wait_saved()  # the last save is committed before the run says it is done
         if self.info.is_main:
             png = plot_losses(self.run_dir, reference=entropy)
             print(f"done: {self.state.step} steps; loss curve {png}; checkpoints {self.checkpoints.directory}",

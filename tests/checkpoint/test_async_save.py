@@ -15,6 +15,7 @@ from fake_engine import FakeEngine, UnsafeTorchEngine, client, manager
 from neox.checkpoint import CheckpointManager
 from neox.checkpoint.background import WRITERS, WriteJob
 from neox.checkpoint.snapshot import HostMemory
+from neox.errors import CheckpointError
 
 SHARD = "mp_rank_00_model_states.pt"
 
@@ -128,7 +129,11 @@ def test_a_disk_that_fills_during_the_background_write(tmp_path, exc):
     assert failure[0].endswith("GiB free on that file system); the previous checkpoint (step_00000001) is still "
                                "the latest; training goes on, and the next save retries"), failure[0]
     assert m.latest_tag() == "step_00000001" and not list((tmp_path / "checkpoints").glob("*.partial"))
+    # a job that ended (or stopped for a requeue) here would say it saved: it must fail as a synchronous save does
+    with pytest.raises(CheckpointError, match=r"saving .*step_00000002 failed: .* is still the latest$"):
+        m.wait_saved()
     m.save(FakeEngine(3.0), 3, client(3))
+    m.wait_saved()  # the retry succeeded: nothing to report
     loaded = FakeEngine()
     assert m.load(loaded)["step"] == 3 and loaded.w[0] == 3.0
     assert m.complete_tags() == ["step_00000001", "step_00000003"]
