@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from neox.config.resources import available_ram_bytes, local_ranks
+
 _ALIGN = 64  # bytes: every copy starts on a cache line
 _CHUNK = 256 << 20  # the smallest arena chunk; a larger storage gets a chunk of its own size
 _RESERVE = 2 << 30  # host memory left to everything else when the arena grows
@@ -34,15 +36,10 @@ class SnapshotUnsupported(Exception):
 
 
 def mem_available() -> Optional[int]:
-    """The kernel's estimate of memory available without swapping (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """This rank's share of the host memory its container can still take (the node's ranks all snapshot
+    at the same moment, so each may use 1/local_ranks of it); None where unknown."""
+    avail = available_ram_bytes()
+    return None if avail is None else avail // local_ranks()
 
 
 class HostMemory:
@@ -62,6 +59,8 @@ class HostMemory:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """n bytes of host memory, as a uint8 tensor whose storage holds exactly those bytes."""
+        if nbytes == 0:  # nothing to hold: never grow the arena for it
+            return torch.empty(0, dtype=torch.uint8)
         while self._chunk < len(self.chunks):
             room = self.chunks[self._chunk].numel() - self._offset
             if nbytes <= room:
@@ -71,8 +70,6 @@ class HostMemory:
             self._grow(max(nbytes, _CHUNK))
         start = self._offset
         self._offset = -(-(start + nbytes) // _ALIGN) * _ALIGN
-        if nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
         # a storage of its own over these bytes, so torch.save writes them and nothing else of the chunk
         return torch.frombuffer(self._views[self._chunk][start:start + nbytes], dtype=torch.uint8)
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig
 
 from neox.config.domains import check_domains
-from neox.config.resources import Resources
+from neox.config.resources import Resources, ram_bytes
 from neox.config.schema import CLUSTER_SCHEMAS, LocalCluster
 from neox.errors import LaunchError
 
@@ -66,19 +66,6 @@ def _gpu_ids(spec: Optional[str], what: str, present: int) -> List[int]:
             raise LaunchError(f"cluster.{what}={spec!r} names GPU {part}, but only {present} GPUs are visible")
         ids.append(int(part))
     return ids
-
-
-def ram_bytes() -> int:
-    """This machine's memory, or the container's limit (cgroup v2 or v1) when that is lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
 
 
 def gpu_memory_bytes(ids: List[int]) -> int:

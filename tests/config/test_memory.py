@@ -47,7 +47,7 @@ def test_the_summary_shows_the_estimate(capsys, tmp_path):
 def test_this_machines_memory_is_found():
     import os
 
-    from neox.launch.resources import ram_bytes
+    from neox.config.resources import ram_bytes
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 0 < ram_bytes() <= physical
