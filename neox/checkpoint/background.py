@@ -81,8 +81,9 @@ class WriteJob:
         path.parent.mkdir(parents=True, exist_ok=True)
         F.atomic_write_text(path, json.dumps({"files": digests} if error is None else {"error": error}))
 
-    def collect(self, timeout_s: float) -> Tuple[Digests, List[str]]:
-        """Rank 0: every other rank's hashes, once all reported; and the errors they reported."""
+    def collect(self, timeout_s: float, abort: Optional[threading.Event] = None) -> Tuple[Digests, List[str]]:
+        """Rank 0: every other rank's hashes, once all reported; and the errors they reported. `abort` set
+        (the job is ending on an error, its peers may be dead) stops the wait at once."""
         digests: Digests = {}
         errors: List[str] = []
         pending = set(range(1, self.world))
@@ -98,6 +99,10 @@ class WriteJob:
                     errors.append(f"rank {rank}: {got['error']}")
                 else:
                     digests.update(got["files"])
+            if pending and abort is not None and abort.is_set():
+                errors.append(f"the job is ending on an error before rank(s) {', '.join(map(str, sorted(pending)))} "
+                              "finished writing")
+                break
             if pending and time.monotonic() > deadline:
                 errors.append(f"rank(s) {', '.join(map(str, sorted(pending)))} did not finish writing within "
                               f"{timeout_s:g} s")
@@ -155,6 +160,7 @@ class BackgroundSaves:
         self.memory = memory
         self.log, self.say = log, say  # every rank / rank 0 only
         self.thread: Optional[threading.Thread] = None
+        self.abort = threading.Event()  # set when the job ends on an error: rank 0 stops waiting for its peers
         self.short: Optional[str] = None  # why this rank writes in the training thread from now on
         self.unsupported_said = False
 
@@ -215,7 +221,7 @@ class BackgroundSaves:
                 pass  # rank 0's wait runs out and says so
             return
         try:
-            others, errors = job.collect(timeout_s)
+            others, errors = job.collect(timeout_s, self.abort)
             if error is not None:
                 raise error
             if errors:
@@ -234,7 +240,9 @@ class BackgroundSaves:
             self.thread.join()
             self.thread = None
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        if abort:
+            self.abort.set()
         self.wait()
         if self.memory is not None:
             self.memory.close()

@@ -256,9 +256,10 @@ class CheckpointManager:
         if self.last_failure is not None:
             raise CheckpointError(self.last_failure)
 
-    def close(self) -> None:
-        """Wait for the writer, then give back the host memory of the snapshots."""
-        self._async.close()
+    def close(self, abort: bool = False) -> None:
+        """Wait for the writer, then give back the host memory of the snapshots. `abort`: the job is ending on
+        an error, so rank 0's writer stops waiting for peers that may be dead (the save fails; `latest` stays)."""
+        self._async.close(abort)
 
     def _prune(self, written: str) -> None:
         """Keep the newest `keep` checkpoints up to the one just written. A newer one (a crash before

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from neox.train.guards import Heartbeats
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
+from neox.train.devices import build_device, memory_gb
 from neox.train.startup import StartupClock, launched_at, process_started
 
 
@@ -62,11 +62,13 @@ def run(config_path: str) -> int:
     if plan.world_size != info.world_size:
         raise RuntimeError(f"the launcher started {info.world_size} workers for a plan of {plan.world_size}")
     trainer: Optional[Trainer] = None
+    failed = True  # until fit returns: on an error, the checkpoint writer stops waiting on its peers
     try:
         trainer = Trainer(plan, info, faults=faults, clock=clock)
         if info.is_main:
             publish_config(path, plan.run_dir)
         status = trainer.fit(watcher)
+        failed = False
         distributed.shutdown()  # only on success: after a failure a peer may never arrive
         return status
     except (RuntimeError, MemoryError) as exc:
@@ -87,7 +89,7 @@ def run(config_path: str) -> int:
                             f"cause: {str(exc).splitlines()[0][:200]}") from exc
     finally:
         if trainer is not None:  # every way out (the end, a requeue, an error) waits for the checkpoint writer
-            trainer.checkpoints.close()
+            trainer.checkpoints.close(abort=failed)
 
 
 def model_layout(plan: RunPlan) -> ModelLayout:
@@ -95,22 +97,6 @@ def model_layout(plan: RunPlan) -> ModelLayout:
     p = plan.config.parallelism
     return ModelLayout(plan.model, Parallelism(tp=plan.tp, pp=plan.pp, dp=plan.dp, zero_stage=p.zero_stage,
                                                partition=p.pipe_partition))
-
-
-def build_device(plan: RunPlan, device: torch.device) -> torch.device:
-    """Where the model is built (full, in fp32, before TP or ZeRO shard it): on the GPU, which initializes
-    billions of weights in seconds where a CPU takes minutes, when this stage's full weights take at most half
-    of the free memory; else on the CPU as before (only the shards, or DeepSpeed's bf16 copy, reach the GPU)."""
-    if device.type != "cuda":
-        return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if 4 * plan.params["total"] / plan.pp <= free / 2 else torch.device("cpu")
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB -> GiB)
 
 
 class Trainer:

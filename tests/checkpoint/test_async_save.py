@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,19 @@ def test_rank_zero_commits_only_once_every_rank_reported(tmp_path):
     digests, errors = jobs[0].collect(timeout_s=0.2)
     assert errors == ["rank 2: [Errno 28] No space left on device"]
     assert sorted(p.name for p in (partial / WRITERS).iterdir()) == ["rank_00001.json", "rank_00002.json"]
+
+
+def test_a_job_ending_on_an_error_stops_rank_zero_waiting_for_its_peers(tmp_path):
+    """The worker closes the manager with abort=True on an error: peers that died never write their marker,
+    and rank 0 must not sit out the collective timeout before the error is printed."""
+    partial = tmp_path / "step_00000004.partial"
+    rank0 = WriteJob("step_00000004", 4, partial, 0, 2)
+    abort = threading.Event()
+    abort.set()
+    t0 = time.monotonic()
+    digests, errors = rank0.collect(timeout_s=600, abort=abort)
+    assert time.monotonic() - t0 < 5 and digests == {}
+    assert errors == ["the job is ending on an error before rank(s) 1 finished writing"]
 
 
 def test_the_job_end_waits_for_the_writer(tmp_path):

@@ -40,7 +40,7 @@ def test_the_model_is_built_on_the_gpu_only_when_its_full_weights_take_at_most_h
     import torch
     from support.plans import plan_of
 
-    from neox.train.worker import build_device
+    from neox.train.devices import build_device
 
     _, plan = plan_of(["model=tiny", f"run_dir={tmp_path}"])
     full = 4 * plan.params["total"]  # fp32 bytes of the whole model
