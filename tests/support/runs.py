@@ -1,4 +1,5 @@
-"""Tiny runs through the real launcher (`python launch.py ...`: deepspeed, CPU processes, gloo)."""
+"""Tiny runs through the real launcher (`python launch.py ...`: deepspeed, CPU processes, gloo), or
+their workers alone (`workers()`) where the launcher is not what is tested."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from support.procs import kill_tree, master_ports, no_shm_leak
+from support.procs import free_port, kill_tree, master_ports, no_shm_leak
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +54,49 @@ def launch(args: List[str], timeout: int = RUN_TIMEOUT, check: bool = True,
         raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def workers(args: List[str], timeout: int = RUN_TIMEOUT,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """The run's workers alone, for tests of what the workers do: the config composed and saved as
+    launch.py writes it, then `python -m neox.train <run_dir>/config.yaml` on each of the plan's
+    processes with the environment the launcher gives them (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT). It saves the launcher's start-up, ~6 s of CPU a run (launch.py, the
+    deepspeed runner and deepspeed's launcher each import torch); what the launcher itself does is
+    tested with launch(). Returns the first non-zero exit status (else 0); stdout and stderr are every
+    rank's, rank 0's first. Fails the test on a timeout, after killing every rank."""
+    from neox.launch.compose import compose_config
+    from neox.launch.job import plan_for, save_config
+
+    cfg = compose_config(args)
+    plan = plan_for(cfg)
+    run_dir = Path(plan.run_dir)
+    config = save_config(cfg, run_dir)
+    port = free_port()
+    logs = [(run_dir.with_name(f"{run_dir.name}.rank{r}.out"), run_dir.with_name(f"{run_dir.name}.rank{r}.err"))
+            for r in range(plan.world_size)]  # files, not pipes: a full pipe would stall a rank mid-collective
+    procs = []
+    for rank, (out, err) in enumerate(logs):
+        rank_env = {**(env or {}), "RANK": str(rank), "WORLD_SIZE": str(plan.world_size), "LOCAL_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(subprocess.Popen([sys.executable, "-u", "-m", "neox.train", str(config)], cwd=REPO,
+                                          stdout=o, stderr=e, env=run_env(rank_env)))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the workers of {' '.join(args)} did not finish within {timeout} s\n"
+                             + "".join(e.read_text()[-2000:] for _, e in logs)) from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait()
+    status = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, status, "".join(o.read_text() for o, _ in logs),
+                                       "".join(e.read_text() for _, e in logs))
 
 
 def start(args: List[str], log: Path, env: Optional[Dict[str, str]] = None,

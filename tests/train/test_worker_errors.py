@@ -17,7 +17,7 @@ import torch
 
 from neox.train.failures import is_out_of_memory, out_of_memory_message
 from support.procs import cmdline, descendants, kill_tree
-from support.runs import REPO, TINY, launch, tiny, train_losses
+from support.runs import REPO, TINY, tiny, train_losses, workers
 
 
 def _raised(fn) -> BaseException:
@@ -89,9 +89,11 @@ def test_message_names_where_and_the_fixes():
 
 @pytest.mark.usefixtures("embedded_ready")
 def test_one_process_run_out_of_memory_is_not_a_failed_collective(tmp_path, monkeypatch):
-    """A real one-process run whose step 2 asks the allocator for 2**60 bytes (NEOX_FAULT_OOM)."""
+    """A real one-process run whose step 2 asks the allocator for 2**60 bytes (NEOX_FAULT_OOM); the worker
+    alone (what the launcher adds to a worker's error, its stderr passed on and a non-zero exit, is
+    tests/train/test_runs.py's hung-rank run)."""
     monkeypatch.setenv("NEOX_FAULT_OOM", "2")
-    proc = launch([*TINY, "cluster.cpu_procs=1", "train.steps=3", f"run_dir={tmp_path / 'run'}"], check=False)
+    proc = workers([*TINY, "cluster.cpu_procs=1", "train.steps=3", f"run_dir={tmp_path / 'run'}"])
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert ("neox: error (rank 0): out of memory at step 2 on rank 0 (CPU: [enforce fail at alloc_cpu.cpp"
