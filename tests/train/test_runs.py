@@ -108,3 +108,5 @@ def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 200
     assert "rank(s) 1 did not reach it" in proc.stderr, proc.stderr[-2000:]
+    # A failing worker is one line from its rank, no traceback from any process of the launch.
+    assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]

@@ -90,8 +90,8 @@ def test_message_names_where_and_the_fixes():
 @pytest.mark.usefixtures("embedded_ready")
 def test_one_process_run_out_of_memory_is_not_a_failed_collective(tmp_path, monkeypatch):
     """A real one-process run whose step 2 asks the allocator for 2**60 bytes (NEOX_FAULT_OOM); the worker
-    alone (what the launcher adds to a worker's error, its stderr passed on and a non-zero exit, is
-    tests/train/test_runs.py's hung-rank run)."""
+    alone (what the launcher adds to a worker's error, its stderr passed on, a non-zero exit and no
+    traceback, is tests/train/test_runs.py's hung-rank run)."""
     monkeypatch.setenv("NEOX_FAULT_OOM", "2")
     proc = workers([*TINY, "cluster.cpu_procs=1", "train.steps=3", f"run_dir={tmp_path / 'run'}"])
     out = proc.stdout + proc.stderr
