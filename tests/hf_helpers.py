@@ -1,5 +1,5 @@
 """Helpers for the Hugging Face interop, generation and evaluation tests (tests/convert, tests/generate,
-tests/evaluate): a few tiny real runs through launch.py (2 CPU processes), trained once per session and
+tests/evaluate): a few tiny real runs (2 CPU processes, the workers alone), trained once per session and
 shared by every directory's tests (`trained` reuses a finished run), random in-process models written as
 neox model directories, and transformers loading without the network."""
 from __future__ import annotations
@@ -46,14 +46,16 @@ def runs_root(tmp_path_factory) -> Path:
 
 
 def trained(name: str, root: Path, extra: Optional[List[str]] = None) -> Path:
-    """The run `name` of RUNS (or `extra` overrides), trained once per session."""
-    from support.runs import launch
+    """The run `name` of RUNS (or `extra` overrides), trained once per session by its workers alone
+    (support.runs.workers: what is tested here is what they save, not the launcher)."""
+    from support.runs import workers
 
     run_dir = root / name
     if (run_dir / "checkpoints" / "latest").is_file():
         return run_dir
     args = [*_COMMON, *(RUNS[name] if extra is None else extra), f"run_dir={run_dir}"]
-    launch(args, timeout=600)
+    proc = workers(args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
 

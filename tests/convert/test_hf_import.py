@@ -110,12 +110,13 @@ def imported_llama(tmp_path_factory, embedded_ready) -> Path:
 
 def _init_run(root: Path, model_dir: Path, name: str, *overrides: str) -> Path:
     from hf_helpers import _COMMON
-    from launch_helpers import launch
+    from support.runs import workers
 
     run = root / name
     args = [*_COMMON, f"hydra.searchpath=[file://{model_dir}]", f"model={model_dir.name}",
             f"train.init_from={model_dir}", f"run_dir={run}", *overrides]
-    proc = launch(args, timeout=600)
+    proc = workers(args, timeout=600)  # init_from is the workers' (the launcher's check: tests/launch)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "initialized the weights from" in proc.stdout + proc.stderr
     return run
 
