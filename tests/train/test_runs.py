@@ -64,12 +64,14 @@ def test_two_processes_train_with_every_artifact_and_no_secret(dp2):
 
 
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(dp2, tmp_path):
-    """A run dir holding dp2's step-4 checkpoint, launched with the same command: it says it resumes at
-    step 4 and computes dp2's losses exactly (same machine, same kernels). With train.log_every=10 it
-    logs the first step of its start (5) at once, then the last (8: the mean of steps 6-8)."""
+    """A run dir holding dp2's step-4 checkpoint, its workers started again with the same config (alone:
+    resuming is theirs; resumes through launch.py are tests/checkpoint's): it says it resumes at step 4
+    and computes dp2's losses exactly (same machine, same kernels). With train.log_every=10 it logs the
+    first step of its start (5) at once, then the last (8: the mean of steps 6-8)."""
     src, _ = dp2
     run = at_checkpoint(src, tmp_path / "split", "step_00000004")
-    out = launch([*DP2, "train.steps=8", "train.log_every=10", f"run_dir={run}"])
+    out = workers([*DP2, "train.steps=8", "train.log_every=10", f"run_dir={run}"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed from step_00000004 at step 4" in out.stdout
     whole, resumed = train_losses(src), train_losses(run)
     assert list(resumed) == [5, 8]
