@@ -25,18 +25,17 @@ class MemoryEstimate:
         return self.states + self.activations
 
 
-def estimate(m: GPTConfig, total_params: int, *, micro_batch: int, grad_accum: int, tp: int, pp: int, dp: int,
-             zero_stage: int, precision: str, sequence_parallel: bool,
-             partition: str = "parameters") -> MemoryEstimate:
-    """Bytes one device of the most loaded stage needs. `total_params` is not read: the planner counts
-    each stage's own parameters from the shape (kept for make_plan's call)."""
+def estimate(m: GPTConfig, *, micro_batch: int, grad_accum: int, tp: int, pp: int, dp: int, zero_stage: int,
+             precision: str, sequence_parallel: bool, partition: str, zero_bucket: int) -> MemoryEstimate:
+    """Bytes one device of the most loaded stage needs (the planner counts each stage's own parameters)."""
     from neox.planner.layout import Candidate
     from neox.planner.memory import estimate as stage_estimate
 
     cand = Candidate(tp=tp, pp=pp, dp=dp, zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum,
                      checkpointing=m.activation_checkpointing == "full", sequence_parallel=sequence_parallel,
                      partition=partition)
-    mem = stage_estimate(m, cand, precision, fused_loss=m.impl("cross_entropy") != "reference")
+    mem = stage_estimate(m, cand, precision, fused_loss=m.impl("cross_entropy") != "reference",
+                         zero_bucket=int(zero_bucket))
     return MemoryEstimate(states=mem.states, activations=max(mem.activations, mem.step_extra))
 
 

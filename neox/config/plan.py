@@ -279,8 +279,9 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     warnings += preflight(config.data, seq_len=model.seq_len, model_vocab=model.vocab_size, seed=t.seed,
                           num_samples={"train": t.steps * global_, "valid": evals, "test": evals})
     params = count_params(model)
-    memory = estimate(model, params["total"], micro_batch=micro, grad_accum=accum, tp=p.tp, pp=p.pp, dp=dp,
-                      zero_stage=p.zero_stage, precision=precision, sequence_parallel=p.sequence_parallel)
+    memory = estimate(model, micro_batch=micro, grad_accum=accum, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
+                      precision=precision, sequence_parallel=p.sequence_parallel, partition=p.pipe_partition,
+                      zero_bucket=p.zero_bucket_size)
     if not config.plan.show:  # plan=true: the planner's report gives the verdict (and may plan for a GPU here)
         warnings += _check_memory(res, world, memory)
     return RunPlan(config=config, world_size=world, tp=p.tp, pp=p.pp, dp=dp, micro_batch=micro,

@@ -50,7 +50,7 @@ FIT_FRACTION = 0.95
 MATMUL_EFFICIENCY = 0.80
 # Matmul efficiency falls for small local matmuls: eff = MATMUL_EFFICIENCY * n / (n + MATMUL_HALF_WORK)
 # with n = tokens of one micro-batch x d / tp.
-MATMUL_HALF_WORK = 2.44e6
+MATMUL_HALF_WORK = 2.42e6
 # Memory-bound work (norms, activations, residual adds, rotary, the loss, the optimizer's elementwise
 # math) as bytes moved per byte of activations the layer saves.
 ELEMENTWISE_TRAFFIC = 11.65
@@ -61,7 +61,7 @@ HOST_SECONDS_PER_LAYER = 2.98e-3
 # GPU updates, as bytes at HBM speed (DeepSpeed's unfused optimizer casts and copies each gradient and
 # weight besides AdamW's own reads and writes).
 STEP_OVERHEAD_S = 0.037
-OPTIMIZER_BYTES_PER_PARAM = 124.7
+OPTIMIZER_BYTES_PER_PARAM = 125.3
 # Per layer per micro-batch, forward + backward: the time ZeRO-2's gradient hooks (bucketing, reducing
 # into the partition) and ZeRO-3's (gathering and releasing every layer's weights) add. One run each in
 # [M1] (1.4B ZeRO-2 micro 8 ckpt: 37,242 tok/s; 1.4B ZeRO-3 micro 2: 10,185 tok/s, on one GPU).

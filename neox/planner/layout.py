@@ -129,5 +129,7 @@ def stages(m: GPTConfig, tp: int, pp: int, partition: str = "parameters") -> Lis
     out = []
     for s in range(pp):
         own = tuple(layers[parts[s]:parts[s + 1]])
-        out.append(Stage(s, own, sum(lp.local(tp) for lp in own)))
+        # a tied head is a second copy of the embedding only on another stage; on the same one it is the same
+        params = own if not m.tied_embeddings or own[0].kind != "embed" or own[-1].kind != "head" else own[:-1]
+        out.append(Stage(s, own, sum(lp.local(tp) for lp in params)))
     return out

@@ -12,8 +12,8 @@ the first two never less than the host's time to launch them (per layer, calibra
 their per-layer hook time (calibrated). A pipeline runs
 (m + p - 1) such slots per step (1F1B: the bubble is the p - 1), plus the point-to-point sends at
 each boundary. The data-parallel reduction: one all-reduce per step (ZeRO-0/1), a reduce-scatter per
-micro-batch (ZeRO-2/3, which partition the gradients) with the weights all-gathered once per step
-(ZeRO-2) or twice per micro-batch (ZeRO-3). Once per step: the optimizer's pass over its states at HBM
+micro-batch (ZeRO-2/3, which partition the gradients), and the weights all-gathered once per step
+(ZeRO-1/2, whose optimizer updates a partition) or twice per micro-batch (ZeRO-3). Once per step: the optimizer's pass over its states at HBM
 speed, and a fixed overhead.
 tp and pp groups stay inside a node when they fit in one (neox's layout rule keeps tp there); dp
 crosses nodes whenever the world does.
@@ -124,10 +124,10 @@ def estimate(m: GPTConfig, c: Candidate, gpu: GpuSpec, *, precision: str = "bf16
         dp = collective_time(grads, c.dp, dp_bw, "all_reduce")
     else:  # every micro-batch's gradients are reduce-scattered into the partitions
         dp = c.grad_accum * collective_time(grads, c.dp, dp_bw, "reduce_scatter")
-        if c.zero_stage == 2:  # and the updated weights all-gathered once per step
-            dp += collective_time(params * w, c.dp, dp_bw, "all_gather")
-        else:  # ZeRO-3 gathers the weights for every micro-batch's forward and backward
-            dp += 2 * c.grad_accum * collective_time(params * w, c.dp, dp_bw, "all_gather")
+    if c.zero_stage in (1, 2):  # the updated weights all-gathered once per step (DeepSpeed's stage_1_and_2)
+        dp += collective_time(params * w, c.dp, dp_bw, "all_gather")
+    if c.zero_stage == 3:  # the weights gathered for every micro-batch's forward and backward
+        dp += 2 * c.grad_accum * collective_time(params * w, c.dp, dp_bw, "all_gather")
     dp_comm = dp * (1 - cal.DP_OVERLAP.get(c.zero_stage, 0.0))
     opt_params = params / (c.dp if c.zero_stage >= 1 else 1)
     optimizer = opt_params * cal.OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_gbs * 1e9)

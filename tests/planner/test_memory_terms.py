@@ -11,6 +11,7 @@ import torch
 from neox.model.gpt import Block, GPTConfig, count_params
 from neox.planner.layout import Candidate, stage_bounds, stages
 from neox.planner.memory import estimate, layer_activation_bytes, stage_memory
+from tp_activation_probe import saved_bytes
 
 # 4 layers, h 64, 4 heads, d_ff 256, seq 32, vocab 256, learned positions, biases, LayerNorm, GeLU, untied.
 M = GPTConfig(n_layers=4, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, seq_len=32, vocab_size=256,
@@ -103,23 +104,6 @@ def test_pipeline_first_stage_holds_pp_micro_batches_in_flight():
     assert fewer.terms["activations"] == 2 * 1 * TOKENS * PER_TOKEN  # only one micro-batch to hold
 
 
-def _saved_bytes(block: torch.nn.Module, cfg: GPTConfig, batch: int) -> int:
-    """Bytes of the distinct storages autograd keeps for one forward of `block` (its weights left out)."""
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    x = torch.randn(batch, cfg.seq_len, cfg.d_model, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("change", [
     {}, {"parallel_residual": True}, {"position": "rotary", "rotary_dims": 16}, {"mlp": "swiglu", "d_ff": 192},
     {"position": "rotary", "rotary_dims": 8, "n_kv_heads": 2}, {"bias": False, "norm": "rmsnorm"},
@@ -130,7 +114,8 @@ def test_activation_count_is_what_autograd_keeps(change):
     cfg = dataclasses.replace(M, kernels="fused", **change)
     torch.manual_seed(0)
     block = Block(cfg).to(torch.bfloat16)
-    per_token = (_saved_bytes(block, cfg, 4) - _saved_bytes(block, cfg, 2)) / (2 * cfg.seq_len)
+    shape = (cfg.seq_len, cfg.d_model)
+    per_token = (saved_bytes(block, (4, *shape)) - saved_bytes(block, (2, *shape))) / (2 * cfg.seq_len)
     assert per_token == layer_activation_bytes(cfg, 1, False, "bf16")
 
 
@@ -170,3 +155,38 @@ def test_tensor_parallel_activation_count_is_what_autograd_keeps(tmp_path):
         # under sequence parallelism the norms are torch's, whose mean and rstd are bf16 on CPU (fp32 on
         # CUDA, as counted): 8 of the 16 bytes per token, over 2 ranks
         assert got["True"] == layer_activation_bytes(cfg, 2, True, "bf16") - 8 / 2
+
+
+@pytest.mark.parametrize("model", ["tiny", "145B"])
+def test_a_tied_embedding_is_counted_once_without_a_pipeline(model):
+    """At pp=1 the tied head is the embedding itself (it once counted twice: +40% at tiny's shape)."""
+    from neox.config.plan import gpt_config
+    from neox.launch.compose import compose_config
+
+    cfg = gpt_config(compose_config([f"model={model}"]).model)
+    assert cfg.tied_embeddings
+    assert stages(cfg, 1, 1)[0].params == count_params(cfg)["total"]
+
+
+def test_make_plan_estimates_with_the_runs_partition_and_buckets(tmp_path):
+    """make_plan's estimate (the summary, the RAM refusal) follows parallelism.pipe_partition and
+    zero_bucket_size, as the planner's does (it once used the 'parameters' partition and 50M buckets always)."""
+    from neox.config.plan import make_plan
+    from neox.config.resources import Resources
+    from neox.launch.compose import compose_config
+    from neox.planner.memory import estimate as planner_estimate
+
+    def both(extra):
+        cfg = compose_config(["model=tiny", "parallelism=pp2", "parallelism.dp=2", "train.micro_batch=4",
+                              f"run_dir={tmp_path}/run", *extra])
+        plan = make_plan(cfg, Resources("local", "cpu", 4, 4))
+        cand = Candidate(pp=2, dp=2, zero_stage=1, micro_batch=4, grad_accum=1,
+                         partition=cfg.parallelism.pipe_partition)
+        mem = planner_estimate(plan.model, cand, "fp32", fused_loss=plan.model.impl("cross_entropy") != "reference",
+                               zero_bucket=cfg.parallelism.zero_bucket_size)
+        return plan.memory.total, mem.states + max(mem.activations, mem.step_extra)
+
+    for extra in ([], ["parallelism.pipe_partition=uniform"], ["parallelism.zero_bucket_size=1000"]):
+        got, want = both(extra)
+        assert got == pytest.approx(want), extra
+    assert both(["parallelism.pipe_partition=uniform"])[0] != both([])[0]

@@ -54,11 +54,13 @@ def test_auto_returns_a_layout_that_validates(model, gpus, tmp_path, embedded_re
 
 
 def test_every_preset_fits_somewhere_at_512_gpus():
-    """The big presets need many GPUs, but none is beyond 512 H100s."""
+    """The big presets need many GPUs, but none is beyond 512 H100s: auto chooses (does not raise) for each,
+    a layout of all 512."""
     for model in PRESETS:
         overrides, res = slurm(512)
         cfg = compose_config([f"model={model}", "parallelism=auto", *overrides])
-        assert planning.resolve_auto(cfg, res).parallelism.tp >= 1
+        p = planning.resolve_auto(cfg, res).parallelism
+        assert p.tp * p.pp * p.dp == 512, model
 
 
 def test_a_rerun_resumes_with_the_layout_chosen_before(tmp_path, capsys):

@@ -62,7 +62,7 @@ def test_a_launch_that_does_not_fit_is_refused_with_the_verdict_unless_forced(tm
         launch(ONE_GPU_20B, tmp_path)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("the layout does not fit: ") and "plan.force=true" in msg, msg
-    assert "GPUs (cluster.nodes=" in msg or "cluster.nodes=" in msg, msg  # the smallest change, with its numbers
+    assert "; e.g. cluster.nodes=8 (dp=8, parallelism.zero_stage=3) (" in msg, msg  # the smallest change, its numbers
     assert "verdict   does not fit" in capsys.readouterr().err  # the report, on stderr
     stopped, _, _ = launch([*ONE_GPU_20B, "plan.force=true"], tmp_path)
     assert stopped is False
@@ -126,3 +126,22 @@ def test_a_layout_just_under_the_card_runs_with_a_warning(tmp_path, capsys, embe
     assert stopped is False and "warning: the layout may not fit: " in capsys.readouterr().err
     with pytest.raises(ConfigError, match="does not fit"):
         launch([*base, f"cluster.gpu_memory_gb={bare / 1.01:.3f}"], tmp_path)
+
+
+def test_zero1_and_zero2_all_gather_the_updated_weights_every_step():
+    """DeepSpeed's stage_1_and_2 step all-gathers the partitions after the update for ZeRO-1 as for ZeRO-2."""
+    from neox.planner import step_time
+    from neox.planner.gpus import GPUS
+    from neox.planner.layout import Candidate, stages
+
+    cfg = compose_config(["model=1.4B"])
+    from neox.config.plan import gpt_config
+
+    m = gpt_config(cfg.model)
+    params = stages(m, 1, 1)[0].params
+    one, two = (step_time.estimate(m, Candidate(dp=2, zero_stage=z, micro_batch=4, grad_accum=1), GPUS["H200"],
+                                   gpus_per_node=2) for z in (1, 2))
+    gather = step_time.collective_time(params * 2, 2, GPUS["H200"].intra_node_gbs, "all_gather")
+    reduce = step_time.collective_time(params * 2, 2, GPUS["H200"].intra_node_gbs, "all_reduce")
+    assert one.dp_comm == pytest.approx(reduce + gather)
+    assert two.dp_comm == pytest.approx(step_time.collective_time(params * 2, 2, 450, "reduce_scatter") + gather)
