@@ -123,12 +123,21 @@ def more_gpus(setup: Setup, global_batch: int, sequence_parallel: bool = False,
             fitting, _ = search(bigger, batch, world=world, sequence_parallel=sequence_parallel, partition=partition)
             if fitting:
                 best = fitting[0]
-                nodes = -(-world // setup.gpus_per_node)
                 batch_note = "" if batch == global_batch else f", train.global_batch={batch}"
-                return (f"with {world} GPUs (cluster.nodes={nodes} of {setup.gpus_per_node}{batch_note}) "
+                return (f"with {world} GPUs ({more_gpus_key(setup, world)}{batch_note}) "
                         f"{best.candidate.describe()} fits at {best.memory.total / GiB:.1f} GiB per GPU, "
                         f"~{best.time.tokens_per_s:,.0f} tokens/s")
     return f"none fits on up to {setup.gpus * GROWTH[-1]} GPUs either: use a smaller model or GPUs with more memory"
+
+
+def more_gpus_key(setup: Setup, world: int) -> str:
+    """How to ask for `world` GPUs on the setup's kind of cluster."""
+    nodes = -(-world // setup.gpus_per_node)
+    if setup.cluster_kind == "local":
+        return f"a machine with cluster.gpus={world}"
+    if setup.cluster_kind == "hostfile":
+        return f"{nodes} hosts of {setup.gpus_per_node} in the hostfile"
+    return f"cluster.nodes={nodes}"
 
 
 def fixes(setup: Setup, est: Estimate) -> List[Tuple[str, Estimate]]:
@@ -148,15 +157,16 @@ def fixes(setup: Setup, est: Estimate) -> List[Tuple[str, Estimate]]:
         if zero > c.zero_stage and c.dp > 1:
             tries.append((f"parallelism.zero_stage={zero}", replace(c, zero_stage=zero), setup))
     out = [(change, e) for change, e in ((ch, evaluate(s, cand)) for ch, cand, s in tries) if e.fits]
-    for k in GROWTH:  # more nodes: the fewest that fit, sharding what dp can shard
+    for k in GROWTH:  # more GPUs: the fewest that fit, sharding what dp can shard
         dp = c.dp * k
         world = c.tp * c.pp * dp
-        nodes = -(-world // setup.gpus_per_node)
         grown = [replace(c, dp=dp, zero_stage=z, grad_accum=max(1, c.grad_accum // k))
                  for z in sorted({max(c.zero_stage, 1), 1 if c.pp > 1 else 3})]
         fit = [e for e in (evaluate(replace(setup, gpus=world), g) for g in grown) if e.fits]
         if fit:
-            z = fit[0].candidate.zero_stage
-            out.append((f"cluster.nodes={nodes} (dp={dp}, parallelism.zero_stage={z})", fit[0]))
+            g = fit[0].candidate
+            batch = "" if g.global_batch == c.global_batch else f", train.global_batch={g.global_batch}"
+            out.append((f"{more_gpus_key(setup, world)} (dp={dp}, parallelism.zero_stage={g.zero_stage}{batch})",
+                        fit[0]))
             break
     return sorted(out, key=lambda ce: -ce[1].time.tokens_per_s)

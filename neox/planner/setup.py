@@ -28,6 +28,7 @@ class Setup:
     flops_per_token: float
     fused_loss: bool = True
     zero_bucket: int = 50_000_000
+    cluster_kind: str = "slurm"  # local | hostfile | slurm: how to ask for more GPUs
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,10 @@ def test_plan_true_here_without_a_gpu_asks_for_its_memory_first(tmp_path, capsys
 def test_plan_true_here_for_a_named_gpu_plans_that_gpu(tmp_path, capsys, embedded_ready):
     assert main(["model=1.4B", "train.micro_batch=4", "plan=true", "cluster.gpu=H100", f"run_dir={tmp_path}/run"]) == 0
     assert "verdict   fits: " in capsys.readouterr().out
+
+
+def test_more_gpus_is_asked_for_in_the_clusters_own_terms(tmp_path, capsys, embedded_ready):
+    """A local run has no cluster.nodes: the advice names cluster.gpus (and the batch it changes to)."""
+    assert main(["model=1.4B", "plan=true", "cluster.gpu=A100-40GB", f"run_dir={tmp_path}/run"]) == 0
+    out = capsys.readouterr().out
+    assert "cluster.nodes" not in out and "a machine with cluster.gpus=8 (dp=8, parallelism.zero_stage=3, " in out, out

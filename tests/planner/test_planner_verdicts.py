@@ -62,7 +62,8 @@ def test_a_launch_that_does_not_fit_is_refused_with_the_verdict_unless_forced(tm
         launch(ONE_GPU_20B, tmp_path)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("the layout does not fit: ") and "plan.force=true" in msg, msg
-    assert "; e.g. cluster.nodes=8 (dp=8, parallelism.zero_stage=3) (" in msg, msg  # the smallest change, its numbers
+    # the smallest change, with its numbers, and the global batch it implies (1 sequence on 1 GPU -> 8 on 8)
+    assert "; e.g. cluster.nodes=8 (dp=8, parallelism.zero_stage=3, train.global_batch=8) (" in msg, msg
     assert "verdict   does not fit" in capsys.readouterr().err  # the report, on stderr
     stopped, _, _ = launch([*ONE_GPU_20B, "plan.force=true"], tmp_path)
     assert stopped is False
