@@ -114,6 +114,15 @@ def _saved_layout(cfg: DictConfig) -> Optional[DictConfig]:
     return old
 
 
+def _replaced(cfg: DictConfig, values: dict) -> list:
+    """`key=value` for each layout key this command sets (away from its default) to something else."""
+    from neox.launch.compose import compose_config
+
+    defaults = compose_config([f"model={cfg.model.name}", f"parallelism={AUTO}"])
+    return [f"{k}={OmegaConf.select(cfg, k)}" for k, v in values.items()
+            if OmegaConf.select(cfg, k) not in (v, OmegaConf.select(defaults, k))]
+
+
 def _apply(cfg: DictConfig, values: dict) -> DictConfig:
     out = cfg.copy()
     for key, value in values.items():
@@ -124,6 +133,10 @@ def _apply(cfg: DictConfig, values: dict) -> DictConfig:
 def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None) -> DictConfig:
     """parallelism=auto -> the concrete layout (printed with the next best four)."""
     old = _saved_layout(cfg)
+    if old is not None and OmegaConf.select(old, "model.seq_len") != cfg.model.seq_len:
+        print(f"parallelism=auto: this run chose a layout for model.seq_len={old.model.seq_len} before; choosing "
+              f"again for {cfg.model.seq_len}", flush=True)
+        old = None
     if old is not None:
         p = old.parallelism
         world = p.tp * p.pp * (p.dp or 1)
@@ -133,9 +146,11 @@ def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None)
             old = None
     if old is not None:
         values = {k: OmegaConf.select(old, k) for k in LAYOUT_KEYS}
+        replaced = _replaced(cfg, values)
+        kept = f"; it replaces this command's {', '.join(replaced)} (a new run_dir chooses afresh)" if replaced else ""
         print(f"parallelism=auto: resuming with the layout this run chose before ({old.parallelism.tp} tp, "
               f"{old.parallelism.pp} pp, {old.parallelism.dp} dp, ZeRO-{old.parallelism.zero_stage}, micro "
-              f"{old.train.micro_batch} x accum {old.train.grad_accum})", flush=True)
+              f"{old.train.micro_batch} x accum {old.train.grad_accum}){kept}", flush=True)
         return _apply(cfg, values)
     setup = setup or setup_from(cfg, res)
     batch = target_global_batch(cfg, setup.gpus)

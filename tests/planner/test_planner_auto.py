@@ -97,3 +97,17 @@ def test_a_rerun_on_other_gpus_chooses_again(tmp_path, capsys):
     again = planning.resolve_auto(cfg, res)
     p = again.parallelism
     assert p.tp * p.pp * p.dp == 64 and "choosing again for 64" in capsys.readouterr().out
+
+
+def test_a_rerun_says_which_of_its_own_settings_the_saved_layout_replaces(tmp_path, capsys):
+    overrides, res = slurm(8)
+    base = ["model=6.7B", "parallelism=auto", f"run_dir={tmp_path}/run", *overrides]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(planning.resolve_auto(compose_config(base), res)))
+    capsys.readouterr()
+    planning.resolve_auto(compose_config([*base, "train.global_batch=4096"]), res)
+    out = capsys.readouterr().out
+    assert "resuming with the layout this run chose before" in out
+    assert out.strip().endswith("it replaces this command's train.global_batch=4096 (a new run_dir chooses afresh)"), out
+    again = planning.resolve_auto(compose_config([*base, "model.seq_len=1024"]), res)
+    assert "choosing again for 1024" in capsys.readouterr().out and again.model.seq_len == 1024
