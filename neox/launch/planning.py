@@ -169,6 +169,11 @@ def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None)
 def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
     """The config to plan and run: auto resolved (on `res`, default: what this launch can use), and
     plan=true planned like a dry run."""
+    if cfg.plan.show and cfg.cluster.kind == "local" and cfg.cluster.gpus and res is None:
+        from neox.launch.resources import local_gpu_count
+
+        if local_gpu_count() == 0:  # planning here for a GPU machine: cluster.gpus is how many it has
+            cfg = _apply(cfg, {"cluster.cpu_procs": int(cfg.cluster.gpus), "cluster.gpus": None})
     if is_auto(cfg) or cfg.plan.show:
         if res is None:
             from neox.launch.resources import detect

@@ -51,8 +51,9 @@ def render(plan: RunPlan) -> str:
     mem, res = plan.memory, plan.resources
     budget = (f"; {gib(res.memory_per_slot)} available per {'GPU' if plan.device == 'cuda' else 'process'}"
               if res.memory_per_slot is not None and plan.world_size <= res.slots else "")
-    lines.append(f"  memory    ~{gib(mem.total)} per {'GPU' if gpu_job else 'process'} = {gib(mem.states)} weights, "
-                 f"gradients, optimizer + {gib(mem.activations)} activations (estimate){budget}")
+    if not cfg.plan.show:  # plan=true: the planner's report below says it term by term, for the GPU planned
+        lines.append(f"  memory    ~{gib(mem.total)} per {'GPU' if gpu_job else 'process'} = {gib(mem.states)} "
+                     f"weights, gradients, optimizer + {gib(mem.activations)} activations (estimate){budget}")
     if plan.pp > 1:
         lines.append(f"  pipeline  {plan.pp} stages, {plan.grad_accum} micro-batches: expected bubble "
                      f"(p-1)/(m+p-1) = {plan.bubble_fraction:.1%}")

@@ -65,3 +65,12 @@ def test_more_gpus_is_asked_for_in_the_clusters_own_terms(tmp_path, capsys, embe
     assert main(["model=1.4B", "plan=true", "cluster.gpu=A100-40GB", f"run_dir={tmp_path}/run"]) == 0
     out = capsys.readouterr().out
     assert "cluster.nodes" not in out and "a machine with cluster.gpus=8 (dp=8, parallelism.zero_stage=3, " in out, out
+
+
+def test_plan_true_here_plans_cluster_gpus_gpus_and_shows_one_memory_figure(tmp_path, capsys, embedded_ready):
+    """On a machine without GPUs, cluster.gpus is the count to plan for (not refused as 'this machine has
+    none'), and the run summary leaves its per-process memory line to the planner's report."""
+    assert main(["model=1.4B", "plan=true", "cluster.gpu=A100-40GB", "cluster.gpus=8", "train.micro_batch=4",
+                 f"run_dir={tmp_path}/run"]) == 0
+    out = capsys.readouterr().out
+    assert "on 8 x A100 40GB" in out and "  memory    ~" not in out and "per process" not in out, out
