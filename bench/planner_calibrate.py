@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from neox.train.metrics import read_metrics  # noqa: E402  (the repo's own reader of metrics.jsonl)
+
 GiB = 1024**3
 
 
@@ -194,7 +196,7 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             records: list = []
             while proc.poll() is None and time.time() - start < timeout:
-                records = _records(run_dir / "metrics.jsonl")
+                records = read_metrics(run_dir / "metrics.jsonl")
                 if any(r.get("step") == steps and "train/tokens_per_s" in r for r in records):
                     break
                 time.sleep(1)
@@ -207,7 +209,7 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
                     proc.wait()
         stop.set()
         watcher.join()
-        every = _records(run_dir / "metrics.jsonl")
+        every = read_metrics(run_dir / "metrics.jsonl")
         records = [r for r in every if "train/tokens_per_s" in r]
         startup = next(({k: v for k, v in r.items() if k.startswith("startup/")} for r in every
                         if "startup/total_s" in r), {})
@@ -219,18 +221,6 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
             "allocated_gib": max(r.get("train/memory_gb", math.nan) for r in records),
             "reserved_gib": max(r.get("train/memory_reserved_gb", math.nan) for r in records),
             "smi_used_gib": max(smi) / 1024 if smi else math.nan, "startup": startup}
-
-
-def _records(path: Path) -> list:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 # ------------------------------------------------------------------------------------------ table
