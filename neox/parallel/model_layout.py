@@ -31,31 +31,9 @@ from neox.errors import ConfigError
 from neox.model.gpt import GPT, GPTConfig, layer_specs
 from neox.parallel.pipeline import gpt_layer_names
 from neox.parallel.tensor import shard_dims
+from neox.planner.layout import Parallelism  # the layout itself; planner and checkpoints share it
 
 TIED_PREFIX = "tied_modules."
-
-
-@dataclass(frozen=True)
-class Parallelism:
-    """How a run splits the model and its optimizer over tp x pp x dp ranks."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero_stage: int = 0
-    partition: str = "parameters"  # parallelism.pipe_partition
-
-    def describe(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage}"
-
-    @staticmethod
-    def from_record(rec: Mapping[str, Any], partition: str = "parameters") -> "Parallelism":
-        """From a manifest's `layout`. Manifests before this one lack `partition` (pass the saved
-        config's) and sometimes `tp`: they hold DeepSpeed's mp, which is tp x pp under a pipeline."""
-        pp = int(rec.get("pp") or 1)
-        tp = int(rec.get("tp") or (rec.get("mp") or 1) // pp)
-        return Parallelism(tp=tp, pp=pp, dp=int(rec.get("dp") or 1), zero_stage=int(rec.get("zero_stage") or 0),
-                           partition=str(rec.get("partition") or partition))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """What the planner estimates: one model under one concrete layout, and where its parameters sit.
 
-`Candidate` is a layout with everything a run decides that changes memory or time: tp, pp, dp, the
-ZeRO stage, the micro-batch and accumulation, activation checkpointing, sequence parallelism and the
-pipeline's partition. `stage_params` counts the parameters of each pipeline stage from the model's
+`Parallelism` is how a run splits the model and its optimizer (tp, pp, dp, the ZeRO stage, the
+pipeline's partition), which checkpoints record too (`neox.parallel.model_layout`). `Candidate` adds
+what else a run decides that changes memory or time: the micro-batch and accumulation, activation
+checkpointing and sequence parallelism. `stage_params` counts the parameters of each pipeline stage from the model's
 shape as `neox.model.gpt` builds it and `neox.parallel.pipeline.partition_layers` splits it (the same
 DeepSpeed partition arithmetic, on counts computed here instead of modules built on the meta device).
 """
@@ -10,22 +11,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Tuple
+from typing import Any, List, Mapping, Tuple
 
 from neox.model.gpt import GPTConfig
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Parallelism:
+    """How a run splits the model and its optimizer over tp x pp x dp ranks."""
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
     zero_stage: int = 0
+    partition: str = "parameters"  # parallelism.pipe_partition
+
+    def describe(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage}"
+
+    @staticmethod
+    def from_record(rec: Mapping[str, Any], partition: str = "parameters") -> "Parallelism":
+        """From a manifest's `layout`. Manifests before this one lack `partition` (pass the saved
+        config's) and sometimes `tp`: they hold DeepSpeed's mp, which is tp x pp under a pipeline."""
+        pp = int(rec.get("pp") or 1)
+        tp = int(rec.get("tp") or (rec.get("mp") or 1) // pp)
+        return Parallelism(tp=tp, pp=pp, dp=int(rec.get("dp") or 1), zero_stage=int(rec.get("zero_stage") or 0),
+                           partition=str(rec.get("partition") or partition))
+
+
+@dataclass(frozen=True)
+class Candidate(Parallelism):
+    """A layout (`Parallelism`) with the batch and memory choices a run makes on top of it."""
+
     micro_batch: int = 1
     grad_accum: int = 1
     checkpointing: bool = False
     sequence_parallel: bool = False
-    partition: str = "parameters"
 
     @property
     def world(self) -> int:
