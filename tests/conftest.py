@@ -23,23 +23,24 @@ def embedded_ready() -> None:
     ensure_embedded(8192, quiet=True)
 
 
-
 # `make test` runs the suite on 2 pytest-xdist workers (`-n 2 --no-loadscope-reorder`): the Slurm tests
 # mostly wait on the scheduler and a one-process test leaves the second core idle. Each group below
 # runs whole on one worker: tests that share a session or module fixture (a trained run, a spawn of
-# ranks, the local Slurm) must, or each worker would build it again. A folder whose files share
-# session runs is one group; any other file is its own. The slowest groups go out first (measured),
-# so that no worker is left alone with a long one at the end.
-SHARED_GROUPS = {"checkpoint": "checkpoint", "convert": "hf", "evaluate": "hf", "parallel": "parallel",
-                 "slurm": "slurm"}
-SLOWEST_FIRST = ["slurm", "hf", "checkpoint", "train/test_runs.py", "parallel", "train/test_worker_errors.py",
-                 "generate/test_generate_tp.py", "launch/test_rundir.py", "data/test_shards.py"]
+# ranks, the local Slurm) must, or each worker would build it again. The files or folders below that
+# share such runs are one group each (a new file using tests/checkpoint's reference_run or layout_run
+# belongs with "checkpoint-runs"); any other file is its own. The slowest groups go out first
+# (measured), so that no worker is left alone with a long one at the end.
+SHARED_GROUPS = {"checkpoint/test_resume.py": "checkpoint-runs", "checkpoint/test_async_resume.py": "checkpoint-runs",
+                 "convert": "hf", "evaluate": "hf", "parallel": "parallel", "slurm": "slurm"}
+SLOWEST_FIRST = ["checkpoint-runs", "slurm", "hf", "train/test_runs.py", "parallel",
+                 "checkpoint/test_half_precision.py", "train/test_compile.py", "launch/test_rundir.py", "train/test_worker_errors.py",
+                 "generate/test_generate_tp.py", "data/test_shards.py"]
 
 
 def xdist_group(nodeid: str) -> str:
-    """The group of a test: its folder's (SHARED_GROUPS) or its file's, relative to tests/."""
+    """The group of a test: its file's or folder's (SHARED_GROUPS), else its file, relative to tests/."""
     rel = nodeid.split("::", 1)[0].removeprefix("tests/")
-    return SHARED_GROUPS.get(rel.split("/", 1)[0], rel)
+    return SHARED_GROUPS.get(rel) or SHARED_GROUPS.get(rel.split("/", 1)[0], rel)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (the test extra); unused without it
