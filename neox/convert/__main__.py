@@ -3,6 +3,7 @@ python -m neox.convert from-hf <hf_dir> <out_dir> [--tokenizer T] [--force]"""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # transformers imports torchao when it is installed (neox's fp8 uses it), and that import makes torch log
+        # a deprecation about torchao's enums that no user can act on
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         if args.command == "to-hf":
             from neox.convert.export import export
 
