@@ -64,7 +64,9 @@ def workers(args: List[str], timeout: int = RUN_TIMEOUT,
     MASTER_ADDR/PORT). It saves the launcher's start-up, ~6 s of CPU a run (launch.py, the
     deepspeed runner and deepspeed's launcher each import torch); what the launcher itself does is
     tested with launch(). Returns the first non-zero exit status (else 0); stdout and stderr are every
-    rank's, rank 0's first. Fails the test on a timeout, after killing every rank."""
+    rank's, rank 0's first. A rank still running 30 s after another failed is killed, as the launcher
+    does (it would wait in a collective for the dead one). Fails the test on a timeout, after killing
+    every rank."""
     from neox.launch.compose import compose_config
     from neox.launch.job import plan_for, save_config
 
@@ -82,13 +84,17 @@ def workers(args: List[str], timeout: int = RUN_TIMEOUT,
         with open(out, "w") as o, open(err, "w") as e:
             procs.append(subprocess.Popen([sys.executable, "-u", "-m", "neox.train", str(config)], cwd=REPO,
                                           stdout=o, stderr=e, env=run_env(rank_env)))
-    deadline = time.monotonic() + timeout
+    deadline, failed_at = time.monotonic() + timeout, None
     try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the workers of {' '.join(args)} did not finish within {timeout} s\n"
-                             + "".join(e.read_text()[-2000:] for _, e in logs)) from None
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the workers of {' '.join(args)} did not finish within {timeout} s\n"
+                                     + "".join(e.read_text()[-2000:] for _, e in logs))
+            if failed_at is None and any(p.returncode for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 30:
+                break  # the rest are killed below
+            time.sleep(0.1)
     finally:
         for proc in procs:
             if proc.poll() is None:
