@@ -88,10 +88,28 @@ class ParallelConfig:
     tp_across_nodes_is_slow: bool = setting(False, IGNORE)  # force a tp group wider than one node
 
 
+@dataclass(frozen=True)
+class GpuName(Domain):
+    """A card the planner knows by name (`neox.planner.gpus.by_name`), checked at launch even when not planning."""
+
+    def problem(self, value: Any) -> Optional[str]:
+        from neox.errors import ConfigError
+        from neox.planner.gpus import by_name, known_names
+
+        try:
+            by_name(str(value))
+        except ConfigError:
+            return f"is not a GPU the planner knows ({known_names()}; another card: cluster.gpu_memory_gb)"
+        return None
+
+    def example(self) -> Optional[str]:
+        return "H100"
+
+
 def _gpu() -> Any:
     # the card the run gets, by name (neox/planner/gpus.py: H100, H200, A100-40GB, A100-80GB); None: the
     # one detected here (local runs), else unknown (set it, or gpu_memory_gb, for plan=true / parallelism=auto)
-    return setting(None, IGNORE)
+    return setting(None, IGNORE, GpuName())
 
 
 def _gbs() -> Any:

@@ -76,6 +76,10 @@ BAD = [
     ("parallelism.dp=0", "parallelism.dp=0 must be >= 1"),
     ("parallelism.zero_stage=4", "parallelism.zero_stage=4 is not one of 0, 1, 2, 3"),
     ("parallelism.zero_bucket_size=0", "parallelism.zero_bucket_size=0 must be >= 1"),
+    # a misspelled card is refused when it is set, not only when a plan reads it
+    ("cluster.gpu=B300", "cluster.gpu='B300' is not a GPU the planner knows (H200, H100, A100-80GB, A100-40GB; "
+                         "another card: cluster.gpu_memory_gb); set e.g. cluster.gpu=H100"),
+    (["cluster=slurm", "cluster.gpu=V100"], "cluster.gpu='V100' is not a GPU the planner knows"),
 ]
 
 
@@ -97,6 +101,7 @@ def test_a_value_outside_its_domain_is_one_line_naming_the_fix(capsys, tmp_path,
     "optim.warmup_steps=0", "optim.decay_steps=1", "model.dropout=0.99", "train.seed=0", "train.seed=4294967295",
     "cluster.master_port=1", "cluster.master_port=65535", "data.split='1'", "data.split='8/1/1'",
     "data.split='1,0,0'", "data.embedded_vocab=257", ["optim.decay=constant", "optim.min_lr=0.01"],
+    "cluster.gpu=a100-40gb",
 ])
 def test_a_value_at_the_edge_of_its_domain_is_accepted(capsys, tmp_path, override):
     code = main(_args(override) + [f"run_dir={tmp_path}/run"])
