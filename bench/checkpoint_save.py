@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -56,8 +57,8 @@ def mem_available() -> int:
 
 def train(preset: str, mode: str, steps: int, every: int, root: Path, log_dir: Path) -> dict:
     """One launch; returns its step end times, the writer's lines and the log's tail on failure."""
-    run = root / f"{preset}-{mode}"
-    shutil.rmtree(run, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    run = Path(tempfile.mkdtemp(prefix=f"{preset}-{mode}-", dir=root)) / "run"  # its own: never a run it did not make
     cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", *SHAPES.get(preset, []), f"train.steps={steps}",
            f"train.save_every={every}", "train.keep_checkpoints=1", f"train.async_save={mode == 'async'}".lower(),
            "train.log_every=1", "train.eval_every=1000000", "train.eval_batches=1", "logging.wandb=false",
@@ -70,7 +71,7 @@ def train(preset: str, mode: str, steps: int, every: int, root: Path, log_dir: P
     records = []
     if (run / "metrics.jsonl").exists():
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    shutil.rmtree(run, ignore_errors=True)  # the disk back for the next run
+    shutil.rmtree(run.parent, ignore_errors=True)  # the disk back for the next run
     ends = {r["step"]: r["time"] for r in records if "train/loss" in r}
     out = {"wall_s": wall, "ends": ends, "written": [m.groups() for m in WRITTEN.finditer(log)],
            "fallback": "not enough host memory for an asynchronous save" in log}

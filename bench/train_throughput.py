@@ -137,13 +137,15 @@ def peer(kind: str, shape: dict, micro: int, accum: int, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------- neox
 def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path, tag: str) -> dict:
     run = out / f"neox-{preset}-{tag}"
+    ours = not run.exists()  # a run dir that was there before (it resumes) keeps its checkpoints
     cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", f"train.micro_batch={micro}",
            f"train.grad_accum={accum}", f"train.steps={steps}", "train.log_every=1", "train.eval_every=100000",
            "train.save_every=100000", "train.eval_batches=1", "logging.wandb=false", "cluster.gpus=1",
            f"run_dir={run}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     (out / f"neox-{preset}-{tag}.log").write_text(proc.stdout + proc.stderr)
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the final save: ~17 GB at 1.4B, never read here
+    if ours:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the final save: ~17 GB at 1.4B, never read here
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
     train = [r for r in records if "train/tokens_per_s" in r][2:]  # the first steps include warm-up/compile
     if proc.returncode != 0 or not train:

@@ -1,0 +1,40 @@
+"""The bench scripts free disk by deleting what their own runs wrote, never a run dir that was there before."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fake_launch():
+    def run(cmd, **kwargs):
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("")
+        return subprocess.CompletedProcess(cmd, 1, "", "failed\n")
+    return run
+
+
+def test_train_throughput_keeps_the_checkpoints_of_a_run_dir_it_did_not_make(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import train_throughput as tt
+
+    monkeypatch.setattr(tt.subprocess, "run", _fake_launch())
+    old = tmp_path / "neox-1.4B-default" / "checkpoints" / "step_00000001"
+    old.mkdir(parents=True)  # someone's earlier run in the output folder
+    tt.neox("1.4B", [], 4, 8, 3, tmp_path, "default")
+    assert old.is_dir() and (old.parent / "step_00000002").is_dir()
+    tt.neox("1.4B", [], 4, 8, 3, tmp_path, "fresh")  # a run it makes: its ~17 GB final save goes
+    assert not (tmp_path / "neox-1.4B-fresh" / "checkpoints").exists()
+
+
+def test_checkpoint_save_runs_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import checkpoint_save as cs
+
+    monkeypatch.setattr(cs.subprocess, "run", _fake_launch())
+    mine = tmp_path / "1.4B-sync" / "checkpoints"
+    mine.mkdir(parents=True)  # a folder of the same name, not the bench's
+    cs.train("1.4B", "sync", 3, 2, tmp_path, tmp_path)
+    assert mine.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["1.4B-sync", "1.4B-sync.log"]
