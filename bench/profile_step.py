@@ -79,7 +79,7 @@ def main() -> None:
     cfg = compose_config(overrides)
     info = distributed.init(cfg.train.collective_timeout_s)
     plan = make_plan(cfg, from_worker_env(info.device.type))
-    trainer = _trainer(Trainer, cfg, plan, info)
+    trainer = Trainer(plan, info)
     batches = trainer.loader(trainer.data.train, 0)
     for _ in range(args.warmup):
         trainer.train_step(batches)
@@ -121,13 +121,6 @@ def main() -> None:
     print(table)
     (args.out / "profile.md").write_text(table + "\n")
     distributed.shutdown()
-
-
-def _trainer(cls, cfg, plan, info):
-    import inspect
-
-    params = list(inspect.signature(cls.__init__).parameters)
-    return cls(cfg, plan, info) if "cfg" in params else cls(plan, info)
 
 
 if __name__ == "__main__":

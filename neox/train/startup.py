@@ -11,9 +11,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-from neox.config.run_files import LAUNCHED_AT, process_started
-
-__all__ = ["StartupClock", "launched_at", "process_started"]
+from neox.config.run_files import LAUNCHED_AT
 
 
 def launched_at() -> Optional[float]:

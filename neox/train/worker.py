@@ -22,6 +22,7 @@ from neox.checkpoint import CheckpointManager
 from neox.checkpoint.background import resolve_async_save
 from neox.config.plan import RunPlan, config_dict, make_plan
 from neox.config.resources import from_worker_env
+from neox.config.run_files import process_started
 from neox.model.gpt import GPT, cross_entropy_loss
 from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn, seed_all
 from neox.parallel.model_layout import ModelLayout, Parallelism
@@ -36,7 +37,7 @@ from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
 from neox.train.devices import build_device, memory_gb
-from neox.train.startup import StartupClock, launched_at, process_started
+from neox.train.startup import StartupClock, launched_at
 
 
 
