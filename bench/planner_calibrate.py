@@ -3,6 +3,8 @@
     python bench/planner_calibrate.py --gpus 1 --out $OUT          # 8 layouts on one GPU   (~6-8 min)
     python bench/planner_calibrate.py --gpus 2 --out $OUT          # 7 layouts needing two GPUs (tp, pp, dp)
     python bench/planner_calibrate.py --gpus 2 --set auto --out $OUT   # parallelism=auto vs hand layouts, 1.4B/6.7B
+    python bench/planner_calibrate.py --gpus 2 --set layouts --out $OUT   # issue 17: tp2/pp2/dp2 against one GPU
+    python bench/planner_calibrate.py --table a.json [b.json ...]  # (CPU) the tables of measured JSONs together
     python bench/planner_calibrate.py --fit a.json [b.json ...]    # (CPU) refit calibration.py from measured JSONs
 
 Each layout runs through neox's real path, `python launch.py ...` (DeepSpeed engine, bf16, fused kernels, the
@@ -68,16 +70,23 @@ ONE_GPU = [
     _case("2.7B z0 m1 ckpt", "2.7B", 1, 1, 8, ckpt=True),
     _case("6.7B z0 m1 ckpt", "6.7B", 1, 1, 2, ckpt=True),
 ]
-# Two GPUs: tp 2, pp 2, dp 2 under ZeRO 1-3.
+# Two GPUs: tp 2, pp 2, dp 2 under ZeRO 1-3 with checkpointing, beside what the `layouts` and `auto` sets
+# measure (tp2 at 1.3B and 6.7B, pp2 at 1.3B and 1.4B, dp2 under ZeRO-1 and ZeRO-3): together they span the grid.
 TWO_GPUS = [
-    _case("1.3B tp2 m4", "1.3B", 2, 4, 2, par="tp2"),
-    _case("1.4B pp2 z1 m4", "1.4B", 2, 4, 8, par="pp2", zero=1),
     _case("2.7B pp2 z1 m8 ckpt", "2.7B", 2, 8, 4, par="pp2", zero=1, ckpt=True),
-    _case("6.7B tp2 m4", "6.7B", 2, 4, 2, par="tp2"),
     _case("1.4B dp2 z2 m8", "1.4B", 2, 8, 2, zero=2),
-    _case("6.7B dp2 z3 m2 ckpt", "6.7B", 2, 2, 2, zero=3, ckpt=True),
     _case("6.7B tp2 m16 ckpt", "6.7B", 2, 16, 1, par="tp2", ckpt=True),
 ]
+# Issue 17's layouts, each held to the one-GPU run at the same micro-batch and accumulation (`extra["ref"]`):
+# per-GPU tokens/s over one GPU's; for pp2 the measured bubble (1 - that) against 1F1B's (p-1)/(m+p-1).
+# 1.4B dp2 and 6.7B tp2 at global batch 64 are in the `auto` set (same overrides), found there by name.
+ONE_GPU_REFS = [_case("1.3B 1gpu z1 m4x8", "1.3B", 1, 4, 8, zero=1, group="layouts"),
+                _case("1.4B 1gpu z1 m4x8", "1.4B", 1, 4, 8, zero=1, group="layouts")]
+LAYOUTS = [_case("1.3B tp2 m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts")] + [
+    _case(f"1.3B pp2 z1 m4x{m}", "1.3B", 2, 4, m, par="pp2", zero=1, group="layouts") for m in (8, 4, 16)]
+LAYOUT_REFS = {"1.3B tp2 m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x4": "1.3B 1gpu z1 m4x8",
+               "1.3B pp2 z1 m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x16": "1.3B 1gpu z1 m4x8",
+               "1.4B dp2 z1 m4": "1.4B 1gpu z1 m4x8", "6.7B tp2 m4": None}
 # parallelism=auto on 2 GPUs against layouts chosen by hand, same global batch (64 sequences).
 AUTO_BATCH = 64
 
@@ -168,10 +177,11 @@ def predict(overrides: List[str], gpu_name: Optional[str] = None, gpu_memory: Op
 
 # ------------------------------------------------------------------------------------------ measure
 def _smi_peak(stop: threading.Event, out: list) -> None:
-    """Peak memory.used (MiB) of GPU 0 while the run goes (the CUDA context and NCCL on top of torch's)."""
+    """Peak memory.used (MiB) of the run's first GPU while it goes (the CUDA context and NCCL on top of torch's)."""
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     while not stop.is_set():
         try:
-            text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", first],
                                   capture_output=True, text=True, timeout=10).stdout.strip()
             out.append(float(text.splitlines()[0]))
         except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
@@ -217,7 +227,9 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
         return {"error": f"no training step logged in {time.time() - start:.0f} s (see {log.name})"}
     steady = [r for r in records if r["step"] > 2] or records
     tokens = statistics.median(r["train/tokens_per_s"] for r in steady)
+    mfu = [r["train/mfu"] for r in steady if "train/mfu" in r]
     return {"steps_logged": len(records), "wall_s": time.time() - start, "tokens_per_s": tokens,
+            "mfu": statistics.median(mfu) if mfu else None,
             "allocated_gib": max(r.get("train/memory_gb", math.nan) for r in records),
             "reserved_gib": max(r.get("train/memory_reserved_gb", math.nan) for r in records),
             "smi_used_gib": max(smi) / 1024 if smi else math.nan, "startup": startup}
@@ -267,6 +279,31 @@ def summary(rows: List[dict]) -> str:
             lines.append(f"{group}: auto picked {auto[0]['extra']['auto_choice']} -> {a:,.0f} tok/s; best measured "
                          f"{best['name']} {best['measured']['tokens_per_s']:,.0f}: auto at "
                          f"{a / best['measured']['tokens_per_s']:.1%} of it (goal >= 90%)")
+    return "\n".join(lines)
+
+
+def layouts_table(rows: List[dict]) -> str:
+    """Issue 17's table: per-GPU tokens/s of each 2-GPU layout over its one-GPU reference, the pipeline's
+    measured bubble against 1F1B's, MFU (attention counted in full) and peak memory."""
+    by_name = {r["name"]: r for r in rows if r.get("measured") and "error" not in r["measured"]}
+    lines = ["| run | GPUs | tokens/s | per GPU | per GPU / one GPU | measured bubble | 1F1B theory | MFU | peak alloc GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in [c.name for c in ONE_GPU_REFS] + list(LAYOUT_REFS):
+        r = by_name.get(name)
+        if r is None:
+            lines.append(f"| {name} | not measured | | | | | | | |")
+            continue
+        m, lay = r["measured"], r["predicted"]["layout"]
+        world = lay["tp"] * lay["pp"] * lay["dp"]
+        per = m["tokens_per_s"] / world
+        ref = by_name.get(LAYOUT_REFS.get(name) or "")
+        eff = per / ref["measured"]["tokens_per_s"] if ref else None
+        p, micro = lay["pp"], lay["grad_accum"]
+        bubble = f"{1 - eff:.1%}" if p > 1 and eff else "-"
+        theory = f"{(p - 1) / (micro + p - 1):.1%}" if p > 1 else "-"
+        mfu = m.get("mfu")
+        lines.append(f"| {name} | {world} | {m['tokens_per_s']:,.0f} | {per:,.0f} | {f'{eff:.1%}' if eff else '-'} | "
+                     f"{bubble} | {theory} | {f'{mfu:.1%}' if mfu else '-'} | {m['allocated_gib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -354,30 +391,41 @@ def fit(paths: List[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, choices=(1, 2), default=1, help="the layouts for 1 GPU, or for 2")
-    ap.add_argument("--set", choices=("calibration", "auto", "all"), default="calibration")
+    ap.add_argument("--set", choices=("calibration", "auto", "layouts", "refs", "all"), default="calibration",
+                    help="refs: the layouts' one-GPU references alone (run them on one GPU each, side by side)")
+    ap.add_argument("--tag", default="", help="added to the output files' names (runs side by side)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per layout (the first 2 are skipped)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per layout before it is stopped")
     ap.add_argument("--only", default="", help="comma-separated case names (default: every case of the set)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "out")))
     ap.add_argument("--fit", nargs="*", help="measured JSONs to refit calibration.py from (no GPU needed)")
+    ap.add_argument("--table", nargs="*", help="measured JSONs to print the tables of, together (no GPU needed)")
     args = ap.parse_args()
     if args.fit:
         print(fit(args.fit))
         return 0
+    if args.table:
+        rows = [r for p in args.table for r in json.loads(Path(p).read_text())]
+        print(table(rows) + "\n\n" + summary(rows) + "\n\n" + layouts_table(rows))
+        return 0
     cases: List[Case] = []
     if args.set in ("calibration", "all"):
         cases += ONE_GPU if args.gpus == 1 else TWO_GPUS
+    if args.set in ("auto", "layouts", "all") and args.gpus != 2:
+        print(f"--set {args.set} measures layouts of 2 GPUs: add --gpus 2", file=sys.stderr)
+        return 2
     if args.set in ("auto", "all"):
-        if args.gpus != 2:
-            print("--set auto compares layouts of 2 GPUs: add --gpus 2", file=sys.stderr)
-            return 2
         cases += auto_cases()
+    if args.set in ("refs", "all"):
+        cases += ONE_GPU_REFS
+    if args.set in ("layouts", "all"):
+        cases += LAYOUTS
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
         cases = [c for c in cases if c.name in wanted]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"planner_calibration_{args.gpus}gpu_{args.set}"
+    stem = f"planner_calibration_{args.gpus}gpu_{args.set}{args.tag}"
     log = out / f"{stem}.log"
     rows = []
     for case in cases:
@@ -389,7 +437,7 @@ def main() -> int:
         print(f"  measured {row['measured']}", flush=True)
         rows.append(row)
         (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-    text = table(rows) + "\n\n" + summary(rows)
+    text = table(rows) + "\n\n" + summary(rows) + ("\n\n" + layouts_table(rows) if args.set in ("layouts", "all") else "")
     (out / f"{stem}.md").write_text(text + "\n")
     print(text)
     return 0

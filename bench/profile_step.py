@@ -6,8 +6,10 @@ process on one GPU, profiled with torch.profiler over a few optimizer steps.
 Prints one table: GPU time per step by category (matmul, attention, norms/activations/rotary, loss,
 optimizer, communication, copies/casts, other), the GPU-idle time inside the step (host gaps: Python,
 launches, the engine's own bookkeeping, synchronizations), and the step's wall time. Categories come from
-kernel names; `other` lists its largest kernels so nothing hides there. Writes profile.md and a Chrome
-trace (trace.json) under --out.
+kernel names; `other` lists its largest kernels so nothing hides there. Then where the host gaps are: each
+GPU-idle interval is put in the phase the host was in at its middle (data, forward, loss, backward, the
+engine's step; the bench wraps those calls in profiler ranges) and named by the CPU op whose kernel ended
+it. Writes profile.md and a Chrome trace (trace.json) under --out.
 """
 from __future__ import annotations
 
@@ -51,6 +53,66 @@ def busy_time(intervals: list) -> float:
     return total
 
 
+PHASES = ("data", "forward", "loss", "backward", "engine step")
+
+
+def phases(trainer) -> None:
+    """Wrap the step's host phases in profiler ranges (this process only; the trainer is unchanged)."""
+    from torch.profiler import record_function
+
+    def wrap(owner, attr: str, label: str) -> None:
+        inner = getattr(owner, attr)
+
+        def ranged(*a, **k):
+            with record_function(f"phase: {label}"):
+                return inner(*a, **k)
+        setattr(owner, attr, ranged)
+
+    engine = trainer.engine
+    wrap(engine, "forward", "forward")
+    wrap(trainer, "loss_fn", "loss")
+    wrap(engine, "backward", "backward")
+    wrap(engine, "step", "engine step")
+    loader = trainer.loader
+
+    def ranged_loader(*a, **k):
+        it = loader(*a, **k)
+
+        def gen():
+            while True:
+                with record_function("phase: data"):
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        return
+                yield item
+        return gen()
+    trainer.loader = ranged_loader
+
+
+def idle_gaps(cpu_events: list, gpu_intervals: list, min_gap: float = 20e-6) -> tuple:
+    """(seconds per phase, seconds per (phase, CPU op that ended the gap)) of GPU-idle time."""
+    ranges = sorted((e[1], e[2], e[0][len("phase: "):]) for e in cpu_events if e[0].startswith("phase: "))
+    ops = sorted((e[1], e[2], e[0]) for e in cpu_events if not e[0].startswith(("phase: ", "ProfilerStep")))
+    per_phase, per_op = defaultdict(float), defaultdict(float)
+    merged, end = [], None
+    for s, e in sorted(gpu_intervals):
+        if end is not None and s - end >= min_gap:
+            merged.append((end, s))
+        end = e if end is None else max(end, e)
+    import bisect
+    op_starts = [o[0] for o in ops]
+    for g0, g1 in merged:
+        mid = (g0 + g1) / 2
+        phase = next((name for s, e, name in reversed(ranges) if s <= mid <= e), "between phases")
+        # the op being launched when the GPU started again: the latest op to start before g1
+        i = bisect.bisect_right(op_starts, g1) - 1
+        op = ops[i][2] if i >= 0 and ops[i][1] >= g0 else "(host code, no op)"
+        per_phase[phase] += g1 - g0
+        per_op[(phase, op)] += g1 - g0
+    return per_phase, per_op
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1.4B")
@@ -80,6 +142,7 @@ def main() -> None:
     info = distributed.init(cfg.train.collective_timeout_s)
     plan = make_plan(cfg, from_worker_env(info.device.type))
     trainer = Trainer(plan, info)
+    phases(trainer)
     batches = trainer.loader(trainer.data.train, 0)
     for _ in range(args.warmup):
         trainer.train_step(batches)
@@ -93,9 +156,10 @@ def main() -> None:
         wall = (time.perf_counter() - t0) / args.steps
     prof.export_chrome_trace(str(args.out / "trace.json"))
 
-    per_cat, per_kernel, intervals = defaultdict(float), defaultdict(float), []
+    per_cat, per_kernel, intervals, cpu_events = defaultdict(float), defaultdict(float), [], []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
+            cpu_events.append((ev.name, ev.time_range.start / 1e6, ev.time_range.end / 1e6))
             continue
         dur = ev.time_range.elapsed_us() / 1e6
         per_cat[category(ev.name)] += dur
@@ -117,6 +181,12 @@ def main() -> None:
                   f"{name[:60]} {t / args.steps * 1e3:.1f} ms" for name, t in
                   sorted(((n, t) for n, t in per_kernel.items() if category(n) == "other"),
                          key=lambda x: -x[1])[:5])]
+    per_phase, per_op = idle_gaps(cpu_events, intervals)
+    lines += ["", "GPU idle (gaps of 20 us and more) by the host's phase at the gap, ms per step: " + "; ".join(
+        f"{name} {t / args.steps * 1e3:.1f}" for name, t in sorted(per_phase.items(), key=lambda x: -x[1])),
+              "Largest, by the CPU op whose kernel ended the gap: " + "; ".join(
+        f"{ph} / {op[:50]} {t / args.steps * 1e3:.1f} ms" for (ph, op), t in
+        sorted(per_op.items(), key=lambda x: -x[1])[:8])]
     table = "\n".join(lines)
     print(table)
     (args.out / "profile.md").write_text(table + "\n")
