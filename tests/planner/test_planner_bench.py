@@ -46,3 +46,27 @@ def test_predictions_and_the_table(bench):
     text = bench.table(rows)
     assert text.count("\n") == 4 and "(0.980)" in text and "(1.111)" in text and "no step" in text
     assert "allocated: max error 2.0%" in bench.summary(rows)
+
+
+def test_every_two_gpu_case_composes_and_layouts_have_references(bench):
+    two = bench.TWO_GPUS + bench.LAYOUTS + [c for c in bench.auto_cases() if "parallelism=auto" not in c.overrides]
+    for case in two + bench.ONE_GPU_REFS:
+        lay = bench.inputs(case.overrides, "NVIDIA H200", 143_771 * 2**20)[1]
+        assert lay.world == case.gpus, case.name
+    names = {c.name for c in two + bench.ONE_GPU_REFS}
+    for name, ref in bench.LAYOUT_REFS.items():  # each row of issue 17's table is a case, and so is its reference
+        assert name in names and (ref is None or ref in names), name
+
+
+def test_layouts_table_per_gpu_efficiency_and_bubble(bench):
+    def row(name, overrides, tokens):
+        pred = bench.predict(overrides, "NVIDIA H200", 143_771 * 2**20)
+        return {"name": name, "group": "layouts", "predicted": pred,
+                "measured": {"tokens_per_s": tokens, "allocated_gib": 10.0, "mfu": 0.5}}
+    cases = {c.name: c for c in bench.ONE_GPU_REFS + bench.LAYOUTS}
+    rows = [row("1.3B 1gpu z1 m4x8", cases["1.3B 1gpu z1 m4x8"].overrides, 50_000),
+            row("1.3B pp2 z1 m4x8", cases["1.3B pp2 z1 m4x8"].overrides, 88_000)]  # 44,000 per GPU: 88%
+    text = bench.layouts_table(rows)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 1.3B pp2 z1 m4x8 "))
+    assert "| 44,000 | 88.0% | 12.0% | 11.1% |" in line  # bubble 1 - 88%; 1F1B (p-1)/(m+p-1) = 1/9
+    assert "| 1.3B tp2 m4x8 | not measured" in text
