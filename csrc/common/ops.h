@@ -20,6 +20,9 @@
   void rotary##SUFFIX(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S,      \
                       int64_t H, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);       \
   template <typename T>                                                                                  \
+  void rotary_qkv##SUFFIX(T* qkv, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,   \
+                          int64_t P, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);   \
+  template <typename T>                                                                                  \
   void masked_softmax_forward##SUFFIX(const T* x, T* y, int64_t rows, int64_t SQ, int64_t SK,            \
                                       float scale __VA_ARGS__);                                          \
   template <typename T>                                                                                  \

@@ -5,6 +5,12 @@
 // interleaved: one pack holding V/2 pairs) or one pass-through pack, with cos/sin read as float4 and
 // 32-bit index math. Taken when the head, the rotary part and the pointers are whole packs (any usual
 // head size), else v1.
+// v3 (rotary_qkv_cuda): in place on the attention's qkv buffer [B, S, G, P + 2, D] (G kv groups of P q heads,
+// k, v): only the rotating packs of v2 (the first R dims of the P + 1 q/k heads of each group), so v and
+// the pass-through dims are neither read nor written: for Pythia's 25% rotary a quarter of the q/k bytes of
+// v2 and no output buffer. Row r (one q/k head of one token) starts at element (r + r / (P + 1)) * D: the
+// r / (P + 1) v heads before it are skipped. One pointer, read and written by the same thread (no
+// __restrict__ aliasing). Shapes that are not whole packs take v3's scalar form (one thread per pair).
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -78,6 +84,88 @@ __global__ void rotary_kernel_v2(const T* __restrict__ x, const float* __restric
   }
 }
 
+template <typename T, int V, bool INTERLEAVED>
+__global__ void rotary_qkv_kernel_v3(T* x, const float* __restrict__ cos, const float* __restrict__ sin,
+                                     uint32_t total, uint32_t rot_slots, uint32_t heads, uint32_t tok_heads,
+                                     uint32_t S, uint32_t D, uint32_t R, float sgn) {
+  const uint32_t k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= total) return;
+  const uint32_t row = k / rot_slots, p = k - row * rot_slots;  // row: one q/k head of one token
+  const uint32_t s = (row / tok_heads) % S, half = R / 2;       // tok_heads = G * (P + 1) per token
+  T* xr = x + (size_t)(row + row / heads) * D;                  // heads = P + 1 rotated per group
+  const float* cr = cos + (size_t)s * half;
+  const float* sr = sin + (size_t)s * half;
+  if constexpr (!INTERLEAVED) {  // pairs (j, j + half) for j in [p * V, p * V + V)
+    const uint32_t j = p * V;
+    float a[V], b[V], c[V], sn[V];
+    load<T, V>(xr + j, a);
+    load<T, V>(xr + half + j, b);
+    load_f32<V>(cr + j, c);
+    load_f32<V>(sr + j, sn);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+      const float sv = sgn * sn[i], ya = a[i] * c[i] - b[i] * sv, yb = b[i] * c[i] + a[i] * sv;
+      a[i] = ya;
+      b[i] = yb;
+    }
+    store<T, V>(xr + j, a);
+    store<T, V>(xr + half + j, b);
+  } else {  // pairs (2j, 2j + 1) for j in [p * V / 2, p * V / 2 + V / 2)
+    const uint32_t e = p * V;
+    float v[V], c[V / 2], sn[V / 2];
+    load<T, V>(xr + e, v);
+    load_f32<V / 2>(cr + e / 2, c);
+    load_f32<V / 2>(sr + e / 2, sn);
+#pragma unroll
+    for (int i = 0; i < V / 2; i++) {
+      const float a = v[2 * i], b = v[2 * i + 1], sv = sgn * sn[i];
+      v[2 * i] = a * c[i] - b * sv;
+      v[2 * i + 1] = b * c[i] + a * sv;
+    }
+    store<T, V>(xr + e, v);
+  }
+}
+
+// v3's scalar form: one thread per rotated pair, any shape, 64-bit indexing.
+template <typename T>
+__global__ void rotary_qkv_kernel_v3_scalar(T* x, const float* __restrict__ cos, const float* __restrict__ sin,
+                                            int64_t total, int64_t heads, int64_t tok_heads, int64_t S, int64_t D,
+                                            int64_t R, bool interleaved, float sgn) {
+  const int64_t half = R / 2;
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = k / half, j = k % half;
+    const int64_t s = (row / tok_heads) % S;
+    T* xr = x + (row + row / heads) * D;
+    const int64_t ia = interleaved ? 2 * j : j, ib = interleaved ? 2 * j + 1 : j + half;
+    const float a = to_f(xr[ia]), b = to_f(xr[ib]), c = cos[s * half + j], sv = sgn * sin[s * half + j];
+    xr[ia] = from_f<T>(a * c - b * sv);
+    xr[ib] = from_f<T>(b * c + a * sv);
+  }
+}
+
+template <typename T>
+void rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
+                     int64_t R, bool interleaved, bool inverse, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t rot_elems = interleaved ? R : R / 2;  // elements per head whose packs a thread starts
+  const int64_t rows = B * S * G * (P + 1), slots = rot_elems / V;
+  const float sgn = inverse ? -1.f : 1.f;
+  if (rows == 0) return;
+  const bool whole_packs = D % V == 0 && rot_elems % V == 0 && (R / 2) % 4 == 0 && pack_width<T>(D, {x}) == V &&
+                           reinterpret_cast<uintptr_t>(cos) % 16 == 0 && reinterpret_cast<uintptr_t>(sin) % 16 == 0;
+  if (whole_packs && rows * slots < (int64_t{1} << 31) && B * S * G * (P + 2) * D < (int64_t{1} << 40)) {
+    const uint32_t total = static_cast<uint32_t>(rows * slots), blocks = (total + 255) / 256;
+    auto kernel = interleaved ? rotary_qkv_kernel_v3<T, V, true> : rotary_qkv_kernel_v3<T, V, false>;
+    kernel<<<blocks, 256, 0, stream>>>(x, cos, sin, total, (uint32_t)slots, (uint32_t)(P + 1), (uint32_t)(G * (P + 1)),
+                                       (uint32_t)S, (uint32_t)D, (uint32_t)R, sgn);
+    return;
+  }
+  const int64_t total = rows * (R / 2), blocks = (total + 255) / 256;
+  const int grid = static_cast<int>(blocks < 32 * sm_count() ? blocks : 32 * sm_count());
+  rotary_qkv_kernel_v3_scalar<T><<<grid, 256, 0, stream>>>(x, cos, sin, total, P + 1, G * (P + 1), S, D, R,
+                                                           interleaved, sgn);
+}
+
 template <typename T>
 void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S, int64_t H, int64_t D,
                  int64_t R, bool interleaved, bool inverse, cudaStream_t stream) {
@@ -103,6 +191,8 @@ void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t
 }
 
 #define INSTANTIATE(T)                                                                                  \
+  template void rotary_qkv_cuda<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                   int64_t, bool, bool, cudaStream_t);                                 \
   template void rotary_cuda<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, int64_t, \
                                int64_t, bool, bool, cudaStream_t);
 NEOX_FOR_EACH_CUDA_DTYPE(INSTANTIATE)

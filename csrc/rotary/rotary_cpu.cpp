@@ -4,6 +4,10 @@
 //   NeoX layout      : pairs (x[i], x[i + R/2])  for i < R/2
 //   interleaved (GPT-J): pairs (x[2i], x[2i + 1])
 //   each pair (a, b) -> (a*cos - b*sin, b*cos + a*sin); dims >= R pass through unchanged.
+//
+// rotary_qkv_cpu: the same rotation in place on the attention's qkv buffer [B, S, G, P + 2, D] (G kv
+// groups, each P q heads, then k, then v): only the first R dims of the P + 1 q/k heads of each group are
+// read and written; v and the pass-through dims are not touched. One pointer (x is read and written).
 #include "../common/cpu_common.h"
 
 namespace neox {
@@ -34,7 +38,35 @@ void rotary_cpu(const T* x, const float* cos, const float* sin, T* out, int64_t 
   }
 }
 
+template <typename T>
+void rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
+                    int64_t R, bool interleaved, bool inverse) {
+  const int64_t half = R / 2, per_token = G * (P + 2) * D;
+  const float sgn = inverse ? -1.f : 1.f;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bi = 0; bi < B; bi++) {
+    for (int64_t s = 0; s < S; s++) {
+      const float* cs = cos + s * half;
+      const float* sn = sin + s * half;
+      T* token = x + (bi * S + s) * per_token;
+      for (int64_t g = 0; g < G; g++) {
+        for (int64_t h = 0; h <= P; h++) {  // the q heads and k, not v
+          T* xr = token + (g * (P + 2) + h) * D;
+          for (int64_t i = 0; i < half; i++) {
+            const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+            const float a = to_float(xr[ia]), b = to_float(xr[ib]), c = cs[i], sv = sgn * sn[i];
+            xr[ia] = from_float<T>(a * c - b * sv);
+            xr[ib] = from_float<T>(b * c + a * sv);
+          }
+        }
+      }
+    }
+  }
+}
+
 #define INSTANTIATE(T)                                                                            \
+  template void rotary_qkv_cpu<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                  int64_t, bool, bool);                                           \
   template void rotary_cpu<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, \
                               int64_t, int64_t, bool, bool);
 NEOX_FOR_EACH_DTYPE(INSTANTIATE)

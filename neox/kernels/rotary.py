@@ -4,6 +4,10 @@ x is [b, s, h, hd]; the first `rotary_dims` of hd are rotated (partial rotary, e
 rest pass through. cos/sin hold one angle per frequency: [s, rotary_dims // 2]. The duplicated form
 [s, rotary_dims] that NeoX/HF caches hold (cat(f, f), or repeat_interleave(f, 2) for interleaved) is
 accepted too, as are leading size-1 dims ([1, s, 1, r]). cos/sin are constants: they get no gradient.
+
+`rotary_qkv_` rotates the q and k heads of the attention's whole qkv buffer [b, s, groups, q_per_kv + 2, hd]
+(per group: q_per_kv q heads, k, v) in place: only the rotated channels of q and k are read and written, with
+no copy of q/k, of v or of the pass-through channels, forward or backward.
 """
 from __future__ import annotations
 
@@ -82,3 +86,70 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: i
             return _RotaryFn.apply(ext, x.contiguous(), B.as_float32(c.detach()), B.as_float32(s.detach()),
                                    rotary_dims, interleaved)
     return rotary_reference(x, cos, sin, rotary_dims, interleaved)
+
+
+def rotary_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int,
+                         interleaved: bool = False, q_per_kv: int = 1) -> torch.Tensor:
+    """A new qkv [b, s, groups, q_per_kv + 2, hd] whose q and k heads are `rotary_reference` of qkv's, v as is."""
+    b, s, g, n, hd = _qkv_shape(qkv, q_per_kv)
+    qk = qkv[:, :, :, : q_per_kv + 1].reshape(b, s, g * (q_per_kv + 1), hd)
+    qk = rotary_reference(qk, cos, sin, rotary_dims, interleaved).view(b, s, g, q_per_kv + 1, hd)
+    return torch.cat((qk, qkv[:, :, :, q_per_kv + 1:]), dim=3)
+
+
+def _qkv_shape(qkv: torch.Tensor, q_per_kv: int) -> tuple[int, ...]:
+    if qkv.dim() != 5 or q_per_kv < 1 or qkv.shape[3] != q_per_kv + 2:
+        raise KernelError(f"rotary_qkv: qkv must be [b, s, groups, q_per_kv + 2, hd] with q_per_kv={q_per_kv}, "
+                          f"got shape {tuple(qkv.shape)}")
+    return tuple(qkv.shape)
+
+
+class _RotaryQKVFn(torch.autograd.Function):
+    """In place on `buf` (qkv's storage, shaped `shape` for the kernel). The backward rotates the incoming
+    gradient back in place: it is the fresh tensor that the split/unbind of the rotated qkv produced (the
+    one consumer this op is for); a non-contiguous one (an expanded zero or sum gradient) is copied first."""
+
+    @staticmethod
+    def forward(ctx, ext, buf, c, s, shape: tuple, rotary_dims: int, interleaved: bool):
+        ext.rotary_qkv(buf.view(shape), c, s, rotary_dims, interleaved, False)
+        ctx.mark_dirty(buf)
+        ctx.save_for_backward(c, s)
+        ctx.ext, ctx.shape, ctx.rotary_dims, ctx.interleaved = ext, shape, rotary_dims, interleaved
+        return buf
+
+    @staticmethod
+    def backward(ctx, dout):
+        c, s = ctx.saved_tensors
+        dout = dout if dout.is_contiguous() else dout.contiguous()
+        ctx.ext.rotary_qkv(dout.view(ctx.shape), c, s, ctx.rotary_dims, ctx.interleaved, True)  # sin -> -sin
+        return None, dout, None, None, None, None, None
+
+
+def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int, interleaved: bool = False,
+                q_per_kv: int = 1, impl: str = "auto") -> torch.Tensor:
+    """Rotate the first rotary_dims channels of the q and k heads of qkv [b, s, groups, q_per_kv + 2, hd].
+
+    Returns the rotated qkv: on the fused path that is qkv itself, rotated in place (autograd is told), on
+    the reference path a new tensor (`rotary_qkv_reference`); use the return value either way. Its backward
+    rotates the incoming gradient in place, so give the result to views/splits (as the attention does), not
+    to an op that hands one gradient tensor to several inputs, and do not keep a hook's reference to it.
+    """
+    b, s, g, n, hd = _qkv_shape(qkv, q_per_kv)
+    unsupported = None
+    if rotary_dims > hd:
+        raise KernelError(f"rotary_qkv: rotary_dims={rotary_dims} > head dim {hd}")
+    if not qkv.is_contiguous():
+        unsupported = "qkv is not contiguous (the kernel rotates it in place)"
+    ext = B.fused_extension("rotary", impl, qkv, cos, sin, unsupported=unsupported)
+    if ext is None:
+        return rotary_qkv_reference(qkv, cos, sin, rotary_dims, interleaved, q_per_kv)
+    c, sn = _angles(cos, sin, s, rotary_dims, interleaved)
+    # Rotating a view in place makes autograd wrap the op in a CopySlices node, whose backward copies the whole
+    # gradient twice. A view that covers its base exactly (a linear's [b, s, n] output is a view of its
+    # [b * s, n] matmul) is rotated through the base instead, and the caller gets the view of the result.
+    base = qkv._base
+    buf = (base if base is not None and base.is_contiguous() and base.numel() == qkv.numel()
+           and base.dtype == qkv.dtype and base.data_ptr() == qkv.data_ptr() else qkv)
+    out = _RotaryQKVFn.apply(ext, buf, B.as_float32(c.detach()), B.as_float32(sn.detach()), (b, s, g, n, hd),
+                             rotary_dims, interleaved)
+    return out.view(qkv.shape)
