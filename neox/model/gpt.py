@@ -101,18 +101,20 @@ def rotary_tables(dims: int, seq_len: int, base: float, device=None) -> tuple[to
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool,
-                 impl: str = "reference") -> torch.Tensor:
-    """Rotate the first `dims` channels of each head of x [b, s, h, hd]; the rest pass through.
-    The code below is the definition; impl=auto|fused runs neox.kernels.rotary instead."""
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool, q_per_kv: int,
+               impl: str = "reference") -> torch.Tensor:
+    """Rotate the first `dims` channels of the q and k heads of qkv [b, s, groups, q_per_kv + 2, hd]; v and the
+    other channels pass through. The code below is the definition (it returns a new tensor); impl=auto|fused
+    runs neox.kernels.rotary_qkv_ instead, which rotates qkv's q/k channels in place and returns qkv."""
+    s = qkv.shape[1]
     if impl != "reference":
-        s = x.shape[1]
-        return kernels.rotary(x, cos[:s], sin[:s], dims, interleaved=interleaved, impl=impl)
-    return rotate(x, cos[: x.shape[1], None, :], sin[: x.shape[1], None, :], dims, interleaved)  # [s, 1, dims/2]
+        return kernels.rotary_qkv_(qkv, cos[:s], sin[:s], dims, interleaved, q_per_kv, impl=impl)
+    qk = rotate(qkv[:, :, :, : q_per_kv + 1], cos[:s, None, None, :], sin[:s, None, None, :], dims, interleaved)
+    return torch.cat((qk, qkv[:, :, :, q_per_kv + 1:]), dim=3)  # [s, 1, 1, dims/2] broadcast over groups, heads
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, interleaved: bool) -> torch.Tensor:
-    """The rotation of `apply_rotary` (in fp32), with cos/sin already at the tokens' positions: [s, 1, dims/2],
+    """The rotation of `rotary_qkv` (in fp32), with cos/sin already at the tokens' positions: [s, 1, dims/2],
     or [b, s, 1, ..., dims/2] when each row has its own positions (decoding left-padded prompts)."""
     rot, rest = x[..., :dims], x[..., dims:]
     rot = rot if rot.dtype == torch.float32 else rot.float()  # (skipping no-op casts saves decoding steps time)
@@ -213,20 +215,21 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [b, s, local heads, hd] and k, v [b, s, local kv heads, hd] of x."""
+        """q [b, s, local heads, hd] and k, v [b, s, local kv heads, hd] of x, rotated for rotary positions.
+        The rotation works on the whole qkv buffer (in place when fused) and q, k, v come from one split of it,
+        so the backward is one concatenation; q is a view of the buffer for MHA, a copy for GQA."""
         b, s, _ = x.shape
-        hd = self.cfg.head_dim
-        qkv = self.qkv(x).view(b, s, -1, self.q_per_kv + 2, hd)  # [b, s, local groups, q+2, hd]
-        groups = qkv.shape[2]
-        q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, groups * self.q_per_kv, hd)
-        return q, qkv[:, :, :, -2], qkv[:, :, :, -1]
+        hd, per = self.cfg.head_dim, self.q_per_kv
+        qkv = self.qkv(x).view(b, s, -1, per + 2, hd)  # [b, s, local groups, q+2, hd]
+        if self.cfg.position == "rotary":
+            qkv = rotary_qkv(qkv, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, per,
+                             self.cfg.impl("rotary"))
+        q, k, v = qkv.split((per, 1, 1), dim=3)
+        return q.reshape(b, s, -1, hd), k.squeeze(3), v.squeeze(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.heads(x)
-        if self.cfg.position == "rotary":
-            rot = (self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, self.cfg.impl("rotary"))
-            q, k = apply_rotary(q, *rot), apply_rotary(k, *rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
         p = self.cfg.attn_dropout if self.training else 0.0
         if self.cfg.position == "alibi" and kernels.fuses("masked_softmax", self.cfg.impl("masked_softmax"), x.device):

@@ -1,0 +1,255 @@
+"""The in-place rotary on the attention's qkv buffer (neox.kernels.rotary_qkv_), and the attention built on it.
+
+Kernel: the fused op (in place, CPU in CI, CUDA with -m gpu) against `rotary_qkv_reference` on an fp32 copy of
+the same values, forward and backward through the split the attention does; v and the pass-through channels
+must come out bit-identical (the kernel never touches them), and the reference itself must equal the
+per-tensor `rotary_reference` of q and k (the formulation the model used before). Model: the attention as it was
+(q copied out, k and v selected, q and k rotated out of place) is written below as the reference; the model's
+logits, loss and every gradient must match it bitwise in fp32 (the arithmetic is unchanged), for MHA and GQA,
+NeoX and GPT-J layouts, partial and full rotary, and a tensor-parallel shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neox import kernels as K
+from neox.errors import KernelError
+from neox.kernels import _backend
+from neox.model import gpt
+from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _angles(s: int, rd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2).float() / rd))
+    f = torch.outer(torch.arange(s).float(), inv)
+    return f.cos(), f.sin()
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+def _graph_names(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(n for n, _ in fn.next_functions)
+    return names
+
+
+def _run_split(qkv_leaf: torch.Tensor, fn, grads: list[torch.Tensor], as_linear_view: bool):
+    """fn on a non-leaf qkv made from the leaf, then the attention's split; returns (out, q, k, v, graph names).
+    as_linear_view: qkv is a 5-D view of a 2-D buffer, as the model's linear output is."""
+    b, s, g, n, hd = qkv_leaf.shape
+    if as_linear_view:
+        qkv = (qkv_leaf.reshape(b * s, -1) * 1).view(b, s, g, n, hd)
+    else:
+        qkv = qkv_leaf * 1
+    out = fn(qkv)
+    q, k, v = out.split((n - 2, 1, 1), dim=3)
+    torch.autograd.backward((q, k, v), grads)
+    return out, (q, k, v), _graph_names(q)
+
+
+# (b, s, groups, q_per_kv, hd, rotary_dims): odd head sizes (CUDA: scalar form), whole 16-byte packs (v3):
+# Pythia's quarter, full, 64-wide heads, GQA with 4 q heads per group; a rotary part that is not whole packs
+# for 16-bit types; a long sequence.
+SHAPES = [(2, 3, 3, 1, 10, 10), (3, 7, 2, 2, 18, 8), (2, 5, 4, 1, 128, 32), (1, 9, 2, 1, 128, 128),
+          (2, 6, 3, 4, 64, 64), (2, 5, 2, 3, 128, 120), (1, 4100, 1, 2, 24, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("as_linear_view", [True, False])
+@pytest.mark.parametrize("b,s,g,per,hd,rd", SHAPES)
+def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, as_linear_view, b, s, g, per, hd, rd):
+    c, sn = _angles(s, rd)
+    c, sn = c.to(device), sn.to(device)
+    x = torch.randn(b, s, g, per + 2, hd).to(device, dtype)
+    grads = [torch.randn(b, s, g, m, hd, device=device).to(dtype) for m in (per, 1, 1)]
+    leaf = x.clone().requires_grad_()
+    ref_leaf = x.float().requires_grad_()
+    out, (q, k, v), names = _run_split(leaf, lambda t: K.rotary_qkv_(t, c, sn, rd, interleaved, per, impl="fused"),
+                                       grads, as_linear_view)
+    ref, _, _ = _run_split(ref_leaf, lambda t: K.rotary_qkv_reference(t, c, sn, rd, interleaved, per),
+                           [gr.float() for gr in grads], as_linear_view)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert _rel(out, ref) <= TOL[dtype], f"forward (seed {seed})"
+    assert _rel(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward (seed {seed})"
+    # untouched: v, and every channel past rotary_dims of q and k, forward and backward (bitwise)
+    assert torch.equal(out[:, :, :, per + 1], x[:, :, :, per + 1])
+    assert torch.equal(out[..., rd:], x[..., rd:])
+    full_grad = torch.cat(grads, dim=3)
+    assert torch.equal(leaf.grad[:, :, :, per + 1], full_grad[:, :, :, per + 1])
+    assert torch.equal(leaf.grad[..., rd:], full_grad[..., rd:])
+    # in place, with autograd told without a CopySlices node (which would copy the whole gradient)
+    assert "CopySlices" not in names and "RotaryQKVFnBackward" in "".join(names)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("b,s,g,per,hd,rd", SHAPES[:3])
+def test_rotary_qkv_reference_is_the_per_tensor_rotary(seed, interleaved, b, s, g, per, hd, rd):
+    """The qkv reference equals rotating a copy of the q heads and of k with `rotary_reference`, v as is."""
+    x = torch.randn(b, s, g, per + 2, hd)
+    c, sn = _angles(s, rd)
+    got = K.rotary_qkv_reference(x, c, sn, rd, interleaved, per)
+    q = K.rotary_reference(x[:, :, :, :per].reshape(b, s, g * per, hd), c, sn, rd, interleaved)
+    k = K.rotary_reference(x[:, :, :, per], c, sn, rd, interleaved)
+    assert torch.equal(got[:, :, :, :per].reshape(b, s, g * per, hd), q)
+    assert torch.equal(got[:, :, :, per], k) and torch.equal(got[:, :, :, -1], x[:, :, :, -1])
+
+
+def test_rotary_qkv_sum_gradient_and_plain_tensor(device, seed):
+    """A non-contiguous incoming gradient (sum's expanded ones) and a qkv that is not a view of anything."""
+    b, s, g, per, hd, rd = 2, 5, 2, 2, 16, 8
+    c, sn = (t.to(device) for t in _angles(s, rd))
+    x = torch.randn(b, s, g, per + 2, hd, device=device)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = K.rotary_qkv_(leaf * 1, c, sn, rd, False, per, impl="fused")
+    (out * torch.arange(hd, device=device)).sum().backward()
+    ref = K.rotary_qkv_reference(ref_leaf, c, sn, rd, False, per)
+    (ref * torch.arange(hd, device=device)).sum().backward()
+    assert _rel(out, ref) <= 1e-6 and _rel(leaf.grad, ref_leaf.grad) <= 1e-6
+
+
+def test_rotary_qkv_is_in_place_and_falls_back(monkeypatch):
+    x = torch.randn(1, 3, 2, 3, 8)
+    c, sn = _angles(3, 4)
+    buf = x.clone()
+    assert K.rotary_qkv_(buf, c, sn, 4, impl="fused").data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, K.rotary_qkv_reference(x, c, sn, 4))  # fp32 on CPU: the same arithmetic
+    y = torch.randn(3, 2, 2, 3, 8)
+    strided = y.transpose(0, 1)  # [2, 3, 2, 3, 8], not contiguous: the reference, with a one-time warning
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="not contiguous"):
+        got = K.rotary_qkv_(strided, c, sn, 4, impl="fused")
+    assert torch.equal(got, K.rotary_qkv_reference(strided, c, sn, 4)) and torch.equal(strided, y.transpose(0, 1))
+    with pytest.raises(KernelError, match="q_per_kv"):
+        K.rotary_qkv_(x, c, sn, 4, q_per_kv=2)
+    with pytest.raises(KernelError, match="rotary_dims"):
+        K.rotary_qkv_(x, c, sn, 10)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _old_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """The model's rotation before the in-place op: one tensor of heads [b, s, h, hd], out of place."""
+    s, impl = x.shape[1], cfg.impl("rotary")
+    if impl != "reference":
+        return K.rotary(x, cos[:s], sin[:s], cfg.rotary_dims, interleaved=cfg.rotary_interleaved, impl=impl)
+    return gpt.rotate(x, cos[:s, None, :], sin[:s, None, :], cfg.rotary_dims, cfg.rotary_interleaved)
+
+
+class _OldAttention(gpt.CausalSelfAttention):
+    """The attention as it was: q copied out of the qkv buffer, k and v selected from it (three slices, whose
+    backward each fill a zero buffer of the qkv's size), q and k rotated out of place."""
+
+    def heads(self, x: torch.Tensor):
+        b, s, _ = x.shape
+        hd = self.cfg.head_dim
+        qkv = self.qkv(x).view(b, s, -1, self.q_per_kv + 2, hd)
+        groups = qkv.shape[2]
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, groups * self.q_per_kv, hd)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if self.cfg.position == "rotary":
+            q, k = _old_rotary(q, self.cos, self.sin, self.cfg), _old_rotary(k, self.cos, self.sin, self.cfg)
+        return q, k, v
+
+
+BASE = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=96, seq_len=16, vocab_size=96)
+MODELS = {
+    "mha-neox-quarter": GPTConfig(**BASE, rotary_dims=4, parallel_residual=True),  # Pythia's layout
+    "mha-gptj-full": GPTConfig(**BASE, rotary_dims=16, rotary_interleaved=True),
+    "gqa-neox-full": GPTConfig(**{**BASE, "n_kv_heads": 2}, rotary_dims=16, mlp="swiglu", norm="rmsnorm"),
+    "gqa4-gptj-half": GPTConfig(**{**BASE, "n_heads": 8, "n_kv_heads": 2, "d_model": 128}, rotary_dims=8,
+                                rotary_interleaved=True),
+    "mqa-neox-half": GPTConfig(**{**BASE, "n_kv_heads": 1}, rotary_dims=8),
+    "learned-mha": GPTConfig(**BASE, position="learned"),
+    "alibi-gqa": GPTConfig(**{**BASE, "n_kv_heads": 2}, position="alibi"),
+}
+
+
+def _tp_shard(model: GPT, rank: int, size: int) -> None:
+    """What tensor parallelism leaves a rank: the rows of qkv (whole kv groups) and the columns of proj of its
+    heads, as plain linears (no communication: old and new attention get the same shard)."""
+    for blk in model.blocks:
+        a = blk.attn
+        qkv = nn.Linear(a.qkv.in_features, a.qkv.out_features // size, bias=a.qkv.bias is not None)
+        proj = nn.Linear(a.proj.in_features // size, a.proj.out_features, bias=a.proj.bias is not None)
+        with torch.no_grad():
+            qkv.weight.copy_(a.qkv.weight.chunk(size, 0)[rank])
+            proj.weight.copy_(a.proj.weight.chunk(size, 1)[rank])
+            if a.qkv.bias is not None:
+                qkv.bias.copy_(a.qkv.bias.chunk(size, 0)[rank])
+                proj.bias.copy_(a.proj.bias)
+        a.qkv, a.proj = qkv, proj
+        a.head_offset = rank * a.cfg.n_heads // size
+
+
+def _step(cfg: GPTConfig, state: dict, tokens: torch.Tensor, device: str, old: bool, tp_rank: int):
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    if tp_rank >= 0:
+        _tp_shard(model, tp_rank, 2)
+    if old:
+        for blk in model.blocks:
+            blk.attn.__class__ = _OldAttention
+    model.to(device)
+    logits = model(tokens.to(device))
+    loss = cross_entropy_loss(logits, tokens.to(device))
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}, _graph_names(loss)
+
+
+@pytest.mark.parametrize("tp_rank", [-1, 1])
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attention_matches_the_old_formulation(device, name, kernels, tp_rank):
+    """fp32, same weights and tokens: logits, loss and every gradient bitwise equal to the old attention's
+    (on CUDA within 1e-6: SDPA may take another kernel for a strided q)."""
+    cfg = dataclasses.replace(MODELS[name], kernels=kernels)
+    if tp_rank >= 0 and cfg.n_kv_heads % 2:
+        pytest.skip("one kv group cannot be split over 2 ranks")
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len), generator=torch.Generator().manual_seed(1))
+    new = _step(cfg, state, tokens, device, False, tp_rank)
+    old = _step(cfg, state, tokens, device, True, tp_rank)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, b) if device == "cpu" else _rel(a, b) <= 1e-6
+
+    assert same(new[0], old[0]) and same(new[1], old[1]), f"{name}: logits/loss differ"
+    for n, g in old[2].items():
+        assert same(new[2][n], g), f"{name}: grad {n} differs by {_rel(new[2][n], g):.2e}"
+    # the backward of q, k, v: one concatenation per layer, no zero-filled select/slice buffers, no CopySlices
+    names = new[3]
+    assert names.count("SplitWithSizesBackward0") == cfg.n_layers, names
+    assert not {"SelectBackward0", "CopySlices"} & set(names), names
+    assert "SelectBackward0" in old[3]  # the old formulation had them: this test tells the two apart
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_mha_q_is_a_view_of_the_rotated_buffer(kernels):
+    """MHA: q, k, v are views of one buffer (fused: the linear's own output, rotated in place); GQA: q a copy."""
+    for name, per in (("mha-neox-quarter", 1), ("gqa-neox-full", 2)):
+        cfg = dataclasses.replace(MODELS[name], kernels=kernels)
+        attn = gpt.CausalSelfAttention(cfg)
+        written = []
+        attn.qkv.register_forward_hook(lambda m, i, out: written.append(out.untyped_storage().data_ptr()))
+        q, k, v = attn.heads(torch.randn(2, 5, cfg.d_model, requires_grad=True))
+        ptr = v.untyped_storage().data_ptr()
+        assert k.untyped_storage().data_ptr() == ptr
+        assert (q.untyped_storage().data_ptr() == ptr) == (per == 1)
+        assert (ptr == written[0]) == (kernels == "fused")  # the reference returns a new buffer
