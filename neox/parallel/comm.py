@@ -11,6 +11,9 @@ other, so a sharded layer gets correct gradients without the model knowing about
     reduce_scatter_to_sp reduce-scatter  | all-gather seq   (TP region -> sequence-parallel)
     scatter_to_sp        split seq       | all-gather seq
 
+    copy_to_tp_linear    copy_to_tp, then this rank's linear, as one node whose backward overlaps
+                         the input gradient's all-reduce with the weight gradient's matmul
+
 Activations are [batch, seq, features], so the sequence dimension is 1. With a group of size 1
 every function is the identity (no communication), which keeps TP=1 free.
 """
@@ -20,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from neox.errors import ConfigError
 
@@ -85,6 +89,40 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _all_reduce(g.clone(), ctx.group), None  # clone: autograd may share g
+
+
+class _CopyToTPLinear(torch.autograd.Function):
+    """`F.linear(copy_to_tp(x), weight, bias)` in one node. Split in two, the input gradient's
+    all-reduce waits for both of the linear's backward matmuls; here it starts right after dX and
+    runs while dW and db are computed.
+
+    The backward runs the matmuls autograd runs for F.linear on a contiguous input (flattened to 2-d:
+    dX = dY @ W, dW = dY^T @ X, db = dY summed over rows), so the gradients are bitwise those of the
+    two-node path (tests/parallel/test_tp_overlap.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        x = x.contiguous()  # what F.linear flattens anyway; the backward below reads it as 2-d
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = work = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = g2.mm(weight)  # a fresh tensor: reduced in place, nobody else holds it
+            work = dist.all_reduce(dx, group=ctx.group, async_op=True)
+        if ctx.needs_input_grad[1]:
+            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        if work is not None:
+            work.wait()
+            dx = dx.view(x.shape)
+        return dx, dw, db, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -156,6 +194,12 @@ class _ScatterToSP(torch.autograd.Function):
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def copy_to_tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      group: Group) -> torch.Tensor:
+    """`F.linear(copy_to_tp(x, group), weight, bias)`, with the backward's all-reduce overlapped."""
+    return _CopyToTPLinear.apply(x, weight, bias, group) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from neox.config.layout import check_split
 from neox.errors import ConfigError
 from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm, GPTConfig, Head
-from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, gather_from_sp, reduce_from_tp,
-                                reduce_scatter_to_sp, scatter_to_sp)
+from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, copy_to_tp_linear, gather_from_sp,
+                                reduce_from_tp, reduce_scatter_to_sp, scatter_to_sp)
 from neox.parallel.random import TPDropout, TPRandom
 from neox.parallel.topology import Topology
 
@@ -80,18 +80,24 @@ class ColumnParallelLinear(nn.Module):
                      else _mark_sharded(nn.Parameter(_shard(linear.bias, 0, r, n)), 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.local_linear(self._input(x), self.bias)
+        return self._linear(x, self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The output before the bias (for a fused bias + activation after it)."""
-        return self.local_linear(self._input(x))
+        return self._linear(x, None)
 
     def local_linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This rank's x @ W.T (+ b), the layer's one matmul (neox.model.fp8 runs it in fp8)."""
         return F.linear(x, self.weight, bias)
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.sequence_parallel else copy_to_tp(x, self.topo.tp_group)
+    def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.sequence_parallel:  # the input edge is the owning module's gather (see above)
+            return self.local_linear(x, bias)
+        if type(self).local_linear is ColumnParallelLinear.local_linear:
+            # the input's all-reduce in backward overlaps the weight gradient (comm.copy_to_tp_linear)
+            return copy_to_tp_linear(x, self.weight, bias, self.topo.tp_group)
+        # a swapped matmul (fp8) is one autograd node computing dX and dW together: nothing to overlap
+        return self.local_linear(copy_to_tp(x, self.topo.tp_group), bias)
 
 
 class RowParallelLinear(nn.Module):

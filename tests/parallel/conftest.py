@@ -16,13 +16,14 @@ from support.workers import Checks
 
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Checks:
-    """tp=2 equivalence, fused kernels and dropout streams; DeepSpeed with tp=2; the pp=2 runs; the
-    pipeline stages against ModelLayout."""
+    """tp=2 equivalence, fused kernels, dropout streams and the overlapped backward; DeepSpeed with tp=2;
+    the pp=2 runs; the pipeline stages against ModelLayout."""
     import test_model_layout
     import test_pipeline as pipe
     import test_tp_deepspeed
     import test_tp_equivalence
     import test_tp_fused
+    import test_tp_overlap
     import test_tp_random
     from pipeline_harness import train
 
@@ -31,6 +32,7 @@ def two_ranks(tmp_path_factory) -> Checks:
         checks.add(f"tp_equivalence{i}", test_tp_equivalence._worker, names)
     checks.add("tp_fused", test_tp_fused._worker)
     checks.add("tp_random", test_tp_random._worker)
+    checks.add("tp_overlap", test_tp_overlap._worker)
     checks.add("tp_deepspeed", test_tp_deepspeed._worker, 0, False)
     checks.add("pp2", train, pipe.PP2, str(checks.dir("pp2")))
     checks.add("pp2_resumed", train, pipe.resumed(checks.dir("pp2")), str(checks.dir("pp2_resumed")))

@@ -1,0 +1,169 @@
+"""The column-parallel linear's backward overlaps the input gradient's all-reduce with the weight
+gradient (neox.parallel.comm.copy_to_tp_linear), and computes bitwise what the two-node path computes
+(copy_to_tp, then the linear, each its own autograd node: what a swapped matmul such as fp8 still runs).
+
+In-process: the order of the backward's calls, with torch.distributed.all_reduce replaced by a spy.
+On two gloo ranks (the folder's shared spawn, conftest.py: two_ranks): every gradient, bitwise, for the
+layer alone and for whole tp=2 models (fused bias + GeLU, activation checkpointing, tied head, two
+micro-batches accumulated), against the same model with its column-parallel layers on the two-node path.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from neox.model.gpt import GPT, GPTConfig
+from neox.parallel import Topology, apply_tensor_parallel, vocab_parallel_cross_entropy
+from neox.parallel.tensor import ColumnParallelLinear
+
+
+class TwoNodeColumnParallelLinear(ColumnParallelLinear):
+    """The same layer with its matmul swapped (as neox.model.fp8 swaps it): copy_to_tp, then F.linear."""
+
+    def local_linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+def _two_node(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose column-parallel layers run the two-node path."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is ColumnParallelLinear:
+            m.__class__ = TwoNodeColumnParallelLinear
+    return model
+
+
+# ---------------------------------------------------------------------------------------- the order
+class _Calls(TorchDispatchMode):
+    """Records each matmul by its output shape."""
+
+    def __init__(self, log: List[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            self.log.append(f"mm{tuple(out.shape)}")
+        return out
+
+
+def _spy_layer(monkeypatch, log: List[str], bias: bool) -> ColumnParallelLinear:
+    """A rank's column-parallel layer (6 -> 8 features, 4 local outputs) of a pretend tp=2 group whose
+    all-reduce is a spy (one process: the sum over the group is the tensor itself)."""
+    def all_reduce(t, group=None, async_op=False, **kw):
+        log.append("all_reduce(async)" if async_op else "all_reduce")
+        return types.SimpleNamespace(wait=lambda: log.append("wait")) if async_op else None
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    topo = types.SimpleNamespace(tp_rank=0, tp_size=2, tp_group=None)
+    torch.manual_seed(0)
+    return ColumnParallelLinear(nn.Linear(6, 8, bias=bias), topo, sequence_parallel=False)
+
+
+def test_the_input_grad_all_reduce_starts_before_the_weight_grad_and_ends_after_it(monkeypatch):
+    for bias in (True, False):
+        for use_matmul in (False, True):  # forward, and the fused bias + GeLU path's matmul()
+            log: List[str] = []
+            layer = _spy_layer(monkeypatch, log, bias)
+            x = torch.randn(3, 5, 6, requires_grad=True)  # 15 rows
+            y = layer.matmul(x) if use_matmul else layer(x)
+            with _Calls(log):
+                y.backward(torch.randn_like(y))
+            # dX (15x6) first, its all-reduce started without waiting, dW (4x6) meanwhile, then the wait
+            assert log == ["mm(15, 6)", "all_reduce(async)", "mm(4, 6)", "wait"], (bias, use_matmul, log)
+            assert layer.weight.grad is not None
+            if bias and not use_matmul:
+                assert layer.bias.grad is not None
+
+
+def test_the_two_node_path_would_fail_the_order_check(monkeypatch):
+    """The check above can fail: the two-node path (no overlap) does both matmuls, then the all-reduce."""
+    log: List[str] = []
+    layer = _two_node(_spy_layer(monkeypatch, log, bias=True))
+    y = layer(torch.randn(3, 5, 6, requires_grad=True))
+    with _Calls(log):
+        y.backward(torch.randn_like(y))
+    assert log[-1] == "all_reduce" and sorted(log[:2]) == ["mm(15, 6)", "mm(4, 6)"], log
+
+
+def test_no_input_grad_means_no_all_reduce(monkeypatch):
+    log: List[str] = []
+    layer = _spy_layer(monkeypatch, log, bias=True)
+    y = layer(torch.randn(3, 5, 6))  # the input needs no gradient (as integer-token embeddings never do)
+    with _Calls(log):
+        y.backward(torch.randn_like(y))
+    assert log == ["mm(4, 6)"], log
+
+
+# ---------------------------------------------------------------------------------------- bitwise, tp=2
+BASE = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128)
+MODELS = {
+    # biases, GeLU on the fused bias + GeLU kernel (ColumnParallelLinear.matmul), activation checkpointing
+    "gelu-fused-bias-ckpt": GPTConfig(**BASE, position="learned", kernels="fused", activation_checkpointing="full"),
+    # no biases, SwiGLU, tied head (its input edge is the final norm's hook, not a column-parallel layer)
+    "swiglu-tied-nobias": GPTConfig(**BASE, position="rotary", rotary_dims=4, mlp="swiglu", tied_embeddings=True,
+                                    norm="rmsnorm", bias=False),
+}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a, b), f"{what}: max difference {(a.double() - b.double()).abs().max().item():.3e}"
+
+
+def _check_layer(topo: Topology) -> None:
+    # each rank feeds the same x (replicated, as in a model) and its own output gradient (its shard's)
+    for bias in (True, False):
+        torch.manual_seed(0)
+        layer = ColumnParallelLinear(nn.Linear(24, 40, bias=bias), topo, sequence_parallel=False)
+        ref = _two_node(layer)
+        x = torch.randn(3, 7, 24)
+        dy = torch.randn(3, 7, 20, generator=torch.Generator().manual_seed(1 + topo.tp_rank))
+        grads = []
+        for m in (layer, ref):
+            xi = x.clone().requires_grad_(True)
+            for _ in range(2):  # two micro-batches: autograd accumulates into .grad
+                (m(xi) * dy).sum().backward()
+            grads.append([xi.grad, m.weight.grad] + ([m.bias.grad] if bias else []))
+        for a, b, what in zip(*grads, ("input", "weight", "bias")):
+            _same(a, b, f"layer bias={bias} grad of the {what}")
+        assert not torch.equal(grads[0][0], x.new_zeros(x.shape))
+
+
+def _check_model(topo: Topology, name: str, cfg: GPTConfig) -> None:
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(GPT(cfg), topo)
+    ref = _two_node(model)
+    assert any(type(m) is ColumnParallelLinear for m in model.modules())
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=g),
+                torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=g)) for _ in range(2)]
+    losses = []
+    for m in (model, ref):
+        for tokens, targets in batches:  # two micro-batches accumulated
+            loss = vocab_parallel_cross_entropy(m(tokens), targets, topo.tp_group)
+            loss.backward()
+        losses.append(loss.detach())
+    _same(*losses, f"{name} loss")
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        _same(p.grad, q.grad, f"{name} grad {n}")
+
+
+def _worker(rank: int, world: int) -> None:
+    topo = Topology.build(tp=world)
+    _check_layer(topo)
+    for name, cfg in MODELS.items():
+        _check_model(topo, name, cfg)
+
+
+def test_tp2_overlapped_backward_is_bitwise_the_two_node_path(two_ranks) -> None:
+    two_ranks.outcome("tp_overlap")
