@@ -161,6 +161,8 @@ def main() -> None:
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             cpu_events.append((ev.name, ev.time_range.start / 1e6, ev.time_range.end / 1e6))
             continue
+        if ev.name.startswith("phase: "):  # our ranges' GPU-side copies: spans, not kernels
+            continue
         dur = ev.time_range.elapsed_us() / 1e6
         per_cat[category(ev.name)] += dur
         per_kernel[ev.name] += dur
