@@ -202,6 +202,8 @@ class Trainer:
                            dp_size=self.dp_size, consumed_samples=consumed)
 
     def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.info.device.type == "cuda":  # from pageable memory the copy would wait for the GPU's queue to drain
+            tokens = tokens.pin_memory()  # (torch's caching host allocator: reused once the copy is done)
         tokens = tokens.to(self.info.device, non_blocking=True)
         logits = self.engine(tokens[:, :-1])
         return self.loss_fn(logits, tokens[:, 1:])
