@@ -15,7 +15,8 @@ table as it goes.
 
 Liger (liger-kernel, Triton; GPU only, imported only when it runs) is called the way its nn modules call it
 (`liger_kernel.ops.Liger*Function.apply`, their defaults: RMSNorm in place, casting "llama"), each op on the
-inputs in its own layout: rotary rotates q and k (half the heads each) with duplicated cos/sin tables, SwiGLU
+inputs in its own layout: rotary rotates q and k in place (the q and k heads of neox's qkv buffer, as two
+contiguous [b, s, h, hd] tensors, as separate projections give them) with duplicated cos/sin tables, SwiGLU
 and GeGLU take gate and up as two tensors. Rows neox has no kernel for (GeGLU) show Liger against eager and
 compile alone; "linear + cross_entropy" is neox's path (the matmul, then its fused CE from the bf16 logits)
 against Liger's fused linear cross-entropy, which never materializes the logits.
@@ -143,12 +144,11 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _liger_rope(L, inputs: list[torch.Tensor]):
-    """q and k = the two halves of x's heads ([b, s, h/2, hd] storage, passed as [b, h/2, s, hd] views, as in HF);
-    cos/sin duplicated to the rotary width ([1, s, rot]), in x's dtype."""
-    x, cos, sin = inputs
-    h = x.shape[2] // 2
-    q, k = _leaf(x[:, :, :h]), _leaf(x[:, :, h:])
-    c, s = (torch.cat((t, t), dim=-1)[None].to(x.dtype) for t in (cos, sin))
+    """q and k = the q and k heads of the qkv buffer [b, s, h, 3, hd] as [b, s, h, hd] tensors of their own, passed
+    as [b, h, s, hd] views (as in HF); cos/sin duplicated to the rotary width ([1, s, rot]), in qkv's dtype."""
+    qkv, cos, sin = inputs
+    q, k = _leaf(qkv[:, :, :, 0]), _leaf(qkv[:, :, :, 1])
+    c, s = (torch.cat((t, t), dim=-1)[None].to(qkv.dtype) for t in (cos, sin))
     return [q, k, c, s], lambda q, k, c, s: L.LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), c, s)
 
 
@@ -173,9 +173,11 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
     batch = max(1, T // seq)
     f = 256 * ((8 * H // 3 + 255) // 256)  # SwiGLU width, Llama-style
     def rotary(dims: int) -> tuple[list[torch.Tensor], Callable]:
-        return ([t(batch, seq, heads, hd), t(seq, dims // 2, grad=False, dt=torch.float32),
+        """The q and k heads of an MHA qkv buffer [b, s, h, 3, hd]: neox's op rotates them in place (the
+        reference, eager or compiled, returns a new buffer)."""
+        return ([t(batch, seq, heads, 3, hd), t(seq, dims // 2, grad=False, dt=torch.float32),
                  t(seq, dims // 2, grad=False, dt=torch.float32)],
-                lambda x, c, s, impl: K.rotary(x, c, s, dims, impl=impl))
+                lambda qkv, c, s, impl: K.rotary_qkv_(qkv, c, s, dims, impl=impl))
 
     quarter = hd // 4  # Pythia's rotary_pct 0.25
     cases = [
@@ -185,9 +187,11 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
              lambda x, w, b, r, impl: K.layer_norm(x, w, b, 1e-5, residual=r, impl=impl), 8 * T * H * e),
         Case("rms_norm", f"[{T}, {H}]", [t(T, H), t(H)], lambda x, w, impl: K.rms_norm(x, w, 1e-5, impl=impl), 5 * T * H * e,
              liger=lambda L, i: (i, lambda x, w: L.LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama", True, None))),
-        Case("rotary (full, neox)", f"[{batch}, {seq}, {heads}, {hd}]", *rotary(hd), 4 * T * H * e, liger=_liger_rope),
-        Case("rotary (25%, neox)", f"[{batch}, {seq}, {heads}, {hd}] rot {quarter}", *rotary(quarter),
-             4 * T * heads * quarter * e, liger=_liger_rope),
+        # q and k of qkv [b, s, h, 3, hd], rotated in place: fwd and bwd each read and write the rotated channels
+        Case("rotary (full, neox)", f"q, k of [{batch}, {seq}, {heads}, 3, {hd}]", *rotary(hd), 8 * T * H * e,
+             liger=_liger_rope),
+        Case("rotary (25%, neox)", f"q, k of [{batch}, {seq}, {heads}, 3, {hd}] rot {quarter}", *rotary(quarter),
+             8 * T * heads * quarter * e, liger=_liger_rope),
         Case("masked_softmax", f"[{batch}, {heads}, {seq}, {seq}]", [t(batch, heads, seq, seq)],
              lambda x, impl: K.masked_softmax(x, 0.088, impl=impl), 4 * batch * heads * seq * seq * e),
         Case("bias_gelu", f"[{T}, {4 * H}]", [t(T, 4 * H), t(4 * H)], lambda x, b, impl: K.bias_gelu(x, b, impl=impl),

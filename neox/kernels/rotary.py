@@ -105,51 +105,47 @@ def _qkv_shape(qkv: torch.Tensor, q_per_kv: int) -> tuple[int, ...]:
 
 
 class _RotaryQKVFn(torch.autograd.Function):
-    """In place on `buf` (qkv's storage, shaped `shape` for the kernel). The backward rotates the incoming
-    gradient back in place: it is the fresh tensor that the split/unbind of the rotated qkv produced (the
-    one consumer this op is for); a non-contiguous one (an expanded zero or sum gradient) is copied first."""
+    """Rotates qkv's storage in place and returns it: to autograd, an op whose output aliases its input.
+
+    Not `ctx.mark_dirty`: qkv is a view (of the linear's [b * s, n] matmul output), and autograd wraps an
+    in-place op on a view in a CopySlices node whose backward copies the whole gradient twice, and refuses
+    it outright on a view returned by a custom autograd Function (tensor parallelism's linear). Instead qkv's
+    version is bumped, so that an op which saved qkv for its backward fails loudly rather than see rotated
+    values. The backward rotates the incoming gradient back in place: it is the fresh tensor that the
+    split/unbind of the rotated qkv produced; a non-contiguous one (an expanded sum gradient) is copied first."""
 
     @staticmethod
-    def forward(ctx, ext, buf, c, s, shape: tuple, rotary_dims: int, interleaved: bool):
-        ext.rotary_qkv(buf.view(shape), c, s, rotary_dims, interleaved, False)
-        ctx.mark_dirty(buf)
+    def forward(ctx, ext, qkv, c, s, rotary_dims: int, interleaved: bool):
+        ext.rotary_qkv(qkv, c, s, rotary_dims, interleaved, False)
+        torch.autograd.graph.increment_version(qkv)
         ctx.save_for_backward(c, s)
-        ctx.ext, ctx.shape, ctx.rotary_dims, ctx.interleaved = ext, shape, rotary_dims, interleaved
-        return buf
+        ctx.ext, ctx.rotary_dims, ctx.interleaved = ext, rotary_dims, interleaved
+        return qkv
 
     @staticmethod
     def backward(ctx, dout):
         c, s = ctx.saved_tensors
         dout = dout if dout.is_contiguous() else dout.contiguous()
-        ctx.ext.rotary_qkv(dout.view(ctx.shape), c, s, ctx.rotary_dims, ctx.interleaved, True)  # sin -> -sin
-        return None, dout, None, None, None, None, None
+        ctx.ext.rotary_qkv(dout, c, s, ctx.rotary_dims, ctx.interleaved, True)  # rotate back: sin -> -sin
+        return None, dout, None, None, None, None
 
 
 def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int, interleaved: bool = False,
                 q_per_kv: int = 1, impl: str = "auto") -> torch.Tensor:
     """Rotate the first rotary_dims channels of the q and k heads of qkv [b, s, groups, q_per_kv + 2, hd].
 
-    Returns the rotated qkv: on the fused path that is qkv itself, rotated in place (autograd is told), on
-    the reference path a new tensor (`rotary_qkv_reference`); use the return value either way. Its backward
-    rotates the incoming gradient in place, so give the result to views/splits (as the attention does), not
-    to an op that hands one gradient tensor to several inputs, and do not keep a hook's reference to it.
+    Returns the rotated qkv: on the fused path qkv's own storage, rotated in place, on the reference path a
+    new tensor (`rotary_qkv_reference`). Use the return value and not qkv after the call (the model rebinds
+    it). The backward rotates its incoming gradient in place, so give the result to views/splits (as the
+    attention does), not to an op that hands one gradient tensor to several inputs.
     """
     b, s, g, n, hd = _qkv_shape(qkv, q_per_kv)
-    unsupported = None
     if rotary_dims > hd:
         raise KernelError(f"rotary_qkv: rotary_dims={rotary_dims} > head dim {hd}")
-    if not qkv.is_contiguous():
-        unsupported = "qkv is not contiguous (the kernel rotates it in place)"
+    unsupported = None if qkv.is_contiguous() else "qkv is not contiguous (the kernel rotates it in place)"
     ext = B.fused_extension("rotary", impl, qkv, cos, sin, unsupported=unsupported)
     if ext is None:
         return rotary_qkv_reference(qkv, cos, sin, rotary_dims, interleaved, q_per_kv)
     c, sn = _angles(cos, sin, s, rotary_dims, interleaved)
-    # Rotating a view in place makes autograd wrap the op in a CopySlices node, whose backward copies the whole
-    # gradient twice. A view that covers its base exactly (a linear's [b, s, n] output is a view of its
-    # [b * s, n] matmul) is rotated through the base instead, and the caller gets the view of the result.
-    base = qkv._base
-    buf = (base if base is not None and base.is_contiguous() and base.numel() == qkv.numel()
-           and base.dtype == qkv.dtype and base.data_ptr() == qkv.data_ptr() else qkv)
-    out = _RotaryQKVFn.apply(ext, buf, B.as_float32(c.detach()), B.as_float32(sn.detach()), (b, s, g, n, hd),
-                             rotary_dims, interleaved)
-    return out.view(qkv.shape)
+    return _RotaryQKVFn.apply(ext, qkv, B.as_float32(c.detach()), B.as_float32(sn.detach()), rotary_dims,
+                              interleaved)

@@ -49,18 +49,35 @@ def _graph_names(t: torch.Tensor) -> list[str]:
     return names
 
 
-def _run_split(qkv_leaf: torch.Tensor, fn, grads: list[torch.Tensor], as_linear_view: bool):
-    """fn on a non-leaf qkv made from the leaf, then the attention's split; returns (out, q, k, v, graph names).
-    as_linear_view: qkv is a 5-D view of a 2-D buffer, as the model's linear output is."""
-    b, s, g, n, hd = qkv_leaf.shape
-    if as_linear_view:
-        qkv = (qkv_leaf.reshape(b * s, -1) * 1).view(b, s, g, n, hd)
-    else:
-        qkv = qkv_leaf * 1
-    out = fn(qkv)
-    q, k, v = out.split((n - 2, 1, 1), dim=3)
+class _LinearLike(torch.autograd.Function):
+    """A custom autograd node whose output is a view of a tensor made inside it, as tensor parallelism's linear
+    (F.linear with a bias on [b, s, d] is a view of its [b * s, n] matmul)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return (x.reshape(-1, x.shape[-1]) * 1).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _producer(leaf: torch.Tensor, how: str) -> torch.Tensor:
+    """A non-leaf qkv holding the leaf's values, made the way `how` says (the attention's linear output kinds)."""
+    b, s, g, n, hd = leaf.shape
+    if how == "view":  # a 5-D view of a 2-D buffer, as nn.Linear's output viewed by the attention
+        return (leaf.reshape(b * s, -1) * 1).view(b, s, g, n, hd)
+    if how == "custom":
+        return _LinearLike.apply(leaf.reshape(b, s, -1)).view(b, s, g, n, hd)
+    return leaf * 1
+
+
+def _run_split(qkv_leaf: torch.Tensor, fn, grads: list[torch.Tensor], how: str):
+    """fn on a non-leaf qkv made from the leaf, then the attention's split; returns (out, graph names of q)."""
+    out = fn(_producer(qkv_leaf, how))
+    q, k, v = out.split((qkv_leaf.shape[3] - 2, 1, 1), dim=3)
     torch.autograd.backward((q, k, v), grads)
-    return out, (q, k, v), _graph_names(q)
+    return out, _graph_names(q)
 
 
 # (b, s, groups, q_per_kv, hd, rotary_dims): odd head sizes (CUDA: scalar form), whole 16-byte packs (v3):
@@ -72,19 +89,18 @@ SHAPES = [(2, 3, 3, 1, 10, 10), (3, 7, 2, 2, 18, 8), (2, 5, 4, 1, 128, 32), (1, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("as_linear_view", [True, False])
+@pytest.mark.parametrize("how", ["view", "custom", "plain"])
 @pytest.mark.parametrize("b,s,g,per,hd,rd", SHAPES)
-def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, as_linear_view, b, s, g, per, hd, rd):
+def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, how, b, s, g, per, hd, rd):
     c, sn = _angles(s, rd)
     c, sn = c.to(device), sn.to(device)
     x = torch.randn(b, s, g, per + 2, hd).to(device, dtype)
     grads = [torch.randn(b, s, g, m, hd, device=device).to(dtype) for m in (per, 1, 1)]
     leaf = x.clone().requires_grad_()
     ref_leaf = x.float().requires_grad_()
-    out, (q, k, v), names = _run_split(leaf, lambda t: K.rotary_qkv_(t, c, sn, rd, interleaved, per, impl="fused"),
-                                       grads, as_linear_view)
-    ref, _, _ = _run_split(ref_leaf, lambda t: K.rotary_qkv_reference(t, c, sn, rd, interleaved, per),
-                           [gr.float() for gr in grads], as_linear_view)
+    out, names = _run_split(leaf, lambda t: K.rotary_qkv_(t, c, sn, rd, interleaved, per, impl="fused"), grads, how)
+    ref, _ = _run_split(ref_leaf, lambda t: K.rotary_qkv_reference(t, c, sn, rd, interleaved, per),
+                        [gr.float() for gr in grads], how)
     assert out.dtype == dtype and out.shape == x.shape
     assert _rel(out, ref) <= TOL[dtype], f"forward (seed {seed})"
     assert _rel(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward (seed {seed})"
@@ -94,8 +110,8 @@ def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, as
     full_grad = torch.cat(grads, dim=3)
     assert torch.equal(leaf.grad[:, :, :, per + 1], full_grad[:, :, :, per + 1])
     assert torch.equal(leaf.grad[..., rd:], full_grad[..., rd:])
-    # in place, with autograd told without a CopySlices node (which would copy the whole gradient)
-    assert "CopySlices" not in names and "RotaryQKVFnBackward" in "".join(names)
+    # one node of its own, no CopySlices (which would copy the whole gradient twice)
+    assert "CopySlices" not in names and "_RotaryQKVFnBackward" in names
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -140,6 +156,17 @@ def test_rotary_qkv_is_in_place_and_falls_back(monkeypatch):
         K.rotary_qkv_(x, c, sn, 4, q_per_kv=2)
     with pytest.raises(KernelError, match="rotary_dims"):
         K.rotary_qkv_(x, c, sn, 10)
+
+
+def test_rotary_qkv_saved_input_fails_loudly():
+    """An op that saved qkv for its backward must not silently see the rotated values: autograd raises."""
+    x = torch.randn(1, 3, 2, 3, 8, requires_grad=True)
+    c, sn = _angles(3, 4)
+    qkv = x * 1
+    saved = qkv * x  # saves qkv (and x) for its backward
+    out = K.rotary_qkv_(qkv, c, sn, 4, impl="fused")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (saved.sum() + out.sum()).backward()
 
 
 # ---------------------------------------------------------------------------------------------- the model
