@@ -13,6 +13,7 @@ other, so a sharded layer gets correct gradients without the model knowing about
 
     copy_to_tp_linear    copy_to_tp, then this rank's linear, as one node whose backward overlaps
                          the input gradient's all-reduce with the weight gradient's matmul
+    gather_from_sp_linear  gather_from_sp, then the linear, likewise (the reduce-scatter overlapped)
 
 Activations are [batch, seq, features], so the sequence dimension is 1. With a group of size 1
 every function is the identity (no communication), which keeps TP=1 free.
@@ -71,13 +72,18 @@ def _split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    n = _size(group)
-    if n == 1:
+    if _size(group) == 1:
         return x
-    xt = x.movedim(dim, 0).contiguous()
-    out = torch.empty((xt.shape[0] // n,) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_into(out, xt, group=group)
+    out, _ = _start_reduce_scatter(x, dim, group, async_op=False)
     return out.movedim(0, dim).contiguous()
+
+
+def _start_reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool):
+    """Reduce-scatter along `dim` into a buffer with `dim` moved first: (buffer, work or None)."""
+    # reduce_scatter_tensor splits dim 0; move `dim` there (and back, on the buffer, once it is done)
+    xt = x.movedim(dim, 0).contiguous()
+    out = torch.empty((xt.shape[0] // _size(group),) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
+    return out, _reduce_scatter_into(out, xt, group=group, async_op=async_op)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -122,6 +128,35 @@ class _CopyToTPLinear(torch.autograd.Function):
         if work is not None:
             work.wait()
             dx = dx.view(x.shape)
+        return dx, dw, db, None
+
+
+class _GatherFromSPLinear(torch.autograd.Function):
+    """`F.linear(gather_from_sp(x), weight, bias)` in one node: in backward the input gradient's
+    reduce-scatter starts right after dX and runs while dW and db are computed. Same collectives
+    and matmuls as the two nodes (`_CopyToTPLinear` says which), so bitwise the same gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        full = _all_gather(x, SEQ_DIM, group)  # saved, as F.linear saves its input in the two-node path
+        ctx.save_for_backward(full, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(full, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        full, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = work = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx, work = _start_reduce_scatter(g2.mm(weight).view(full.shape), SEQ_DIM, ctx.group, async_op=True)
+        if ctx.needs_input_grad[1]:
+            dw = g2.t().mm(full.reshape(-1, full.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        if work is not None:
+            work.wait()
+            dx = dx.movedim(0, SEQ_DIM).contiguous()
         return dx, dw, db, None
 
 
@@ -200,6 +235,12 @@ def copy_to_tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       group: Group) -> torch.Tensor:
     """`F.linear(copy_to_tp(x, group), weight, bias)`, with the backward's all-reduce overlapped."""
     return _CopyToTPLinear.apply(x, weight, bias, group) if _size(group) > 1 else F.linear(x, weight, bias)
+
+
+def gather_from_sp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          group: Group) -> torch.Tensor:
+    """`F.linear(gather_from_sp(x, group), weight, bias)`, with the backward's reduce-scatter overlapped."""
+    return _GatherFromSPLinear.apply(x, weight, bias, group) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:

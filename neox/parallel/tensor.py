@@ -32,7 +32,7 @@ from neox.config.layout import check_split
 from neox.errors import ConfigError
 from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm, GPTConfig, Head
 from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, copy_to_tp_linear, gather_from_sp,
-                                reduce_from_tp, reduce_scatter_to_sp, scatter_to_sp)
+                                gather_from_sp_linear, reduce_from_tp, reduce_scatter_to_sp, scatter_to_sp)
 from neox.parallel.random import TPDropout, TPRandom
 from neox.parallel.topology import Topology
 
@@ -65,16 +65,20 @@ def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y[..., shard] = x @ W[shard].T + b[shard] for a replicated x.
+    """y[..., shard] = x @ W[shard].T + b[shard] for a replicated x (or, under SP, this rank's tokens
+    of x, gathered here).
 
-    Under SP the input edge (all-gather along the sequence) is not here but on the module that
-    owns the linear (`_gather_sequence_on_input`): attention reads the sequence length from its
-    own input, so that input must already be the full sequence."""
+    The input edge (copy_to_tp, or under SP the all-gather along the sequence) and the matmul are one
+    autograd node, so that in backward the edge's collective on dX runs while dW is computed. Under SP,
+    attention's input is gathered by the module itself (`_gather_sequence_on_input`): attention reads
+    the sequence length from its own input, so that input must already be the full sequence; its
+    linear is built with `gathered_by_owner` and has no edge of its own."""
 
-    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool):
+    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool, gathered_by_owner: bool = False):
         super().__init__()
         r, n = topo.tp_rank, topo.tp_size
         self.topo, self.sequence_parallel = topo, sequence_parallel
+        self.edge = None if gathered_by_owner else ("gather" if sequence_parallel else "copy")
         self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 0, r, n)), 0)
         self.bias = (None if linear.bias is None
                      else _mark_sharded(nn.Parameter(_shard(linear.bias, 0, r, n)), 0))
@@ -91,13 +95,18 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, bias)
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.sequence_parallel:  # the input edge is the owning module's gather (see above)
+        if self.edge is None:
             return self.local_linear(x, bias)
-        if type(self).local_linear is ColumnParallelLinear.local_linear:
-            # the input's all-reduce in backward overlaps the weight gradient (comm.copy_to_tp_linear)
-            return copy_to_tp_linear(x, self.weight, bias, self.topo.tp_group)
-        # a swapped matmul (fp8) is one autograd node computing dX and dW together: nothing to overlap
-        return self.local_linear(copy_to_tp(x, self.topo.tp_group), bias)
+        if type(self).local_linear is ColumnParallelLinear.local_linear and not torch.compiler.is_compiling():
+            return _EDGE_WITH_LINEAR[self.edge](x, self.weight, bias, self.topo.tp_group)
+        # Two nodes: a swapped matmul (fp8) computes dX and dW in one node, nothing to overlap; and Dynamo
+        # cannot trace an async collective (train.compile would split the block at every such layer)
+        return self.local_linear(_EDGE[self.edge](x, self.topo.tp_group), bias)
+
+
+# A column-parallel layer's input edge: alone, and fused with the layer's matmul (comm.py).
+_EDGE = {"copy": copy_to_tp, "gather": gather_from_sp}
+_EDGE_WITH_LINEAR = {"copy": copy_to_tp_linear, "gather": gather_from_sp_linear}
 
 
 class RowParallelLinear(nn.Module):
@@ -181,23 +190,25 @@ class SequenceParallelNorm(nn.Module):
 
 
 # Sequence parallelism, also declarative: the regions between a rowwise output and the next
-# colwise input hold this rank's tokens. Its entry edges (all-gather) sit on the input of the
-# modules that start a TP region (`_SP_GATHER_INPUT`), because attention reads the sequence
-# length from its own input.
+# colwise input hold this rank's tokens. Its entry edges (all-gather) are in the colwise layers,
+# except for attention, which reads the sequence length from its own input: it gathers its input
+# itself (`_SP_GATHER_INPUT`).
 SP_PLAN: Dict[type, Dict[str, str]] = {
     Embedding: {"drop": "scatter_dropout"},
     Block: {"ln_attn": "norm", "ln_mlp": "norm", "drop": "dropout"},
     FinalNorm: {"norm": "norm"},
 }
-_SP_GATHER_INPUT = (CausalSelfAttention, MLP, Head)
+_SP_GATHER_INPUT = (CausalSelfAttention,)
 
-_BUILDERS: Dict[str, Callable[[nn.Module, Topology, bool, TPRandom], nn.Module]] = {
-    "colwise": lambda m, topo, sp, rng: ColumnParallelLinear(m, topo, sp),
-    "rowwise": lambda m, topo, sp, rng: RowParallelLinear(m, topo, sp),
-    "vocab": lambda m, topo, sp, rng: VocabParallelEmbedding(m, topo),
-    "norm": lambda m, topo, sp, rng: SequenceParallelNorm(m, topo),
-    "dropout": lambda m, topo, sp, rng: TPDropout(m.p, rng),
-    "scatter_dropout": lambda m, topo, sp, rng: ScatterToSequence(m.p, rng, topo),
+# style -> builder(owner, child, topo, sp, rng): the sharded module that replaces `owner`'s child
+_BUILDERS: Dict[str, Callable[[nn.Module, nn.Module, Topology, bool, TPRandom], nn.Module]] = {
+    "colwise": lambda owner, m, topo, sp, rng: ColumnParallelLinear(
+        m, topo, sp, gathered_by_owner=sp and isinstance(owner, _SP_GATHER_INPUT)),
+    "rowwise": lambda owner, m, topo, sp, rng: RowParallelLinear(m, topo, sp),
+    "vocab": lambda owner, m, topo, sp, rng: VocabParallelEmbedding(m, topo),
+    "norm": lambda owner, m, topo, sp, rng: SequenceParallelNorm(m, topo),
+    "dropout": lambda owner, m, topo, sp, rng: TPDropout(m.p, rng),
+    "scatter_dropout": lambda owner, m, topo, sp, rng: ScatterToSequence(m.p, rng, topo),
 }
 
 
@@ -216,7 +227,7 @@ def _on_tp_stream(cls: type) -> type:
 
 
 def _gather_sequence_on_input(group):
-    """Forward pre-hook: the sequence-parallel -> TP edge at the input of attention, MLP, head."""
+    """Forward pre-hook: the sequence-parallel -> TP edge at the input of attention."""
     def hook(module, args):
         return (gather_from_sp(args[0], group),) + tuple(args[1:])
     return hook
@@ -254,7 +265,7 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology, sequence_parallel: b
             for cls, children in plan.items():
                 if isinstance(module, cls):
                     for name, style in children.items():
-                        setattr(module, name, _BUILDERS[style](getattr(module, name), topo, sp, rng))
+                        setattr(module, name, _BUILDERS[style](module, getattr(module, name), topo, sp, rng))
         if isinstance(module, CausalSelfAttention):
             module.head_offset = topo.tp_rank * (cfg.n_heads // tp)  # ALiBi slopes of our heads
             module.tp_rng = rng

@@ -13,6 +13,7 @@ import copy
 import types
 from typing import List, Optional
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from neox.model.gpt import GPT, GPTConfig
-from neox.parallel import Topology, apply_tensor_parallel, vocab_parallel_cross_entropy
+from neox.parallel import Topology, apply_tensor_parallel, comm, vocab_parallel_cross_entropy
 from neox.parallel.tensor import ColumnParallelLinear
 
 
@@ -55,53 +56,82 @@ class _Calls(TorchDispatchMode):
         return out
 
 
-def _spy_layer(monkeypatch, log: List[str], bias: bool) -> ColumnParallelLinear:
+def _spy_layer(monkeypatch, log: List[str], bias: bool, sp: bool) -> ColumnParallelLinear:
     """A rank's column-parallel layer (6 -> 8 features, 4 local outputs) of a pretend tp=2 group whose
-    all-reduce is a spy (one process: the sum over the group is the tensor itself)."""
-    def all_reduce(t, group=None, async_op=False, **kw):
-        log.append("all_reduce(async)" if async_op else "all_reduce")
+    collectives are spies (one process: the all-reduce leaves the tensor as it is, the all-gather
+    repeats it, the reduce-scatter keeps the first half)."""
+    def wait_for(name: str, async_op: bool):
+        log.append(f"{name}(async)" if async_op else name)
         return types.SimpleNamespace(wait=lambda: log.append("wait")) if async_op else None
 
+    def all_reduce(t, group=None, async_op=False):
+        return wait_for("all_reduce", async_op)
+
+    def all_gather(out, t, group=None, async_op=False):
+        out.copy_(torch.cat([t, t]))
+        return wait_for("all_gather", async_op)
+
+    def reduce_scatter(out, t, group=None, async_op=False):
+        out.copy_(t[:out.shape[0]])
+        return wait_for("reduce_scatter", async_op)
+
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(comm, "_all_gather_into", all_gather)
+    monkeypatch.setattr(comm, "_reduce_scatter_into", reduce_scatter)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     topo = types.SimpleNamespace(tp_rank=0, tp_size=2, tp_group=None)
     torch.manual_seed(0)
-    return ColumnParallelLinear(nn.Linear(6, 8, bias=bias), topo, sequence_parallel=False)
+    return ColumnParallelLinear(nn.Linear(6, 8, bias=bias), topo, sequence_parallel=sp)
 
 
-def test_the_input_grad_all_reduce_starts_before_the_weight_grad_and_ends_after_it(monkeypatch):
+def _backward_calls(layer: nn.Module, log: List[str], use_matmul: bool = False, grad_in: bool = True) -> List[str]:
+    x = torch.randn(3, 5, 6, requires_grad=grad_in)  # 15 rows (30 once gathered under SP)
+    y = layer.matmul(x) if use_matmul else layer(x)
+    del log[:]  # the forward's all-gather under SP
+    with _Calls(log):
+        y.backward(torch.randn_like(y))
+    return log
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["all-reduce", "sp-reduce-scatter"])
+def test_the_input_grad_collective_starts_before_the_weight_grad_and_ends_after_it(monkeypatch, sp):
+    collective, rows = ("reduce_scatter", 30) if sp else ("all_reduce", 15)
     for bias in (True, False):
         for use_matmul in (False, True):  # forward, and the fused bias + GeLU path's matmul()
             log: List[str] = []
-            layer = _spy_layer(monkeypatch, log, bias)
-            x = torch.randn(3, 5, 6, requires_grad=True)  # 15 rows
-            y = layer.matmul(x) if use_matmul else layer(x)
-            with _Calls(log):
-                y.backward(torch.randn_like(y))
-            # dX (15x6) first, its all-reduce started without waiting, dW (4x6) meanwhile, then the wait
-            assert log == ["mm(15, 6)", "all_reduce(async)", "mm(4, 6)", "wait"], (bias, use_matmul, log)
+            layer = _spy_layer(monkeypatch, log, bias, sp)
+            calls = _backward_calls(layer, log, use_matmul)
+            # dX first, its collective started without waiting, dW (4x6) meanwhile, then the wait
+            assert calls == [f"mm({rows}, 6)", f"{collective}(async)", "mm(4, 6)", "wait"], (bias, use_matmul, calls)
             assert layer.weight.grad is not None
             if bias and not use_matmul:
                 assert layer.bias.grad is not None
 
 
-def test_the_two_node_path_would_fail_the_order_check(monkeypatch):
-    """The check above can fail: the two-node path (no overlap) does both matmuls, then the all-reduce."""
+@pytest.mark.parametrize("sp", [False, True], ids=["all-reduce", "sp-reduce-scatter"])
+def test_the_two_node_path_would_fail_the_order_check(monkeypatch, sp):
+    """The check above can fail: the two-node path (no overlap) does both matmuls, then the collective."""
     log: List[str] = []
-    layer = _two_node(_spy_layer(monkeypatch, log, bias=True))
-    y = layer(torch.randn(3, 5, 6, requires_grad=True))
-    with _Calls(log):
-        y.backward(torch.randn_like(y))
-    assert log[-1] == "all_reduce" and sorted(log[:2]) == ["mm(15, 6)", "mm(4, 6)"], log
+    calls = _backward_calls(_two_node(_spy_layer(monkeypatch, log, True, sp)), log)
+    assert calls[-1] == ("reduce_scatter" if sp else "all_reduce") and len(calls) == 3, calls
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["all-reduce", "sp-reduce-scatter"])
+def test_under_torch_compile_the_layer_keeps_the_two_node_path(monkeypatch, sp):
+    """Dynamo cannot trace async collectives: a compiled block would break its graph at each such layer
+    (measured with train.compile on tp=2: 4 graphs per block instead of 1), so compiled code takes the
+    two nodes, which it traces whole."""
+    log: List[str] = []
+    layer = _spy_layer(monkeypatch, log, True, sp)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = _backward_calls(layer, log)
+    assert calls[-1] == ("reduce_scatter" if sp else "all_reduce") and len(calls) == 3, calls
 
 
 def test_no_input_grad_means_no_all_reduce(monkeypatch):
     log: List[str] = []
-    layer = _spy_layer(monkeypatch, log, bias=True)
-    y = layer(torch.randn(3, 5, 6))  # the input needs no gradient (as integer-token embeddings never do)
-    with _Calls(log):
-        y.backward(torch.randn_like(y))
-    assert log == ["mm(4, 6)"], log
+    calls = _backward_calls(_spy_layer(monkeypatch, log, True, sp=False), log, grad_in=False)
+    assert calls == ["mm(4, 6)"], calls
 
 
 # ---------------------------------------------------------------------------------------- bitwise, tp=2
@@ -120,14 +150,15 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert torch.equal(a, b), f"{what}: max difference {(a.double() - b.double()).abs().max().item():.3e}"
 
 
-def _check_layer(topo: Topology) -> None:
-    # each rank feeds the same x (replicated, as in a model) and its own output gradient (its shard's)
+def _check_layer(topo: Topology, sp: bool) -> None:
+    # each rank feeds its own output gradient (its shard's); x is the same on every rank (replicated),
+    # under SP each rank's own tokens
     for bias in (True, False):
         torch.manual_seed(0)
-        layer = ColumnParallelLinear(nn.Linear(24, 40, bias=bias), topo, sequence_parallel=False)
+        layer = ColumnParallelLinear(nn.Linear(24, 40, bias=bias), topo, sequence_parallel=sp)
         ref = _two_node(layer)
-        x = torch.randn(3, 7, 24)
-        dy = torch.randn(3, 7, 20, generator=torch.Generator().manual_seed(1 + topo.tp_rank))
+        x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(10 + (topo.tp_rank if sp else 0)))
+        dy = torch.randn(3, 7 * (2 if sp else 1), 20, generator=torch.Generator().manual_seed(1 + topo.tp_rank))
         grads = []
         for m in (layer, ref):
             xi = x.clone().requires_grad_(True)
@@ -135,13 +166,12 @@ def _check_layer(topo: Topology) -> None:
                 (m(xi) * dy).sum().backward()
             grads.append([xi.grad, m.weight.grad] + ([m.bias.grad] if bias else []))
         for a, b, what in zip(*grads, ("input", "weight", "bias")):
-            _same(a, b, f"layer bias={bias} grad of the {what}")
-        assert not torch.equal(grads[0][0], x.new_zeros(x.shape))
+            _same(a, b, f"layer sp={sp} bias={bias} grad of the {what}")
 
 
-def _check_model(topo: Topology, name: str, cfg: GPTConfig) -> None:
+def _check_model(topo: Topology, name: str, cfg: GPTConfig, sp: bool) -> None:
     torch.manual_seed(0)
-    model = apply_tensor_parallel(GPT(cfg), topo)
+    model = apply_tensor_parallel(GPT(cfg), topo, sequence_parallel=sp)
     ref = _two_node(model)
     assert any(type(m) is ColumnParallelLinear for m in model.modules())
     g = torch.Generator().manual_seed(2)
@@ -153,16 +183,17 @@ def _check_model(topo: Topology, name: str, cfg: GPTConfig) -> None:
             loss = vocab_parallel_cross_entropy(m(tokens), targets, topo.tp_group)
             loss.backward()
         losses.append(loss.detach())
-    _same(*losses, f"{name} loss")
+    _same(*losses, f"{name} sp={sp} loss")
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        _same(p.grad, q.grad, f"{name} grad {n}")
+        _same(p.grad, q.grad, f"{name} sp={sp} grad {n}")
 
 
 def _worker(rank: int, world: int) -> None:
     topo = Topology.build(tp=world)
-    _check_layer(topo)
-    for name, cfg in MODELS.items():
-        _check_model(topo, name, cfg)
+    for sp in (False, True):
+        _check_layer(topo, sp)
+        for name, cfg in MODELS.items():
+            _check_model(topo, name, cfg, sp)
 
 
 def test_tp2_overlapped_backward_is_bitwise_the_two_node_path(two_ranks) -> None:
