@@ -24,7 +24,7 @@ from neox.errors import ConfigError, LaunchError
 if TYPE_CHECKING:  # the rule reads a few fields; importing the model would import torch
     from neox.model.gpt import GPTConfig
 
-PIPE_PARTITIONS = ("uniform", "parameters")  # or type:<LayerClass>
+PIPE_PARTITIONS = ("compute", "uniform", "parameters")  # or type:<LayerClass>
 # A dry run of a layout bigger than this machine plans for another one: nodes of this many GPUs.
 DRY_RUN_NODE = 8
 
@@ -51,7 +51,7 @@ def resolve_layout(parallel: Any, model: GPTConfig, res: Resources, dry_run: boo
                           "support ZeRO-2/3 with pipeline parallelism; use zero_stage=1 or pp=1")
     partition = parallel.pipe_partition
     if partition not in PIPE_PARTITIONS and not partition.startswith("type:"):
-        raise ConfigError(f"parallelism.pipe_partition={partition!r} must be uniform, parameters or type:<Layer>")
+        raise ConfigError(f"parallelism.pipe_partition={partition!r} must be compute, uniform, parameters or type:<Layer>")
     check_split(model, parallel.tp, parallel.pp, parallel.sequence_parallel)
     return fit(parallel.tp, parallel.pp, parallel.dp, res, dry_run=dry_run,
                tp_across_nodes=parallel.tp_across_nodes_is_slow)

@@ -84,7 +84,9 @@ class ParallelConfig:
     zero_stage: int = setting(0, WARN, Choices((0, 1, 2, 3)))
     zero_bucket_size: int = setting(50_000_000, IGNORE, at_least(1))  # elements; small keeps ZeRO-1/2 lean at dp=1
     sequence_parallel: bool = setting(False, WARN)
-    pipe_partition: str = setting("parameters", WARN)  # uniform | parameters | type:Block
+    # compute: stages of equal work (the head weighs, the embedding lookup does not); parameters: of equal
+    # weights; uniform: equal layer counts; type:Block: equal block counts
+    pipe_partition: str = setting("compute", WARN)  # = neox.planner.layout.DEFAULT_PARTITION
     tp_across_nodes_is_slow: bool = setting(False, IGNORE)  # force a tp group wider than one node
 
 

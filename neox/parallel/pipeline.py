@@ -46,9 +46,10 @@ import torch.nn as nn
 from neox.errors import ConfigError
 from neox.model.activation_checkpointing import CHECKPOINTED_LAYERS, checkpointed
 from neox.model.gpt import GPTConfig, init_weights, layer_specs, tied_head_forward
+from neox.planner.layout import compute_bounds
 
 TIED_WEIGHT_ATTR = "tok.weight"  # the tensor `tied_head_forward` reads off the Embedding
-PARTITION_METHODS = "uniform, parameters or type:<LayerClass> (e.g. type:Block)"
+PARTITION_METHODS = "compute, uniform, parameters or type:<LayerClass> (e.g. type:Block)"
 
 
 # ------------------------------------------------------------------------------------ specs
@@ -106,6 +107,8 @@ def partition_layers(specs: Sequence[Any], num_stages: int, method: str) -> List
         parts = ds_utils.partition_uniform(num_items=n, num_parts=num_stages)
     elif key == "parameters":
         parts = ds_utils.partition_balanced(weights=[_spec_params(s) for s in specs], num_parts=num_stages)
+    elif key == "compute":  # the planner's rule; the specs carry the model's GPTConfig
+        parts = list(compute_bounds(specs[0].module_args[0], num_stages))
     elif key.startswith("type:") and len(key) > len("type:"):
         wanted = key[len("type:"):]
         weights = [1 if _spec_name(s).lower() == wanted else 0 for s in specs]

@@ -15,6 +15,8 @@ from typing import Any, List, Mapping, Tuple
 
 from neox.model.gpt import GPTConfig
 
+DEFAULT_PARTITION = "compute"  # parallelism.pipe_partition's default in neox.config.schema
+
 
 @dataclass(frozen=True)
 class Parallelism:
@@ -24,13 +26,13 @@ class Parallelism:
     pp: int = 1
     dp: int = 1
     zero_stage: int = 0
-    partition: str = "parameters"  # parallelism.pipe_partition
+    partition: str = DEFAULT_PARTITION  # parallelism.pipe_partition
 
     def describe(self) -> str:
         return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage}"
 
     @staticmethod
-    def from_record(rec: Mapping[str, Any], partition: str = "parameters") -> "Parallelism":
+    def from_record(rec: Mapping[str, Any], partition: str = DEFAULT_PARTITION) -> "Parallelism":
         """From a manifest's `layout`. Manifests before this one lack `partition` (pass the saved
         config's) and sometimes `tp`: they hold DeepSpeed's mp, which is tp x pp under a pipeline."""
         pp = int(rec.get("pp") or 1)
@@ -104,6 +106,16 @@ def layer_params(m: GPTConfig) -> List[LayerParams]:
     return [embed, *blocks, LayerParams("norm", 0, norm), LayerParams("head", head.sharded, head.replicated)]
 
 
+def layer_compute(m: GPTConfig) -> List[int]:
+    """Each pipeline layer's multiply-adds per token, forward (what the `compute` partition balances):
+    a block's matmul weights plus its causal attention (q k^T and the weighted sum of v: s * d over the
+    mask's lower half), the head's vocab x d; the embedding lookup and the final norm count 0."""
+    d, f, hd = m.d_model, m.d_ff, m.head_dim
+    matmuls = d * (m.n_heads + 2 * m.n_kv_heads) * hd + m.n_heads * hd * d + d * f * (2 if m.mlp == "swiglu" else 1) + f * d
+    block = matmuls + m.seq_len * d
+    return [0] + [block] * m.n_layers + [0, m.vocab_size * d]
+
+
 @lru_cache(maxsize=256)
 def _parts(weights: Tuple[int, ...], pp: int, method: str) -> Tuple[int, ...]:
     from deepspeed.runtime import utils as ds_utils
@@ -113,7 +125,7 @@ def _parts(weights: Tuple[int, ...], pp: int, method: str) -> Tuple[int, ...]:
     return tuple(ds_utils.partition_balanced(weights=list(weights), num_parts=pp))
 
 
-def stage_bounds(m: GPTConfig, pp: int, partition: str = "parameters") -> Tuple[int, ...]:
+def stage_bounds(m: GPTConfig, pp: int, partition: str = DEFAULT_PARTITION) -> Tuple[int, ...]:
     """parts[s]:parts[s+1] are stage s's layers, as neox.parallel.pipeline.partition_layers splits them."""
     layers = layer_params(m)
     if pp == 1:
@@ -126,7 +138,20 @@ def stage_bounds(m: GPTConfig, pp: int, partition: str = "parameters") -> Tuple[
         return _parts(weights, pp, "parameters")
     if key == "uniform":
         return _parts(tuple([1] * len(layers)), pp, "uniform")
+    if key == "compute":
+        return compute_bounds(m, pp)
     return _parts(tuple(lp.full for lp in layers), pp, "parameters")
+
+
+def compute_bounds(m: GPTConfig, pp: int) -> Tuple[int, ...]:
+    """Stages of equal work (`layer_compute`). Where that leaves a stage without a block (a small model
+    whose head outweighs its blocks), stages of equal block counts instead: each stage runs blocks."""
+    work = tuple(layer_compute(m))
+    parts = _parts(work, pp, "parameters")
+    if all(any(w and i not in (0, len(work) - 1) for i, w in enumerate(work[parts[s]:parts[s + 1]], parts[s]))
+           for s in range(pp)):
+        return parts
+    return _parts(tuple([0] + [1] * m.n_layers + [0, 0]), pp, "parameters")
 
 
 @dataclass(frozen=True)
@@ -144,7 +169,7 @@ class Stage:
         return bool(self.layers) and self.layers[-1].kind == "head"
 
 
-def stages(m: GPTConfig, tp: int, pp: int, partition: str = "parameters") -> List[Stage]:
+def stages(m: GPTConfig, tp: int, pp: int, partition: str = DEFAULT_PARTITION) -> List[Stage]:
     layers = layer_params(m)
     parts = stage_bounds(m, pp, partition)
     out = []

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from neox.errors import ConfigError
 from neox.planner.gpus import GiB
-from neox.planner.layout import Candidate, stage_bounds
+from neox.planner.layout import DEFAULT_PARTITION, Candidate, stage_bounds
 from neox.planner.setup import Estimate, Setup, evaluate
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -34,7 +34,7 @@ def tp_options(setup: Setup, world: int) -> List[int]:
     return out
 
 
-def pp_options(setup: Setup, rest: int, partition: str = "parameters") -> List[int]:
+def pp_options(setup: Setup, rest: int, partition: str = DEFAULT_PARTITION) -> List[int]:
     out = []
     for p in range(1, min(rest, MAX_PP, setup.model.n_layers) + 1):
         if rest % p:
@@ -60,7 +60,7 @@ def zero_options(setup: Setup, pp: int, dp: int) -> Tuple[int, ...]:
 
 
 def candidates(setup: Setup, world: int, global_batch: int, sequence_parallel: bool = False,
-               partition: str = "parameters") -> Iterator[Candidate]:
+               partition: str = DEFAULT_PARTITION) -> Iterator[Candidate]:
     for tp in tp_options(setup, world):
         for pp in pp_options(setup, world // tp, partition):
             dp = world // (tp * pp)
@@ -90,7 +90,7 @@ def rank(estimates: List[Estimate]) -> List[Estimate]:
 
 
 def search(setup: Setup, global_batch: int, world: Optional[int] = None, sequence_parallel: bool = False,
-           partition: str = "parameters") -> Tuple[List[Estimate], List[Estimate]]:
+           partition: str = DEFAULT_PARTITION) -> Tuple[List[Estimate], List[Estimate]]:
     """(layouts that fit, best first; every layout estimated) on `world` GPUs (default: all of them)."""
     world = world or setup.gpus
     every = [evaluate(setup, c) for c in candidates(setup, world, global_batch, sequence_parallel, partition)]
@@ -98,7 +98,7 @@ def search(setup: Setup, global_batch: int, world: Optional[int] = None, sequenc
 
 
 def choose(setup: Setup, global_batch: int, sequence_parallel: bool = False,
-           partition: str = "parameters") -> List[Estimate]:
+           partition: str = DEFAULT_PARTITION) -> List[Estimate]:
     """The fitting layouts, best first; raises one line with the smallest change when none fits."""
     fitting, every = search(setup, global_batch, sequence_parallel=sequence_parallel, partition=partition)
     if fitting:
@@ -114,7 +114,7 @@ def choose(setup: Setup, global_batch: int, sequence_parallel: bool = False,
 
 
 def more_gpus(setup: Setup, global_batch: int, sequence_parallel: bool = False,
-              partition: str = "parameters") -> str:
+              partition: str = DEFAULT_PARTITION) -> str:
     """The fewest GPUs (a multiple of the current count) on which a layout fits, as advice."""
     for k in GROWTH:
         world = setup.gpus * k

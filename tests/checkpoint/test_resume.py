@@ -163,8 +163,8 @@ LAYOUT_CHANGES = {
     "pp2->pp1": ("pp2", "step_00000004", SINGLE, 1),
     "tp2pp2->tp1pp2": ("pp2_tp2", "step_00000004", {"parallelism.tp": 1, "parallelism.pp": 2,
                                                     "parallelism.zero_stage": 1}, 2),
-    # the same pp, other stage bounds: layers 0-1 | 2-4 by parameters, 0-2 | 3-4 uniform
-    "pp2-parameters->pp2-uniform": ("pp2", "step_00000004", {"parallelism.pipe_partition": "uniform"}, 2),
+    # the same pp, other stage bounds: layers 0-1 | 2-4 by the default (compute: a block on each stage), 0-2 | 3-4 uniform
+    "pp2-compute->pp2-uniform": ("pp2", "step_00000004", {"parallelism.pipe_partition": "uniform"}, 2),
 }
 SAVED_WITH = {"reference": "tp=1 pp=1 dp=2 zero=0", "tp2": "tp=2 pp=1 dp=1 zero=0", "pp2": "tp=1 pp=2 dp=1 zero=1",
               "pp2_tp2": "tp=2 pp=2 dp=1 zero=1"}

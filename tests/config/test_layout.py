@@ -34,7 +34,7 @@ CASES = [
      (ConfigError, r"parallelism.zero_stage=2 with pp=2: DeepSpeed does not support ZeRO-2/3")),
     ("pipe partition", dict(pipe_partition="type:Block"), {}, GPUS8, False, (8, 1, 1, 8)),
     ("pipe partition", dict(pipe_partition="balanced"), {}, GPUS8, False,
-     (ConfigError, r"parallelism.pipe_partition='balanced' must be uniform, parameters or type:<Layer>")),
+     (ConfigError, r"parallelism.pipe_partition='balanced' must be compute, uniform, parameters or type:<Layer>")),
     ("tp divides heads", dict(tp=4), {}, GPUS8, False, (8, 4, 1, 2)),
     ("tp divides heads", dict(tp=4), dict(n_heads=6), GPUS8, False,
      (ConfigError, r"model.n_heads=6 is not divisible by parallelism.tp=4")),

@@ -121,6 +121,7 @@ def test_activation_count_is_what_autograd_keeps(change):
 
 @pytest.mark.parametrize("change,tp,pp,partition", [
     ({}, 2, 2, "parameters"), ({"tied_embeddings": True}, 1, 3, "parameters"),
+    ({}, 2, 2, "compute"), ({"tied_embeddings": True, "vocab_size": 8192}, 1, 2, "compute"),
     ({"mlp": "swiglu", "d_ff": 192, "n_kv_heads": 2, "bias": False}, 2, 4, "uniform"),
     ({"position": "rotary", "rotary_dims": 16, "norm": "rmsnorm"}, 4, 2, "type:Block"),
 ])
@@ -186,7 +187,35 @@ def test_make_plan_estimates_with_the_runs_partition_and_buckets(tmp_path):
                                zero_bucket=cfg.parallelism.zero_bucket_size)
         return plan.memory.total, mem.states + max(mem.activations, mem.step_extra)
 
-    for extra in ([], ["parallelism.pipe_partition=uniform"], ["parallelism.zero_bucket_size=1000"]):
+    for extra in ([], ["parallelism.pipe_partition=parameters"], ["parallelism.zero_bucket_size=1000"]):
         got, want = both(extra)
         assert got == pytest.approx(want), extra
-    assert both(["parallelism.pipe_partition=uniform"])[0] != both([])[0]
+    assert both(["parallelism.pipe_partition=parameters"])[0] != both([])[0]  # tiny: layers 0-2 | 3-6 vs 0-3 | 4-6
+
+
+def test_compute_partition_balances_the_work_not_the_weights():
+    """GPT-3 1.3B on 2 stages: a block does 12 d^2 + s d multiply-adds per token (its matmuls, and causal
+    attention's half of 2 s d), the head V d, the embedding lookup none. By parameters the stages hold 12
+    blocks | 12 blocks + head (the second does 16% more work); by work 13 | 11 + head."""
+    from neox.config.plan import gpt_config
+    from neox.launch.compose import compose_config
+    from neox.planner.layout import layer_compute
+
+    m = gpt_config(compose_config(["model=1.3B"]).model)
+    d, s, V = 2048, 2048, 50304
+    assert layer_compute(m) == [0] + [12 * d * d + s * d] * 24 + [0, V * d]
+    assert stage_bounds(m, 2, "parameters") == (0, 13, 27) and stage_bounds(m, 2, "compute") == (0, 14, 27)
+    work = layer_compute(m)
+    def ratio(parts):
+        per = [sum(work[parts[i]:parts[i + 1]]) for i in range(len(parts) - 1)]
+        return max(per) / min(per)
+    assert ratio(stage_bounds(m, 2, "parameters")) > 1.15 and ratio(stage_bounds(m, 2, "compute")) < 1.01
+
+
+def test_compute_partition_keeps_a_block_on_every_stage():
+    """A small model whose head outweighs its blocks would get a stage of the head alone: it falls back
+    to equal block counts."""
+    cfg = dataclasses.replace(M, vocab_size=8192, n_layers=2)
+    work = [0, 1, 1, 0, 0]  # where the blocks are: layers 1 and 2
+    parts = stage_bounds(cfg, 2, "compute")
+    assert all(any(work[parts[i]:parts[i + 1]]) for i in range(2)), parts
