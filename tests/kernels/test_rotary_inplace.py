@@ -280,3 +280,15 @@ def test_mha_q_is_a_view_of_the_rotated_buffer(kernels):
         assert k.untyped_storage().data_ptr() == ptr
         assert (q.untyped_storage().data_ptr() == ptr) == (per == 1)
         assert (ptr == written[0]) == (kernels == "fused")  # the reference returns a new buffer
+
+
+def test_no_grad_and_inference_mode_give_the_training_forward():
+    """Evaluation (no_grad) and generation-style inference_mode run the same in-place op: same logits."""
+    cfg = dataclasses.replace(MODELS["mha-neox-quarter"], kernels="fused")
+    torch.manual_seed(0)
+    model, tokens = GPT(cfg), torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    logits = model(tokens)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), logits)
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), logits)
