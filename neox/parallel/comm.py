@@ -54,11 +54,13 @@ def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
-    # all_gather_into_tensor concatenates along dim 0; move `dim` there and back.
-    xt = x.movedim(dim, 0).contiguous()
-    out = torch.empty((n * xt.shape[0],) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_into(out, xt, group=group)
-    return out.movedim(0, dim).contiguous()
+    # Gathered as a stack [n, *x.shape] (rank-major), then one copy puts each rank's block in place along
+    # `dim` (none for dim 0).
+    x = x.contiguous()
+    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_into(out, x, group=group)  # (gloo takes the stack only in this shape)
+    dim = dim % x.dim()
+    return out.unflatten(0, (n, x.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
 
 
 def _split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
@@ -75,15 +77,19 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     out, _ = _start_reduce_scatter(x, dim, group, async_op=False)
-    return out.movedim(0, dim).contiguous()
+    return out
 
 
 def _start_reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool):
-    """Reduce-scatter along `dim` into a buffer with `dim` moved first: (buffer, work or None)."""
-    # reduce_scatter_tensor splits dim 0; move `dim` there (and back, on the buffer, once it is done)
-    xt = x.movedim(dim, 0).contiguous()
-    out = torch.empty((xt.shape[0] // _size(group),) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    return out, _reduce_scatter_into(out, xt, group=group, async_op=async_op)
+    """Reduce-scatter along `dim`: (this rank's block, the work or None; the block is complete once the
+    work is waited on)."""
+    n = _size(group)
+    dim = dim % x.dim()
+    # One copy makes the ranks' blocks along `dim` a stack [n, *block] (none for dim 0), which the
+    # collective takes as is and scatters straight into this rank's block.
+    stacked = x.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0).contiguous()
+    out = torch.empty(stacked.shape[1:], dtype=x.dtype, device=x.device)
+    return out, _reduce_scatter_into(out, stacked.flatten(0, 1), group=group, async_op=async_op)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -156,7 +162,6 @@ class _GatherFromSPLinear(torch.autograd.Function):
             db = g2.sum(0)
         if work is not None:
             work.wait()
-            dx = dx.movedim(0, SEQ_DIM).contiguous()
         return dx, dw, db, None
 
 

@@ -68,11 +68,11 @@ def _spy_layer(monkeypatch, log: List[str], bias: bool, sp: bool) -> ColumnParal
         return wait_for("all_reduce", async_op)
 
     def all_gather(out, t, group=None, async_op=False):
-        out.copy_(torch.cat([t, t]))
+        out.view(-1).copy_(torch.cat([t.reshape(-1)] * 2))
         return wait_for("all_gather", async_op)
 
     def reduce_scatter(out, t, group=None, async_op=False):
-        out.copy_(t[:out.shape[0]])
+        out.view(-1).copy_(t.reshape(-1)[:out.numel()])
         return wait_for("reduce_scatter", async_op)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
@@ -134,6 +134,32 @@ def test_no_input_grad_means_no_all_reduce(monkeypatch):
     assert calls == ["mm(4, 6)"], calls
 
 
+class _Copies(TorchDispatchMode):
+    """Counts the copies (clone: what .contiguous() and a reshape that cannot view do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_sequence_collectives_copy_once(monkeypatch):
+    """The all-gather and reduce-scatter along the sequence (dim 1 of [batch, seq, features]) reorder their
+    data once: the collectives take and give the ranks' blocks stacked (they used to copy on both sides)."""
+    _spy_layer(monkeypatch, [], True, True)  # the spy collectives of a pretend tp=2 group
+    x = torch.randn(4, 8, 5)
+    for name, fn in (("all-gather", comm._all_gather), ("reduce-scatter", comm._reduce_scatter)):
+        with _Copies() as copies:
+            out = fn(x, 1, None)
+        assert copies.n == 1 and out.is_contiguous(), (name, copies.n)
+    with _Copies() as copies:
+        comm._all_gather(x, 0, None), comm._reduce_scatter(x, 0, None)
+    assert copies.n == 0  # along dim 0 the stack is the layout
+
+
 # ---------------------------------------------------------------------------------------- bitwise, tp=2
 BASE = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16, vocab_size=128)
 MODELS = {
@@ -193,8 +219,18 @@ def _check_model(topo: Topology, name: str, cfg: GPTConfig, sp: bool) -> None:
         _same(p.grad, q.grad, f"{name} sp={sp} grad {n}")
 
 
+def _check_collectives(topo: Topology) -> None:
+    """The all-gather and reduce-scatter along each dim against torch.cat and a sum, on every rank."""
+    n, r, group = topo.tp_size, topo.tp_rank, topo.tp_group
+    every = [torch.arange(4 * 6 * 8, dtype=torch.float32).reshape(4, 6, 8) * (k + 1) + k for k in range(n)]
+    for dim in (0, 1, 2, -1):
+        _same(comm._all_gather(every[r], dim, group), torch.cat(every, dim), f"all-gather along {dim}")
+        _same(comm._reduce_scatter(every[r], dim, group), sum(every).chunk(n, dim)[r], f"reduce-scatter along {dim}")
+
+
 def _worker(rank: int, world: int) -> None:
     topo = Topology.build(tp=world)
+    _check_collectives(topo)
     for sp in (False, True):
         _check_layer(topo, sp)
         for name, cfg in MODELS.items():
