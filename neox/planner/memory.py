@@ -14,7 +14,7 @@ Activations, counted from neox.model.gpt's forward for one layer and one token, 
 bytes, with flash attention (causal SDPA keeps q, k, v, the output and an fp32 log-sum-exp per head):
     norms       the block input x and each norm's output (the next matmul keeps it), and the
                 post-attention input of a sequential residual: 3h (parallel residual) or 4h
-    attention   qkv (h + 2 kv) / t, rotated q and k copies (h + kv) / t when rotary, SDPA's output h / t
+    attention   qkv (h + 2 kv) / t (rotary rotates it in place), GQA's copy of q h / t, SDPA's output h / t
                 (flash attention writes it as [b, s, heads, hd], so the projection's input is a view of
                 it), ALiBi's materialized scores a*s/t
     mlp         GeLU: pre-activation and output 2f / t; SwiGLU: both halves and output 3f / t
@@ -95,8 +95,8 @@ def layer_activation_elements(m: GPTConfig, tp: int, sequence_parallel: bool) ->
     if sequence_parallel and tp > 1:  # split along the sequence, but the two colwise inputs gathered
         replicated = (replicated - 2 * h) / tp + 2 * h
     sharded = (h + 2 * kv) + h  # qkv, SDPA output (= the projection's input)
-    if m.position == "rotary":
-        sharded += h + kv  # rotated q and k are new tensors; v keeps qkv alive
+    if m.n_heads != m.n_kv_heads:
+        sharded += h  # GQA's q is copied out of qkv (MHA: q, k, v are views of it, rotated in place)
     if m.position == "alibi" or m.attn_dropout > 0:
         sharded += m.n_heads * m.seq_len  # scores materialized (per token: one row per head)
     sharded += (3 if m.mlp == "swiglu" else 2) * f
