@@ -168,7 +168,16 @@ class _GatherFromSPLinear(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)  # clone: never reduce into the caller's tensor
+        # Reduced in place (callers pass a partial sum only they made, that nothing else reads: a row-parallel
+        # linear's or the vocab-parallel embedding's fresh output), which saves a copy of the activations.
+        # Copied first where that cannot be: a view (autograd forbids modifying the view output of a custom
+        # Function in place: fp8's matmul), and compiled code (Dynamo cannot trace a dirty input through
+        # the collective).
+        if torch.compiler.is_compiling() or x._is_view() or not x.is_contiguous():
+            return _all_reduce(x.clone(), group)
+        ctx.mark_dirty(x)
+        dist.all_reduce(x, group=group)
+        return x
 
     @staticmethod
     def backward(ctx, g):

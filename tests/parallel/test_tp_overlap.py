@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from neox.model.gpt import GPT, GPTConfig
 from neox.parallel import Topology, apply_tensor_parallel, comm, vocab_parallel_cross_entropy
-from neox.parallel.tensor import ColumnParallelLinear
+from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 
 class TwoNodeColumnParallelLinear(ColumnParallelLinear):
@@ -158,6 +158,19 @@ def test_the_sequence_collectives_copy_once(monkeypatch):
     with _Copies() as copies:
         comm._all_gather(x, 0, None), comm._reduce_scatter(x, 0, None)
     assert copies.n == 0  # along dim 0 the stack is the layout
+
+
+def test_the_row_parallel_output_is_all_reduced_in_place(monkeypatch):
+    """The partial sums of a row-parallel linear are reduced where the matmul wrote them (no copy first)."""
+    log: List[str] = []
+    _spy_layer(monkeypatch, log, True, False)
+    layer = RowParallelLinear(nn.Linear(8, 6), types.SimpleNamespace(tp_rank=0, tp_size=2, tp_group=None), False)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    with _Copies() as copies:
+        y = layer(x)
+    assert copies.n == 0 and log == ["all_reduce"], (copies.n, log)
+    y.sum().backward()  # autograd takes the in-place reduce (its output is the matmul's, marked dirty)
+    torch.testing.assert_close(x.grad, layer.weight.detach().sum(0).expand(3, 5, 4))
 
 
 # ---------------------------------------------------------------------------------------- bitwise, tp=2
