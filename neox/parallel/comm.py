@@ -20,7 +20,7 @@ every function is the identity (no communication), which keeps TP=1 free.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,11 +54,11 @@ def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
-    # Gathered as a stack [n, *x.shape] (rank-major), then one copy puts each rank's block in place along
-    # `dim` (none for dim 0).
+    # The collective stacks the ranks' blocks along dim 0 (rank-major; gloo wants the stack shaped
+    # [n * x.shape[0], ...]); one copy then puts each block in place along `dim` (none for dim 0).
     x = x.contiguous()
     out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_into(out, x, group=group)  # (gloo takes the stack only in this shape)
+    _all_gather_into(out, x, group=group)
     dim = dim % x.dim()
     return out.unflatten(0, (n, x.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
 
@@ -80,7 +80,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return out
 
 
-def _start_reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool):
+def _start_reduce_scatter(x: torch.Tensor, dim: int, group: Group,
+                          async_op: bool) -> Tuple[torch.Tensor, Optional[dist.Work]]:
     """Reduce-scatter along `dim`: (this rank's block, the work or None; the block is complete once the
     work is waited on)."""
     n = _size(group)
