@@ -244,7 +244,7 @@ def _step(cfg: GPTConfig, state: dict, tokens: torch.Tensor, device: str, old: b
 @pytest.mark.parametrize("name", list(MODELS))
 def test_attention_matches_the_old_formulation(device, name, kernels, tp_rank):
     """fp32, same weights and tokens: logits, loss and every gradient bitwise equal to the old attention's
-    (on CUDA within 1e-6: SDPA may take another kernel for a strided q)."""
+    (on CUDA within 1e-5, as test_model_kernels: SDPA may take another kernel for a strided q)."""
     cfg = dataclasses.replace(MODELS[name], kernels=kernels)
     if tp_rank >= 0 and cfg.n_kv_heads % 2:
         pytest.skip("one kv group cannot be split over 2 ranks")
@@ -255,7 +255,7 @@ def test_attention_matches_the_old_formulation(device, name, kernels, tp_rank):
     old = _step(cfg, state, tokens, device, True, tp_rank)
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return torch.equal(a, b) if device == "cpu" else _rel(a, b) <= 1e-6
+        return torch.equal(a, b) if device == "cpu" else _rel(a, b) <= 1e-5
 
     assert same(new[0], old[0]) and same(new[1], old[1]), f"{name}: logits/loss differ"
     for n, g in old[2].items():
