@@ -1,11 +1,13 @@
-"""The column-parallel linear's backward overlaps the input gradient's all-reduce with the weight
-gradient (neox.parallel.comm.copy_to_tp_linear), and computes bitwise what the two-node path computes
-(copy_to_tp, then the linear, each its own autograd node: what a swapped matmul such as fp8 still runs).
+"""The column-parallel linear's backward overlaps the input gradient's all-reduce (under SP: reduce-scatter)
+with the weight gradient (neox.parallel.comm.copy_to_tp_linear, gather_from_sp_linear), and computes bitwise
+what the two-node path computes (the edge, then the linear, each its own autograd node: what a swapped matmul
+such as fp8, and compiled code, still run). Also: the collectives around TP regions copy no more than needed.
 
-In-process: the order of the backward's calls, with torch.distributed.all_reduce replaced by a spy.
-On two gloo ranks (the folder's shared spawn, conftest.py: two_ranks): every gradient, bitwise, for the
-layer alone and for whole tp=2 models (fused bias + GeLU, activation checkpointing, tied head, two
-micro-batches accumulated), against the same model with its column-parallel layers on the two-node path.
+In-process: the order of the backward's calls and the copies, with the collectives replaced by spies.
+On two gloo ranks (the folder's shared spawn, conftest.py: two_ranks): the sequence collectives against
+torch.cat and a sum; every gradient, bitwise, for the layer alone and for whole tp=2 models (fused bias + GeLU,
+activation checkpointing, tied head, SP off and on, two micro-batches accumulated), against the same model with
+its column-parallel layers on the two-node path. On two GPUs (-m gpu): the layer over nccl in bf16.
 """
 from __future__ import annotations
 
