@@ -4,7 +4,8 @@
 #   bash bench/gpu_queue_2x.sh <res dir>      (PYTHONPATH/PATH set for the carried wheels beforehand)
 # Order: kernels built for sm_90 and their GPU tests; the planner's parallelism=auto against hand layouts
 # (issue 18); issue 17's layouts with their one-GPU references side by side; issue 16's one-GPU table beside
-# the checkpoint stall (issue 17), one GPU each; a profile of a 1.4B step; the planner's other 2-GPU points.
+# the checkpoint stall (issue 17), one GPU each; a profile of a 1.4B step; the planner's other 2-GPU points;
+# tp2 again with CUDA_DEVICE_MAX_CONNECTIONS=1 (the overlapped all-reduce not queued behind the dW matmul).
 set -uo pipefail
 RES=${1:-/tmp/res}; mkdir -p "$RES"
 export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 NEOX_CACHE=${NEOX_CACHE:-/tmp/neox-cache} NCCL_NVLS_ENABLE=0 \
@@ -27,5 +28,6 @@ wait
 CUDA_VISIBLE_DEVICES=0 step profile python3 bench/profile_step.py --model 1.4B --micro 4 --accum 8 --out /tmp/profile
 cp /tmp/profile/profile.md "$RES/" 2>/dev/null
 step planner_calibration $CAL --set calibration
+CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1
 say "queue done"; touch "$RES/DONE"
