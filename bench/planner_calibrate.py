@@ -403,12 +403,16 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "out")))
     ap.add_argument("--fit", nargs="*", help="measured JSONs to refit calibration.py from (no GPU needed)")
     ap.add_argument("--table", nargs="*", help="measured JSONs to print the tables of, together (no GPU needed)")
+    ap.add_argument("--repredict", action="store_true", help="with --table: predict with calibration.py as it is now")
     args = ap.parse_args()
     if args.fit:
         print(fit(args.fit))
         return 0
     if args.table:
         rows = [r for p in args.table for r in json.loads(Path(p).read_text())]
+        if args.repredict:  # with calibration.py as it is now, not as it was when the runs were made
+            for r in rows:
+                r["predicted"] = numbers(*inputs(r["overrides_run"], r["predicted"]["gpu"], r["predicted"]["gpu_memory"]))
         print(table(rows) + "\n\n" + summary(rows) + "\n\n" + layouts_table(rows))
         return 0
     cases: List[Case] = []

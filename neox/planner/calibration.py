@@ -17,59 +17,71 @@ Sources (NVIDIA H200, torch 2.11, DeepSpeed 0.19.8, bf16, seq 2048, neox's fused
        per GPU; `model=1.4B parallelism=zero1` dp=2: 114,351 tok/s; one GPU 55,667.
   [R3] 2026-11-26 bench/RESULTS.md (older kernels, taken 5% faster): `model=1.3B` 1 GPU micro 4 x 1:
        36,812 tok/s; tp2 micro 4 x 1: 46,998 tok/s (2 GPUs); pp2 ZeRO-1 4 x 8: 95,127; ZeRO-1 4 x 8: 55,221.
+  [M2] 2026-11-30 (third session), 2x H200, `bench/gpu_queue_2x.sh` (bench/RESULTS.md, "Session 14"):
+       10 real launch.py runs: 1.4B parallelism=auto (dp2 ZeRO-1 micro 32) and two hand layouts (dp2 ZeRO-1
+       m4 x 8, tp2 m8 x 8), 1.3B tp2 m4 x 8 with and without sequence parallelism, 1.3B pp2 at m = 4, 8, 16,
+       and 1.3B and 1.4B on one GPU (ZeRO-1 m4 x 8).
+The constants below were refit (`--fit`) on [M1] without its three 1.4B rows and [M2] without its
+sequence-parallel run: 14 runs. [M1]'s 1.4B rows predate the in-place rotary attention (it no longer keeps
+rotated q/k copies: less memory, 7% faster), so they no longer describe the code; [R1]-[R3] neither.
 """
 from __future__ import annotations
 
-CALIBRATED_ON = "2026-11-30 on 19 H200 runs (calibration.py)"
+CALIBRATED_ON = "2026-11-30 on 14 H200 runs, 1 and 2 GPUs (calibration.py)"
 
 # ---------------------------------------------------------------------------------------------- memory
-# With these, [M1]'s 8 peaks allocated are predicted at 0.996-1.024 of the measured, reserved at
-# 0.964-1.038, nvidia-smi's at 0.966-1.036; [R1]-[R2]'s five at 0.998-1.026.
+# With these, the 15 runs' peaks allocated are predicted at 0.996-1.028 of the measured; reserved at
+# 0.957-1.043, except 1.4B dp2 ZeRO-1 micro 32 x accum 1 at 1.212 (its allocator reserved only 0.3 GiB over
+# the peak: with one micro-batch per step nothing fragments it; one such run, not modelled yet).
 # Multiplies the activations as counted (memory.layer_activation_bytes): 1.0, none needed.
 ACTIVATION_SCALE = 1.0
 # Allocated bytes no term names (cuBLAS workspaces, rotary tables, the loss's row statistics), by hand.
-ALLOCATED_EXTRA_BYTES = 0.25 * 1024**3
+ALLOCATED_EXTRA_BYTES = 0.308 * 1024**3
 # torch's caching allocator reserves more than the peak it allocated (block rounding, fragmentation):
-# [M1] median reserved / allocated - 1 of the ZeRO-0 runs (1.6-5.0%) and of the ZeRO-1..3 runs (11.5-19.6%:
-# their flat partitions and buckets fragment it more), keyed 0 and 1.
-RESERVED_FRACTION = {0: 0.0425, 1: 0.153}
-# Outside the allocator (CUDA context, cuBLAS/cuDNN handles): [M1] nvidia-smi's peak minus the peak
-# reserved was 2.06 GiB in all 8 one-GPU runs. NCCL's buffers per process group (tp, pp, dp): not yet
-# measured (the 2-GPU runs of bench/planner_calibrate.py will), 0.2 GiB assumed.
-CONTEXT_BYTES = 2.06 * 1024**3
-NCCL_BYTES_PER_GROUP = 0.2 * 1024**3
+# the median reserved / allocated - 1 of the ZeRO-0 runs and of the ZeRO-1..3 runs (their flat partitions
+# and buckets fragment it more), keyed 0 and 1.
+RESERVED_FRACTION = {0: 0.0456, 1: 0.1865}
+# Outside the allocator (CUDA context, cuBLAS/cuDNN handles): nvidia-smi's peak minus the peak reserved,
+# the median over the one-GPU runs; NCCL's buffers per process group (tp, pp, dp): the median of what the
+# 2-GPU runs [M2] add beyond that.
+CONTEXT_BYTES = 2.058 * 1024**3
+NCCL_BYTES_PER_GROUP = 1.629 * 1024**3
 # A layout "fits" when the predicted total is at most this fraction of the card: the predictions
 # aim at 5% (issue 18), so a layout predicted at 96% is not promised.
 FIT_FRACTION = 0.95
 
 # ---------------------------------------------------------------------------------------------- time
-# Fitted together (least squares on log tokens/s, 2026-11-30) to the 19 runs of [M1] and [R1]-[R3];
-# residuals 0.96-1.05 of the measured tokens/s, except [R3]'s pp2 run at 0.93 (goal: 15%).
+# Fitted together (least squares on log tokens/s, 2026-11-30) to the 14 runs above: residuals 0.916-1.090
+# of the measured tokens/s (goal: 15%); the sequence-parallel run by its own factor below.
 # Share of the dense bf16 peak the model's matmuls reach, at most: bounded by the 794 TFLOP/s (80% of 989)
 # a bf16 8192^3 matmul reached on this card (shared FACTS.md); the fit sits on the bound.
 MATMUL_EFFICIENCY = 0.80
 # Matmul efficiency falls for small local matmuls: eff = MATMUL_EFFICIENCY * n / (n + MATMUL_HALF_WORK)
 # with n = tokens of one micro-batch x d / tp.
-MATMUL_HALF_WORK = 2.42e6
+MATMUL_HALF_WORK = 1.248e6
 # Memory-bound work (norms, activations, residual adds, rotary, the loss, the optimizer's elementwise
 # math) as bytes moved per byte of activations the layer saves.
-ELEMENTWISE_TRAFFIC = 11.65
+ELEMENTWISE_TRAFFIC = 12.24
 # Host time per layer per micro-batch (forward + backward) that the GPU waits on when its own work is
 # shorter ([M1]'s micro-1 runs bound it).
-HOST_SECONDS_PER_LAYER = 2.98e-3
+HOST_SECONDS_PER_LAYER = 2.942e-3
 # Per optimizer step: a fixed part (the engine's step, clipping, logging) and a part per parameter the
 # GPU updates, as bytes at HBM speed (DeepSpeed's unfused optimizer casts and copies each gradient and
 # weight besides AdamW's own reads and writes).
-STEP_OVERHEAD_S = 0.037
-OPTIMIZER_BYTES_PER_PARAM = 125.3
+STEP_OVERHEAD_S = 0.0368
+OPTIMIZER_BYTES_PER_PARAM = 143.8
 # Per layer per micro-batch, forward + backward: the time ZeRO-2's gradient hooks (bucketing, reducing
 # into the partition) and ZeRO-3's (gathering and releasing every layer's weights) add. One run each in
 # [M1] (1.4B ZeRO-2 micro 8 ckpt: 37,242 tok/s; 1.4B ZeRO-3 micro 2: 10,185 tok/s, on one GPU).
 ZERO_SECONDS_PER_LAYER = {2: 2.46e-3, 3: 1.178e-2}
 # Share of a link's bandwidth NCCL's collectives reach (not fitted: NCCL's usual bus efficiency), and
-# each collective's latency (fitted: [R2] 6.7B tp2, [R3] 1.3B tp2).
+# each collective's latency (fitted: [M2]'s tp2 runs).
 COMM_EFFICIENCY = 0.7
-COMM_LATENCY_S = 2.05e-4
+COMM_LATENCY_S = 1.17e-4
+# Sequence parallelism's tp collectives (all-gather and reduce-scatter along the sequence) as a multiple
+# of the all-reduces they replace: [M2] 1.3B tp2 micro 4 x 8 ran 50,654 tok/s with it, 77,169 without
+# (the same volume in theory; neox's SP path is slower: issue 17). One run; fitted by hand to it.
+SEQUENCE_PARALLEL_TP_FACTOR = 3.63
 # Share of the data-parallel communication hidden behind compute. DeepSpeed overlaps it only with
 # overlap_comm, which neox leaves at DeepSpeed's default: off for ZeRO-1/2, on for ZeRO-3. Not measured
 # yet (0.5 for ZeRO-3 is a guess); [R2]'s dp=2 ZeRO-1 run at 1.4B is fitted with none hidden.

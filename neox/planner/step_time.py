@@ -93,6 +93,8 @@ def micro_batch_time(m: GPTConfig, c: Candidate, st: Stage, gpu: GpuSpec, precis
         per = tokens * m.d_model * element_bytes(precision)
         collectives = (6 if c.checkpointing else 4) * st.blocks
         t_tp = collectives * collective_time(per, c.tp, bw)
+        if c.sequence_parallel:  # measured slower than the all-reduces they replace (calibration.py)
+            t_tp *= cal.SEQUENCE_PARALLEL_TP_FACTOR
     t_host = (st.blocks + 2) * cal.HOST_SECONDS_PER_LAYER * recompute
     # ZeRO-2/3's hooks on every parameter (bucketing gradients; ZeRO-3 gathering and releasing weights)
     t_zero = (st.blocks + 2) * cal.ZERO_SECONDS_PER_LAYER.get(c.zero_stage, 0.0)
