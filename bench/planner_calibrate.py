@@ -311,7 +311,7 @@ def layouts_table(rows: List[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ fit
-def fit(paths: List[str]) -> str:
+def fit(paths: List[str], skip: frozenset = frozenset()) -> str:
     """Refit calibration.py's constants to measured JSONs; returns the new lines and the refit table."""
     import numpy as np
     from scipy.optimize import least_squares
@@ -319,7 +319,7 @@ def fit(paths: List[str]) -> str:
     from neox.planner import calibration as cal
 
     rows = [r for p in paths for r in json.loads(Path(p).read_text())
-            if r.get("measured") and "error" not in r["measured"]]
+            if r.get("measured") and "error" not in r["measured"] and r["name"] not in skip]
     mem_names = ["ACTIVATION_SCALE", "ALLOCATED_EXTRA_BYTES"]
     time_names = ["MATMUL_EFFICIENCY", "MATMUL_HALF_WORK", "ELEMENTWISE_TRAFFIC", "HOST_SECONDS_PER_LAYER",
                   "STEP_OVERHEAD_S", "OPTIMIZER_BYTES_PER_PARAM", "COMM_LATENCY_S", "ZERO_SECONDS_PER_LAYER[2]",
@@ -403,10 +403,11 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "out")))
     ap.add_argument("--fit", nargs="*", help="measured JSONs to refit calibration.py from (no GPU needed)")
     ap.add_argument("--table", nargs="*", help="measured JSONs to print the tables of, together (no GPU needed)")
+    ap.add_argument("--skip", default="", help="with --fit: comma-separated case names to leave out")
     ap.add_argument("--repredict", action="store_true", help="with --table: predict with calibration.py as it is now")
     args = ap.parse_args()
     if args.fit:
-        print(fit(args.fit))
+        print(fit(args.fit, frozenset(n.strip() for n in args.skip.split(",") if n.strip())))
         return 0
     if args.table:
         rows = [r for p in args.table for r in json.loads(Path(p).read_text())]

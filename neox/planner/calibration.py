@@ -7,9 +7,8 @@ close matmuls get to the peak, host time per layer). `bench/planner_calibrate.py
 from measured JSONs and prints this file's new values.
 
 Sources (NVIDIA H200, torch 2.11, DeepSpeed 0.19.8, bf16, seq 2048, neox's fused kernels):
-  [M1] 2026-11-30, `python bench/planner_calibrate.py --gpus 1` (the lead's run; JSON in the session's
-       notes, planner-measured/planner_calibration_1gpu_calibration.json): 8 real launch.py runs, 125M-6.7B,
-       ZeRO 0-3, checkpointing off/on, micro 1-16; peak allocated / reserved / nvidia-smi and tokens/s.
+  [M1] 2026-11-30, `python bench/planner_calibrate.py --gpus 1`: 8 real launch.py runs, 125M-6.7B, ZeRO 0-3,
+       checkpointing off/on, micro 1-16; peak allocated / reserved / nvidia-smi and tokens/s.
   [R1] 2026-11-30 issue 16: `model=1.4B` ZeRO-0 micro 4 x accum 8: 56,017 tok/s, peak allocated 35.0 GiB;
        micro 8 x accum 4: 58,063 tok/s, 48.6 GiB; `model=125M` micro 16 x 1: 304,629 tok/s, 14.5 GiB;
        micro 32 x 4: 451,193 tok/s, 27.1 GiB.
@@ -21,9 +20,11 @@ Sources (NVIDIA H200, torch 2.11, DeepSpeed 0.19.8, bf16, seq 2048, neox's fused
        10 real launch.py runs: 1.4B parallelism=auto (dp2 ZeRO-1 micro 32) and two hand layouts (dp2 ZeRO-1
        m4 x 8, tp2 m8 x 8), 1.3B tp2 m4 x 8 with and without sequence parallelism, 1.3B pp2 at m = 4, 8, 16,
        and 1.3B and 1.4B on one GPU (ZeRO-1 m4 x 8).
-The constants below were refit (`--fit`) on [M1] without its three 1.4B rows and [M2] without its
-sequence-parallel run: 14 runs. [M1]'s 1.4B rows predate the in-place rotary attention (it no longer keeps
-rotated q/k copies: less memory, 7% faster), so they no longer describe the code; [R1]-[R3] neither.
+Both sets' JSONs are in bench/measured/. The constants below are `python bench/planner_calibrate.py --fit
+bench/measured/*.json --skip "1.4B z0 m4,1.4B z2 m8 ckpt,1.4B z3 m2,1.3B tp2 sp m4x8"` (14 runs), but for
+ACTIVATION_SCALE, which the fit put at 0.988 and which stays 1.0: the activations are counted exactly.
+[M1]'s 1.4B rows predate the in-place rotary attention (it no longer keeps rotated q/k copies: less
+memory, 7% faster), so they no longer describe the code; [R1]-[R3] neither.
 """
 from __future__ import annotations
 
