@@ -41,7 +41,7 @@ def test_save_layout_and_round_trip(tmp_path, async_save):
     assert set(manifest["files"]) == {SHARD, "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                       "neox_state.json", "rng/rank_00000.pt"}
     assert manifest["step"] == 3
-    assert manifest["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0, "partition": "parameters",
+    assert manifest["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0, "partition": "compute",
                                   "parts": [0, 5]}
     assert manifest["model"]["n_layers"] == 2 and manifest["model"]["vocab_size"] == 64
     engine = FakeEngine()
