@@ -123,19 +123,10 @@ class _CopyToTPLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        dx = work = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = g2.mm(weight)  # a fresh tensor: reduced in place, nobody else holds it
-            work = dist.all_reduce(dx, group=ctx.group, async_op=True)
-        if ctx.needs_input_grad[1]:
-            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0)
-        if work is not None:
-            work.wait()
-            dx = dx.view(x.shape)
-        return dx, dw, db, None
+
+        def all_reduce(dx: torch.Tensor) -> tuple:  # dx is fresh: reduced in place, nobody else holds it
+            return dx.view(x.shape), dist.all_reduce(dx, group=ctx.group, async_op=True)
+        return _overlapped_linear_backward(ctx, g, x, weight, all_reduce)
 
 
 class _GatherFromSPLinear(torch.autograd.Function):
@@ -153,17 +144,27 @@ class _GatherFromSPLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         full, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        dx = work = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx, work = _start_reduce_scatter(g2.mm(weight).view(full.shape), SEQ_DIM, ctx.group, async_op=True)
-        if ctx.needs_input_grad[1]:
-            dw = g2.t().mm(full.reshape(-1, full.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0)
-        if work is not None:
-            work.wait()
-        return dx, dw, db, None
+
+        def reduce_scatter(dx: torch.Tensor) -> tuple:
+            return _start_reduce_scatter(dx.view(full.shape), SEQ_DIM, ctx.group, async_op=True)
+        return _overlapped_linear_backward(ctx, g, full, weight, reduce_scatter)
+
+
+def _overlapped_linear_backward(ctx, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, start) -> tuple:
+    """A linear's backward (x its saved input) with the input gradient's collective overlapped: dX = dY @ W,
+    `start(dX)` launches the collective and returns (the gradient it will hold, its handle), then dW = dY^T @ X
+    and db = dY summed over rows are computed, then the collective is waited for."""
+    g2 = g.reshape(-1, g.shape[-1])
+    dx = work = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx, work = start(g2.mm(weight))
+    if ctx.needs_input_grad[1]:
+        dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = g2.sum(0)
+    if work is not None:
+        work.wait()
+    return dx, dw, db, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
