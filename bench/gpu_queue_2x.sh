@@ -32,6 +32,7 @@ CAL="python3 bench/planner_calibrate.py --gpus 2 --out $RES --timeout 200"
 say "commit $(cat COMMIT 2>/dev/null) on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)"
 step build python3 setup.py -q build_ext --inplace
 step new_path_tests python3 -m pytest -q -m gpu tests/kernels/test_rotary_inplace.py tests/parallel tests/model -p no:cacheprovider
+step comm python3 bench/comm_bandwidth.py --gpus 2 --out "$RES/comm_bandwidth.json"  # the link tp2 runs over
 # what session 14 left unmeasured first: parallelism=auto at 6.7B against its hand layouts, 1.4B pp2
 step planner_auto $CAL --set auto --only "6.7B auto,6.7B tp2 m4,6.7B dp2 z3 m2 ckpt,6.7B pp2 z1 m2,1.4B pp2 z1 m4"
 CUDA_VISIBLE_DEVICES=0 step checkpoint timeout 420 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json" &
