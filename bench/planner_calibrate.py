@@ -52,10 +52,10 @@ class Case:
 
 
 def _case(name: str, model: str, gpus: int, micro: int, accum: int, *, par: str = "single", zero: int = 0,
-          ckpt: bool = False, group: str = "calibration") -> Case:
+          ckpt: bool = False, group: str = "calibration", more: tuple = ()) -> Case:
     over = [f"model={model}", f"parallelism={par}", f"parallelism.zero_stage={zero}", f"train.micro_batch={micro}",
             f"train.grad_accum={accum}", f"model.activation_checkpointing={'full' if ckpt else 'none'}",
-            f"cluster.gpus={gpus}"]
+            f"cluster.gpus={gpus}", *more]
     return Case(name, over, gpus, group)
 
 
@@ -83,10 +83,8 @@ TWO_GPUS = [
 ONE_GPU_REFS = [_case("1.3B 1gpu z1 m4x8", "1.3B", 1, 4, 8, zero=1, group="layouts"),
                 _case("1.4B 1gpu z1 m4x8", "1.4B", 1, 4, 8, zero=1, group="layouts")]
 LAYOUTS = [_case("1.3B tp2 m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts")] + [
-    _case(f"1.3B pp2 z1 m4x{m}", "1.3B", 2, 4, m, par="pp2", zero=1, group="layouts") for m in (8, 4, 16)]
-_sp = _case("1.3B tp2 sp m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts")
-_sp.overrides.append("parallelism.sequence_parallel=true")
-LAYOUTS.append(_sp)
+    _case(f"1.3B pp2 z1 m4x{m}", "1.3B", 2, 4, m, par="pp2", zero=1, group="layouts") for m in (8, 4, 16)] + [
+    _case("1.3B tp2 sp m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts", more=("parallelism.sequence_parallel=true",))]
 LAYOUT_REFS = {"1.3B tp2 m4x8": "1.3B 1gpu z1 m4x8", "1.3B tp2 sp m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x4": "1.3B 1gpu z1 m4x8",
                "1.3B pp2 z1 m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x16": "1.3B 1gpu z1 m4x8",
                "1.4B dp2 z1 m4": "1.4B 1gpu z1 m4x8", "6.7B tp2 m4": None}

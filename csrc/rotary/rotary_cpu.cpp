@@ -12,6 +12,19 @@
 
 namespace neox {
 
+// The pairs of one head's first R = 2 * half dims, read from xr and written to yr (the same row in place:
+// each pair is read before it is written).
+template <typename T>
+inline void rotate_pairs(const T* xr, T* yr, const float* cs, const float* sn, int64_t half, bool interleaved,
+                         float sgn) {
+  for (int64_t i = 0; i < half; i++) {
+    const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+    const float a = to_float(xr[ia]), b = to_float(xr[ib]), c = cs[i], sv = sgn * sn[i];
+    yr[ia] = from_float<T>(a * c - b * sv);
+    yr[ib] = from_float<T>(b * c + a * sv);
+  }
+}
+
 template <typename T>
 void rotary_cpu(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S, int64_t H,
                 int64_t D, int64_t R, bool interleaved, bool inverse) {
@@ -26,12 +39,7 @@ void rotary_cpu(const T* x, const float* cos, const float* sin, T* out, int64_t 
         const int64_t off = ((bi * S + s) * H + h) * D;
         const T* xr = x + off;
         T* yr = out + off;
-        for (int64_t i = 0; i < half; i++) {
-          const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-          float a = to_float(xr[ia]), b = to_float(xr[ib]), c = cs[i], sv = sgn * sn[i];
-          yr[ia] = from_float<T>(a * c - b * sv);
-          yr[ib] = from_float<T>(b * c + a * sv);
-        }
+        rotate_pairs(xr, yr, cs, sn, half, interleaved, sgn);
         for (int64_t i = R; i < D; i++) yr[i] = xr[i];
       }
     }
@@ -52,12 +60,7 @@ void rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t
       for (int64_t g = 0; g < G; g++) {
         for (int64_t h = 0; h <= P; h++) {  // the q heads and k, not v
           T* xr = token + (g * (P + 2) + h) * D;
-          for (int64_t i = 0; i < half; i++) {
-            const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-            const float a = to_float(xr[ia]), b = to_float(xr[ib]), c = cs[i], sv = sgn * sn[i];
-            xr[ia] = from_float<T>(a * c - b * sv);
-            xr[ib] = from_float<T>(b * c + a * sv);
-          }
+          rotate_pairs(xr, xr, cs, sn, half, interleaved, sgn);
         }
       }
     }

@@ -104,67 +104,41 @@ class _CopyToTP(torch.autograd.Function):
         return _all_reduce(g.clone(), ctx.group), None  # clone: autograd may share g
 
 
-class _CopyToTPLinear(torch.autograd.Function):
-    """`F.linear(copy_to_tp(x), weight, bias)` in one node. Split in two, the input gradient's
-    all-reduce waits for both of the linear's backward matmuls; here it starts right after dX and
-    runs while dW and db are computed.
+class _EdgeLinear(torch.autograd.Function):
+    """`F.linear(copy_to_tp(x), weight, bias)` (sequence=False) or `F.linear(gather_from_sp(x), weight, bias)`
+    (sequence=True) in one node. Split in two, the input gradient's all-reduce (reduce-scatter) waits for both
+    of the linear's backward matmuls; here it starts right after dX and runs while dW and db are computed.
 
     The backward runs the matmuls autograd runs for F.linear on a contiguous input (flattened to 2-d:
-    dX = dY @ W, dW = dY^T @ X, db = dY summed over rows), so the gradients are bitwise those of the
-    two-node path (tests/parallel/test_tp_overlap.py)."""
+    dX = dY @ W, dW = dY^T @ X, db = dY summed over rows) and the same collectives, so the gradients are
+    bitwise those of the two-node path (tests/parallel/test_tp_overlap.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group):
-        x = x.contiguous()  # what F.linear flattens anyway; the backward below reads it as 2-d
-        ctx.save_for_backward(x, weight)
-        ctx.group, ctx.has_bias = group, bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-
-        def all_reduce(dx: torch.Tensor) -> tuple:  # dx is fresh: reduced in place, nobody else holds it
-            return dx.view(x.shape), dist.all_reduce(dx, group=ctx.group, async_op=True)
-        return _overlapped_linear_backward(ctx, g, x, weight, all_reduce)
-
-
-class _GatherFromSPLinear(torch.autograd.Function):
-    """`F.linear(gather_from_sp(x), weight, bias)` in one node: in backward the input gradient's
-    reduce-scatter starts right after dX and runs while dW and db are computed. Same collectives
-    and matmuls as the two nodes (`_CopyToTPLinear` says which), so bitwise the same gradients."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, group):
-        full = _all_gather(x, SEQ_DIM, group)  # saved, as F.linear saves its input in the two-node path
+    def forward(ctx, x, weight, bias, group, sequence: bool):
+        # the linear's input as F.linear would save it: this rank's (contiguous), or the gathered sequence
+        full = _all_gather(x, SEQ_DIM, group) if sequence else x.contiguous()
         ctx.save_for_backward(full, weight)
-        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.group, ctx.has_bias, ctx.sequence = group, bias is not None, sequence
         return F.linear(full, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
         full, weight = ctx.saved_tensors
-
-        def reduce_scatter(dx: torch.Tensor) -> tuple:
-            return _start_reduce_scatter(dx.view(full.shape), SEQ_DIM, ctx.group, async_op=True)
-        return _overlapped_linear_backward(ctx, g, full, weight, reduce_scatter)
-
-
-def _overlapped_linear_backward(ctx, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, start) -> tuple:
-    """A linear's backward (x its saved input) with the input gradient's collective overlapped: dX = dY @ W,
-    `start(dX)` launches the collective and returns (the gradient it will hold, its handle), then dW = dY^T @ X
-    and db = dY summed over rows are computed, then the collective is waited for."""
-    g2 = g.reshape(-1, g.shape[-1])
-    dx = work = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx, work = start(g2.mm(weight))
-    if ctx.needs_input_grad[1]:
-        dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = g2.sum(0)
-    if work is not None:
-        work.wait()
-    return dx, dw, db, None
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = work = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = g2.mm(weight).view(full.shape)  # fresh: reduced in place, nobody else holds it
+            if ctx.sequence:
+                dx, work = _start_reduce_scatter(dx, SEQ_DIM, ctx.group, async_op=True)
+            else:
+                work = dist.all_reduce(dx, group=ctx.group, async_op=True)
+        if ctx.needs_input_grad[1]:
+            dw = g2.t().mm(full.reshape(-1, full.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        if work is not None:
+            work.wait()
+        return dx, dw, db, None, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -250,13 +224,13 @@ def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
 def copy_to_tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       group: Group) -> torch.Tensor:
     """`F.linear(copy_to_tp(x, group), weight, bias)`, with the backward's all-reduce overlapped."""
-    return _CopyToTPLinear.apply(x, weight, bias, group) if _size(group) > 1 else F.linear(x, weight, bias)
+    return _EdgeLinear.apply(x, weight, bias, group, False) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
 def gather_from_sp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           group: Group) -> torch.Tensor:
     """`F.linear(gather_from_sp(x, group), weight, bias)`, with the backward's reduce-scatter overlapped."""
-    return _GatherFromSPLinear.apply(x, weight, bias, group) if _size(group) > 1 else F.linear(x, weight, bias)
+    return _EdgeLinear.apply(x, weight, bias, group, True) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:

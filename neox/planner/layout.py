@@ -146,12 +146,16 @@ def stage_bounds(m: GPTConfig, pp: int, partition: str = DEFAULT_PARTITION) -> T
 def compute_bounds(m: GPTConfig, pp: int) -> Tuple[int, ...]:
     """Stages of equal work (`layer_compute`). Where that leaves a stage without a block (a small model
     whose head outweighs its blocks), stages of equal block counts instead: each stage runs blocks."""
-    work = tuple(layer_compute(m))
-    parts = _parts(work, pp, "parameters")
-    if all(any(w and i not in (0, len(work) - 1) for i, w in enumerate(work[parts[s]:parts[s + 1]], parts[s]))
-           for s in range(pp)):
+    parts = _parts(tuple(layer_compute(m)), pp, "parameters")
+    if every_stage_has_a_block(parts):
         return parts
     return _parts(tuple([0] + [1] * m.n_layers + [0, 0]), pp, "parameters")
+
+
+def every_stage_has_a_block(parts: Tuple[int, ...]) -> bool:
+    # layers: 0 embedding, 1..L blocks, L+1 final norm, L+2 head
+    n = parts[-1]
+    return all(any(1 <= i <= n - 3 for i in range(parts[s], parts[s + 1])) for s in range(len(parts) - 1))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from neox.errors import ConfigError
 from neox.planner.gpus import GiB
-from neox.planner.layout import DEFAULT_PARTITION, Candidate, stage_bounds
+from neox.planner.layout import DEFAULT_PARTITION, Candidate, every_stage_has_a_block, stage_bounds
 from neox.planner.setup import Estimate, Setup, evaluate
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -41,16 +41,10 @@ def pp_options(setup: Setup, rest: int, partition: str = DEFAULT_PARTITION) -> L
             continue
         if p > 1:
             parts = stage_bounds(setup.model, p, partition)
-            if any(parts[s + 1] - parts[s] < 1 for s in range(p)) or not _every_stage_has_a_block(parts, p):
+            if any(parts[s + 1] - parts[s] < 1 for s in range(p)) or not every_stage_has_a_block(parts):
                 continue
         out.append(p)
     return out
-
-
-def _every_stage_has_a_block(parts: Tuple[int, ...], pp: int) -> bool:
-    # layers: 0 embedding, 1..L blocks, L+1 final norm, L+2 head
-    n = parts[-1]
-    return all(any(1 <= i <= n - 3 for i in range(parts[s], parts[s + 1])) for s in range(pp))
 
 
 def zero_options(setup: Setup, pp: int, dp: int) -> Tuple[int, ...]:
