@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one session measures on the 2-GPU machine, in priority order, as one queue that outlives a
 # single device call (a call lasts 10 minutes at most). On the device machine:
-#   call 1:  bash bench/gpu_queue_2x.sh --start <res>        copies the tree to /tmp/neox-queue (each call
+#   call 1:  bash bench/gpu_queue_2x.sh --start <res>        copies the tree to a new /tmp/neox-queue.* (each call
 #            re-sends the repo, which would delete a running queue's directory), starts the queue there
 #            in its own session, returns at once
 #   later:   bash bench/gpu_queue_2x.sh --collect <res> <s>  waits up to <s> seconds (or until it is done),
@@ -13,10 +13,12 @@
 # tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1 (the overlapped all-reduce not queued behind the dW matmul); the
 # whole GPU kernel suite last (3 minutes). Session 14 ran issue 17's layouts (`--set refs`, `--set layouts`).
 if [ "${1:-}" = "--start" ]; then
-  rm -rf /tmp/neox-queue "$2/DONE" && mkdir -p "$2" && cp -r . /tmp/neox-queue && cd /tmp/neox-queue || exit 1
-  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/neox-queue"
+  # a results dir of its own: it deletes nothing, so it refuses one that already holds files
+  if [ -n "$(ls -A "$2" 2>/dev/null)" ]; then echo "gpu_queue_2x: $2 is not empty; give a new results dir" >&2; exit 2; fi
+  q=$(mktemp -d /tmp/neox-queue.XXXXXX) && mkdir -p "$2" && cp -r . "$q" && cd "$q" || exit 1
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$q"
   setsid nohup bash bench/gpu_queue_2x.sh "$2" > "$2/queue.out" 2>&1 < /dev/null &
-  echo "queue started in /tmp/neox-queue, results in $2"; exit 0
+  echo "queue started in $q, results in $2"; exit 0
 fi
 if [ "${1:-}" = "--collect" ]; then
   end=$((SECONDS + $3)); while [ $SECONDS -lt $end ] && [ ! -e "$2/DONE" ]; do sleep 5; done

@@ -38,3 +38,16 @@ def test_checkpoint_save_runs_in_a_folder_of_its_own(tmp_path, monkeypatch):
     mine.mkdir(parents=True)  # a folder of the same name, not the bench's
     cs.train("1.4B", "sync", 3, 2, tmp_path, tmp_path)
     assert mine.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["1.4B-sync", "1.4B-sync.log"]
+
+
+def test_gpu_queue_refuses_a_results_dir_that_holds_files(tmp_path):
+    """bench/gpu_queue_2x.sh --start writes into its results dir and deletes nothing: one already in use
+    (an earlier queue's results) is refused before anything starts."""
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "queue.log").write_text("an earlier queue\n")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_queue_2x.sh"), "--start", str(res)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr
+    assert sorted(p.name for p in res.iterdir()) == ["queue.log"]
+    assert (res / "queue.log").read_text() == "an earlier queue\n"
