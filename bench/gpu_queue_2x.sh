@@ -6,18 +6,20 @@
 #            in its own session, returns at once
 #   later:   bash bench/gpu_queue_2x.sh --collect <res> <s>  waits up to <s> seconds (or until it is done),
 #            then packs <res> into $OUT/res.tgz (a call brings back only a few files: one archive)
-# PYTHONPATH/PATH must already point at the carried wheels. Order (what session 14 did not reach first):
-# kernels built for sm_90 and the GPU tests of the newest paths; parallelism=auto at 6.7B against hand
-# layouts (issue 18); the async checkpoint stall (issue 17) beside a profile of a 1.4B step; the 300-step
-# bf16/fp8 loss comparison beside the one-GPU table with fp8 (issue 16); the planner's other 2-GPU points;
-# tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1 (the overlapped all-reduce not queued behind the dW matmul); the
-# whole GPU kernel suite last (3 minutes). Session 14 ran issue 17's layouts (`--set refs`, `--set layouts`).
+# PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
+# order (default: all, in the order below):
+#   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
+#   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile (GPU 1)
+#   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | 125M's micro-batches (GPU 1)
+#   parity         tp2 and pp2 against one GPU, 50 steps         fp8        300-step bf16/fp8 losses | fp8 table
+#   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
+#   gputests       the whole GPU kernel suite (3 minutes)
 if [ "${1:-}" = "--start" ]; then
   # a results dir of its own: it deletes nothing, so it refuses one that already holds files
   if [ -n "$(ls -A "$2" 2>/dev/null)" ]; then echo "gpu_queue_2x: $2 is not empty; give a new results dir" >&2; exit 2; fi
   q=$(mktemp -d /tmp/neox-queue.XXXXXX) && mkdir -p "$2" && cp -r . "$q" && cd "$q" || exit 1
   export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$q"
-  setsid nohup bash bench/gpu_queue_2x.sh "$2" > "$2/queue.out" 2>&1 < /dev/null &
+  setsid nohup bash bench/gpu_queue_2x.sh "${@:2}" > "$2/queue.out" 2>&1 < /dev/null &
   echo "queue started in $q, results in $2"; exit 0
 fi
 if [ "${1:-}" = "--collect" ]; then
@@ -32,21 +34,36 @@ say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RES/queue.log"; }
 step() { local name=$1; shift; say "start $name"; "$@" > "$RES/$name.out" 2>&1; say "end $name rc=$?"; }
 CAL="python3 bench/planner_calibrate.py --gpus 2 --out $RES --timeout 200"
 say "commit $(cat COMMIT 2>/dev/null) on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)"
-step build python3 setup.py -q build_ext --inplace
-step new_path_tests python3 -m pytest -q -m gpu tests/kernels/test_rotary_inplace.py tests/parallel tests/model -p no:cacheprovider
-step comm python3 bench/comm_bandwidth.py --gpus 2 --out "$RES/comm_bandwidth.json"  # the link tp2 runs over
-# what session 14 left unmeasured first: parallelism=auto at 6.7B against its hand layouts, 1.4B pp2
-step planner_auto $CAL --set auto --only "6.7B auto,6.7B tp2 m4,6.7B dp2 z3 m2 ckpt,6.7B pp2 z1 m2,1.4B pp2 z1 m4"
-CUDA_VISIBLE_DEVICES=0 step checkpoint timeout 420 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json" &
-CUDA_VISIBLE_DEVICES=1 step profile python3 bench/profile_step.py --model 1.4B --micro 4 --accum 8 --out "$RES/profile" &
-wait
-rm -f "$RES/profile/trace.json"  # hundreds of MB
-CUDA_VISIBLE_DEVICES=0 step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" &
-CUDA_VISIBLE_DEVICES=1 step throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 \
-    --peers hf,mini_compile --out "$RES/throughput" &
-wait
-step planner_calibration $CAL --set calibration
-CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection
-step gpu_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+item() {
+  case $1 in
+  build) step build python3 setup.py -q build_ext --inplace ;;
+  planner67) step planner_auto $CAL --set auto --only "6.7B auto,6.7B tp2 m4,6.7B dp2 z3 m2 ckpt,6.7B pp2 z1 m2" ;;
+  ckpt_profile)
+    CUDA_VISIBLE_DEVICES=0 step checkpoint timeout 480 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json" &
+    CUDA_VISIBLE_DEVICES=1 step profile python3 bench/profile_step.py --model 1.4B --micro 4 --accum 8 --out "$RES/profile" &
+    wait; rm -f "$RES/profile/trace.json" ;;  # hundreds of MB
+  throughput)
+    CUDA_VISIBLE_DEVICES=0 step throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 \
+        --peers hf,mini_compile --out "$RES/throughput" &
+    CUDA_VISIBLE_DEVICES=1 step throughput_125M python3 bench/train_throughput.py --model 125M --micro 32 --accum 4 \
+        --peers '' --neox '' --neox 'train.micro_batch=16 train.grad_accum=8' --neox 'train.micro_batch=64 train.grad_accum=2' \
+        --out "$RES/throughput_125M" &
+    wait ;;
+  parity) step parity python3 bench/loss_parity.py --out "$RES/parity" ;;
+  fp8)
+    CUDA_VISIBLE_DEVICES=0 step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" &
+    CUDA_VISIBLE_DEVICES=1 step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 \
+        --peers '' --out "$RES/fp8_throughput" &
+    wait ;;
+  tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
+  calibration) step planner_calibration $CAL --set calibration ;;
+  gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel -p no:cacheprovider ;;
+  *) say "unknown item $1" ;;
+  esac
+}
+shift
+for it in "${@:-build planner67 ckpt_profile throughput parity fp8 tp2conn calibration gputests}"; do
+  for one in $it; do item "$one"; done
+done
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1
 say "queue done"; touch "$RES/DONE"

@@ -1,0 +1,104 @@
+"""Loss parity of the multi-GPU layouts against one GPU: same model, seed, data and global batch.
+
+    python bench/loss_parity.py --out $OUT/parity                   # model=1.3B, 50 steps: 1 GPU, tp2, pp2
+    python bench/loss_parity.py --out $OUT/parity --steps 20 --layouts tp2
+
+Each run goes through `launch.py` (DeepSpeed engine, bf16, fused kernels, the embedded corpus), micro 4 x
+accum 4 by default, a log record per step; it is stopped (SIGINT: the ranks exit at once, no checkpoint is
+written) once its last step is logged. The table gives each layout's per-step train-loss gap to the one-GPU
+run: the largest, the mean, and step 1's (the same weights and batch: only the arithmetic's order differs).
+bf16 noise grows with the steps, so the step-1 gap is the exactness check and the 50-step gap the drift.
+Writes parity.json and parity.md to --out, with each run's log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from neox.train.metrics import read_metrics  # noqa: E402
+
+LAYOUTS = {"1gpu": ["cluster.gpus=1"], "tp2": ["parallelism=tp2"], "pp2": ["parallelism=pp2"]}
+# --cpu-smoke: the same comparison on CPU processes over gloo (checks this script, measures nothing)
+CPU_LAYOUTS = {"1gpu": ["cluster.cpu_procs=1"], "tp2": ["parallelism=tp2", "cluster.cpu_procs=2"],
+               "pp2": ["parallelism=pp2", "cluster.cpu_procs=2"]}
+
+
+def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) -> List[float]:
+    """Train until `steps` is logged; the train losses by step."""
+    run_dir = out / name
+    cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps}",
+           "train.log_every=1", "train.eval_every=1000000", "train.save_every=1000000",
+           "logging.wandb=false", "logging.tensorboard=false", "logging.progress=false", "plan.force=true"]
+    start = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and time.time() - start < timeout:
+            if any(r.get("step") == steps and "train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl")):
+                break
+            time.sleep(1)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
+    return [losses[s] for s in sorted(losses)]
+
+
+def compare(reference: List[float], other: List[float]) -> Dict[str, float]:
+    gaps = [abs(a - b) for a, b in zip(reference, other)]
+    if not gaps:
+        return {"steps": 0}
+    return {"steps": len(gaps), "step1_gap": gaps[0], "max_gap": max(gaps),
+            "max_gap_step": gaps.index(max(gaps)) + 1, "mean_gap": sum(gaps) / len(gaps),
+            "final_ref": reference[len(gaps) - 1], "final": other[len(gaps) - 1]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="1.3B")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--layouts", default="tp2,pp2", help="compared against one GPU: " + ",".join(LAYOUTS))
+    ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = [f"model={args.model}", f"train.micro_batch={args.micro}", f"train.grad_accum={args.accum}"]
+    names = ["1gpu", *[n for n in args.layouts.split(",") if n]]
+    layouts = CPU_LAYOUTS if args.cpu_smoke else LAYOUTS
+    losses = {n: run(n, common + layouts[n], args.out, args.steps, args.timeout) for n in names}
+    rows = {n: compare(losses["1gpu"], losses[n]) for n in names[1:]}
+    lines = [f"model={args.model}, micro {args.micro} x accum {args.accum}, {args.steps} steps, against one GPU",
+             "", "| layout | steps compared | step-1 gap | max gap (step) | mean gap | final loss 1 GPU / layout |",
+             "|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        if not r["steps"]:
+            lines.append(f"| {n} | 0 (no step logged: see {n}.log) | | | | |")
+            continue
+        lines.append(f"| {n} | {r['steps']} | {r['step1_gap']:.4f} | {r['max_gap']:.4f} ({r['max_gap_step']}) | "
+                     f"{r['mean_gap']:.4f} | {r['final_ref']:.4f} / {r['final']:.4f} |")
+    text = "\n".join(lines)
+    (args.out / "parity.md").write_text(text + "\n")
+    (args.out / "parity.json").write_text(json.dumps({"losses": losses, "gaps": rows}) + "\n")
+    print(text)
+    return 0 if all(r["steps"] == args.steps for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
