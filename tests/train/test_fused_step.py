@@ -272,3 +272,18 @@ def test_resume_from_a_checkpoint_saved_under_it_is_bitwise(tmp_path) -> None:
     for k in inner_a:
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(inner_a[k][name], inner_b[k][name]), f"state {k} {name}"
+
+
+def test_non_finite_steps_under_it_are_skipped_counted_and_stop_the_run(tmp_path) -> None:
+    """The trainer's guard (train.max_nonfinite_steps) sees the fused step's skips: step 3 alone, then
+    5 and 6 in a row stop the run. (DeepSpeed's own step counted them in engine.skipped_steps only.)"""
+    from support.runs import TINY, workers
+
+    run = tmp_path / "nan"
+    proc = workers([*TINY, "train.precision=bf16", "cluster.cpu_procs=1", "train.steps=8",
+                    "train.save_every=100", "train.max_nonfinite_steps=2", f"run_dir={run}"],
+                   env={"NEOX_FAULT_NAN_STEPS": "3,5,6"})
+    assert proc.returncode != 0
+    assert "step 3: non-finite loss or gradients, step skipped (1 in a row, 1 in all)" in proc.stdout, proc.stdout[-2000:]
+    assert "step 6: non-finite loss or gradients, step skipped (2 in a row, 3 in all)" in proc.stdout
+    assert "2 non-finite steps in a row" in proc.stderr, proc.stderr[-2000:]
