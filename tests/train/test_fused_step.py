@@ -27,11 +27,12 @@ ULPS = 8
 INF = float("inf")
 
 
-def _model() -> torch.nn.Module:
+def _model(device: str = "cpu") -> torch.nn.Module:
     """A few Linear/LayerNorm layers in bf16; every tensor's size is a perfect square (see _exact_grads)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
-                               torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)).bfloat16()
+                               torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+                               ).bfloat16().to(device)
 
 
 def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool = False):
@@ -54,8 +55,8 @@ def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool =
 def _exact_grads(model: torch.nn.Module, g: torch.Generator, size: float) -> list:
     """Gradients whose norm every summation order computes exactly: per tensor, a power of two (`size`
     is one) on k*k random elements (random signs), zero elsewhere, so each tensor's norm is k * 2^e and
-    its square and the sum of squares (21 bits at most here) are exact in fp32. The reference's norm and ours are then the same number, and
-    any difference in the state comes from the step itself."""
+    its square and the sum of squares (21 bits at most here) are exact in fp32. The reference's norm
+    and ours are then the same number, and any difference in the state comes from the step itself."""
     grads = []
     for p in model.parameters():
         n = p.numel()
@@ -87,17 +88,17 @@ def _clip_active(norm: float) -> bool:
 STEPS = [("no clip", 2.0 ** -7), ("inf", 1.0), ("clip", 8.0), ("no clip", 2.0 ** -6), ("clip", 16.0)]
 
 
-def _against_deepspeed(rank: int, world: int, fused: bool, make_grads) -> None:
+def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: str = "cpu") -> None:
     """Same model, same gradients, 5 steps: DeepSpeed's step vs ours. Bitwise where the arithmetic is
     the same. The one place it is not: torch's fused AdamW divides each gradient by `grad_scale` (x / c),
     DeepSpeed multiplies by 1/c (x * fl(1/c)), which differ by at most ~1 fp32 ulp per gradient element;
     through Adam's update that stays within a few ulps of each tensor's scale (bound: ULPS eps * max|x|)."""
-    ref_model, new_model = _model(), _model()
+    ref_model, new_model = _model(device), _model(device)
     ref, new = _optimizer(ref_model, fused), _optimizer(new_model, fused, fused_step=True)
     g = torch.Generator().manual_seed(1 + rank)
     diverged = False  # after a clipped fused step the two states differ by those ulps
     for i, (kind, size) in enumerate(STEPS):
-        grads = make_grads(ref_model, g, size)
+        grads = [t.to(device) for t in make_grads(ref_model, g, size)]
         if kind == "inf":
             grads[2].view(-1)[3] = INF
         before = [tuple(t.clone() for t in s) for s in _state(new)]
@@ -106,7 +107,7 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads) -> None:
             pr.grad, pn.grad = gr.clone(), gr.clone()
         skips = new.optimizer.skip_events
         out_ref, out_new = ref.step(), new.step()
-        where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__})"
+        where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__}, {device})"
         assert out_new is out_ref, f"{where}: returned {out_new}, DeepSpeed {out_ref}"
         if kind == "inf":
             assert out_new is True and new._global_grad_norm == INF == ref._global_grad_norm, where
@@ -143,10 +144,10 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads) -> None:
             p.grad = None  # what the engine's zero_grad does after the step
 
 
-def _check_against_deepspeed(rank: int, world: int) -> None:
+def _check_against_deepspeed(rank: int, world: int, device: str = "cpu") -> None:
     for fused in (False, True):
         for make_grads in (_exact_grads, _random_grads):
-            _against_deepspeed(rank, world, fused, make_grads)
+            _against_deepspeed(rank, world, fused, make_grads, device)
 
 
 def _check_tp2_norm(rank: int, world: int) -> None:
@@ -183,7 +184,7 @@ def _check_tp2_norm(rank: int, world: int) -> None:
     # DeepSpeed 0.19.8's unfused step takes the norm over gradient tensors, which carry no tensor-parallel
     # mark: it counts tensor rank 0's gradients only (here 54.6 for 76.7), and clips by that.
     ds_opt.step()
-    assert ds_opt._global_grad_norm < 0.9 * want, f"DeepSpeed's norm under tp=2 is now right: {ds_opt._global_grad_norm}"
+    assert ds_opt._global_grad_norm < 0.9 * want, f"DeepSpeed's tp=2 norm is now right: {ds_opt._global_grad_norm}"
     masters = {id(p): m for params, group in zip(tp_opt.fp16_groups, tp_opt.fp32_groups) for p, m in zip(params, group)}
     full_masters = {id(p): m for params, group in zip(full_opt.fp16_groups, full_opt.fp32_groups)
                     for p, m in zip(params, group)}
@@ -284,6 +285,14 @@ def test_non_finite_steps_under_it_are_skipped_counted_and_stop_the_run(tmp_path
                     "train.save_every=100", "train.max_nonfinite_steps=2", f"run_dir={run}"],
                    env={"NEOX_FAULT_NAN_STEPS": "3,5,6"})
     assert proc.returncode != 0
-    assert "step 3: non-finite loss or gradients, step skipped (1 in a row, 1 in all)" in proc.stdout, proc.stdout[-2000:]
+    assert "step 3: non-finite loss or gradients, step skipped (1 in a row, 1 in all)" in proc.stdout, \
+        proc.stdout[-2000:]
     assert "step 6: non-finite loss or gradients, step skipped (2 in a row, 3 in all)" in proc.stdout
     assert "2 non-finite steps in a row" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_matches_deepspeeds_step_on_cuda(tmp_path) -> None:
+    """The same comparison on the GPU: torch's CUDA fused AdamW with grad_scale, CUDA foreach norm and copies."""
+    Checks(1, tmp_path).add("cuda", _check_against_deepspeed, "cuda").run(timeout=300, init="neox").outcome("cuda")
