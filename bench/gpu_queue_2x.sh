@@ -34,7 +34,17 @@ say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RES/queue.log"; }
 step() { local name=$1; shift; say "start $name"; "$@" > "$RES/$name.out" 2>&1; say "end $name rc=$?"; }
 CAL="python3 bench/planner_calibrate.py --gpus 2 --out $RES --timeout 200"
 say "commit $(cat COMMIT 2>/dev/null) on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)"
+# each item starts on idle GPUs: a run its bench stopped may still be exiting (or writing); wait for its
+# memory to come back, then end what is left of it
+idle() {
+  for _ in $(seq 60); do
+    [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | sort -n | tail -1)" -lt 2000 ] && return
+    sleep 2
+  done
+  say "GPUs still busy after 120 s: ending leftover runs"; pkill -9 -f "neox.train" ; sleep 5
+}
 item() {
+  idle
   case $1 in
   build) step build python3 setup.py -q build_ext --inplace ;;
   planner67) step planner_auto $CAL --set auto --only "6.7B auto,6.7B tp2 m4,6.7B dp2 z3 m2 ckpt,6.7B pp2 z1 m2" ;;

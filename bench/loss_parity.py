@@ -35,7 +35,8 @@ CPU_LAYOUTS = {"1gpu": ["cluster.cpu_procs=1"], "tp2": ["parallelism=tp2", "clus
 def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) -> List[float]:
     """Train until `steps` is logged; the train losses by step."""
     run_dir = out / name
-    cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps}",
+    # train.steps beyond the last compared step: the run never reaches its end, so no final checkpoint is written
+    cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps + 1000}",
            "train.log_every=1", "train.eval_every=1000000", "train.save_every=1000000",
            "logging.wandb=false", "logging.tensorboard=false", "logging.progress=false", "plan.force=true"]
     start = time.time()

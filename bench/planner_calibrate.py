@@ -169,6 +169,7 @@ def numbers(m, cand, gpu, zero_bucket: int, flops: float) -> dict:
     return {"layout": asdict(cand), "gpu": gpu.name, "gpu_memory": gpu.memory,
             "allocated_gib": mem.allocated / GiB, "reserved_gib": mem.reserved / GiB, "total_gib": mem.total / GiB,
             "terms_gib": {k: v / GiB for k, v in mem.terms.items()}, "step_extra_gib": mem.step_extra / GiB,
+            "step_reuse": mem.step_reuse,
             "step_s": st.step, "tokens_per_s": st.tokens_per_s}
 
 
@@ -192,9 +193,11 @@ def _smi_peak(stop: threading.Event, out: list) -> None:
 
 def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict:
     """Run launch.py; stop it once step `steps` is logged; the measured peaks and step time."""
-    with tempfile.TemporaryDirectory(prefix="planner_cal_", dir=os.environ.get("TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="planner_cal_", dir=os.environ.get("TMPDIR"), ignore_cleanup_errors=True) as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps}",
+        # train.steps beyond the last measured step: the run never reaches its end, so it never starts the
+        # final checkpoint (a 6.7B one is ~94 GB) that the stop would otherwise interrupt
+        cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps + 1000}",
                "train.log_every=1", "train.eval_every=1000000", "train.save_every=1000000", "train.eval_batches=1",
                "logging.wandb=false", "logging.tensorboard=false", "logging.progress=false", "plan.force=true"]
         stop, smi = threading.Event(), []
@@ -261,8 +264,8 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary(rows: List[dict]) -> str:
-    done = [r for r in rows if r.get("measured") and "error" not in r["measured"]]
+def summary(rows: List[dict], skip: frozenset = frozenset()) -> str:
+    done = [r for r in rows if r.get("measured") and "error" not in r["measured"] and r["name"] not in skip]
     if not done:
         return "no run measured"
     def err(key: str) -> List[float]:
@@ -270,7 +273,8 @@ def summary(rows: List[dict]) -> str:
 
     mem, res, tok = err("allocated_gib"), err("reserved_gib"), err("tokens_per_s")
     lines = [f"allocated: max error {max(mem, default=math.nan):.1%} (goal 5%); reserved: max error "
-             f"{max(res, default=math.nan):.1%}; tokens/s: max error {max(tok, default=math.nan):.1%} (goal 15%)"]
+             f"{max(res, default=math.nan):.1%}; tokens/s: max error {max(tok, default=math.nan):.1%} (goal 15%)"
+             + (f"; over {len(done)} runs, leaving out {', '.join(sorted(skip))}" if skip else "")]
     for group in sorted({r["group"] for r in done if r["group"].startswith("auto:")}):
         members = [r for r in done if r["group"] == group]
         auto = [r for r in members if r.get("extra", {}).get("auto_choice")]
@@ -349,12 +353,12 @@ def fit(paths: List[str], skip: frozenset = frozenset()) -> str:
     x0 = [getattr(cal, n) for n in mem_names]
     mem_fit = least_squares(lambda x: residuals(mem_names, x, "allocated_gib"), x0, x_scale=[1.0, GiB],
                             bounds=([0.5, 0.0], [1.5, 4 * GiB]))
-    for cls in (0, 1):  # ZeRO-0, ZeRO-1..3
-        ratios = [r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] for r in rows
-                  if min(r["predicted"]["layout"]["zero_stage"], 1) == cls
-                  and not math.isnan(r["measured"]["reserved_gib"])]
-        if ratios:
-            cal.RESERVED_FRACTION = {**cal.RESERVED_FRACTION, cls: float(np.median(ratios) - 1)}
+    for cls in (0, 1):  # ZeRO-0, ZeRO-1..3 (whose slack is scaled by how much of it the step reuses)
+        slack = [(r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] - 1) / (p["step_reuse"] if cls else 1)
+                 for r, p in zip(rows, repredict()) if min(r["predicted"]["layout"]["zero_stage"], 1) == cls
+                 and not math.isnan(r["measured"]["reserved_gib"])]
+        if slack:
+            cal.RESERVED_FRACTION = {**cal.RESERVED_FRACTION, cls: float(np.median(slack))}
     def outside(r: dict) -> float:  # GiB nvidia-smi sees beyond torch's reserve: context and NCCL
         return r["measured"].get("smi_used_gib", math.nan) - r["measured"]["reserved_gib"]
 
@@ -401,7 +405,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "out")))
     ap.add_argument("--fit", nargs="*", help="measured JSONs to refit calibration.py from (no GPU needed)")
     ap.add_argument("--table", nargs="*", help="measured JSONs to print the tables of, together (no GPU needed)")
-    ap.add_argument("--skip", default="", help="with --fit: comma-separated case names to leave out")
+    ap.add_argument("--skip", default="", help="with --fit or --table: comma-separated case names to leave out "
+                    "(of the fit; of --table's error summary)")
     ap.add_argument("--repredict", action="store_true", help="with --table: predict with calibration.py as it is now")
     args = ap.parse_args()
     if args.fit:
@@ -412,7 +417,8 @@ def main() -> int:
         if args.repredict:  # with calibration.py as it is now, not as it was when the runs were made
             for r in rows:
                 r["predicted"] = numbers(*inputs(r["overrides_run"], r["predicted"]["gpu"], r["predicted"]["gpu_memory"]))
-        print(table(rows) + "\n\n" + summary(rows) + "\n\n" + layouts_table(rows))
+        skip = frozenset(n.strip() for n in args.skip.split(",") if n.strip())
+        print(table(rows) + "\n\n" + summary(rows, skip) + "\n\n" + layouts_table(rows))
         return 0
     cases: List[Case] = []
     if args.set in ("calibration", "all"):

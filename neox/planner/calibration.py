@@ -32,8 +32,7 @@ CALIBRATED_ON = "2026-11-30 on 14 H200 runs, 1 and 2 GPUs (calibration.py)"
 
 # ---------------------------------------------------------------------------------------------- memory
 # With these, the 15 runs' peaks allocated are predicted at 0.996-1.028 of the measured; reserved at
-# 0.957-1.043, except 1.4B dp2 ZeRO-1 micro 32 x accum 1 at 1.212 (its allocator reserved only 0.3 GiB over
-# the peak: with one micro-batch per step nothing fragments it; one such run, not modelled yet).
+# 0.957-1.045 (1.4B dp2 ZeRO-1 micro 32 x accum 1 was at 1.212 before RESERVED_REUSE_RATIO).
 # Multiplies the activations as counted (memory.layer_activation_bytes): 1.0, none needed.
 ACTIVATION_SCALE = 1.0
 # Allocated bytes no term names (cuBLAS workspaces, rotary tables, the loss's row statistics), by hand.
@@ -42,6 +41,12 @@ ALLOCATED_EXTRA_BYTES = 0.308 * 1024**3
 # the median reserved / allocated - 1 of the ZeRO-0 runs and of the ZeRO-1..3 runs (their flat partitions
 # and buckets fragment it more), keyed 0 and 1.
 RESERVED_FRACTION = {0: 0.0456, 1: 0.1865}
+# ZeRO-1..3's slack comes with the optimizer step's fp32 buffers, allocated once the activations are freed:
+# when the freed activations are more than this many times those buffers, the step reuses their blocks and
+# the slack shrinks in proportion (memory.Memory.step_reuse). [M2]'s 1.4B dp2 ZeRO-1 micro 32 x accum 1
+# (activations 24x the step's buffers) reserved only 0.3 GiB over its peak; fitted by hand to that run, the
+# only one whose activations exceed 3.1x (the rest, 1.0-3.1x, keep the whole fraction).
+RESERVED_REUSE_RATIO = 3.0
 # Outside the allocator (CUDA context, cuBLAS/cuDNN handles): nvidia-smi's peak minus the peak reserved,
 # the median over the one-GPU runs; NCCL's buffers per process group (tp, pp, dp): the median of what the
 # 2-GPU runs [M2] add beyond that.

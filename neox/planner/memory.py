@@ -67,9 +67,18 @@ class Memory:
         return self.states + max(self.activations, self.step_extra) + cal.ALLOCATED_EXTRA_BYTES
 
     @property
+    def step_reuse(self) -> float:
+        """The share of ZeRO's slack left when the optimizer step's buffers, allocated after the activations
+        are freed, can go into those freed blocks: 1 until the activations outgrow the step's buffers
+        RESERVED_REUSE_RATIO times, then in proportion (one micro-batch of 32 at 1.4B: almost none left)."""
+        return min(1.0, cal.RESERVED_REUSE_RATIO * self.step_extra / max(self.activations, 1.0))
+
+    @property
     def reserved(self) -> float:
         """Predicted torch.cuda.max_memory_reserved."""
-        return self.allocated * (1 + cal.RESERVED_FRACTION[min(self.zero_stage, 1)])
+        if self.zero_stage == 0:
+            return self.allocated * (1 + cal.RESERVED_FRACTION[0])
+        return self.allocated * (1 + cal.RESERVED_FRACTION[1] * self.step_reuse)
 
     @property
     def total(self) -> float:
