@@ -9,8 +9,8 @@
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
 # order (default: all, in the order below):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
-#   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile (GPU 1)
-#   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | 125M's micro-batches (GPU 1)
+#   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile, then 125M's micro-batches (GPU 1)
+#   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | one-GPU planner points (GPU 1)
 #   parity         tp2 and pp2 against one GPU, 50 steps         fp8        300-step bf16/fp8 losses | fp8 table
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)
@@ -47,17 +47,25 @@ item() {
   idle
   case $1 in
   build) step build python3 setup.py -q build_ext --inplace ;;
-  planner67) step planner_auto $CAL --set auto --only "6.7B auto,6.7B tp2 m4,6.7B dp2 z3 m2 ckpt,6.7B pp2 z1 m2" ;;
+  planner67) step planner_auto $CAL --set auto --only "6.7B auto,6.7B tp2 m4,6.7B pp2 z1 m2" ;;
   ckpt_profile)
     CUDA_VISIBLE_DEVICES=0 step checkpoint timeout 480 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json" &
-    CUDA_VISIBLE_DEVICES=1 step profile python3 bench/profile_step.py --model 1.4B --micro 4 --accum 8 --out "$RES/profile" &
-    wait; rm -f "$RES/profile/trace.json" ;;  # hundreds of MB
-  throughput)
-    CUDA_VISIBLE_DEVICES=0 step throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 \
-        --peers hf,mini_compile --out "$RES/throughput" &
-    CUDA_VISIBLE_DEVICES=1 step throughput_125M python3 bench/train_throughput.py --model 125M --micro 32 --accum 4 \
+    ( CUDA_VISIBLE_DEVICES=1 step profile python3 bench/profile_step.py --model 1.4B --micro 4 --accum 8 --out "$RES/profile"
+      rm -f "$RES/profile/trace.json"  # hundreds of MB
+      CUDA_VISIBLE_DEVICES=1 step throughput_125M python3 bench/train_throughput.py --model 125M --micro 32 --accum 4 \
         --peers '' --neox '' --neox 'train.micro_batch=16 train.grad_accum=8' --neox 'train.micro_batch=64 train.grad_accum=2' \
-        --out "$RES/throughput_125M" &
+        --out "$RES/throughput_125M" ) &
+    wait ;;
+  throughput)  # the 1.4B table (GPU 0) beside the one-GPU calibration points that predate the in-place rotary
+    ( CUDA_VISIBLE_DEVICES=0 step fused_step_gpu_test python3 -m pytest -q -m gpu tests/train/test_fused_step.py -p no:cacheprovider
+      CUDA_VISIBLE_DEVICES=0 step throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 \
+        --peers hf,mini_compile --out "$RES/throughput"
+      # the same neox run with DeepSpeed's own bf16 step (a copy of the tree without install_fused_step)
+      b=$(mktemp -d /tmp/neox-before.XXXXXX) && cp -r . "$b" && sed -i '/install_fused_step(engine)/d' "$b/neox/train/engine.py"
+      (cd "$b" && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="${PYTHONPATH%%:/tmp/neox-queue*}:$b" step throughput_deepspeed_step \
+        python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --peers '' --out "$RES/throughput_deepspeed_step") ) &
+    CUDA_VISIBLE_DEVICES=1 step calibration_1gpu python3 bench/planner_calibrate.py --gpus 1 --out "$RES" --timeout 200 \
+        --only "1.4B z0 m4,1.4B z2 m8 ckpt,1.4B z3 m2" --tag _fresh &
     wait ;;
   parity) step parity python3 bench/loss_parity.py --out "$RES/parity" ;;
   fp8)
