@@ -191,8 +191,29 @@ def _smi_peak(stop: threading.Event, out: list) -> None:
         stop.wait(0.5)
 
 
+def _gpu_used_gib() -> float:
+    """The most memory in use on any GPU visible to this process (nvidia-smi), GiB; 0 without nvidia-smi."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                               *(["-i", visible] if visible else [])], capture_output=True, text=True, timeout=10).stdout
+        return max((float(x) for x in text.split()), default=0.0) / 1024
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return 0.0
+
+
+def _wait_idle(limit_s: float = 120.0) -> float:
+    """Wait until the GPUs are free of the previous run (its ranks may still be exiting); the GiB still in use."""
+    end = time.time() + limit_s
+    while (used := _gpu_used_gib()) > 1.0 and time.time() < end:
+        time.sleep(2)
+    return used
+
+
 def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict:
-    """Run launch.py; stop it once step `steps` is logged; the measured peaks and step time."""
+    """Run launch.py on idle GPUs; stop it once step `steps` is logged; the measured peaks and step time.
+    nvidia-smi's peak counts only when the GPUs were idle at the start (smi_before_gib under 1)."""
+    smi_before = _wait_idle()
     with tempfile.TemporaryDirectory(prefix="planner_cal_", dir=os.environ.get("TMPDIR"), ignore_cleanup_errors=True) as tmp:
         run_dir = Path(tmp) / "run"
         # train.steps beyond the last measured step: the run never reaches its end, so it never starts the
@@ -236,7 +257,8 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
             "mfu": statistics.median(mfu) if mfu else None,
             "allocated_gib": max(r.get("train/memory_gb", math.nan) for r in records),
             "reserved_gib": max(r.get("train/memory_reserved_gb", math.nan) for r in records),
-            "smi_used_gib": max(smi) / 1024 if smi else math.nan, "startup": startup}
+            "smi_used_gib": max(smi) / 1024 if smi and smi_before <= 1.0 else math.nan, "smi_before_gib": smi_before,
+            "startup": startup}
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -313,6 +335,17 @@ def layouts_table(rows: List[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ fit
+def latest(paths: List[str]) -> List[dict]:
+    """The runs of measured JSONs in the order given; a case measured again (same name, a later file)
+    replaces its earlier measurement, in the earlier one's place."""
+    rows: Dict[str, dict] = {}
+    for p in paths:
+        for r in json.loads(Path(p).read_text()):
+            if r.get("measured") and "error" not in r["measured"] or r["name"] not in rows:
+                rows[r["name"]] = r
+    return list(rows.values())
+
+
 def fit(paths: List[str], skip: frozenset = frozenset()) -> str:
     """Refit calibration.py's constants to measured JSONs; returns the new lines and the refit table."""
     import numpy as np
@@ -320,8 +353,7 @@ def fit(paths: List[str], skip: frozenset = frozenset()) -> str:
 
     from neox.planner import calibration as cal
 
-    rows = [r for p in paths for r in json.loads(Path(p).read_text())
-            if r.get("measured") and "error" not in r["measured"] and r["name"] not in skip]
+    rows = [r for r in latest(paths) if r.get("measured") and "error" not in r["measured"] and r["name"] not in skip]
     mem_names = ["ACTIVATION_SCALE", "ALLOCATED_EXTRA_BYTES"]
     time_names = ["MATMUL_EFFICIENCY", "MATMUL_HALF_WORK", "ELEMENTWISE_TRAFFIC", "HOST_SECONDS_PER_LAYER",
                   "STEP_OVERHEAD_S", "OPTIMIZER_BYTES_PER_PARAM", "COMM_LATENCY_S", "ZERO_SECONDS_PER_LAYER[2]",
@@ -353,12 +385,12 @@ def fit(paths: List[str], skip: frozenset = frozenset()) -> str:
     x0 = [getattr(cal, n) for n in mem_names]
     mem_fit = least_squares(lambda x: residuals(mem_names, x, "allocated_gib"), x0, x_scale=[1.0, GiB],
                             bounds=([0.5, 0.0], [1.5, 4 * GiB]))
-    for cls in (0, 1):  # ZeRO-0, ZeRO-1..3 (whose slack is scaled by how much of it the step reuses)
-        slack = [(r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] - 1) / (p["step_reuse"] if cls else 1)
-                 for r, p in zip(rows, repredict()) if min(r["predicted"]["layout"]["zero_stage"], 1) == cls
+    for stage in range(4):  # ZeRO-1..3's slack is scaled by how much of it the step reuses
+        slack = [(r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] - 1) / (p["step_reuse"] if stage else 1)
+                 for r, p in zip(rows, repredict()) if r["predicted"]["layout"]["zero_stage"] == stage
                  and not math.isnan(r["measured"]["reserved_gib"])]
         if slack:
-            cal.RESERVED_FRACTION = {**cal.RESERVED_FRACTION, cls: float(np.median(slack))}
+            cal.RESERVED_FRACTION = {**cal.RESERVED_FRACTION, stage: float(np.median(slack))}
     def outside(r: dict) -> float:  # GiB nvidia-smi sees beyond torch's reserve: context and NCCL
         return r["measured"].get("smi_used_gib", math.nan) - r["measured"]["reserved_gib"]
 
@@ -413,7 +445,7 @@ def main() -> int:
         print(fit(args.fit, frozenset(n.strip() for n in args.skip.split(",") if n.strip())))
         return 0
     if args.table:
-        rows = [r for p in args.table for r in json.loads(Path(p).read_text())]
+        rows = latest(args.table)
         if args.repredict:  # with calibration.py as it is now, not as it was when the runs were made
             for r in rows:
                 r["predicted"] = numbers(*inputs(r["overrides_run"], r["predicted"]["gpu"], r["predicted"]["gpu_memory"]))

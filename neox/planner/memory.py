@@ -78,7 +78,7 @@ class Memory:
         """Predicted torch.cuda.max_memory_reserved."""
         if self.zero_stage == 0:
             return self.allocated * (1 + cal.RESERVED_FRACTION[0])
-        return self.allocated * (1 + cal.RESERVED_FRACTION[1] * self.step_reuse)
+        return self.allocated * (1 + cal.RESERVED_FRACTION[self.zero_stage] * self.step_reuse)
 
     @property
     def total(self) -> float:
