@@ -215,12 +215,16 @@ def init_like_gpt(module: nn.Module, cfg: GPTConfig, seed: int) -> None:
     GPT draws random numbers in model order, first in the layer constructors, then in
     `init_weights`; we replay both passes. Layers of other stages are built (their constructors
     draw), sent to the meta device (freeing them), and re-materialized one at a time for the
-    second pass. Leaves the default generator where GPT(cfg) leaves it."""
+    second pass, on the device they were built on: each device has its own generator, so a layer
+    re-materialized elsewhere (the CPU, for a model built on the GPU) would draw from the wrong one
+    and leave the later stages' weights off GPT(cfg)'s, and take a CPU's time to initialize.
+    Leaves the generators where GPT(cfg) leaves them."""
     specs = module._layer_specs
     n = len(specs)
     built_order = range(n - 1) if cfg.tied_embeddings else range(n)  # a tied GPT has no head module
     needs_embed = _owns(module, 0) or (cfg.tied_embeddings and _owns(module, n - 1))
     torch.manual_seed(seed)
+    device = torch.get_default_device()  # where GPT(cfg) would be built: `with torch.device(...)`
     layers = []
     for i in built_order:
         layer = specs[i].build()
@@ -228,7 +232,7 @@ def init_like_gpt(module: nn.Module, cfg: GPTConfig, seed: int) -> None:
         layers.append((i, layer if keep else layer.to("meta"), keep))
     for i, layer, keep in layers:
         if not keep:
-            layer = layer.to_empty(device="cpu")
+            layer = layer.to_empty(device=device)
         init_weights(layer, cfg)
         if keep:
             targets = [i] if _owns(module, i) else []

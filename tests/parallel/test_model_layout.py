@@ -115,3 +115,45 @@ def _check_pipeline_stages(rank: int, world: int) -> None:
 
 def test_pipeline_stage_names_bounds_and_weights_match_the_pipeline_module(two_ranks):
     two_ranks.outcome("model_layout_pipeline")  # _check_pipeline_stages, in the folder's shared 2-rank spawn
+
+
+class _Stage(torch.nn.Module):
+    """What `init_like_gpt` reads of a DeepSpeed PipelineModule: the specs, the stage's bounds, its layers."""
+
+    def __init__(self, cfg: GPTConfig, start: int, stop: int):
+        from neox.parallel.pipeline import deepspeed_layer_specs
+
+        super().__init__()
+        self._layer_specs = deepspeed_layer_specs(cfg)
+        self._local_start, self._local_stop = start, stop
+        self.tied_modules = torch.nn.ModuleDict()
+        for i in range(start, stop):
+            self.add_module(str(i), self._layer_specs[i].build())
+
+
+def _last_stage_weights_are_gpts(device: str) -> None:
+    from neox.parallel.pipeline import init_like_gpt
+
+    cfg = MODELS["gelu"]
+    with torch.device(device):
+        torch.manual_seed(SEED)
+        ref = GPT(cfg).state_dict()
+        n = cfg.n_layers + 3  # embedding, blocks, final norm, head
+        stage = _Stage(cfg, n // 2, n)
+        init_like_gpt(stage, cfg, SEED)
+    names = ["embed"] + [f"blocks.{i}" for i in range(cfg.n_layers)] + ["norm_f", "head"]
+    for i in range(n // 2, n):
+        for key, value in getattr(stage, str(i)).state_dict().items():
+            assert torch.equal(value, ref[f"{names[i]}.{key}"]), (device, i, key)
+
+
+def test_a_later_stage_holds_gpts_weights_on_the_device_it_is_built_on():
+    """The other stages' layers are re-materialized where they were built, so the later stages draw from
+    the same generator GPT(cfg) does (on a GPU: the CUDA generator, not the CPU's)."""
+    _last_stage_weights_are_gpts("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_later_stage_holds_gpts_weights_when_built_on_the_gpu():
+    _last_stage_weights_are_gpts("cuda")
