@@ -5,7 +5,8 @@
 #            re-sends the repo, which would delete a running queue's directory), starts the queue there
 #            in its own session, returns at once
 #   later:   bash bench/gpu_queue_2x.sh --collect <res> <s>  waits up to <s> seconds (or until it is done),
-#            then packs <res> into $OUT/res.tgz (a call brings back only a few files: one archive)
+#            then packs <res>'s small files into $OUT/res.tgz (a call brings back only a few files: one
+#            archive); keep <s> + the install well under the call's 600 s
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
 # order (default: all, in the order below):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
@@ -24,7 +25,9 @@ if [ "${1:-}" = "--start" ]; then
 fi
 if [ "${1:-}" = "--collect" ]; then
   end=$((SECONDS + $3)); while [ $SECONDS -lt $end ] && [ ! -e "$2/DONE" ]; do sleep 5; done
-  tar czf "${OUT:-/tmp}/res.tgz" -C "$2" . && tail -30 "$2/queue.log"; exit 0
+  # only what comes back: files under 5 MB (a call returns little; traces and checkpoints stay there)
+  (cd "$2" && find . -type f -size -5M ! -path "*/tb/*" -print0 | tar czf "${OUT:-/tmp}/res.tgz" --null -T -)
+  tail -30 "$2/queue.log"; exit 0
 fi
 set -uo pipefail
 RES=${1:-/tmp/res}; mkdir -p "$RES"

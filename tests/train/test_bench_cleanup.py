@@ -1,6 +1,7 @@
 """The bench scripts free disk by deleting what their own runs wrote, never a run dir that was there before."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -51,3 +52,22 @@ def test_gpu_queue_refuses_a_results_dir_that_holds_files(tmp_path):
     assert proc.returncode == 2 and "is not empty" in proc.stderr
     assert sorted(p.name for p in res.iterdir()) == ["queue.log"]
     assert (res / "queue.log").read_text() == "an earlier queue\n"
+
+
+def test_gpu_queue_collect_packs_only_the_small_files(tmp_path):
+    """A device call brings back little: --collect packs the results' small files (logs, tables, JSON) and
+    leaves traces, checkpoints and TensorBoard events on the machine."""
+    import tarfile
+
+    res = tmp_path / "res"
+    (res / "run" / "tb").mkdir(parents=True)
+    (res / "queue.log").write_text("12:00:00 queue done\n")
+    (res / "run" / "metrics.jsonl").write_text("{}\n")
+    (res / "run" / "tb" / "events").write_text("x")
+    (res / "trace.json").write_bytes(b"0" * (6 * 1024 * 1024))
+    (res / "DONE").touch()
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_queue_2x.sh"), "--collect", str(res), "5"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0 and "queue done" in proc.stdout, proc.stderr
+    with tarfile.open(tmp_path / "res.tgz") as tar:
+        assert sorted(tar.getnames()) == ["./DONE", "./queue.log", "./run/metrics.jsonl"]
