@@ -8,11 +8,13 @@
 #            then packs <res>'s small files into $OUT/res.tgz (a call brings back only a few files: one
 #            archive); keep <s> + the install well under the call's 600 s
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
-# order (default: all, in the order below):
+# order (default: what session 15 did not reach: build ckpt parity profile_tp2 fp8 tp2conn gputests):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
 #   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile, then 125M's micro-batches (GPU 1)
 #   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | one-GPU planner points (GPU 1)
 #   parity         tp2 and pp2 against one GPU, 50 steps         fp8        300-step bf16/fp8 losses | fp8 table
+#   ckpt           async vs sync save (GPU 0) | 1.4B profile at micro 8 (GPU 1)
+#   profile_tp2    rank 0's profile of 1.3B tp2, without and with sequence parallelism
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)
 if [ "${1:-}" = "--start" ]; then
@@ -71,6 +73,15 @@ item() {
         --only "1.4B z0 m4,1.4B z2 m8 ckpt,1.4B z3 m2" --tag _fresh &
     wait ;;
   parity) step parity python3 bench/loss_parity.py --out "$RES/parity" ;;
+  ckpt)  # the async stall alone, on GPU 0 (GPU 1 profiles 1.4B at micro 8: the next speed question)
+    CUDA_VISIBLE_DEVICES=0 step checkpoint timeout 480 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json" &
+    CUDA_VISIBLE_DEVICES=1 step profile_m8 python3 bench/profile_step.py --model 1.4B --micro 8 --accum 4 --out "$RES/profile_m8" &
+    wait; rm -f "$RES"/profile*/trace.json ;;
+  profile_tp2)  # where tp2's time goes: exposed collectives, without and with sequence parallelism
+    step profile_tp2 python3 bench/profile_step.py --model 1.3B --gpus 2 --set parallelism=tp2 --out "$RES/profile_tp2"
+    step profile_tp2_sp python3 bench/profile_step.py --model 1.3B --gpus 2 --set parallelism=tp2 \
+        --set parallelism.sequence_parallel=true --out "$RES/profile_tp2_sp"
+    rm -f "$RES"/profile_tp2*/trace.json ;;
   fp8)
     CUDA_VISIBLE_DEVICES=0 step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" &
     CUDA_VISIBLE_DEVICES=1 step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 \
@@ -78,12 +89,12 @@ item() {
     wait ;;
   tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
   calibration) step planner_calibration $CAL --set calibration ;;
-  gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel -p no:cacheprovider ;;
+  gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel tests/model tests/train -p no:cacheprovider ;;
   *) say "unknown item $1" ;;
   esac
 }
 shift
-for it in "${@:-build planner67 ckpt_profile throughput parity fp8 tp2conn calibration gputests}"; do
+for it in "${@:-build ckpt parity profile_tp2 fp8 tp2conn gputests}"; do
   for one in $it; do item "$one"; done
 done
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1

@@ -2,6 +2,7 @@
 process on one GPU, profiled with torch.profiler over a few optimizer steps.
 
     python bench/profile_step.py --model 1.4B --micro 4 --accum 8 [--set train.compile=true ...] [--out DIR]
+    python bench/profile_step.py --model 1.3B --gpus 2 --set parallelism=tp2     # rank 0 of a 2-GPU layout
 
 Prints one table: GPU time per step by category (matmul, attention, norms/activations/rotary, loss,
 optimizer, communication, copies/casts, other), the GPU-idle time inside the step (host gaps: Python,
@@ -9,7 +10,11 @@ launches, the engine's own bookkeeping, synchronizations), and the step's wall t
 kernel names; `other` lists its largest kernels so nothing hides there. Then where the host gaps are: each
 GPU-idle interval is put in the phase the host was in at its middle (data, forward, loss, backward, the
 engine's step; the bench wraps those calls in profiler ranges) and named by the CPU op whose kernel ended
-it. Writes profile.md and a Chrome trace (trace.json) under --out.
+it. Every category names its largest kernels. Communication kernels run on their own streams: the table
+also gives the part of their time no compute kernel overlaps (what tp/dp collectives add to the step).
+With --gpus N the script starts itself on N GPUs (N CPU processes without one) through the deepspeed
+launcher, every rank profiles the same steps, and rank 0 (tensor rank 0 of the first stage) writes.
+Writes profile.md and a Chrome trace (trace.json) under --out.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ CATEGORIES = [
 def category(name: str) -> str:
     low = name.lower()
     return next((cat for cat, pat in CATEGORIES if re.search(pat, low)), "other")
+
+
+def exposed_time(comm: list, compute: list) -> float:
+    """Time inside the `comm` intervals that no `compute` interval covers."""
+    return busy_time(comm + compute) - busy_time(compute)
 
 
 def busy_time(intervals: list) -> float:
@@ -122,8 +132,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="profiled optimizer steps")
     ap.add_argument("--set", action="append", default=[], help="an extra override (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")))
+    ap.add_argument("--gpus", type=int, default=1, help="ranks (GPUs; CPU processes without one) of the layout")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; each runs this script
+        import subprocess
+
+        from neox.launch.local import free_port
+
+        launcher = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(launcher) if launcher.exists() else "deepspeed", "--no_local_rank", "--num_gpus", str(args.gpus),
+               "--master_port", str(free_port()), __file__, *sys.argv[1:]]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "NEOX_PROFILE_RUN_DIR": tempfile.mkdtemp(prefix="neox-profile-")}  # one run dir for every rank
+        sys.exit(subprocess.run(cmd, cwd=REPO, env=env).returncode)
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -134,9 +156,10 @@ def main() -> None:
     from neox.train import distributed
     from neox.train.worker import Trainer
 
-    run_dir = tempfile.mkdtemp(prefix="neox-profile-")
+    run_dir = os.environ.get("NEOX_PROFILE_RUN_DIR") or tempfile.mkdtemp(prefix="neox-profile-")
+    devices = f"cluster.gpus={args.gpus}" if torch.cuda.is_available() else f"cluster.cpu_procs={args.gpus}"
     overrides = [f"model={args.model}", f"train.micro_batch={args.micro}", f"train.grad_accum={args.accum}",
-                 "cluster.gpus=1", "logging.wandb=false", "logging.tensorboard=false", f"run_dir={run_dir}",
+                 devices, "logging.wandb=false", "logging.tensorboard=false", f"run_dir={run_dir}",
                  f"train.steps={args.warmup + args.steps + 1}", *args.set]
     cfg = compose_config(overrides)
     info = distributed.init(cfg.train.collective_timeout_s)
@@ -148,15 +171,20 @@ def main() -> None:
         trainer.train_step(batches)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step(batches)
         sync()
         wall = (time.perf_counter() - t0) / args.steps
+    if info.rank != 0:  # global rank 0: tensor rank 0 of the first stage
+        distributed.shutdown()
+        return
     prof.export_chrome_trace(str(args.out / "trace.json"))
 
     per_cat, per_kernel, intervals, cpu_events = defaultdict(float), defaultdict(float), [], []
+    comm, compute = [], []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             cpu_events.append((ev.name, ev.time_range.start / 1e6, ev.time_range.end / 1e6))
@@ -166,10 +194,12 @@ def main() -> None:
         dur = ev.time_range.elapsed_us() / 1e6
         per_cat[category(ev.name)] += dur
         per_kernel[ev.name] += dur
-        intervals.append((ev.time_range.start / 1e6, ev.time_range.end / 1e6))
+        span = (ev.time_range.start / 1e6, ev.time_range.end / 1e6)
+        intervals.append(span)
+        (comm if category(ev.name) == "communication" else compute).append(span)
     busy = busy_time(intervals) / args.steps
     tokens = plan.tokens_per_step
-    lines = [f"{args.model}, micro {args.micro} x accum {args.accum}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+    lines = [f"{args.model}, micro {args.micro} x accum {args.accum}, {args.gpus} x {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} (rank 0), "
              f"overrides: {' '.join(args.set) or 'none'}; per optimizer step ({tokens:,} tokens), "
              f"mean of {args.steps} profiled steps", "",
              "| part | ms per step | share of wall |", "|---|---|---|"]
@@ -179,10 +209,13 @@ def main() -> None:
     idle = max(wall - busy, 0.0) * 1e3
     lines += [f"| GPU idle inside the step (host gaps) | {idle:,.1f} | {idle / (wall * 1e3):.1%} |",
               f"| **wall** | **{wall * 1e3:,.1f}** | {tokens / wall:,.0f} tok/s |", "",
-              "Largest kernels in `other`: " + "; ".join(
-                  f"{name[:60]} {t / args.steps * 1e3:.1f} ms" for name, t in
-                  sorted(((n, t) for n, t in per_kernel.items() if category(n) == "other"),
-                         key=lambda x: -x[1])[:5])]
+              f"Communication not overlapped by any compute kernel: "
+              f"{exposed_time(comm, compute) / args.steps * 1e3:,.1f} ms per step", "",
+              "Largest kernels of each part, ms per step:"]
+    for cat, _ in CATEGORIES + [("other", "")]:
+        top = sorted(((n, t) for n, t in per_kernel.items() if category(n) == cat), key=lambda x: -x[1])[:5]
+        if top:
+            lines.append(f"- {cat}: " + "; ".join(f"{name[:60]} {t / args.steps * 1e3:.1f}" for name, t in top))
     per_phase, per_op = idle_gaps(cpu_events, intervals)
     lines += ["", "GPU idle (gaps of 20 us and more) by the host's phase at the gap, ms per step: " + "; ".join(
         f"{name} {t / args.steps * 1e3:.1f}" for name, t in sorted(per_phase.items(), key=lambda x: -x[1])),
