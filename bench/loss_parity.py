@@ -56,7 +56,7 @@ def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     losses = {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
-    return [losses[s] for s in sorted(losses)]
+    return [losses[s] for s in sorted(losses) if s <= steps]  # not the steps logged before the stop landed
 
 
 def compare(reference: List[float], other: List[float]) -> Dict[str, float]:

@@ -1,0 +1,38 @@
+"""bench/loss_parity.py compares the steps asked for, though a stopped run logs a few more before it exits."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _OvershootingRun:
+    """A launch.py that logged two steps past the last one asked for by the time the bench stopped it,
+    the losses differing by layout from step 4 on (the gap the table must not include)."""
+
+    def __init__(self, cmd, **kwargs):
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        shift = 0.0 if "cluster.gpus=1" in cmd else 1.0
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "train/loss": 10.0 - s + (shift if s > 3 else 0.0)}) + "\n" for s in range(1, 6)))
+        self.args, self.returncode = cmd, 0
+
+    def poll(self):
+        return 0
+
+
+def test_the_table_compares_the_asked_steps_only(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import loss_parity as lp
+
+    monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
+    assert lp.main() == 0  # every layout reached the 3 steps asked for
+    result = json.loads((tmp_path / "parity.json").read_text())
+    assert result["losses"]["1gpu"] == [9.0, 8.0, 7.0]
+    for layout in ("tp2", "pp2"):
+        assert result["gaps"][layout]["steps"] == 3 and result["gaps"][layout]["max_gap"] == 0.0, result
+        assert result["gaps"][layout]["final"] == 7.0
