@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import no_shm_leak
+from support.procs import no_shm_leak
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "profile_step.py"
