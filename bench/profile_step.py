@@ -138,13 +138,20 @@ def main() -> None:
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; each runs this script
         import subprocess
 
-        from neox.launch.local import free_port
+        import torch
+
+        from neox.launch.local import free_port, physical_gpu_ids
 
         launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher) if launcher.exists() else "deepspeed", "--no_local_rank", "--num_gpus", str(args.gpus),
+        # as launch.py does: the GPUs counted among the visible ones (deepspeed replaces CUDA_VISIBLE_DEVICES),
+        # and the host's threads shared by the ranks
+        where = (["--include", "localhost:" + ",".join(physical_gpu_ids(list(range(args.gpus)),
+                                                                        os.environ.get("CUDA_VISIBLE_DEVICES")))]
+                 if torch.cuda.is_available() else ["--num_gpus", str(args.gpus)])
+        cmd = [str(launcher) if launcher.exists() else "deepspeed", "--no_local_rank", *where,
                "--master_port", str(free_port()), __file__, *sys.argv[1:]]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "NEOX_PROFILE_RUN_DIR": tempfile.mkdtemp(prefix="neox-profile-")}  # one run dir for every rank
+        env = {**os.environ, "NEOX_PROFILE_RUN_DIR": tempfile.mkdtemp(prefix="neox-profile-")}  # one run dir for all
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.gpus)))
         sys.exit(subprocess.run(cmd, cwd=REPO, env=env).returncode)
 
     import torch

@@ -219,3 +219,23 @@ def test_compute_partition_keeps_a_block_on_every_stage():
     work = [0, 1, 1, 0, 0]  # where the blocks are: layers 1 and 2
     parts = stage_bounds(cfg, 2, "compute")
     assert all(any(work[parts[i]:parts[i + 1]]) for i in range(2)), parts
+
+
+def test_zero_slack_shrinks_once_the_freed_activations_can_hold_the_steps_buffers():
+    """The allocator's slack: ZeRO-0 a fixed fraction; ZeRO-1..3 their stage's fraction while the activations are
+    at most RESERVED_REUSE_RATIO times the optimizer step's buffers, then in proportion to step / activations."""
+    from neox.planner import calibration as cal
+    from neox.planner.memory import GiB, Memory
+
+    def mem(zero: int, activations_gib: float, step_gib: float) -> Memory:
+        return Memory(stage=0, terms={"weights": 10 * GiB, "activations": activations_gib * GiB},
+                      step_extra=step_gib * GiB, context=0.0, zero_stage=zero)
+
+    small, large = mem(1, 12, 4), mem(1, 96, 4)  # 3x and 24x the step's buffers
+    assert small.step_reuse == 1.0 and large.step_reuse == pytest.approx(cal.RESERVED_REUSE_RATIO * 4 / 96)
+    assert small.reserved == pytest.approx(small.allocated * (1 + cal.RESERVED_FRACTION[1]))
+    assert large.reserved == pytest.approx(large.allocated * (1 + cal.RESERVED_FRACTION[1] * 12 / 96))
+    for zero in (2, 3):
+        assert mem(zero, 12, 4).reserved == pytest.approx(mem(zero, 12, 4).allocated * (1 + cal.RESERVED_FRACTION[zero]))
+    zero0 = mem(0, 96, 4)  # no flat partitions: its fraction whatever the activations
+    assert zero0.reserved == pytest.approx(zero0.allocated * (1 + cal.RESERVED_FRACTION[0]))

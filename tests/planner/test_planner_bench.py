@@ -70,3 +70,23 @@ def test_layouts_table_per_gpu_efficiency_and_bubble(bench):
     line = next(ln for ln in text.splitlines() if ln.startswith("| 1.3B pp2 z1 m4x8 "))
     assert "| 44,000 | 88.0% | 12.0% | 11.1% |" in line  # bubble 1 - 88%; 1F1B (p-1)/(m+p-1) = 1/9
     assert "| 1.3B tp2 m4x8 | not measured" in text
+
+
+def test_a_case_measured_again_replaces_the_older_run_and_skip_leaves_runs_out_of_the_summary(bench, tmp_path):
+    import json
+
+    def row(name: str, alloc: float, measured: bool = True) -> dict:
+        pred = {"allocated_gib": 10.0, "reserved_gib": 11.0, "tokens_per_s": 100.0}
+        meas = ({"allocated_gib": alloc, "reserved_gib": 11.0, "tokens_per_s": 100.0, "smi_used_gib": math.nan}
+                if measured else {"error": "no step logged"})
+        return {"name": name, "group": "calibration", "predicted": pred, "measured": meas}
+
+    old, new = tmp_path / "a.json", tmp_path / "b.json"
+    old.write_text(json.dumps([row("x", 20.0), row("y", 10.0), row("z", 10.0)]))
+    new.write_text(json.dumps([row("x", 10.0), row("z", 50.0, measured=False)]))  # z's rerun failed: keep the old
+    rows = bench.latest([str(old), str(new)])
+    assert [(r["name"], r["measured"]["allocated_gib"]) for r in rows] == [("x", 10.0), ("y", 10.0), ("z", 10.0)]
+    rows.append(row("stale", 40.0))
+    assert "allocated: max error 75.0%" in bench.summary(rows)
+    kept = bench.summary(rows, frozenset({"stale"}))
+    assert "allocated: max error 0.0%" in kept and "over 3 runs, leaving out stale" in kept
