@@ -36,23 +36,11 @@ __global__ void rotary_kernel(const T* __restrict__ x, const float* __restrict__
   }
 }
 
+// One thread's pack: the V rotated elements of slot p of a head row (pairs (j, j + half), or (2j, 2j + 1)
+// interleaved). xr and yr may be the same row (in place: every element is read before it is written).
 template <typename T, int V, bool INTERLEAVED>
-__global__ void rotary_kernel_v2(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
-                                 T* __restrict__ out, uint32_t total, uint32_t slots, uint32_t rot_slots, uint32_t S,
-                                 uint32_t H, uint32_t D, uint32_t R, float sgn) {
-  const uint32_t k = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= total) return;
-  const uint32_t row = k / slots, p = k - row * slots;  // row: one head of one token
-  const uint32_t s = (row / H) % S, half = R / 2;
-  const T* xr = x + (size_t)row * D;
-  T* yr = out + (size_t)row * D;
-  if (p >= rot_slots) {  // pass-through pack
-    const uint32_t e = R + (p - rot_slots) * V;
-    *reinterpret_cast<Pack<T, V>*>(yr + e) = *reinterpret_cast<const Pack<T, V>*>(xr + e);
-    return;
-  }
-  const float* cr = cos + (size_t)s * half;
-  const float* sr = sin + (size_t)s * half;
+__device__ __forceinline__ void rotate_pack(const T* xr, T* yr, const float* cr, const float* sr, uint32_t p,
+                                            uint32_t half, float sgn) {
   if constexpr (!INTERLEAVED) {  // pairs (j, j + half) for j in [p * V, p * V + V)
     const uint32_t j = p * V;
     float a[V], b[V], c[V], sn[V];
@@ -85,6 +73,24 @@ __global__ void rotary_kernel_v2(const T* __restrict__ x, const float* __restric
 }
 
 template <typename T, int V, bool INTERLEAVED>
+__global__ void rotary_kernel_v2(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
+                                 T* __restrict__ out, uint32_t total, uint32_t slots, uint32_t rot_slots, uint32_t S,
+                                 uint32_t H, uint32_t D, uint32_t R, float sgn) {
+  const uint32_t k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= total) return;
+  const uint32_t row = k / slots, p = k - row * slots;  // row: one head of one token
+  const uint32_t s = (row / H) % S, half = R / 2;
+  const T* xr = x + (size_t)row * D;
+  T* yr = out + (size_t)row * D;
+  if (p >= rot_slots) {  // pass-through pack
+    const uint32_t e = R + (p - rot_slots) * V;
+    *reinterpret_cast<Pack<T, V>*>(yr + e) = *reinterpret_cast<const Pack<T, V>*>(xr + e);
+    return;
+  }
+  rotate_pack<T, V, INTERLEAVED>(xr, yr, cos + (size_t)s * half, sin + (size_t)s * half, p, half, sgn);
+}
+
+template <typename T, int V, bool INTERLEAVED>
 __global__ void rotary_qkv_kernel_v3(T* x, const float* __restrict__ cos, const float* __restrict__ sin,
                                      uint32_t total, uint32_t rot_slots, uint32_t heads, uint32_t tok_heads,
                                      uint32_t S, uint32_t D, uint32_t R, float sgn) {
@@ -93,37 +99,7 @@ __global__ void rotary_qkv_kernel_v3(T* x, const float* __restrict__ cos, const 
   const uint32_t row = k / rot_slots, p = k - row * rot_slots;  // row: one q/k head of one token
   const uint32_t s = (row / tok_heads) % S, half = R / 2;       // tok_heads = G * (P + 1) per token
   T* xr = x + (size_t)(row + row / heads) * D;                  // heads = P + 1 rotated per group
-  const float* cr = cos + (size_t)s * half;
-  const float* sr = sin + (size_t)s * half;
-  if constexpr (!INTERLEAVED) {  // pairs (j, j + half) for j in [p * V, p * V + V)
-    const uint32_t j = p * V;
-    float a[V], b[V], c[V], sn[V];
-    load<T, V>(xr + j, a);
-    load<T, V>(xr + half + j, b);
-    load_f32<V>(cr + j, c);
-    load_f32<V>(sr + j, sn);
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-      const float sv = sgn * sn[i], ya = a[i] * c[i] - b[i] * sv, yb = b[i] * c[i] + a[i] * sv;
-      a[i] = ya;
-      b[i] = yb;
-    }
-    store<T, V>(xr + j, a);
-    store<T, V>(xr + half + j, b);
-  } else {  // pairs (2j, 2j + 1) for j in [p * V / 2, p * V / 2 + V / 2)
-    const uint32_t e = p * V;
-    float v[V], c[V / 2], sn[V / 2];
-    load<T, V>(xr + e, v);
-    load_f32<V / 2>(cr + e / 2, c);
-    load_f32<V / 2>(sr + e / 2, sn);
-#pragma unroll
-    for (int i = 0; i < V / 2; i++) {
-      const float a = v[2 * i], b = v[2 * i + 1], sv = sgn * sn[i];
-      v[2 * i] = a * c[i] - b * sv;
-      v[2 * i + 1] = b * c[i] + a * sv;
-    }
-    store<T, V>(xr + e, v);
-  }
+  rotate_pack<T, V, INTERLEAVED>(xr, xr, cos + (size_t)s * half, sin + (size_t)s * half, p, half, sgn);
 }
 
 // v3's scalar form: one thread per rotated pair, any shape, 64-bit indexing.
