@@ -17,6 +17,14 @@
 #   profile_tp2    rank 0's profile of 1.3B tp2, without and with sequence parallelism
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)
+# Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree (or its
+# DeepSpeed-step copy); another run on the machine is never touched.
+end_leftovers() {
+  for pid in $(pgrep -f "neox.train"); do
+    case "$(readlink "/proc/$pid/cwd")" in "$PWD"|/tmp/neox-before.*) kill -9 "$pid" ;; esac
+  done
+}
+if [ "${1:-}" = "--end-leftovers" ]; then end_leftovers; exit 0; fi
 if [ "${1:-}" = "--start" ]; then
   # a results dir of its own: it deletes nothing, so it refuses one that already holds files
   if [ -n "$(ls -A "$2" 2>/dev/null)" ]; then echo "gpu_queue_2x: $2 is not empty; give a new results dir" >&2; exit 2; fi
@@ -46,7 +54,7 @@ idle() {
     [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | sort -n | tail -1)" -lt 2000 ] && return
     sleep 2
   done
-  say "GPUs still busy after 120 s: ending leftover runs"; pkill -9 -f "neox.train" ; sleep 5
+  say "GPUs still busy after 120 s: ending this queue's leftover ranks"; end_leftovers; sleep 5
 }
 item() {
   idle

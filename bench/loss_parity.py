@@ -79,9 +79,17 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=400)
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    names = ["1gpu", *[n for n in args.layouts.split(",") if n]]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        print(f"loss_parity: unknown layout {unknown[0]}; choose from {', '.join(LAYOUTS)}", file=sys.stderr)
+        return 2
+    taken = [n for n in names if (args.out / n).exists()]
+    if taken:  # a run dir of an earlier comparison would be resumed into and its metrics mixed with these
+        print(f"loss_parity: {args.out} already holds {', '.join(taken)}; give a new --out", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     common = [f"model={args.model}", f"train.micro_batch={args.micro}", f"train.grad_accum={args.accum}"]
-    names = ["1gpu", *[n for n in args.layouts.split(",") if n]]
     layouts = CPU_LAYOUTS if args.cpu_smoke else LAYOUTS
     losses = {n: run(n, common + layouts[n], args.out, args.steps, args.timeout) for n in names}
     rows = {n: compare(losses["1gpu"], losses[n]) for n in names[1:]}

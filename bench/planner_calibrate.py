@@ -385,9 +385,10 @@ def fit(paths: List[str], skip: frozenset = frozenset()) -> str:
     x0 = [getattr(cal, n) for n in mem_names]
     mem_fit = least_squares(lambda x: residuals(mem_names, x, "allocated_gib"), x0, x_scale=[1.0, GiB],
                             bounds=([0.5, 0.0], [1.5, 4 * GiB]))
+    predicted = repredict()  # with the fitted memory constants; the slack does not change step_reuse
     for stage in range(4):  # ZeRO-1..3's slack is scaled by how much of it the step reuses
         slack = [(r["measured"]["reserved_gib"] / r["measured"]["allocated_gib"] - 1) / (p["step_reuse"] if stage else 1)
-                 for r, p in zip(rows, repredict()) if r["predicted"]["layout"]["zero_stage"] == stage
+                 for r, p in zip(rows, predicted) if r["predicted"]["layout"]["zero_stage"] == stage
                  and not math.isnan(r["measured"]["reserved_gib"])]
         if slack:
             cal.RESERVED_FRACTION = {**cal.RESERVED_FRACTION, stage: float(np.median(slack))}

@@ -71,3 +71,27 @@ def test_gpu_queue_collect_packs_only_the_small_files(tmp_path):
     assert proc.returncode == 0 and "queue done" in proc.stdout, proc.stderr
     with tarfile.open(tmp_path / "res.tgz") as tar:
         assert sorted(tar.getnames()) == ["./DONE", "./queue.log", "./run/metrics.jsonl"]
+
+
+def test_gpu_queue_ends_only_its_own_leftover_ranks(tmp_path):
+    """The queue's last resort against ranks still holding the GPUs kills only those started from its own
+    tree: a run of the same program from anywhere else on the machine lives on."""
+    import sys
+    import time
+
+    mine, other = tmp_path / "queue", tmp_path / "elsewhere"
+    mine.mkdir(), other.mkdir()
+    script = (REPO / "bench" / "gpu_queue_2x.sh").read_text()
+    (mine / "q.sh").write_text(script)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "-m", "neox.train"]
+    procs = {where: subprocess.Popen(sleeper, cwd=where) for where in (mine, other)}
+    try:
+        time.sleep(0.5)
+        subprocess.run(["bash", "q.sh", "--end-leftovers"], cwd=mine, timeout=30, check=True)
+        assert procs[mine].wait(timeout=10) == -9
+        time.sleep(0.5)
+        assert procs[other].poll() is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()

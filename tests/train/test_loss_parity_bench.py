@@ -36,3 +36,21 @@ def test_the_table_compares_the_asked_steps_only(tmp_path, monkeypatch):
     for layout in ("tp2", "pp2"):
         assert result["gaps"][layout]["steps"] == 3 and result["gaps"][layout]["max_gap"] == 0.0, result
         assert result["gaps"][layout]["final"] == 7.0
+
+
+def test_an_out_dir_holding_earlier_runs_or_an_unknown_layout_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import loss_parity as lp
+
+    monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    (tmp_path / "tp2").mkdir()
+    (tmp_path / "tp2" / "metrics.jsonl").write_text("earlier\n")
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
+    assert lp.main() == 2
+    assert "already holds tp2; give a new --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tp2"]  # nothing started, nothing written
+    assert (tmp_path / "tp2" / "metrics.jsonl").read_text() == "earlier\n"
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path / "new"), "--layouts", "tp4"])
+    assert lp.main() == 2
+    assert "unknown layout tp4; choose from 1gpu, tp2, pp2" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
