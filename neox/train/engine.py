@@ -61,6 +61,32 @@ def lr_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, steps: int) -> torc
         opt, lr_multiplier(o.warmup_steps, decay_steps, o.decay, o.min_lr / o.lr))
 
 
+def undo_state_init_step(engine: Any) -> bool:
+    """Make a fresh bf16/fp16 ZeRO-0 engine's first step AdamW's first step; returns whether it did.
+
+    DeepSpeed's `FP16_UnfusedOptimizer` creates the optimizer state by stepping once on zero gradients:
+    every state's step counter is then 1 before training starts, so each later step uses the next step's
+    bias correction (the first update is 0.73x AdamW's at betas 0.9/0.95: early training lags ZeRO-1,
+    the pipeline and fp32, which start at 0), and AdamW's decoupled decay has shrunk the fp32 masters once.
+    Counters back to 0, masters back to the weights they were copied from (exact: bf16/fp16 in fp32);
+    the moments are zero already (zero gradients)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return False
+    with torch.no_grad():
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
+        for params, masters in zip(opt.fp16_groups, opt.fp32_groups):
+            for p, m in zip(params, masters):
+                m.copy_(p)
+    return True
+
+
 def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu: Optional[Any] = None):
     """Wrap the model in a DeepSpeed engine; returns (engine, optimizer, scheduler).
     A bf16/fp8 ZeRO-0 engine gets `neox.train.fused_step`'s optimizer step (same state, fewer passes)."""
@@ -70,6 +96,7 @@ def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu:
     sched = lr_scheduler(opt, plan.config.optim, plan.config.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(plan), mpu=mpu)
+    undo_state_init_step(engine)
     install_grad_clipping(engine)  # ZeRO-0 fp32: a norm right under pp and tp, and kept for the metrics
     install_fused_step(engine)  # bf16/fp8 ZeRO-0: one pass for the norm, one sync, AdamW unscales (fused_step.py)
     return engine, opt, sched
