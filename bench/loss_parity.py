@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -26,14 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from neox.train.metrics import read_metrics  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from planner_calibrate import wait_idle  # noqa: E402
+
 LAYOUTS = {"1gpu": ["cluster.gpus=1"], "tp2": ["parallelism=tp2"], "pp2": ["parallelism=pp2"]}
 # --cpu-smoke: the same comparison on CPU processes over gloo (checks this script, measures nothing)
 CPU_LAYOUTS = {"1gpu": ["cluster.cpu_procs=1"], "tp2": ["parallelism=tp2", "cluster.cpu_procs=2"],
                "pp2": ["parallelism=pp2", "cluster.cpu_procs=2"]}
 
 
-def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) -> List[float]:
-    """Train until `steps` is logged; the train losses by step."""
+def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) -> Dict[str, object]:
+    """Train until `steps` is logged, on GPUs the previous run has left (a run beside another's leftover
+    ranks is slowed, and reported so); its train losses by step and median tokens/s."""
+    busy_gib = wait_idle()
     run_dir = out / name
     # train.steps beyond the last compared step: the run never reaches its end, so no final checkpoint is written
     cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps + 1000}",
@@ -55,8 +61,11 @@ def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    losses = {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
-    return [losses[s] for s in sorted(losses) if s <= steps]  # not the steps logged before the stop landed
+    records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r and r["step"] <= steps}
+    rates = [r["train/tokens_per_s"] for s, r in records.items() if s > 1 and "train/tokens_per_s" in r]  # not warm-up
+    # not the steps logged before the stop landed
+    return {"losses": [records[s]["train/loss"] for s in sorted(records)], "busy_gib_at_start": busy_gib,
+            "tokens_per_s": statistics.median(rates) if rates else None}
 
 
 def compare(reference: List[float], other: List[float]) -> Dict[str, float]:
@@ -91,7 +100,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     common = [f"model={args.model}", f"train.micro_batch={args.micro}", f"train.grad_accum={args.accum}"]
     layouts = CPU_LAYOUTS if args.cpu_smoke else LAYOUTS
-    losses = {n: run(n, common + layouts[n], args.out, args.steps, args.timeout) for n in names}
+    runs = {n: run(n, common + layouts[n], args.out, args.steps, args.timeout) for n in names}
+    losses = {n: r["losses"] for n, r in runs.items()}
     rows = {n: compare(losses["1gpu"], losses[n]) for n in names[1:]}
     lines = [f"model={args.model}, micro {args.micro} x accum {args.accum}, {args.steps} steps, against one GPU",
              "", "| layout | steps compared | step-1 gap | max gap (step) | mean gap | final loss 1 GPU / layout |",
@@ -102,9 +112,13 @@ def main() -> int:
             continue
         lines.append(f"| {n} | {r['steps']} | {r['step1_gap']:.4f} | {r['max_gap']:.4f} ({r['max_gap_step']}) | "
                      f"{r['mean_gap']:.4f} | {r['final_ref']:.4f} / {r['final']:.4f} |")
+    lines += ["", "tokens/s (median of the steps after the first): " + ", ".join(
+        f"{n} {r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else f"{n} -" for n, r in runs.items())]
+    lines += [f"{n} started with {r['busy_gib_at_start']:.1f} GiB of another run still on a GPU: its tokens/s is low"
+              for n, r in runs.items() if r["busy_gib_at_start"] > 1.0]
     text = "\n".join(lines)
     (args.out / "parity.md").write_text(text + "\n")
-    (args.out / "parity.json").write_text(json.dumps({"losses": losses, "gaps": rows}) + "\n")
+    (args.out / "parity.json").write_text(json.dumps({"losses": losses, "gaps": rows, "runs": runs}) + "\n")
     print(text)
     return 0 if all(r["steps"] == args.steps for r in rows.values()) else 1
 

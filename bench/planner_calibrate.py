@@ -202,7 +202,7 @@ def _gpu_used_gib() -> float:
         return 0.0
 
 
-def _wait_idle(limit_s: float = 120.0) -> float:
+def wait_idle(limit_s: float = 120.0) -> float:
     """Wait until the GPUs are free of the previous run (its ranks may still be exiting); the GiB still in use."""
     end = time.time() + limit_s
     while (used := _gpu_used_gib()) > 1.0 and time.time() < end:
@@ -213,7 +213,7 @@ def _wait_idle(limit_s: float = 120.0) -> float:
 def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict:
     """Run launch.py on idle GPUs; stop it once step `steps` is logged; the measured peaks and step time.
     nvidia-smi's peak counts only when the GPUs were idle at the start (smi_before_gib under 1)."""
-    smi_before = _wait_idle()
+    smi_before = wait_idle()
     with tempfile.TemporaryDirectory(prefix="planner_cal_", dir=os.environ.get("TMPDIR"), ignore_cleanup_errors=True) as tmp:
         run_dir = Path(tmp) / "run"
         # train.steps beyond the last measured step: the run never reaches its end, so it never starts the

@@ -17,7 +17,8 @@ class _OvershootingRun:
         shift = 0.0 if "cluster.gpus=1" in cmd else 1.0
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "train/loss": 10.0 - s + (shift if s > 3 else 0.0)}) + "\n" for s in range(1, 6)))
+            json.dumps({"step": s, "train/loss": 10.0 - s + (shift if s > 3 else 0.0), "train/tokens_per_s": 1000.0 * s})
+            + "\n" for s in range(1, 6)))
         self.args, self.returncode = cmd, 0
 
     def poll(self):
@@ -29,6 +30,7 @@ def test_the_table_compares_the_asked_steps_only(tmp_path, monkeypatch):
     import loss_parity as lp
 
     monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(lp, "wait_idle", lambda: 0.0)
     monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
     assert lp.main() == 0  # every layout reached the 3 steps asked for
     result = json.loads((tmp_path / "parity.json").read_text())
@@ -36,6 +38,21 @@ def test_the_table_compares_the_asked_steps_only(tmp_path, monkeypatch):
     for layout in ("tp2", "pp2"):
         assert result["gaps"][layout]["steps"] == 3 and result["gaps"][layout]["max_gap"] == 0.0, result
         assert result["gaps"][layout]["final"] == 7.0
+    table = (tmp_path / "parity.md").read_text()
+    assert "1gpu 2,500, tp2 2,500, pp2 2,500" in table  # the median of steps 2-3, not step 1's warm-up
+    assert "started with" not in table
+
+
+def test_a_run_started_beside_another_runs_leftovers_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import loss_parity as lp
+
+    monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(lp, "wait_idle", lambda: 12.5)  # the GPUs never emptied within the wait
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
+    assert lp.main() == 0
+    table = (tmp_path / "parity.md").read_text()
+    assert "pp2 started with 12.5 GiB of another run still on a GPU: its tokens/s is low" in table
 
 
 def test_an_out_dir_holding_earlier_runs_or_an_unknown_layout_is_refused(tmp_path, monkeypatch, capsys):
@@ -43,6 +60,7 @@ def test_an_out_dir_holding_earlier_runs_or_an_unknown_layout_is_refused(tmp_pat
     import loss_parity as lp
 
     monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(lp, "wait_idle", lambda: 0.0)
     (tmp_path / "tp2").mkdir()
     (tmp_path / "tp2" / "metrics.jsonl").write_text("earlier\n")
     monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
