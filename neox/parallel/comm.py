@@ -11,6 +11,8 @@ other, so a sharded layer gets correct gradients without the model knowing about
     reduce_scatter_to_sp reduce-scatter  | all-gather seq   (TP region -> sequence-parallel)
     scatter_to_sp        split seq       | all-gather seq
 
+    copy_to_tp_many      copy_to_tp of several tensors, their gradients all-reduced as one buffer
+
     copy_to_tp_linear    copy_to_tp, then this rank's linear, as one node whose backward overlaps
                          the input gradient's all-reduce with the weight gradient's matmul
     gather_from_sp_linear  gather_from_sp, then the linear, likewise (the reduce-scatter overlapped)
@@ -102,6 +104,29 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _all_reduce(g.clone(), ctx.group), None  # clone: autograd may share g
+
+
+class _CopyToTPMany(torch.autograd.Function):
+    """copy_to_tp of each input; backward: one all-reduce of all their gradients, flattened together per
+    dtype. The sums are those of one all-reduce per tensor, element for element."""
+
+    @staticmethod
+    def forward(ctx, group, *xs):
+        ctx.group = group
+        ctx.meta = [(x.shape, x.dtype, x.device) for x in xs]
+        return xs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                 for g, (shape, dtype, device) in zip(grads, ctx.meta)]
+        out: list = [None] * len(grads)
+        for dtype in dict.fromkeys(g.dtype for g in grads):
+            idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
+            flat = _all_reduce(torch.cat([grads[i].reshape(-1) for i in idx]), ctx.group)  # cat: a fresh buffer
+            for i, piece in zip(idx, flat.split([grads[i].numel() for i in idx])):
+                out[i] = piece.view(grads[i].shape).clone()  # a storage of its own, as AccumulateGrad may keep it
+        return (None, *out)
 
 
 class _EdgeLinear(torch.autograd.Function):
@@ -219,6 +244,11 @@ class _ScatterToSP(torch.autograd.Function):
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def copy_to_tp_many(xs: Tuple[torch.Tensor, ...], group: Group) -> Tuple[torch.Tensor, ...]:
+    """copy_to_tp of each of `xs`, with one all-reduce in backward for all of them."""
+    return _CopyToTPMany.apply(group, *xs) if _size(group) > 1 and xs else tuple(xs)
 
 
 def copy_to_tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -17,7 +17,9 @@ The head stays vocab-sharded (no gather): the loss is `vocab_parallel_cross_entr
 Sequence parallelism (Korthikanti et al.): between a rowwise output and the next colwise input
 (norms, dropout, residual adds) activations are split along the sequence instead of replicated.
 The edges become reduce-scatter (rowwise out) and all-gather (colwise in); norm parameters then
-see only their tokens, so their gradients are summed over the TP group (`SequenceParallelNorm`).
+see only their tokens, so their gradients are summed over the TP group (`SequenceParallelNorm`);
+a block's such parameters enter the TP region together (`SequenceParallelParams`): one all-reduce
+per block in backward, not one per tensor.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from neox.config.layout import check_split
 from neox.errors import ConfigError
 from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm, GPTConfig, Head
-from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, copy_to_tp_linear, gather_from_sp,
+from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, copy_to_tp_linear, copy_to_tp_many, gather_from_sp,
                                 gather_from_sp_linear, reduce_from_tp, reduce_scatter_to_sp, scatter_to_sp)
 from neox.parallel.random import TPDropout, TPRandom
 from neox.parallel.topology import Topology
@@ -118,13 +120,14 @@ class RowParallelLinear(nn.Module):
         self.topo, self.sequence_parallel = topo, sequence_parallel
         self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 1, r, n)), 1)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.sp_params: Optional[SequenceParallelParams] = None  # set by apply_tensor_parallel under SP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_linear(x)
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, self.topo.tp_group)
             # The bias is added to this rank's tokens only: sum its gradient over the group.
-            return y if self.bias is None else y + copy_to_tp(self.bias, self.topo.tp_group)
+            return y if self.bias is None else y + _entering_tp(self, self.bias)
         y = reduce_from_tp(y, self.topo.tp_group)
         return y if self.bias is None else y + self.bias  # after the reduce: added once
 
@@ -177,16 +180,69 @@ class SequenceParallelNorm(nn.Module):
         self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
         self.weight = norm.weight
         self.bias = norm.bias if self.is_layernorm else None
+        self.sp_params: Optional[SequenceParallelParams] = None  # set by apply_tensor_parallel
         for p in self.parameters():
             p.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.topo.tp_group
-        w = None if self.weight is None else copy_to_tp(self.weight, g)
+        w = None if self.weight is None else _entering_tp(self, self.weight)
         if self.is_layernorm:
-            b = None if self.bias is None else copy_to_tp(self.bias, g)
+            b = None if self.bias is None else _entering_tp(self, self.bias)
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
         return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
+class SequenceParallelParams:
+    """The replicated parameters that sequence-parallel modules inside one owner (a Block, the final
+    norm) use on this rank's tokens only: their gradients must be summed over the TP group. A forward
+    pre-hook on the owner passes them all through one `copy_to_tp_many` (one all-reduce per block per
+    micro-batch in backward, where one per tensor made six small blocking collectives per block); the
+    modules take their entered copy with `take`. Outside the owner's call (decode, a module called on
+    its own) or while compiling, a module falls back to its own `copy_to_tp`: same gradients."""
+
+    def __init__(self, params: List[nn.Parameter], topo: Topology):
+        self.params, self.topo = params, topo
+        self.entered: Dict[int, torch.Tensor] = {}  # id(param) -> its copy in the current forward
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self.entered = {}
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            copies = copy_to_tp_many(tuple(self.params), self.topo.tp_group)
+            self.entered = {id(p): c for p, c in zip(self.params, copies)}
+
+    def leave(self, module: nn.Module, args: tuple, out: object) -> None:
+        self.entered = {}  # the copies belong to this forward's graph
+
+    def take(self, p: nn.Parameter) -> torch.Tensor:
+        got = self.entered.get(id(p))
+        return copy_to_tp(p, self.topo.tp_group) if got is None else got
+
+    def __deepcopy__(self, memo: dict) -> "SequenceParallelParams":
+        import copy
+        return SequenceParallelParams(copy.deepcopy(self.params, memo), self.topo)
+
+
+def _entering_tp(module: nn.Module, p: nn.Parameter) -> torch.Tensor:
+    """`p` as it enters the TP region in `module`'s forward (see SequenceParallelParams)."""
+    bundle = module.sp_params
+    return copy_to_tp(p, module.topo.tp_group) if bundle is None else bundle.take(p)
+
+
+def _bundle_sequence_parallel_params(owner: nn.Module, topo: Topology) -> None:
+    """One SequenceParallelParams for the replicated parameters of `owner`'s sequence-parallel modules: the
+    norms' weights and biases, and the row-parallel layers' biases (added to this rank's tokens only)."""
+    norms = [m for m in owner.modules() if isinstance(m, SequenceParallelNorm)]
+    rows = [m for m in owner.modules() if isinstance(m, RowParallelLinear) and m.sequence_parallel]
+    params = [p for p in [*(m.weight for m in norms), *(m.bias for m in norms), *(m.bias for m in rows)]
+              if p is not None]
+    users = norms + rows
+    if not params:
+        return
+    bundle = SequenceParallelParams(params, topo)
+    for m in users:
+        m.sp_params = bundle
+    owner.register_forward_pre_hook(bundle.enter)
+    owner.register_forward_hook(bundle.leave)
 
 
 # Sequence parallelism, also declarative: the regions between a rowwise output and the next
@@ -274,6 +330,10 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology, sequence_parallel: b
             module.register_forward_pre_hook(_gather_sequence_on_input(topo.tp_group))
         if isinstance(module, FinalNorm) and cfg.tied_embeddings:
             module.register_forward_hook(_head_input_edge(topo, sp))
+    if sp:
+        for module in list(model.modules()):
+            if isinstance(module, (Block, FinalNorm)):
+                _bundle_sequence_parallel_params(module, topo)
     model.tp_size, model.sequence_parallel = tp, sp  # lets the trainer and checkpointer tell a TP model
     return model
 
