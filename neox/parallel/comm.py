@@ -9,6 +9,8 @@ other, so a sharded layer gets correct gradients without the model knowing about
     scatter_to_tp        split last      | all-gather last
     gather_from_sp       all-gather seq  | reduce-scatter   (sequence-parallel -> TP region)
     reduce_scatter_to_sp reduce-scatter  | all-gather seq   (TP region -> sequence-parallel)
+                         (both also along dim 0, TOKEN_DIM: the ranks' tokens stacked, for token-wise
+                         regions that never need the sequence in order; no copy on either side)
     scatter_to_sp        split seq       | all-gather seq
 
     copy_to_tp_many      copy_to_tp of several tensors, their gradients all-reduced as one buffer
@@ -33,6 +35,7 @@ from neox.errors import ConfigError
 Group = Optional[dist.ProcessGroup]
 
 SEQ_DIM = 1
+TOKEN_DIM = 0  # [tp * batch, seq / tp, features]: rank r's tokens are rows r*batch..(r+1)*batch-1
 
 # torch 2.14 renamed the tensor-in/tensor-out collectives (the old names warn); older torch
 # (the GPU machine has 2.11) only has the old ones.
@@ -130,8 +133,8 @@ class _CopyToTPMany(torch.autograd.Function):
 
 
 class _EdgeLinear(torch.autograd.Function):
-    """`F.linear(copy_to_tp(x), weight, bias)` (sequence=False) or `F.linear(gather_from_sp(x), weight, bias)`
-    (sequence=True) in one node. Split in two, the input gradient's all-reduce (reduce-scatter) waits for both
+    """`F.linear(copy_to_tp(x), weight, bias)` (dim None) or `F.linear(gather_from_sp(x, dim=dim), weight, bias)`
+    in one node. Split in two, the input gradient's all-reduce (reduce-scatter) waits for both
     of the linear's backward matmuls; here it starts right after dX and runs while dW and db are computed.
 
     The backward runs the matmuls autograd runs for F.linear on a contiguous input (flattened to 2-d:
@@ -139,11 +142,11 @@ class _EdgeLinear(torch.autograd.Function):
     bitwise those of the two-node path (tests/parallel/test_tp_overlap.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence: bool):
+    def forward(ctx, x, weight, bias, group, dim: Optional[int]):
         # the linear's input as F.linear would save it: this rank's (contiguous), or the gathered sequence
-        full = _all_gather(x, SEQ_DIM, group) if sequence else x.contiguous()
+        full = x.contiguous() if dim is None else _all_gather(x, dim, group)
         ctx.save_for_backward(full, weight)
-        ctx.group, ctx.has_bias, ctx.sequence = group, bias is not None, sequence
+        ctx.group, ctx.has_bias, ctx.dim = group, bias is not None, dim
         return F.linear(full, weight, bias)
 
     @staticmethod
@@ -153,8 +156,8 @@ class _EdgeLinear(torch.autograd.Function):
         dx = work = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = g2.mm(weight).view(full.shape)  # fresh: reduced in place, nobody else holds it
-            if ctx.sequence:
-                dx, work = _start_reduce_scatter(dx, SEQ_DIM, ctx.group, async_op=True)
+            if ctx.dim is not None:
+                dx, work = _start_reduce_scatter(dx, ctx.dim, ctx.group, async_op=True)
             else:
                 work = dist.all_reduce(dx, group=ctx.group, async_op=True)
         if ctx.needs_input_grad[1]:
@@ -211,24 +214,24 @@ class _GatherFromSP(torch.autograd.Function):
     # The consumer is a column-parallel linear: each rank's input gradient is a partial sum
     # over its output shard, so the transpose of the all-gather is a reduce-scatter.
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, SEQ_DIM, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter(g, SEQ_DIM, ctx.group), None
+        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, SEQ_DIM, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, SEQ_DIM, ctx.group), None
+        return _all_gather(g, ctx.dim, ctx.group), None, None
 
 
 class _ScatterToSP(torch.autograd.Function):
@@ -254,13 +257,13 @@ def copy_to_tp_many(xs: Tuple[torch.Tensor, ...], group: Group) -> Tuple[torch.T
 def copy_to_tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       group: Group) -> torch.Tensor:
     """`F.linear(copy_to_tp(x, group), weight, bias)`, with the backward's all-reduce overlapped."""
-    return _EdgeLinear.apply(x, weight, bias, group, False) if _size(group) > 1 else F.linear(x, weight, bias)
+    return _EdgeLinear.apply(x, weight, bias, group, None) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
 def gather_from_sp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          group: Group) -> torch.Tensor:
-    """`F.linear(gather_from_sp(x, group), weight, bias)`, with the backward's reduce-scatter overlapped."""
-    return _EdgeLinear.apply(x, weight, bias, group, True) if _size(group) > 1 else F.linear(x, weight, bias)
+                          group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """`F.linear(gather_from_sp(x, group, dim), weight, bias)`, with the backward's reduce-scatter overlapped."""
+    return _EdgeLinear.apply(x, weight, bias, group, dim) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -275,12 +278,12 @@ def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _ScatterToTP.apply(x, group) if _size(group) > 1 else x
 
 
-def gather_from_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _GatherFromSP.apply(x, group) if _size(group) > 1 else x
+def gather_from_sp(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
+    return _GatherFromSP.apply(x, group, dim) if _size(group) > 1 else x
 
 
-def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _ReduceScatterToSP.apply(x, group) if _size(group) > 1 else x
+def reduce_scatter_to_sp(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
+    return _ReduceScatterToSP.apply(x, group, dim) if _size(group) > 1 else x
 
 
 def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:

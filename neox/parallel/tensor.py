@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from neox.config.layout import check_split
 from neox.errors import ConfigError
 from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm, GPTConfig, Head
-from neox.parallel.comm import (all_gather_no_grad, copy_to_tp, copy_to_tp_linear, copy_to_tp_many, gather_from_sp,
-                                gather_from_sp_linear, reduce_from_tp, reduce_scatter_to_sp, scatter_to_sp)
+from neox.parallel.comm import (SEQ_DIM, TOKEN_DIM, all_gather_no_grad, copy_to_tp, copy_to_tp_linear, copy_to_tp_many,
+                                gather_from_sp, gather_from_sp_linear, reduce_from_tp, reduce_scatter_to_sp,
+                                scatter_to_sp)
 from neox.parallel.random import TPDropout, TPRandom
 from neox.parallel.topology import Topology
 
@@ -74,12 +75,14 @@ class ColumnParallelLinear(nn.Module):
     autograd node, so that in backward the edge's collective on dX runs while dW is computed. Under SP,
     attention's input is gathered by the module itself (`_gather_sequence_on_input`): attention reads
     the sequence length from its own input, so that input must already be the full sequence; its
-    linear is built with `gathered_by_owner` and has no edge of its own."""
+    linear is built with `gathered_by_owner` and has no edge of its own. `sp_dim` is the dimension the SP
+    all-gather stacks along (TOKEN_DIM in a token-wise region, see _TOKENWISE)."""
 
-    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool, gathered_by_owner: bool = False):
+    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool, gathered_by_owner: bool = False,
+                 sp_dim: int = SEQ_DIM):
         super().__init__()
         r, n = topo.tp_rank, topo.tp_size
-        self.topo, self.sequence_parallel = topo, sequence_parallel
+        self.topo, self.sequence_parallel, self.sp_dim = topo, sequence_parallel, sp_dim
         self.edge = None if gathered_by_owner else ("gather" if sequence_parallel else "copy")
         self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 0, r, n)), 0)
         self.bias = (None if linear.bias is None
@@ -99,25 +102,24 @@ class ColumnParallelLinear(nn.Module):
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.edge is None:
             return self.local_linear(x, bias)
-        if type(self).local_linear is ColumnParallelLinear.local_linear and not torch.compiler.is_compiling():
-            return _EDGE_WITH_LINEAR[self.edge](x, self.weight, bias, self.topo.tp_group)
-        # Two nodes: a swapped matmul (fp8) computes dX and dW in one node, nothing to overlap; and Dynamo
-        # cannot trace an async collective (train.compile would split the block at every such layer)
-        return self.local_linear(_EDGE[self.edge](x, self.topo.tp_group), bias)
-
-
-# A column-parallel layer's input edge: alone, and fused with the layer's matmul (comm.py).
-_EDGE = {"copy": copy_to_tp, "gather": gather_from_sp}
-_EDGE_WITH_LINEAR = {"copy": copy_to_tp_linear, "gather": gather_from_sp_linear}
+        group = self.topo.tp_group
+        if type(self).local_linear is not ColumnParallelLinear.local_linear or torch.compiler.is_compiling():
+            # Two nodes: a swapped matmul (fp8) computes dX and dW in one node, nothing to overlap; and Dynamo
+            # cannot trace an async collective (train.compile would split the block at every such layer)
+            entered = copy_to_tp(x, group) if self.edge == "copy" else gather_from_sp(x, group, self.sp_dim)
+            return self.local_linear(entered, bias)
+        if self.edge == "copy":
+            return copy_to_tp_linear(x, self.weight, bias, group)
+        return gather_from_sp_linear(x, self.weight, bias, group, self.sp_dim)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x[..., shard] @ W[:, shard].T, plus a replicated bias."""
 
-    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool):
+    def __init__(self, linear: nn.Linear, topo: Topology, sequence_parallel: bool, sp_dim: int = SEQ_DIM):
         super().__init__()
         r, n = topo.tp_rank, topo.tp_size
-        self.topo, self.sequence_parallel = topo, sequence_parallel
+        self.topo, self.sequence_parallel, self.sp_dim = topo, sequence_parallel, sp_dim
         self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 1, r, n)), 1)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.sp_params: Optional[SequenceParallelParams] = None  # set by apply_tensor_parallel under SP
@@ -125,7 +127,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_linear(x)
         if self.sequence_parallel:
-            y = reduce_scatter_to_sp(y, self.topo.tp_group)
+            y = reduce_scatter_to_sp(y, self.topo.tp_group, self.sp_dim)
             # The bias is added to this rank's tokens only: sum its gradient over the group.
             return y if self.bias is None else y + _entering_tp(self, self.bias)
         y = reduce_from_tp(y, self.topo.tp_group)
@@ -255,12 +257,22 @@ SP_PLAN: Dict[type, Dict[str, str]] = {
     FinalNorm: {"norm": "norm"},
 }
 _SP_GATHER_INPUT = (CausalSelfAttention,)
+# Token-wise regions: each token's output depends on that token alone, so under SP their input is gathered
+# with the ranks' tokens stacked along dim 0 and their output reduce-scattered from that order; with
+# [batch, seq, features] activations, gathering along the sequence instead costs a strided copy of the
+# activations on each side, forward and backward.
+_TOKENWISE = (MLP,)
+
+
+def _sp_dim(owner: nn.Module) -> int:
+    return TOKEN_DIM if isinstance(owner, _TOKENWISE) else SEQ_DIM
+
 
 # style -> builder(owner, child, topo, sp, rng): the sharded module that replaces `owner`'s child
 _BUILDERS: Dict[str, Callable[[nn.Module, nn.Module, Topology, bool, TPRandom], nn.Module]] = {
     "colwise": lambda owner, m, topo, sp, rng: ColumnParallelLinear(
-        m, topo, sp, gathered_by_owner=sp and isinstance(owner, _SP_GATHER_INPUT)),
-    "rowwise": lambda owner, m, topo, sp, rng: RowParallelLinear(m, topo, sp),
+        m, topo, sp, gathered_by_owner=sp and isinstance(owner, _SP_GATHER_INPUT), sp_dim=_sp_dim(owner)),
+    "rowwise": lambda owner, m, topo, sp, rng: RowParallelLinear(m, topo, sp, sp_dim=_sp_dim(owner)),
     "vocab": lambda owner, m, topo, sp, rng: VocabParallelEmbedding(m, topo),
     "norm": lambda owner, m, topo, sp, rng: SequenceParallelNorm(m, topo),
     "dropout": lambda owner, m, topo, sp, rng: TPDropout(m.p, rng),

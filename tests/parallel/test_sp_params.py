@@ -70,3 +70,29 @@ def test_one_all_reduce_per_block_same_gradients_layernorm_with_biases() -> None
 
 def test_one_all_reduce_per_block_same_gradients_rmsnorm_checkpointed() -> None:
     run_workers(_check, 2, False, "full", timeout=180)
+
+
+def _check_token_order(rank: int, world: int) -> None:
+    from neox.model.gpt import GPT, GPTConfig
+    from neox.parallel import Topology, apply_tensor_parallel
+    from neox.parallel.comm import SEQ_DIM, TOKEN_DIM, _all_gather, _start_reduce_scatter
+
+    topo = Topology.build(tp=2)
+    model = apply_tensor_parallel(GPT(GPTConfig(**CFG)), topo, sequence_parallel=True)
+    block = model.blocks[0]
+    # the MLP is token-wise: gathered and scattered along dim 0; attention and the head keep the sequence order
+    assert (block.mlp.fc_in.sp_dim, block.mlp.fc_out.sp_dim) == (TOKEN_DIM, TOKEN_DIM)
+    assert (block.attn.proj.sp_dim, model.head.proj.sp_dim) == (SEQ_DIM, SEQ_DIM)
+    # along dim 0 neither side copies the activations: the gather is the collective's own buffer, the
+    # reduce-scatter reads its input as is; along the sequence each side makes a strided copy
+    x = torch.arange(24.0).view(2, 3, 4) + 100 * rank
+    gathered = _all_gather(x, TOKEN_DIM, topo.tp_group)
+    assert gathered._is_view() and torch.equal(gathered[2 * rank:2 * rank + 2], x)
+    assert not _all_gather(x, SEQ_DIM, topo.tp_group)._is_view()
+    full = torch.arange(48.0).view(4, 3, 4)
+    out, _ = _start_reduce_scatter(full, TOKEN_DIM, topo.tp_group, async_op=False)
+    assert torch.equal(out, 2 * full[2 * rank:2 * rank + 2])  # rank r's rows, summed over the 2 ranks
+
+
+def test_the_mlp_gathers_and_scatters_tokens_without_reordering_them() -> None:
+    run_workers(_check_token_order, 2, timeout=120)
