@@ -72,7 +72,7 @@ def test_launch_2_task_job_loss_falls_and_usr2_resumes_exactly(slurm, tmp_path):
     ref = start(*TINY, f"run_dir={tmp_path / 'ref'}")
     run = start(*TINY, f"run_dir={tmp_path / 'usr2'}", "logging.wandb=true")
     cancel = start(*TINY, f"run_dir={tmp_path / 'cancel'}", "logging.wandb=true", "cluster.tasks_per_node=1",
-                   "train.steps=200")
+                   "train.steps=5000")  # cancelled at step 2+; never to finish first on a slow machine
     try:
         job_ids = {}
         for name, proc in (("usr2", run), ("cancel", cancel)):
