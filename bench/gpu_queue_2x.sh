@@ -8,13 +8,14 @@
 #            then packs <res>'s small files into $OUT/res.tgz (a call brings back only a few files: one
 #            archive); keep <s> + the install well under the call's 600 s
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
-# order (default: what session 15 did not reach: build ckpt parity profile_tp2 fp8 tp2conn gputests):
+# order (default: what session 16 left to measure: build tp2 profile_tp2 fp8 gputests):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
 #   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile, then 125M's micro-batches (GPU 1)
 #   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | one-GPU planner points (GPU 1)
 #   parity         tp2 and pp2 against one GPU, 50 steps         fp8        300-step bf16/fp8 losses | fp8 table
 #   ckpt           async vs sync save (GPU 0) | 1.4B profile at micro 8 (GPU 1)
 #   profile_tp2    rank 0's profile of 1.3B tp2, without and with sequence parallelism
+#   tp2            1.3B tp2 and tp2+SP beside their one-GPU references
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)
 # Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree (or its
@@ -95,6 +96,9 @@ item() {
     CUDA_VISIBLE_DEVICES=1 step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 \
         --peers '' --out "$RES/fp8_throughput" &
     wait ;;
+  tp2)  # 1.3B tp2 without and with sequence parallelism, and the one-GPU references, in one call (per GPU ratio)
+    step tp2_refs $CAL --set refs --tag _tp2_refs
+    step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8" --tag _tp2 ;;
   tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
   calibration) step planner_calibration $CAL --set calibration ;;
   gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel tests/model tests/train -p no:cacheprovider ;;
@@ -102,7 +106,7 @@ item() {
   esac
 }
 shift
-for it in "${@:-build ckpt parity profile_tp2 fp8 tp2conn gputests}"; do
+for it in "${@:-build tp2 profile_tp2 fp8 gputests}"; do
   for one in $it; do item "$one"; done
 done
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1
