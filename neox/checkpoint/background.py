@@ -160,12 +160,37 @@ class BackgroundSaves:
         self.memory = memory
         self.log, self.say = log, say  # every rank / rank 0 only
         self.thread: Optional[threading.Thread] = None
+        self.preparing: Optional[threading.Thread] = None  # the host memory being allocated ahead of a save
         self.abort = threading.Event()  # set when the job ends on an error: rank 0 stops waiting for its peers
         self.short: Optional[str] = None  # why this rank writes in the training thread from now on
         self.unsupported_said = False
 
+    def prepare(self, nbytes: int) -> None:
+        """Allocate (and pin) `nbytes` of host memory for the copies in a thread, while training goes on; the
+        first save then only copies (a 1.4B save stalled 7.8 s on its allocation, the next ones 1.3 s). A host
+        short of memory is found out by the save itself, which says so and writes synchronously."""
+        if self.preparing is not None or self.short is not None:
+            return
+        if self.memory is None:
+            self.memory = HostMemory(pinned=torch.cuda.is_available())
+        memory = self.memory
+
+        def allocate() -> None:
+            try:
+                memory.reserve(nbytes)
+            except HostMemoryShort:
+                pass  # the save meets the same shortage, and falls back with a warning
+
+        self.preparing = threading.Thread(target=allocate, name="neox-checkpoint-memory", daemon=True)
+        self.preparing.start()
+
+    def _prepared(self) -> None:
+        if self.preparing is not None:
+            self.preparing.join()
+
     def capture(self, engine: Any, job: WriteJob, save_checkpoint: Callable[[], Any]) -> None:
         """Run DeepSpeed's save with `SnapshotEngine` as the engine's checkpoint engine."""
+        self._prepared()  # the arena is this thread's from here on
         if self.memory is None:
             self.memory = HostMemory(pinned=torch.cuda.is_available())
         snap = SnapshotEngine(engine.checkpoint_engine, job, self.memory, short=self.short)
@@ -244,8 +269,31 @@ class BackgroundSaves:
         if abort:
             self.abort.set()
         self.wait()
+        self._prepared()
         if self.memory is not None:
             self.memory.close()
+
+
+def state_bytes(engine: Any) -> int:
+    """About what a save of `engine` copies on this rank: the module's parameters, the parameters the optimizer
+    steps (fp32 masters or ZeRO partitions; counted once where they are the module's own) and its state tensors."""
+    seen: Dict[int, int] = {}
+
+    def count(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    for p in engine.module.parameters():
+        count(p)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in getattr(inner, "param_groups", []):
+        for p in group["params"]:
+            count(p)
+    for state in getattr(inner, "state", {}).values():
+        for v in state.values():
+            count(v)
+    return sum(seen.values())
 
 
 def resolve_async_save(setting: Optional[bool], device_type: str) -> bool:

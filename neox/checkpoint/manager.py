@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from neox.checkpoint import files as F, ranks
-from neox.checkpoint.background import WRITERS, BackgroundSaves, WriteJob
+from neox.checkpoint.background import WRITERS, BackgroundSaves, WriteJob, state_bytes
 from neox.checkpoint.config_check import check_resume_config
 from neox.checkpoint.faults import Fault
 from neox.checkpoint.reshard import load_across_layouts
@@ -244,6 +244,12 @@ class CheckpointManager:
         shutil.rmtree(job.partial, ignore_errors=True)  # give the space back
         self.last_failure = self._failure(job.step, exc)
         self.say(f"{self.last_failure}; training goes on, and the next save retries")
+
+    def prepare(self, engine) -> None:
+        """With async_save: allocate the host memory of the saves' copies now, in the background (call once
+        the optimizer has its state, after the first step)."""
+        if self.async_save:
+            self._async.prepare(state_bytes(engine))
 
     def wait(self) -> None:
         """Return once this rank's background writer, if any, is done (its failure is in the log)."""

@@ -73,6 +73,14 @@ class HostMemory:
         # a storage of its own over these bytes, so torch.save writes them and nothing else of the chunk
         return torch.frombuffer(self._views[self._chunk][start:start + nbytes], dtype=torch.uint8)
 
+    def reserve(self, nbytes: int) -> None:
+        """Grow the arena to at least `nbytes` now (one chunk), so that a save of that much takes no memory
+        of its own: the allocation and pinning (seconds for a large model) happen before the first save."""
+        missing = nbytes - self.allocated
+        if missing > 0:
+            self._grow(max(missing, _CHUNK))
+            self._chunk, self._offset = 0, 0  # fill from the start, as a reset arena does
+
     def reset(self) -> None:
         self._chunk, self._offset = 0, 0
 

@@ -296,6 +296,7 @@ class Trainer:
             state.step += 1
             if state.step == first_step:
                 self.report_startup()
+                self.checkpoints.prepare(self.engine)  # async saves: their host memory, off the first save's stall
             # ZeRO calls the optimizer once per parameter group: count steps, not calls.
             counts = self.skip_counts()
             if any(now > before for now, before in zip(counts, skip_counts)):
