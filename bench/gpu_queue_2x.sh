@@ -15,7 +15,7 @@
 #   parity         tp2 and pp2 against one GPU, 50 steps         fp8        300-step bf16/fp8 losses | fp8 table
 #   ckpt           async vs sync save (GPU 0) | 1.4B profile at micro 8 (GPU 1)
 #   profile_tp2    rank 0's profile of 1.3B tp2, without and with sequence parallelism
-#   tp2            1.3B tp2 and tp2+SP beside their one-GPU references
+#   tp2            1.3B tp2, tp2+SP and tp2 with tp_overlap beside their one-GPU references
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)
 # Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree (or its
@@ -98,7 +98,7 @@ item() {
     wait ;;
   tp2)  # 1.3B tp2 without and with sequence parallelism, and the one-GPU references, in one call (per GPU ratio)
     step tp2_refs $CAL --set refs --tag _tp2_refs
-    step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8" --tag _tp2 ;;
+    step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8,1.3B tp2 overlap m4x8" --tag _tp2 ;;
   tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
   calibration) step planner_calibration $CAL --set calibration ;;
   gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel tests/model tests/train -p no:cacheprovider ;;

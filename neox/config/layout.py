@@ -53,6 +53,9 @@ def resolve_layout(parallel: Any, model: GPTConfig, res: Resources, dry_run: boo
     if partition not in PIPE_PARTITIONS and not partition.startswith("type:"):
         raise ConfigError(f"parallelism.pipe_partition={partition!r} must be compute, uniform, parameters or type:<Layer>")
     check_split(model, parallel.tp, parallel.pp, parallel.sequence_parallel)
+    if parallel.tp_overlap and parallel.sequence_parallel:
+        raise ConfigError("parallelism.tp_overlap hides the all-reduces of tensor parallelism without sequence "
+                          "parallelism; set parallelism.sequence_parallel=false or parallelism.tp_overlap=false")
     return fit(parallel.tp, parallel.pp, parallel.dp, res, dry_run=dry_run,
                tp_across_nodes=parallel.tp_across_nodes_is_slow)
 

@@ -84,6 +84,9 @@ class ParallelConfig:
     zero_stage: int = setting(0, WARN, Choices((0, 1, 2, 3)))
     zero_bucket_size: int = setting(50_000_000, IGNORE, at_least(1))  # elements; small keeps ZeRO-1/2 lean at dp=1
     sequence_parallel: bool = setting(False, WARN)
+    # tp > 1 without SP: each block's forward runs two halves of the micro-batch in turn, one half's all-reduce
+    # hidden behind the other's compute (neox.parallel.overlap); needs an even micro-batch to take effect
+    tp_overlap: bool = setting(False, IGNORE)
     # compute: stages of equal work (the head weighs, the embedding lookup does not); parameters: of equal
     # weights; uniform: equal layer counts; type:Block: equal block counts
     pipe_partition: str = setting("compute", WARN)  # = neox.planner.layout.DEFAULT_PARTITION

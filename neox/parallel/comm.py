@@ -266,6 +266,52 @@ def gather_from_sp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return _EdgeLinear.apply(x, weight, bias, group, dim) if _size(group) > 1 else F.linear(x, weight, bias)
 
 
+class PendingReduce:
+    """An all-reduce of partial sums started in forward (`start_reduce_from_tp`), finished by `wait_reduce`."""
+
+    def __init__(self) -> None:
+        self.work: Optional[dist.Work] = None
+
+
+class _StartReduceFromTP(torch.autograd.Function):
+    """reduce_from_tp's forward, started and not waited for: the result is the sum only after `wait_reduce`.
+    Nothing may read it before: the collective writes it on its own stream meanwhile."""
+
+    @staticmethod
+    def forward(ctx, x, group, pending):
+        if x._is_view() or not x.is_contiguous():  # as _ReduceFromTP: a view cannot be reduced in place
+            x = x.contiguous().clone()
+        else:
+            ctx.mark_dirty(x)
+        pending.work = dist.all_reduce(x, group=group, async_op=True)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class _WaitReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pending):
+        pending.work.wait()  # on a GPU the current stream waits for the collective; the host goes on
+        pending.work = None
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def start_reduce_from_tp(x: torch.Tensor, group: Group, pending: PendingReduce) -> torch.Tensor:
+    """reduce_from_tp, asynchronous: the returned tensor holds the sum once `wait_reduce` has run on it."""
+    return _StartReduceFromTP.apply(x, group, pending) if _size(group) > 1 else x
+
+
+def wait_reduce(x: torch.Tensor, pending: PendingReduce) -> torch.Tensor:
+    return _WaitReduce.apply(x, pending) if pending.work is not None else x
+
+
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
 

@@ -255,7 +255,7 @@ def _mark_pipe_replicated(module: nn.Module) -> None:
 
 def build_pipeline_module(model_cfg: GPTConfig, topology: Any, partition_method: str,
                           activation_checkpointing: str, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                          seed: int, sequence_parallel: bool = False) -> nn.Module:
+                          seed: int, sequence_parallel: bool = False, tp_overlap: bool = False) -> nn.Module:
     """The model as a DeepSpeed `PipelineModule` over `topology` (a `neox.parallel.Topology`).
 
     Collective: every rank calls it with the same arguments, after `torch.distributed` is up.
@@ -276,7 +276,7 @@ def build_pipeline_module(model_cfg: GPTConfig, topology: Any, partition_method:
                               "(its tp groups), not a bare DeepSpeed topology")
         from neox.parallel.tensor import apply_tensor_parallel
 
-        apply_tensor_parallel(module, topology, sequence_parallel=sequence_parallel)
+        apply_tensor_parallel(module, topology, sequence_parallel=sequence_parallel, overlap=tp_overlap)
         module.to(next(iter(module.parameters())).device)
     _mark_pipe_replicated(module)
     with torch.no_grad():

@@ -36,6 +36,7 @@ from neox.model.gpt import MLP, Block, CausalSelfAttention, Embedding, FinalNorm
 from neox.parallel.comm import (SEQ_DIM, TOKEN_DIM, all_gather_no_grad, copy_to_tp, copy_to_tp_linear, copy_to_tp_many,
                                 gather_from_sp, gather_from_sp_linear, reduce_from_tp, reduce_scatter_to_sp,
                                 scatter_to_sp)
+from neox.parallel.overlap import DeferredReduce, overlapping
 from neox.parallel.random import TPDropout, TPRandom
 from neox.parallel.topology import Topology
 
@@ -123,6 +124,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _mark_sharded(nn.Parameter(_shard(linear.weight, 1, r, n)), 1)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.sp_params: Optional[SequenceParallelParams] = None  # set by apply_tensor_parallel under SP
+        self.defer: Optional[DeferredReduce] = None  # set for one call by an overlapping block (overlap.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_linear(x)
@@ -130,6 +132,8 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sp(y, self.topo.tp_group, self.sp_dim)
             # The bias is added to this rank's tokens only: sum its gradient over the group.
             return y if self.bias is None else y + _entering_tp(self, self.bias)
+        if self.defer is not None:  # the block waits for the sum (and adds the bias) where it needs it
+            return self.defer.start(y, self.bias, self.topo.tp_group)
         y = reduce_from_tp(y, self.topo.tp_group)
         return y if self.bias is None else y + self.bias  # after the reduce: added once
 
@@ -310,8 +314,9 @@ def _head_input_edge(topo: Topology, sequence_parallel: bool):
 
 
 def apply_tensor_parallel(model: nn.Module, topo: Topology, sequence_parallel: bool = False,
-                          cfg: Optional[GPTConfig] = None) -> nn.Module:
-    """Shard `model` in place following `TP_PLAN`; returns it.
+                          cfg: Optional[GPTConfig] = None, overlap: bool = False) -> nn.Module:
+    """Shard `model` in place following `TP_PLAN`; returns it. `overlap` (without sequence parallelism):
+    blocks hide their forward all-reduces behind the other half of the batch (neox.parallel.overlap).
 
     `model` is a `GPT` or any module tree made of the model's layer classes (a pipeline stage:
     pass `cfg` then, since a stage may hold no module that carries it).
@@ -342,6 +347,8 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology, sequence_parallel: b
             module.register_forward_pre_hook(_gather_sequence_on_input(topo.tp_group))
         if isinstance(module, FinalNorm) and cfg.tied_embeddings:
             module.register_forward_hook(_head_input_edge(topo, sp))
+        if overlap and not sp and tp > 1 and isinstance(module, Block):
+            module.__class__ = overlapping(type(module))
     if sp:
         for module in list(model.modules()):
             if isinstance(module, (Block, FinalNorm)):

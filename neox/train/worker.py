@@ -129,13 +129,15 @@ class Trainer:
             if self.pipelined:
                 self.model = build_pipeline_module(plan.model, self.topo, cfg.parallelism.pipe_partition,
                                                    plan.model.activation_checkpointing, self.loss_fn, seed=cfg.train.seed,
-                                                   sequence_parallel=cfg.parallelism.sequence_parallel)
+                                                   sequence_parallel=cfg.parallelism.sequence_parallel,
+                                                   tp_overlap=cfg.parallelism.tp_overlap)
                 self.say(self.layout.describe_stages())
             else:
                 self.model = GPT(plan.model)
                 if plan.tp > 1:
                     self.model = apply_tensor_parallel(self.model, self.topo,
-                                                       sequence_parallel=cfg.parallelism.sequence_parallel)
+                                                       sequence_parallel=cfg.parallelism.sequence_parallel,
+                                                       overlap=cfg.parallelism.tp_overlap)
                     mpu = self.topo.mpu()
         if cfg.train.init_from:  # weights only, before the engine copies them; a resumed run ignores it
             from neox.convert.init import load_initial_weights

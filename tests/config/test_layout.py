@@ -56,6 +56,10 @@ CASES = [
     ("sequence parallel splits seq_len", dict(tp=4, sequence_parallel=True), {}, GPUS8, False, (8, 4, 1, 2)),
     ("sequence parallel splits seq_len", dict(tp=4, sequence_parallel=True), dict(seq_len=30), GPUS8, False,
      (ConfigError, r"parallelism.sequence_parallel needs model.seq_len=30 divisible by parallelism.tp=4")),
+    ("tp overlap without sequence parallelism", dict(tp=2, tp_overlap=True), {}, GPUS8, False, (8, 2, 1, 4)),
+    ("tp overlap without sequence parallelism", dict(tp=2, tp_overlap=True, sequence_parallel=True), {}, GPUS8,
+     False, (ConfigError, r"parallelism.tp_overlap hides the all-reduces of tensor parallelism without sequence "
+                          r"parallelism; set parallelism.sequence_parallel=false or parallelism.tp_overlap=false")),
     ("slots split into groups", dict(pp=2), {}, GPUS8, False, (8, 1, 2, 4)),
     ("slots split into groups", dict(pp=3), {}, GPUS8, False,
      (LaunchError, r"8 GPUs cannot be split into tp=1 x pp=3 groups; set parallelism.dp or use a multiple of 3")),
