@@ -276,7 +276,8 @@ class BackgroundSaves:
 
 def state_bytes(engine: Any) -> int:
     """About what a save of `engine` copies on this rank: the module's parameters, the parameters the optimizer
-    steps (fp32 masters or ZeRO partitions; counted once where they are the module's own) and its state tensors."""
+    steps (fp32 masters or ZeRO partitions; counted once where they are the module's own) and its state tensors
+    (AdamW's two moments per stepped parameter where it has none yet)."""
     seen: Dict[int, int] = {}
 
     def count(t: Any) -> None:
@@ -287,13 +288,16 @@ def state_bytes(engine: Any) -> int:
     for p in engine.module.parameters():
         count(p)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    stepped: Dict[int, int] = {}
     for group in getattr(inner, "param_groups", []):
         for p in group["params"]:
             count(p)
-    for state in getattr(inner, "state", {}).values():
-        for v in state.values():
-            count(v)
-    return sum(seen.values())
+            stepped[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    states = [v for state in getattr(inner, "state", {}).values() for v in state.values()]
+    for v in states:
+        count(v)
+    # AdamW's two moments, not created yet where the first step was skipped (an fp16 overflow)
+    return sum(seen.values()) + (2 * sum(stepped.values()) if not states else 0)
 
 
 def resolve_async_save(setting: Optional[bool], device_type: str) -> bool:

@@ -56,6 +56,9 @@ def resolve_layout(parallel: Any, model: GPTConfig, res: Resources, dry_run: boo
     if parallel.tp_overlap and parallel.sequence_parallel:
         raise ConfigError("parallelism.tp_overlap hides the all-reduces of tensor parallelism without sequence "
                           "parallelism; set parallelism.sequence_parallel=false or parallelism.tp_overlap=false")
+    if parallel.tp_overlap and parallel.zero_stage == 3:
+        raise ConfigError("parallelism.tp_overlap does not work with ZeRO-3 (it releases a layer's bias before the "
+                          "overlapped all-reduce is finished); use parallelism.zero_stage<=2 or tp_overlap=false")
     return fit(parallel.tp, parallel.pp, parallel.dp, res, dry_run=dry_run,
                tp_across_nodes=parallel.tp_across_nodes_is_slow)
 

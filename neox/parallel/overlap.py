@@ -80,4 +80,6 @@ def overlapping(cls: type) -> type:
         mb = _started(*mlp, self.ln_mlp(b))
         return torch.cat([a + self.drop(ma.finish()), b + self.drop(mb.finish())])
 
-    return type(f"Overlapping{cls.__name__}", (cls,), {"forward": forward, "__doc__": cls.__doc__})
+    # The base's name: DeepSpeed's pipeline picks the layers it checkpoints by class name ("Block")
+    return type(cls.__name__, (cls,), {"forward": forward, "__doc__": cls.__doc__,
+                                       "__qualname__": f"overlapping({cls.__qualname__})"})

@@ -204,7 +204,7 @@ class SequenceParallelParams:
     pre-hook on the owner passes them all through one `copy_to_tp_many` (one all-reduce per block per
     micro-batch in backward, where one per tensor made six small blocking collectives per block); the
     modules take their entered copy with `take`. Outside the owner's call (decode, a module called on
-    its own) or while compiling, a module falls back to its own `copy_to_tp`: same gradients."""
+    its own), while compiling or under ZeRO-3, a module falls back to its own `copy_to_tp`: same gradients."""
 
     def __init__(self, params: List[nn.Parameter], topo: Topology):
         self.params, self.topo = params, topo
@@ -212,7 +212,9 @@ class SequenceParallelParams:
 
     def enter(self, module: nn.Module, args: tuple) -> None:
         self.entered = {}
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # ZeRO-3 gathers each module's parameters right before its own forward: here they are still partitioned
+        zero3 = any(hasattr(p, "ds_id") for p in self.params)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not zero3:
             copies = copy_to_tp_many(tuple(self.params), self.topo.tp_group)
             self.entered = {id(p): c for p, c in zip(self.params, copies)}
 
@@ -248,7 +250,7 @@ def _bundle_sequence_parallel_params(owner: nn.Module, topo: Topology) -> None:
     for m in users:
         m.sp_params = bundle
     owner.register_forward_pre_hook(bundle.enter)
-    owner.register_forward_hook(bundle.leave)
+    owner.register_forward_hook(bundle.leave, always_call=True)  # also when checkpointing's recompute stops early
 
 
 # Sequence parallelism, also declarative: the regions between a rowwise output and the next

@@ -62,25 +62,28 @@ def lr_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, steps: int) -> torc
 
 
 def undo_state_init_step(engine: Any) -> bool:
-    """Make a fresh bf16/fp16 ZeRO-0 engine's first step AdamW's first step; returns whether it did.
+    """Make a fresh bf16/fp16 ZeRO-0 engine's first step AdamW's first step.
 
     DeepSpeed's `FP16_UnfusedOptimizer` creates the optimizer state by stepping once on zero gradients:
     every state's step counter is then 1 before training starts, so each later step uses the next step's
     bias correction (the first update is 0.73x AdamW's at betas 0.9/0.95: early training lags ZeRO-1,
     the pipeline and fp32, which start at 0), and AdamW's decoupled decay has shrunk the fp32 masters once.
-    Counters back to 0, masters back to the weights they were copied from (exact: bf16/fp16 in fp32);
-    the moments are zero already (zero gradients)."""
+    Counters back to 0 (any wrapper's: a fresh engine has taken no step), masters back to the weights they
+    were copied from (exact: bf16/fp16 in fp32); the moments are zero already (zero gradients). Returns
+    whether the engine had that wrapper."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     opt = engine.optimizer
-    if not isinstance(opt, FP16_UnfusedOptimizer):
-        return False
-    with torch.no_grad():
-        for state in opt.optimizer.state.values():
+    inner = getattr(opt, "optimizer", opt)
+    with torch.no_grad():  # any wrapper's counters (a fresh engine has taken no step); the others start at 0 now
+        for state in getattr(inner, "state", {}).values():
             if torch.is_tensor(state.get("step")):
                 state["step"].zero_()
             elif "step" in state:
                 state["step"] = 0
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return False
+    with torch.no_grad():
         for params, masters in zip(opt.fp16_groups, opt.fp32_groups):
             for p, m in zip(params, masters):
                 m.copy_(p)

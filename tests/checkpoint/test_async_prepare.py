@@ -3,6 +3,7 @@ trainer after its first step): the first save then only copies. The size comes f
 (`state_bytes`), checked against what DeepSpeed's own save of real engines writes."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -83,3 +84,42 @@ def _estimate_against_deepspeed(rank: int, world: int, out: str) -> None:
 
 def test_the_estimate_matches_what_deepspeed_saves(tmp_path):
     run_workers(_estimate_against_deepspeed, 1, str(tmp_path), timeout=240, init="neox")
+
+
+def test_a_save_waits_for_the_memory_still_being_allocated(tmp_path):
+    """The arena is one thread's at a time: a save that comes while the allocation runs waits for it, and
+    then takes nothing of its own; closing the manager waits for it too."""
+    memory = HostMemory(pinned=False)
+    gate, real = threading.Event(), memory.reserve
+
+    def slow_reserve(nbytes: int) -> None:
+        assert gate.wait(30), "the test never opened the gate"
+        real(nbytes)
+
+    memory.reserve = slow_reserve
+    m = CheckpointManager(tmp_path / "checkpoints", 3, True, log=lambda _: None, async_save=True, host_memory=memory)
+    engine = EngineWithModule(3.0)
+    m.prepare(engine)
+    saving = threading.Thread(target=lambda: (m.save(engine, 1, client(1)), m.wait()))
+    saving.start()
+    saving.join(0.5)
+    assert saving.is_alive() and memory.allocated == 0  # waiting for the allocation, not allocating itself
+    gate.set()
+    saving.join(30)
+    assert not saving.is_alive() and m.latest_tag() == "step_00000001" and len(memory.chunks) == 1
+    m.close()
+    assert not m._async.preparing.is_alive()
+
+
+def test_the_estimate_counts_adams_moments_before_they_exist():
+    """An optimizer whose first step was skipped (an fp16 overflow) has no state yet: its two moments count."""
+    from neox.checkpoint.background import state_bytes
+
+    engine = EngineWithModule(1.0)
+    engine.module.w.requires_grad_(True)
+    engine.optimizer = torch.optim.AdamW([engine.module.w], lr=0.1)
+    before = state_bytes(engine)
+    assert before == 16 + 2 * 16  # the weights (4 fp32, also the stepped parameters) and two moments to come
+    engine.module.w.grad = torch.ones(4)
+    engine.optimizer.step()
+    assert state_bytes(engine) == 16 + 2 * 16 + 4  # the moments, and AdamW's step counter (one fp32 scalar)

@@ -60,6 +60,10 @@ CASES = [
     ("tp overlap without sequence parallelism", dict(tp=2, tp_overlap=True, sequence_parallel=True), {}, GPUS8,
      False, (ConfigError, r"parallelism.tp_overlap hides the all-reduces of tensor parallelism without sequence "
                           r"parallelism; set parallelism.sequence_parallel=false or parallelism.tp_overlap=false")),
+    ("tp overlap without ZeRO-3", dict(tp=2, tp_overlap=True, zero_stage=2), {}, GPUS8, False, (8, 2, 1, 4)),
+    ("tp overlap without ZeRO-3", dict(tp=2, tp_overlap=True, zero_stage=3), {}, GPUS8, False,
+     (ConfigError, r"parallelism.tp_overlap does not work with ZeRO-3 .* use parallelism.zero_stage<=2 or "
+                   r"tp_overlap=false")),
     ("slots split into groups", dict(pp=2), {}, GPUS8, False, (8, 1, 2, 4)),
     ("slots split into groups", dict(pp=3), {}, GPUS8, False,
      (LaunchError, r"8 GPUs cannot be split into tp=1 x pp=3 groups; set parallelism.dp or use a multiple of 3")),

@@ -96,3 +96,34 @@ def _check_token_order(rank: int, world: int) -> None:
 
 def test_the_mlp_gathers_and_scatters_tokens_without_reordering_them() -> None:
     run_workers(_check_token_order, 2, timeout=120)
+
+
+def _check_zero3(rank: int, world: int) -> None:
+    """Under ZeRO-3 a block's parameters are gathered per module, after the block's pre-hook: the modules
+    enter their own parameters (the bundle stands aside), and a training step runs and moves the weights."""
+    import deepspeed
+
+    from neox.model.gpt import GPT, GPTConfig
+    from neox.parallel import Topology, apply_tensor_parallel, make_loss_fn
+
+    cfg = GPTConfig(**{**CFG, "n_kv_heads": 2}, position="rotary", rotary_dims=4, bias=True)
+    topo = Topology.build(tp=2)
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(GPT(cfg), topo, sequence_parallel=True)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config=config, mpu=topo.mpu())
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(2):
+        loss = make_loss_fn(topo.tp_group)(engine(tokens), tokens)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0], losses
+
+
+def test_zero3_with_sequence_parallelism_trains() -> None:
+    run_workers(_check_zero3, 2, timeout=240, init="neox")

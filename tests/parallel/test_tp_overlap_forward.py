@@ -49,7 +49,10 @@ def _check(rank: int, world: int, parallel_residual: bool, batch: int) -> None:
     full = GPT(cfg)
     plain = apply_tensor_parallel(copy.deepcopy(full), topo)
     overlapped = apply_tensor_parallel(copy.deepcopy(full), topo, overlap=True)
-    assert type(overlapped.blocks[0]).__name__ == "OverlappingBlock"
+    from neox.model.gpt import Block
+
+    # a subclass that keeps the name: DeepSpeed's pipeline picks the layers it checkpoints by class name
+    assert type(overlapped.blocks[0]) is not Block and type(overlapped.blocks[0]).__name__ == "Block"
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
     targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)

@@ -26,14 +26,18 @@ def _one_step(zero: int, out_dir: str):
                        "train.precision=bf16", f"parallelism.zero_stage={zero}", "optim.warmup_steps=10",
                        f"run_dir={out_dir}"], cpu(1))
     torch.manual_seed(0)
-    engine, opt, _ = engine_lib.initialize(GPT(plan.model), plan, torch.device("cpu"))
+    engine, inner, _ = engine_lib.initialize(GPT(plan.model), plan, torch.device("cpu"))
     tokens = torch.randint(0, plan.model.vocab_size, (2, plan.model.seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
     before = [p.detach().float().clone() for p in engine.module.parameters()]
+    opt = engine.optimizer
+    for params, masters in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        # the fp32 masters are the weights again (DeepSpeed's zero-gradient step had decayed them)
+        assert all(torch.equal(m, p.float()) for p, m in zip(params, masters)), "the masters are not the weights"
     engine.backward(cross_entropy_loss(engine(tokens[:, :-1]), tokens[:, 1:]))
     engine.step()
     after = [p.detach().float().clone() for p in engine.module.parameters()]
-    counters = {float(s["step"]) for s in opt.state.values() if "step" in s}
+    counters = {float(s["step"]) for s in inner.state.values() if "step" in s}
     return before, after, counters
 
 
