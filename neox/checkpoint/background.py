@@ -278,26 +278,16 @@ def state_bytes(engine: Any) -> int:
     """About what a save of `engine` copies on this rank: the module's parameters, the parameters the optimizer
     steps (fp32 masters or ZeRO partitions; counted once where they are the module's own) and its state tensors
     (AdamW's two moments per stepped parameter where it has none yet)."""
-    seen: Dict[int, int] = {}
+    def storages(tensors: Any) -> Dict[int, int]:  # each storage once: address -> bytes
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if isinstance(t, torch.Tensor) and t.numel()}
 
-    def count(t: Any) -> None:
-        if isinstance(t, torch.Tensor) and t.numel():
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-
-    for p in engine.module.parameters():
-        count(p)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    stepped: Dict[int, int] = {}
-    for group in getattr(inner, "param_groups", []):
-        for p in group["params"]:
-            count(p)
-            stepped[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    states = [v for state in getattr(inner, "state", {}).values() for v in state.values()]
-    for v in states:
-        count(v)
+    stepped = storages(p for group in getattr(inner, "param_groups", []) for p in group["params"])
+    state = storages(v for s in getattr(inner, "state", {}).values() for v in s.values())
+    every = {**storages(engine.module.parameters()), **stepped, **state}
     # AdamW's two moments, not created yet where the first step was skipped (an fp16 overflow)
-    return sum(seen.values()) + (2 * sum(stepped.values()) if not states else 0)
+    return sum(every.values()) + (0 if state else 2 * sum(stepped.values()))
 
 
 def resolve_async_save(setting: Optional[bool], device_type: str) -> bool:

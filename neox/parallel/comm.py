@@ -169,15 +169,20 @@ class _EdgeLinear(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def _reducible_in_place(x: torch.Tensor) -> bool:
+    """Whether a partial sum can be all-reduced where it is: not a view (autograd forbids modifying the view
+    output of a custom Function in place: fp8's matmul), contiguous, and not in compiled code (Dynamo cannot
+    trace a dirty input through the collective)."""
+    return not (torch.compiler.is_compiling() or x._is_view() or not x.is_contiguous())
+
+
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         # Reduced in place (callers pass a partial sum only they made, that nothing else reads: a row-parallel
-        # linear's or the vocab-parallel embedding's fresh output), which saves a copy of the activations.
-        # Copied first where that cannot be: a view (autograd forbids modifying the view output of a custom
-        # Function in place: fp8's matmul), and compiled code (Dynamo cannot trace a dirty input through
-        # the collective).
-        if torch.compiler.is_compiling() or x._is_view() or not x.is_contiguous():
+        # linear's or the vocab-parallel embedding's fresh output), which saves a copy of the activations;
+        # copied first where that cannot be.
+        if not _reducible_in_place(x):
             return _all_reduce(x.clone(), group)
         ctx.mark_dirty(x)
         dist.all_reduce(x, group=group)
@@ -279,10 +284,10 @@ class _StartReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, pending):
-        if x._is_view() or not x.is_contiguous():  # as _ReduceFromTP: a view cannot be reduced in place
-            x = x.contiguous().clone()
-        else:
+        if _reducible_in_place(x):  # as _ReduceFromTP
             ctx.mark_dirty(x)
+        else:
+            x = x.contiguous().clone()
         pending.work = dist.all_reduce(x, group=group, async_op=True)
         return x
 

@@ -203,7 +203,7 @@ class SequenceParallelParams:
     norm) use on this rank's tokens only: their gradients must be summed over the TP group. A forward
     pre-hook on the owner passes them all through one `copy_to_tp_many` (one all-reduce per block per
     micro-batch in backward, where one per tensor made six small blocking collectives per block); the
-    modules take their entered copy with `take`. Outside the owner's call (decode, a module called on
+    modules take their entered copy (`_entering_tp`). Outside the owner's call (decode, a module called on
     its own), while compiling or under ZeRO-3, a module falls back to its own `copy_to_tp`: same gradients."""
 
     def __init__(self, params: List[nn.Parameter], topo: Topology):
@@ -221,10 +221,6 @@ class SequenceParallelParams:
     def leave(self, module: nn.Module, args: tuple, out: object) -> None:
         self.entered = {}  # the copies belong to this forward's graph
 
-    def take(self, p: nn.Parameter) -> torch.Tensor:
-        got = self.entered.get(id(p))
-        return copy_to_tp(p, self.topo.tp_group) if got is None else got
-
     def __deepcopy__(self, memo: dict) -> "SequenceParallelParams":
         import copy
         return SequenceParallelParams(copy.deepcopy(self.params, memo), self.topo)
@@ -232,8 +228,8 @@ class SequenceParallelParams:
 
 def _entering_tp(module: nn.Module, p: nn.Parameter) -> torch.Tensor:
     """`p` as it enters the TP region in `module`'s forward (see SequenceParallelParams)."""
-    bundle = module.sp_params
-    return copy_to_tp(p, module.topo.tp_group) if bundle is None else bundle.take(p)
+    got = None if module.sp_params is None else module.sp_params.entered.get(id(p))
+    return copy_to_tp(p, module.topo.tp_group) if got is None else got
 
 
 def _bundle_sequence_parallel_params(owner: nn.Module, topo: Topology) -> None:

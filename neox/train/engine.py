@@ -74,20 +74,17 @@ def undo_state_init_step(engine: Any) -> bool:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    with torch.no_grad():  # any wrapper's counters (a fresh engine has taken no step); the others start at 0 now
-        for state in getattr(inner, "state", {}).values():
+    unfused = isinstance(opt, FP16_UnfusedOptimizer)
+    with torch.no_grad():
+        for state in getattr(getattr(opt, "optimizer", opt), "state", {}).values():
             if torch.is_tensor(state.get("step")):
                 state["step"].zero_()
             elif "step" in state:
                 state["step"] = 0
-    if not isinstance(opt, FP16_UnfusedOptimizer):
-        return False
-    with torch.no_grad():
-        for params, masters in zip(opt.fp16_groups, opt.fp32_groups):
+        for params, masters in zip(opt.fp16_groups, opt.fp32_groups) if unfused else ():
             for p, m in zip(params, masters):
                 m.copy_(p)
-    return True
+    return unfused
 
 
 def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu: Optional[Any] = None):
