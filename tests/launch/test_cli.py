@@ -62,6 +62,16 @@ def test_inconsistent_batch(capsys):
     _fails(capsys, ["train.micro_batch=4", "train.grad_accum=2", "train.global_batch=10"], "inconsistent batch")
 
 
+@pytest.mark.parametrize("other,message", [("parallelism.sequence_parallel=true", "without sequence parallelism"),
+                                           ("parallelism.zero_stage=3", "does not work with ZeRO-3")])
+def test_tp_overlap_with_what_it_cannot_overlap(capsys, other, message):
+    _fails(capsys, ["parallelism=tp2", "parallelism.tp_overlap=true", other], message)
+
+
+def test_tp_overlap_that_is_not_a_bool(capsys):
+    _fails(capsys, ["parallelism=tp2", "parallelism.tp_overlap=maybe"], "parallelism.tp_overlap=maybe")
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero23_with_pipeline(capsys, stage):
     _fails(capsys, ["parallelism=pp2", f"parallelism.zero_stage={stage}"], "DeepSpeed does not support ZeRO-2/3")
