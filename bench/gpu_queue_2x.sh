@@ -17,7 +17,9 @@
 #   profile_tp2    rank 0's profile of 1.3B tp2, without and with sequence parallelism
 #   tp2            1.3B tp2, tp2+SP and tp2 with tp_overlap beside their one-GPU references
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
-#   gputests       the whole GPU kernel suite (3 minutes)
+#   gputests       the whole GPU kernel suite (3 minutes)    kernels  bench/kernels.py (against eager, compile, Liger)
+#   fp8_67         6.7B bf16 vs fp8 on one GPU                fp8_1gpu fp8_67, then the 300-step loss curves
+# On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) the two-stream items run their streams in turn.
 # Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree (or its
 # DeepSpeed-step copy); another run on the machine is never touched.
 end_leftovers() {
@@ -47,6 +49,9 @@ export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 NEOX_CACHE=${NEOX_CACHE:-/tmp/neox-c
 say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RES/queue.log"; }
 step() { local name=$1; shift; say "start $name"; "$@" > "$RES/$name.out" 2>&1; say "end $name rc=$?"; }
 CAL="python3 bench/planner_calibrate.py --gpus 2 --out $RES --timeout 200"
+# On a one-GPU machine the items that run two streams (GPU 0 | GPU 1) run them one after the other on GPU 0.
+NGPU=$(nvidia-smi -L | wc -l); G1=$((NGPU > 1 ? 1 : 0))
+beside() { if [ "$NGPU" -gt 1 ]; then "$@" & else "$@"; fi; }
 say "commit $(cat COMMIT 2>/dev/null) on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)"
 # each item starts on idle GPUs: a run its bench stopped may still be exiting (or writing); wait for its
 # memory to come back, then end what is left of it
@@ -83,8 +88,8 @@ item() {
     wait ;;
   parity) step parity python3 bench/loss_parity.py --out "$RES/parity" ;;
   ckpt)  # the async stall alone, on GPU 0 (GPU 1 profiles 1.4B at micro 8: the next speed question)
-    CUDA_VISIBLE_DEVICES=0 step checkpoint timeout 480 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json" &
-    CUDA_VISIBLE_DEVICES=1 step profile_m8 python3 bench/profile_step.py --model 1.4B --micro 8 --accum 4 --out "$RES/profile_m8" &
+    CUDA_VISIBLE_DEVICES=0 beside step checkpoint timeout 480 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json"
+    [ "$NGPU" -gt 1 ] && CUDA_VISIBLE_DEVICES=1 step profile_m8 python3 bench/profile_step.py --model 1.4B --micro 8 --accum 4 --out "$RES/profile_m8" &
     wait; rm -f "$RES"/profile*/trace.json ;;
   profile_tp2)  # where tp2's time goes: exposed collectives, without and with sequence parallelism
     step profile_tp2 python3 bench/profile_step.py --model 1.3B --gpus 2 --set parallelism=tp2 --out "$RES/profile_tp2"
@@ -92,10 +97,16 @@ item() {
         --set parallelism.sequence_parallel=true --out "$RES/profile_tp2_sp"
     rm -f "$RES"/profile_tp2*/trace.json ;;
   fp8)
-    CUDA_VISIBLE_DEVICES=0 step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" &
-    CUDA_VISIBLE_DEVICES=1 step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 \
-        --peers '' --out "$RES/fp8_throughput" &
+    CUDA_VISIBLE_DEVICES=0 beside step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss"
+    CUDA_VISIBLE_DEVICES=$G1 beside step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 \
+        --peers '' --out "$RES/fp8_throughput"
     wait ;;
+  fp8_67)  # 6.7B on one GPU (micro 1, activation checkpointing), bf16 and fp8
+    step fp8_67 python3 bench/train_throughput.py --model 6.7B --micro 1 --accum 8 --fp8 --peers '' \
+        --neox 'model.activation_checkpointing=full' --out "$RES/fp8_67" ;;
+  fp8_1gpu)  # what a one-GPU hold measures of fp8: 6.7B bf16 vs fp8, then the 300-step 1.4B loss curves
+    item fp8_67; idle; step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" ;;
+  kernels) step kernels timeout 200 python3 bench/kernels.py ;;
   tp2)  # 1.3B tp2 without and with sequence parallelism, and the one-GPU references, in one call (per GPU ratio)
     step tp2_refs $CAL --set refs --tag _tp2_refs
     step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8,1.3B tp2 overlap m4x8" --tag _tp2 ;;

@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 import re
-import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,26 +135,48 @@ def peer(kind: str, shape: dict, micro: int, accum: int, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- neox
-def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path, tag: str) -> dict:
+def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path, tag: str,
+         until_valid: bool = False) -> dict:
+    """launch.py for `steps` logged steps (and, with until_valid, the validation at step `steps`), then
+    stopped: train.steps lies beyond them, so the run never writes its final checkpoint (1.4B ~18 GB,
+    6.7B ~94 GB: more than some GPU machines' disks, and a minute of device time each)."""
     run = out / f"neox-{preset}-{tag}"
-    ours = not run.exists()  # a run dir that was there before (it resumes) keeps its checkpoints
     cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", f"train.micro_batch={micro}",
-           f"train.grad_accum={accum}", f"train.steps={steps}", "train.log_every=1", "train.eval_every=100000",
-           "train.save_every=100000", "train.eval_batches=1", "logging.wandb=false", "cluster.gpus=1",
-           f"run_dir={run}", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (out / f"neox-{preset}-{tag}.log").write_text(proc.stdout + proc.stderr)
-    if ours:
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the final save: ~17 GB at 1.4B, never read here
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
-    train = [r for r in records if "train/tokens_per_s" in r][2:]  # the first steps include warm-up/compile
-    if proc.returncode != 0 or not train:
-        return {"name": f"neox {' '.join(extra) or 'default'}", "failed": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return {"name": f"neox {' '.join(extra) or 'default'}", "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
+           f"train.grad_accum={accum}", f"train.steps={steps + 1000}", "train.log_every=1",
+           "train.eval_every=100000", "train.save_every=100000", "train.eval_batches=1", "logging.wandb=false",
+           "cluster.gpus=1", f"run_dir={run}", *extra]
+    log = out / f"neox-{preset}-{tag}.log"
+
+    def records() -> list:
+        path = run / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+    def done(recs: list) -> bool:
+        return any(r.get("step") == steps and ("valid/loss" if until_valid else "train/tokens_per_s") in r
+                   for r in recs)
+
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and not done(records()):
+            time.sleep(1)
+        stopped = proc.poll() is None
+        if stopped:
+            proc.send_signal(signal.SIGINT)  # launch.py stops its ranks at once, without a checkpoint
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    recs = records()
+    train = [r for r in recs if "train/tokens_per_s" in r and r["step"] <= steps][2:]  # warm-up/compile dropped
+    name = f"neox {' '.join(extra) or 'default'}"
+    if not (stopped or proc.returncode == 0) or not train or not done(recs):
+        return {"name": name, "failed": log.read_text().strip().splitlines()[-1:]}
+    return {"name": name, "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
             "peak_gb": max(r["train/memory_gb"] for r in train),
-            "losses": [r["train/loss"] for r in records if "train/loss" in r],
-            "loss_steps": [r["step"] for r in records if "train/loss" in r],
-            "valid_loss": next((r["valid/loss"] for r in reversed(records) if "valid/loss" in r), None)}
+            "losses": [r["train/loss"] for r in recs if "train/loss" in r and r["step"] <= steps],
+            "loss_steps": [r["step"] for r in recs if "train/loss" in r and r["step"] <= steps],
+            "valid_loss": next((r["valid/loss"] for r in reversed(recs) if "valid/loss" in r), None)}
 
 
 FP8 = "train.precision=fp8"
@@ -163,11 +185,12 @@ FP8 = "train.precision=fp8"
 def compare_loss(args, steps: int) -> None:
     """bf16 and fp8 neox runs of `steps` steps on the same data: one PNG of both curves, the final-loss gap."""
     base = (args.neox or [""])[0].split()
-    # log every step; validate once, at the end (the trainer always evaluates at the last step)
+    # log every step; validate once, at step `steps` (the run is stopped after it)
     extra = base + [f"train.eval_every={steps}", "train.eval_batches=8"]
     runs = {}
     for name, overrides in (("bf16", extra + ["train.precision=bf16"]), ("fp8", extra + [FP8])):
-        runs[name] = neox(args.model, overrides, args.micro, args.accum, steps, args.out, f"loss-{name}")
+        runs[name] = neox(args.model, overrides, args.micro, args.accum, steps, args.out, f"loss-{name}",
+                          until_valid=True)
         print(json.dumps({k: v for k, v in runs[name].items() if k not in ("losses", "loss_steps")}), flush=True)
     failed = [f"{n}: {' '.join(r['failed'])}" for n, r in runs.items() if "losses" not in r]
     if failed:

@@ -263,7 +263,8 @@ def test_the_loss_comparison_writes_both_curves_and_the_gap(tmp_path, monkeypatc
 
     calls = []
 
-    def fake_neox(preset, extra, micro, accum, steps, out, tag):
+    def fake_neox(preset, extra, micro, accum, steps, out, tag, until_valid=False):
+        assert until_valid  # each run is stopped after its validation at the last step
         calls.append(extra)
         offset = 0.05 if "train.precision=fp8" in extra else 0.0
         return {"name": tag, "tokens_per_s": 1000.0, "peak_gb": 1.0, "loss_steps": list(range(1, steps + 1)),

@@ -1,7 +1,9 @@
 """The bench scripts free disk by deleting what their own runs wrote, never a run dir that was there before."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -17,17 +19,64 @@ def _fake_launch():
     return run
 
 
-def test_train_throughput_keeps_the_checkpoints_of_a_run_dir_it_did_not_make(tmp_path, monkeypatch):
+class _RunUntilStopped:
+    """A stand-in for launch.py under subprocess.Popen: it logs one training step per poll and runs on
+    until it is sent SIGINT (as a real run with train.steps far ahead would)."""
+
+    def __init__(self, cmd, **kwargs):
+        self.cmd, self.returncode, self.pid, self.step = cmd, None, 0, 0
+        self.run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.signals: list = []
+        _RunUntilStopped.last = self
+
+    def poll(self):
+        if self.returncode is None:
+            self.step += 1
+            record = {"step": self.step, "train/tokens_per_s": 1000.0 * self.step, "train/memory_gb": 1.0,
+                      "train/loss": 5.0}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return self.returncode
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+        self.returncode = -sig
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def test_train_throughput_stops_each_run_after_its_last_measured_step(tmp_path, monkeypatch):
+    """No run reaches its end, so none writes the final checkpoint (a 6.7B one is ~94 GB, more than the
+    GPU machine's disk): train.steps lies beyond the measured steps, and the run is stopped by SIGINT
+    once step `steps` is logged; only steps up to it are counted."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import train_throughput as tt
 
-    monkeypatch.setattr(tt.subprocess, "run", _fake_launch())
-    old = tmp_path / "neox-1.4B-default" / "checkpoints" / "step_00000001"
-    old.mkdir(parents=True)  # someone's earlier run in the output folder
-    tt.neox("1.4B", [], 4, 8, 3, tmp_path, "default")
-    assert old.is_dir() and (old.parent / "step_00000002").is_dir()
-    tt.neox("1.4B", [], 4, 8, 3, tmp_path, "fresh")  # a run it makes: its ~17 GB final save goes
-    assert not (tmp_path / "neox-1.4B-fresh" / "checkpoints").exists()
+    monkeypatch.setattr(tt.subprocess, "Popen", _RunUntilStopped)
+    monkeypatch.setattr(tt.time, "sleep", lambda s: None)
+    row = tt.neox("1.4B", [], 4, 8, 5, tmp_path, "default")
+    run = _RunUntilStopped.last
+    assert "train.steps=1005" in run.cmd and run.signals == [signal.SIGINT]
+    assert row["tokens_per_s"] == 4000.0  # median of steps 3..5: warm-up steps 1, 2 dropped, nothing after 5
+    assert not (tmp_path / "neox-1.4B-default" / "checkpoints").exists()
+
+
+def test_train_throughput_reports_a_run_that_ended_before_its_last_step(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import train_throughput as tt
+
+    def crashed(cmd, **kwargs):
+        proc = _RunUntilStopped(cmd)
+        proc.returncode = 1
+        (proc.run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/tokens_per_s": 1.0}) + "\n")
+        (tmp_path / "neox-1.4B-oom.log").write_text("neox: error: CUDA out of memory\n")
+        return proc
+
+    monkeypatch.setattr(tt.subprocess, "Popen", crashed)
+    row = tt.neox("1.4B", [], 4, 8, 5, tmp_path, "oom")
+    assert row == {"name": "neox default", "failed": ["neox: error: CUDA out of memory"]}
 
 
 def test_checkpoint_save_runs_in_a_folder_of_its_own(tmp_path, monkeypatch):
