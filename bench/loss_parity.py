@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from neox.train.metrics import read_metrics  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
+import runs  # noqa: E402  (start and stop a launch.py run)
 from planner_calibrate import wait_idle  # noqa: E402
 
 LAYOUTS = {"1gpu": ["cluster.gpus=1"], "tp2": ["parallelism=tp2"], "pp2": ["parallelism=pp2"]}
@@ -49,18 +47,12 @@ def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) 
     with open(out / f"{name}.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = runs.start(cmd, log)
         while proc.poll() is None and time.time() - start < timeout:
             if any(r.get("step") == steps and "train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl")):
                 break
             time.sleep(1)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        runs.stop(proc)
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r and r["step"] <= steps}
     rates = [r["train/tokens_per_s"] for s, r in records.items() if s > 1 and "train/tokens_per_s" in r]  # not warm-up
     # not the steps logged before the stop landed

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from neox.train.metrics import read_metrics  # noqa: E402  (the repo's own reader of metrics.jsonl)
+sys.path.insert(0, str(REPO / "bench"))
+import runs  # noqa: E402  (bench/runs.py: start and stop a launch.py run)
 
 GiB = 1024**3
 
@@ -230,20 +231,14 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
         with open(log, "a") as out:
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = runs.start(cmd, out)
             records: list = []
             while proc.poll() is None and time.time() - start < timeout:
                 records = read_metrics(run_dir / "metrics.jsonl")
                 if any(r.get("step") == steps and "train/tokens_per_s" in r for r in records):
                     break
                 time.sleep(1)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # launch.py stops the ranks at once (no checkpoint)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            runs.stop(proc)  # launch.py stops the ranks at once (no checkpoint)
         stop.set()
         watcher.join()
         every = read_metrics(run_dir / "metrics.jsonl")

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import runs  # noqa: E402  (bench/runs.py: start and stop a launch.py run)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -156,17 +157,11 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
                    for r in recs)
 
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = runs.start(cmd, sink)
         while proc.poll() is None and not done(records()):
             time.sleep(1)
         stopped = proc.poll() is None
-        if stopped:
-            proc.send_signal(signal.SIGINT)  # launch.py stops its ranks at once, without a checkpoint
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        runs.stop(proc)  # launch.py stops its ranks at once, without a checkpoint
     recs = records()
     train = [r for r in recs if "train/tokens_per_s" in r and r["step"] <= steps][2:]  # warm-up/compile dropped
     name = f"neox {' '.join(extra) or 'default'}"

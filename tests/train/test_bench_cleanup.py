@@ -24,7 +24,8 @@ class _RunUntilStopped:
     until it is sent SIGINT (as a real run with train.steps far ahead would)."""
 
     def __init__(self, cmd, **kwargs):
-        self.cmd, self.returncode, self.pid, self.step = cmd, None, 0, 0
+        # a pid above Linux's largest (4,194,304): no process has it, so nothing of the machine is signalled
+        self.cmd, self.returncode, self.pid, self.step = cmd, None, 4_194_305, 0
         self.run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.signals: list = []

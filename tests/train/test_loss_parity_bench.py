@@ -29,7 +29,7 @@ def test_the_table_compares_the_asked_steps_only(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import loss_parity as lp
 
-    monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(lp.runs.subprocess, "Popen", _OvershootingRun)
     monkeypatch.setattr(lp, "wait_idle", lambda: 0.0)
     monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
     assert lp.main() == 0  # every layout reached the 3 steps asked for
@@ -47,7 +47,7 @@ def test_a_run_started_beside_another_runs_leftovers_is_flagged(tmp_path, monkey
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import loss_parity as lp
 
-    monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(lp.runs.subprocess, "Popen", _OvershootingRun)
     monkeypatch.setattr(lp, "wait_idle", lambda: 12.5)  # the GPUs never emptied within the wait
     monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--out", str(tmp_path), "--steps", "3"])
     assert lp.main() == 0
@@ -59,7 +59,7 @@ def test_an_out_dir_holding_earlier_runs_or_an_unknown_layout_is_refused(tmp_pat
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import loss_parity as lp
 
-    monkeypatch.setattr(lp.subprocess, "Popen", _OvershootingRun)
+    monkeypatch.setattr(lp.runs.subprocess, "Popen", _OvershootingRun)
     monkeypatch.setattr(lp, "wait_idle", lambda: 0.0)
     (tmp_path / "tp2").mkdir()
     (tmp_path / "tp2" / "metrics.jsonl").write_text("earlier\n")
