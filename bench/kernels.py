@@ -109,18 +109,19 @@ def copy_bandwidth(device: str) -> float:
 
 def _fwd_bwd(inputs: list[torch.Tensor], call: Callable[..., object]) -> Callable[[], None]:
     """One forward + backward of call(*inputs); output gradients drawn at the first call (per contender: Liger's
-    outputs may have another layout)."""
+    outputs may have another layout). The input gradients are returned (autograd.grad), not accumulated into
+    .grad, as in a model, where they flow into the op before: an op that computes its input gradient in place
+    in the output gradient (neox's rotary, Liger's rotary and RMSNorm) would otherwise pay a copy into .grad
+    that training never makes (the bench holds the output gradient, so autograd cannot take it over)."""
     leaves = [t for t in inputs if t.requires_grad]
     grads: list[torch.Tensor] = []
 
     def step() -> None:
-        for t in leaves:
-            t.grad = None
         out = call(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
         if not grads:
             grads.extend(torch.randn_like(o) for o in outs)
-        torch.autograd.backward(outs, grads)
+        torch.autograd.grad(outs, leaves, grads)
 
     return step
 
@@ -244,8 +245,6 @@ def bench_case(case: Case, device: str, iters: int, use_compile: bool, liger: Op
             res[name + "_err"] = f"{type(e).__name__}: {str(e)[:120]}"
             continue
         res[name + "_warm_s"] = time.time() - t0
-        for t in inputs:
-            t.grad = None  # peak memory below counts the gradients this contender allocates
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
