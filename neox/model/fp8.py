@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -75,14 +76,8 @@ def _fp8_class(module: nn.Module) -> Optional[type]:
     return _fp8_subclass(cls) if callable(local) and local is not _fp8_linear else None
 
 
-def _fp8_matmul(emulate: bool, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """matmul(x, weight) = x @ weight.T through torchao's float8 autograd function, with its configs as torchao
-    builds them for its own Float8Linear. Converting a throwaway meta-device layer through the public entry point
-    also applies torchao's inductor workaround for compiled fp8 casts.
-
-    compiled: torch.compile it, so that inductor fuses each operand's amax, scale and cast (eager, those are
-    separate kernels around every GEMM and fp8 runs slower than bf16; inside a `train.compile` block the
-    inner compile is inlined into the block's graph)."""
+def _torchao() -> types.SimpleNamespace:
+    """torchao's float8 pieces this module uses; a ConfigError naming the fix without torchao."""
     # torchao 0.18's import makes noise no user can act on: a deprecation note torch logs, and on Python 3.12 a
     # SyntaxWarning from one of its docstrings (seen once per rank on the GPU machine)
     pytree_log = logging.getLogger("torch.utils._pytree")
@@ -92,31 +87,104 @@ def _fp8_matmul(emulate: bool, compiled: bool) -> Callable[[torch.Tensor, torch.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SyntaxWarning)
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8.config import ScalingGranularity
             from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+            from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+            from torchao.float8.float8_training_tensor import GemmInputRole
     except ImportError as exc:
         raise ConfigError(f"train.precision=fp8 needs torchao's float8 training ({exc}); "
                           "pip install torchao==0.18.*, or use train.precision=bf16") from exc
     finally:
         pytree_log.setLevel(level)
-
-    probe = convert_to_float8_training(nn.Linear(16, 16, bias=False, device="meta"),
-                                       config=Float8LinearConfig(emulate=emulate))
-    mm_config, config = probe.linear_mm_config, probe.config
-
-    def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return matmul_with_hp_or_float8_args.apply(x, weight.t(), mm_config, config)
-
-    return torch.compile(matmul) if compiled else matmul
+    return types.SimpleNamespace(Float8LinearConfig=Float8LinearConfig, convert_to_float8_training=convert_to_float8_training,
+                                 ScalingGranularity=ScalingGranularity, GemmInputRole=GemmInputRole,
+                                 matmul_with_hp_or_float8_args=matmul_with_hp_or_float8_args,
+                                 hp_tensor_to_float8_dynamic=hp_tensor_to_float8_dynamic)
 
 
-def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = False) -> Dict[str, List[str]]:
+class _SharedFp8Weight(torch.autograd.Function):
+    """The fp8 copy of weight_t made earlier in this optimizer step, as this call's operand: torchao's matmul
+    sees an operand already in fp8 and casts nothing; the weight gradient passes through to weight_t unchanged
+    (as torchao's own cast does)."""
+
+    @staticmethod
+    def forward(ctx, weight_t: torch.Tensor, fp8_copy: torch.Tensor) -> torch.Tensor:
+        c = fp8_copy  # a new wrapper of the same fp8 bytes and scale: autograd gives each call's output its own node
+        return type(c)(c._data, c._scale, c._orig_dtype, c._linear_mm_config, c._gemm_input_role, c._axiswise_dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class Fp8Matmul:
+    """matmul(x, weight) = x @ weight.T through torchao's float8 autograd function, with its configs as torchao
+    builds them for its own Float8Linear. Converting a throwaway meta-device layer through the public entry point
+    also applies torchao's inductor workaround for compiled fp8 casts.
+
+    compiled: torch.compile it, so that inductor fuses each operand's amax, scale and cast (eager, those are
+    separate kernels around every GEMM and fp8 runs slower than bf16; inside a `train.compile` block the
+    inner compile is inlined into the block's graph).
+
+    cache_weights: a weight changes only at the optimizer step, yet torchao casts it at every call: in each
+    micro-batch's forward, again for the backward's input-gradient matmul, and once more in a checkpointed
+    block's recompute. With the cache each weight is cast once, and every call until `clear()` uses that copy
+    (Transformer Engine's `is_first_microbatch` does the same); the results are bitwise those of casting at
+    every call. The trainer clears it after each step's last backward (the copies, 1 byte per weight, are gone
+    before the optimizer step's memory peak). A weight whose storage or version changed is cast again even
+    without `clear()`. Only for tensorwise scaling, where the forward's and the backward's weight casts are one.
+    """
+
+    def __init__(self, emulate: bool = False, compiled: bool = False, cache_weights: bool = False):
+        ao = self._ao = _torchao()
+        probe = ao.convert_to_float8_training(nn.Linear(16, 16, bias=False, device="meta"),
+                                              config=ao.Float8LinearConfig(emulate=emulate))
+        mm_config, config = self._mm_config, self._config = probe.linear_mm_config, probe.config
+
+        def matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+            return ao.matmul_with_hp_or_float8_args.apply(x, weight_t, mm_config, config)
+
+        self._matmul = torch.compile(matmul) if compiled else matmul
+        weight_cast = config.cast_config_weight
+        self.cache_weights = (cache_weights and weight_cast == config.cast_config_weight_for_grad_input
+                              and weight_cast.scaling_granularity is ao.ScalingGranularity.TENSORWISE)
+        self._copies: Dict[int, Tuple[Tuple[int, int], torch.Tensor]] = {}
+        self.casts = 0  # weight casts made for the cache (tests read it)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        weight_t = weight.t()
+        if self.cache_weights:
+            weight_t = _SharedFp8Weight.apply(weight_t, self._fp8_copy(weight))
+        return self._matmul(x, weight_t)
+
+    def _fp8_copy(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version)
+        held = self._copies.get(id(weight))
+        if held is None or held[0] != key:
+            ao, cast = self._ao, self._config.cast_config_weight
+            with torch.no_grad():
+                copy = ao.hp_tensor_to_float8_dynamic(weight.t(), cast.target_dtype, self._mm_config,
+                                                      gemm_input_role=ao.GemmInputRole.WEIGHT,
+                                                      round_scales_to_power_of_2=self._config.round_scales_to_power_of_2)
+            held = self._copies[id(weight)] = (key, copy)
+            self.casts += 1
+        return held[1]
+
+    def clear(self) -> None:
+        """Forget every fp8 weight copy: the weights are about to change (the optimizer step)."""
+        self._copies.clear()
+
+
+def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = False,
+                   cache_weights: bool = False) -> Dict[str, List[str]]:
     """Swap the model's linear layers (plain or TP-sharded) for fp8 ones, in place.
 
     emulate: fp8 casts with the matmul in high precision (torchao's emulation; runs on CPU).
-    compiled: the casts and the GEMM under torch.compile (what training uses: see `_fp8_matmul`).
+    compiled: the casts and the GEMM under torch.compile (what training uses: see `Fp8Matmul`).
+    cache_weights: one fp8 copy of each weight per optimizer step (`Fp8Matmul`; `fp8_matmul(model).clear()`).
     Returns {"fp8": [names converted], "bf16": ["name (why)" kept in bf16]}.
     """
-    matmul = _fp8_matmul(emulate, compiled)
+    matmul = Fp8Matmul(emulate, compiled, cache_weights)
     heads = {id(m.proj) for m in model.modules() if isinstance(m, Head)}
     done: Dict[str, List[str]] = {"fp8": [], "bf16": []}
     for name, module in model.named_modules():
@@ -135,14 +203,23 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = Fal
     return done
 
 
-def apply_fp8(model: nn.Module, device: torch.device) -> str:
-    """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8."""
+def fp8_matmul(model: nn.Module) -> Optional[Fp8Matmul]:
+    """The matmul (and weight cache) the model's fp8 layers share; None if none is fp8."""
+    return next((m.fp8_matmul for m in model.modules() if isinstance(getattr(m, "fp8_matmul", None), Fp8Matmul)),
+                None)
+
+
+def apply_fp8(model: nn.Module, device: torch.device, cache_weights: bool = True) -> str:
+    """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8. The trainer clears
+    `fp8_matmul(model)` before each optimizer step (cache_weights: off under ZeRO-3, whose gathered weights
+    are not the parameters' own storage)."""
     check_device(device)
-    done = convert_to_fp8(model, compiled=True)
+    done = convert_to_fp8(model, compiled=True, cache_weights=cache_weights)
     if not done["fp8"]:
         raise ConfigError("train.precision=fp8: no linear layer has dims that are multiples of 16; "
                           "use train.precision=bf16")
     kept = done["bf16"][:3] + ([f"{len(done['bf16']) - 3} more"] if len(done["bf16"]) > 3 else [])
     kept = f"; kept in bf16: {', '.join(kept)}" if kept else ""
+    cached = ", each weight cast once per optimizer step" if fp8_matmul(model).cache_weights else ""
     return (f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao, tensorwise dynamic scaling, casts "
-            f"compiled: the first steps include compile time){kept}")
+            f"compiled: the first steps include compile time{cached}){kept}")

@@ -144,10 +144,12 @@ class Trainer:
 
             load_initial_weights(self.model, plan.model, cfg.train.init_from, self.topo.tp_rank, self.topo.tp_size,
                                  self.run_dir / "checkpoints", self.say)
+        self.fp8 = None  # fp8: the layers' shared matmul, whose per-step weight copies go before each update
         if plan.precision == "fp8":  # after TP (it swaps the sharded layers), before compile and the engine
-            from neox.model.fp8 import apply_fp8
+            from neox.model.fp8 import apply_fp8, fp8_matmul
 
-            self.say(apply_fp8(self.model, info.device))
+            self.say(apply_fp8(self.model, info.device, cache_weights=cfg.parallelism.zero_stage < 3))
+            self.fp8 = fp8_matmul(self.model)
         if cfg.train.compile:
             from neox.model.gpt import Block
             from neox.train.compile import compile_blocks
@@ -217,7 +219,7 @@ class Trainer:
         if self.pipelined:
             return self.pipeline_train_step(batches)
         total, wait = torch.zeros((), device=self.info.device), 0.0
-        for _ in range(self.plan.grad_accum):
+        for micro in range(self.plan.grad_accum):
             t0 = time.perf_counter()
             tokens = next(batches)
             wait += time.perf_counter() - t0
@@ -225,6 +227,8 @@ class Trainer:
             if self.faults.nan_at(self.state.step + 1):
                 loss = loss * float("nan")
             self.engine.backward(loss)
+            if self.fp8 is not None and micro == self.plan.grad_accum - 1:
+                self.fp8.clear()  # the weights change now: their fp8 copies are stale (and out of the step's peak)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
         return total / self.plan.grad_accum, wait
@@ -238,6 +242,8 @@ class Trainer:
         micro = [next(batches) for _ in range(self.plan.grad_accum)]
         wait = time.perf_counter() - t0
         loss = self.engine.train_batch(pipeline_batches(iter(micro)))
+        if self.fp8 is not None:
+            self.fp8.clear()  # train_batch ended with the optimizer step: the fp8 weight copies are stale
         return loss.detach().float(), wait
 
     @torch.no_grad()

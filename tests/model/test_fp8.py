@@ -11,9 +11,10 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from neox.errors import ConfigError
-from neox.model.fp8 import FP8Linear, apply_fp8, check_device, convert_to_fp8
+from neox.model.fp8 import FP8Linear, apply_fp8, check_device, convert_to_fp8, fp8_matmul
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear, apply_tensor_parallel
 
@@ -282,3 +283,102 @@ def test_the_loss_comparison_writes_both_curves_and_the_gap(tmp_path, monkeypatc
     assert summary["valid_gap_pct"] == pytest.approx(1.25)
     assert (tmp_path / "loss_compare.png").stat().st_size > 10_000
     assert "fp8 - bf16: train +0.0500" in (tmp_path / "loss_compare.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------- one weight cast per step
+def _train_micro_batches(model: nn.Module, batches: list) -> tuple:
+    """Each micro-batch's loss and the summed weight gradients after all of them (as grad accumulation)."""
+    losses = []
+    for tokens in batches:
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_the_weight_cache_is_bitwise_the_per_call_casts_with_one_cast_per_weight_and_step(checkpointing):
+    """Three micro-batches per step, two steps, the second after an update written the way DeepSpeed writes
+    its bf16 weights (through .data: no version bump): with the cache cleared before each update, every loss
+    and gradient is bitwise the run that casts each weight at every call; each weight is cast once per step,
+    where the per-call run casts it at every forward, recompute and backward."""
+    torch.manual_seed(0)
+    per_call = GPT(GPTConfig(**BASE, activation_checkpointing=checkpointing))
+    cached = copy.deepcopy(per_call)
+    layers = len(convert_to_fp8(per_call, emulate=True)["fp8"])
+    convert_to_fp8(cached, emulate=True, cache_weights=True)
+    matmul = fp8_matmul(cached)
+    assert matmul.cache_weights and fp8_matmul(per_call).cache_weights is False
+    batches = [torch.randint(0, BASE["vocab_size"], (2, BASE["seq_len"] + 1)) for _ in range(3)]
+    for step in range(2):
+        ref_losses, ref_grads = _train_micro_batches(per_call, batches)
+        losses, grads = _train_micro_batches(cached, batches)
+        assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses)), step
+        assert ref_grads.keys() == grads.keys() and all(torch.equal(ref_grads[n], grads[n]) for n in grads), step
+        assert matmul.casts == layers * (step + 1)
+        matmul.clear()  # what the trainer does after the step's last backward
+        with torch.no_grad():  # an update through .data, as DeepSpeed's optimizers write the weights
+            for model in (per_call, cached):
+                for p in model.parameters():
+                    p.data.copy_(p.data - 0.05 * p.grad.sign())
+                    p.grad = None
+
+
+def test_a_stale_weight_cache_shows_without_the_clear():
+    """The test above can fail: without the clear before an update through .data the cached copies are the old
+    weights and the losses after the update differ from the per-call casts."""
+    torch.manual_seed(0)
+    per_call = GPT(GPTConfig(**BASE))
+    cached = copy.deepcopy(per_call)
+    convert_to_fp8(per_call, emulate=True)
+    convert_to_fp8(cached, emulate=True, cache_weights=True)
+    batch = [torch.randint(0, BASE["vocab_size"], (2, BASE["seq_len"] + 1))]
+    for model in (per_call, cached):
+        _train_micro_batches(model, batch)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data.copy_(p.data - 0.05 * p.grad.sign())
+    ref, _ = _train_micro_batches(per_call, batch)
+    stale, _ = _train_micro_batches(cached, batch)
+    assert not torch.equal(ref[0], stale[0])
+    fp8_matmul(cached).clear()
+    for model in (per_call, cached):
+        model.zero_grad()
+    ref, _ = _train_micro_batches(per_call, batch)
+    fresh, _ = _train_micro_batches(cached, batch)
+    assert torch.equal(ref[0], fresh[0])
+
+
+def test_an_in_place_update_of_a_parameter_is_cast_again_without_the_clear():
+    """A weight updated in place as a tensor (torch's optimizers, the fused step's foreach copy) bumps its version:
+    its next use is cast again."""
+    lin = nn.Linear(32, 32, bias=False)
+    convert_to_fp8(nn.Sequential(lin), emulate=True, cache_weights=True)
+    x = torch.randn(4, 32)
+    lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    y = lin(x)
+    assert lin.fp8_matmul.casts == 2
+    reference = nn.Linear(32, 32, bias=False)
+    convert_to_fp8(nn.Sequential(reference), emulate=True)
+    with torch.no_grad():
+        reference.weight.copy_(lin.weight)
+    assert torch.equal(y, reference(x))
+
+
+def test_the_trainer_clears_the_fp8_weights_between_the_last_backward_and_the_update():
+    """Trainer.train_step (no pipeline): clear() after the step's last backward and before the engine.step that
+    updates the weights; never between micro-batches (the copies serve all of them)."""
+    from neox.train.worker import Trainer
+
+    calls = []
+    engine = types.SimpleNamespace(backward=lambda loss: calls.append("backward"), step=lambda: calls.append("step"))
+    fake = types.SimpleNamespace(
+        faults=types.SimpleNamespace(maybe_oom=lambda step, device: None, nan_at=lambda step: False),
+        pipelined=False, plan=types.SimpleNamespace(grad_accum=3), info=types.SimpleNamespace(device=torch.device("cpu")),
+        state=types.SimpleNamespace(step=0), engine=engine, forward_loss=lambda tokens: torch.tensor(1.0),
+        fp8=types.SimpleNamespace(clear=lambda: calls.append("clear")))
+    Trainer.train_step(fake, iter([torch.zeros(1)] * 3))
+    assert calls == ["backward", "step", "backward", "step", "backward", "clear", "step"]

@@ -57,6 +57,19 @@ def test_fp32_has_no_master_copy():
     assert mem.terms["activations"] == pytest.approx(4 * TOKENS * ((8 * 64 + 2 * 256) * 4 + 32))
 
 
+SHARDED = BLOCK - 2 * 128 - 64 - 64  # a block's weights tp splits: not the norms or the row-parallel biases
+
+
+@pytest.mark.parametrize("tp,zero,copies", [(1, 0, 4 * SHARDED), (2, 1, 4 * SHARDED / 2), (1, 3, None)])
+def test_fp8_holds_a_one_byte_copy_of_each_block_weight_until_the_step(tp, zero, copies):
+    """neox.model.fp8 casts each weight once per optimizer step and keeps the copy from the first forward to
+    the last backward; its state is bf16's (ZeRO-3 casts at every call: no copies)."""
+    fp8, bf16 = (one_stage(Candidate(tp=tp, dp=2, zero_stage=zero, micro_batch=2), precision=p) for p in ("fp8", "bf16"))
+    assert fp8.terms.get("fp8 weight copies") == (pytest.approx(copies) if copies else None)
+    assert fp8.activations - bf16.activations == pytest.approx(copies or 0)
+    assert fp8.states == bf16.states and fp8.step_extra == bf16.step_extra
+
+
 def test_activations_and_logits_without_parallelism():
     mem = one_stage(Candidate(micro_batch=2))
     assert mem.terms["activations"] == 4 * TOKENS * PER_TOKEN == 532480
