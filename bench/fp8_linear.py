@@ -6,7 +6,9 @@
 Per layer shape, forward + backward (x and weight gradients) of:
   * bf16: F.linear;
   * fp8 eager / fp8 compiled: neox.model.fp8's layer (torchao float8, tensorwise dynamic scaling), its casts as
-    separate kernels or fused by torch.compile (what train.precision=fp8 runs);
+    separate kernels or fused by torch.compile;
+  * fp8 compiled, weight cached: as compiled, the weight cast once and its fp8 copy reused (what
+    train.precision=fp8 runs between two optimizer steps: neox.model.fp8.Fp8Matmul);
   * fp8 GEMMs only: the three torch._scaled_mm calls on operands already in fp8 and in the layouts they need,
     the ceiling the casts stand between.
 Median milliseconds over --iters with the host hidden behind a sleep kernel (the GPU's work alone, as in a
@@ -72,10 +74,10 @@ def main() -> None:
     shapes = {"qkv": (3 * d, d), "attn proj": (d, d), "mlp fc_in": (ff, d), "mlp fc_out": (d, ff)}
     print(f"# fp8 vs bf16 linear fwd+bwd, {torch.cuda.get_device_name()}, torch {torch.__version__}, {M} tokens; "
           "GPU-only ms (host hidden), the last row wall ms\n")
-    print("| layer | N x K | bf16 ms | fp8 eager ms | fp8 compiled ms | fp8 GEMMs only ms | bf16 TFLOP/s | "
-          "compiled TFLOP/s | bf16 / compiled | bf16 / GEMMs only |")
-    print("|---" * 10 + "|", flush=True)
-    rows, total, wall = [], {"bf16": 0.0, "eager": 0.0, "compiled": 0.0, "gemms": 0.0}, {}
+    print("| layer | N x K | bf16 ms | fp8 eager ms | fp8 compiled ms | fp8 compiled, weight cached ms | "
+          "fp8 GEMMs only ms | bf16 TFLOP/s | compiled TFLOP/s | bf16 / compiled | bf16 / cached | bf16 / GEMMs only |")
+    print("|---" * 12 + "|", flush=True)
+    rows, total, wall = [], {"bf16": 0.0, "eager": 0.0, "compiled": 0.0, "cached": 0.0, "gemms": 0.0}, {}
     for name, (N, K) in shapes.items():
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -83,9 +85,10 @@ def main() -> None:
         base = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         r = {"layer": name, "N": N, "K": K}
         steps = {"bf16": layer_step(base, x, g), "gemms": gemms_step(M, N, K)}
-        for kind, compiled in (("eager", False), ("compiled", True)):
+        # cached: the weight's fp8 copy made once and reused (a training step's micro-batches between updates)
+        for kind, compiled, cached in (("eager", False, False), ("compiled", True, False), ("cached", True, True)):
             lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-            convert_to_fp8(nn.Sequential(lin), compiled=compiled)
+            convert_to_fp8(nn.Sequential(lin), compiled=compiled, cache_weights=cached)
             steps[kind] = layer_step(lin, x, g)
         for kind, step in steps.items():
             w, r[kind] = gpu_ms(step, args.iters)
@@ -94,14 +97,13 @@ def main() -> None:
             wall[kind] = wall.get(kind, 0.0) + w
         flops = 6 * M * N * K
         rows.append(r)
-        print(f"| {name} | {N} x {K} | {r['bf16']:.3f} | {r['eager']:.3f} | {r['compiled']:.3f} | {r['gemms']:.3f} | "
-              f"{flops / r['bf16'] / 1e9:.0f} | {flops / r['compiled'] / 1e9:.0f} | {r['bf16'] / r['compiled']:.2f} | "
-              f"{r['bf16'] / r['gemms']:.2f} |", flush=True)
-    print(f"| all four | | {total['bf16']:.3f} | {total['eager']:.3f} | {total['compiled']:.3f} | {total['gemms']:.3f} "
-          f"| | | {total['bf16'] / total['compiled']:.2f} | {total['bf16'] / total['gemms']:.2f} |")
-    print(f"| all four, wall | | {wall['bf16']:.3f} | {wall['eager']:.3f} | {wall['compiled']:.3f} "
-          f"| {wall['gemms']:.3f} "
-          f"| | | {wall['bf16'] / wall['compiled']:.2f} | {wall['bf16'] / wall['gemms']:.2f} |")
+        print(f"| {name} | {N} x {K} | {r['bf16']:.3f} | {r['eager']:.3f} | {r['compiled']:.3f} | {r['cached']:.3f} | "
+              f"{r['gemms']:.3f} | {flops / r['bf16'] / 1e9:.0f} | {flops / r['compiled'] / 1e9:.0f} | "
+              f"{r['bf16'] / r['compiled']:.2f} | {r['bf16'] / r['cached']:.2f} | {r['bf16'] / r['gemms']:.2f} |", flush=True)
+    for label, t in (("all four", total), ("all four, wall", wall)):
+        print(f"| {label} | | {t['bf16']:.3f} | {t['eager']:.3f} | {t['compiled']:.3f} | {t['cached']:.3f} | "
+              f"{t['gemms']:.3f} | | | {t['bf16'] / t['compiled']:.2f} | {t['bf16'] / t['cached']:.2f} | "
+              f"{t['bf16'] / t['gemms']:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": M, "rows": rows,
                                     "gpu_only_total_ms": total, "wall_total_ms": wall}) + "\n")
