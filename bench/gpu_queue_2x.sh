@@ -8,7 +8,7 @@
 #            then packs <res>'s small files into $OUT/res.tgz (a call brings back only a few files: one
 #            archive); keep <s> + the install well under the call's 600 s
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
-# order (default: what session 16 left to measure: build tp2 profile_tp2 ckpt fp8 gputests):
+# order (default: what session 17 left to measure: build tp2 fp8_tp2 profile_tp2 fp8_cache kernels gputests):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
 #   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile, then 125M's micro-batches (GPU 1)
 #   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | one-GPU planner points (GPU 1)
@@ -19,6 +19,7 @@
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)    kernels  bench/kernels.py (against eager, compile, Liger)
 #   fp8_67         6.7B bf16 vs fp8 on one GPU                fp8_1gpu fp8_67, then the 300-step loss curves
+#   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8, bf16 vs fp8 (2 GPUs)
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) the two-stream items run their streams in turn.
 # Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree (or its
 # DeepSpeed-step copy); another run on the machine is never touched.
@@ -107,6 +108,12 @@ item() {
   fp8_1gpu)  # what a one-GPU hold measures of fp8: 6.7B bf16 vs fp8, then the 300-step 1.4B loss curves
     item fp8_67; idle; step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" ;;
   kernels) step kernels timeout 200 python3 bench/kernels.py ;;
+  fp8_cache)  # the fp8 weight cache: per layer (1.4B and 6.7B shapes), then 1.4B bf16 vs fp8 end to end
+    step fp8_linear_14 python3 bench/fp8_linear.py --out "$RES/fp8_linear_14.json"
+    step fp8_linear_67 python3 bench/fp8_linear.py --d 4096 --ff 16384 --out "$RES/fp8_linear_67.json"
+    idle; step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 --peers '' \
+        --out "$RES/fp8_throughput" ;;
+  fp8_tp2) step fp8_tp2 $CAL --set layouts --only "6.7B tp2 m4x8,6.7B tp2 fp8 m4x8" --tag _fp8_tp2 ;;
   tp2)  # 1.3B tp2 without and with sequence parallelism, and the one-GPU references, in one call (per GPU ratio)
     step tp2_refs $CAL --set refs --tag _tp2_refs
     step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8,1.3B tp2 overlap m4x8" --tag _tp2 ;;
@@ -117,7 +124,7 @@ item() {
   esac
 }
 shift
-for it in "${@:-build tp2 profile_tp2 ckpt fp8 gputests}"; do
+for it in "${@:-build tp2 fp8_tp2 profile_tp2 fp8_cache kernels gputests}"; do
   for one in $it; do item "$one"; done
 done
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1

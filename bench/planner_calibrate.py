@@ -86,11 +86,15 @@ ONE_GPU_REFS = [_case("1.3B 1gpu z1 m4x8", "1.3B", 1, 4, 8, zero=1, group="layou
 LAYOUTS = [_case("1.3B tp2 m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts")] + [
     _case(f"1.3B pp2 z1 m4x{m}", "1.3B", 2, 4, m, par="pp2", zero=1, group="layouts") for m in (8, 4, 16)] + [
     _case("1.3B tp2 sp m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts", more=("parallelism.sequence_parallel=true",)),
-    _case("1.3B tp2 overlap m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts", more=("parallelism.tp_overlap=true",))]
+    _case("1.3B tp2 overlap m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts", more=("parallelism.tp_overlap=true",)),
+    # issue 16's fp8 at 6.7B where a micro-batch of 4 fits: tp=2, bf16 against fp8 in the same call
+    _case("6.7B tp2 m4x8", "6.7B", 2, 4, 8, par="tp2", group="layouts"),
+    _case("6.7B tp2 fp8 m4x8", "6.7B", 2, 4, 8, par="tp2", group="layouts", more=("train.precision=fp8",))]
 LAYOUT_REFS = {"1.3B tp2 m4x8": "1.3B 1gpu z1 m4x8", "1.3B tp2 sp m4x8": "1.3B 1gpu z1 m4x8",
                "1.3B tp2 overlap m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x4": "1.3B 1gpu z1 m4x8",
                "1.3B pp2 z1 m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x16": "1.3B 1gpu z1 m4x8",
-               "1.4B dp2 z1 m4": "1.4B 1gpu z1 m4x8", "6.7B tp2 m4": None}
+               "1.4B dp2 z1 m4": "1.4B 1gpu z1 m4x8", "6.7B tp2 m4": None, "6.7B tp2 m4x8": None,
+               "6.7B tp2 fp8 m4x8": None}
 # parallelism=auto on 2 GPUs against layouts chosen by hand, same global batch (64 sequences).
 AUTO_BATCH = 64
 
