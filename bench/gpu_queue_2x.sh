@@ -20,12 +20,13 @@
 #   gputests       the whole GPU kernel suite (3 minutes)    kernels  bench/kernels.py (against eager, compile, Liger)
 #   fp8_67         6.7B bf16 vs fp8 on one GPU                fp8_1gpu fp8_67, then the 300-step loss curves
 #   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8, bf16 vs fp8 (2 GPUs)
+#   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) the two-stream items run their streams in turn.
-# Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree (or its
-# DeepSpeed-step copy); another run on the machine is never touched.
+# Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree;
+# another run on the machine is never touched.
 end_leftovers() {
   for pid in $(pgrep -f "neox.train"); do
-    case "$(readlink "/proc/$pid/cwd")" in "$PWD"|/tmp/neox-before.*) kill -9 "$pid" ;; esac
+    [ "$(readlink "/proc/$pid/cwd")" = "$PWD" ] && kill -9 "$pid"
   done
 }
 if [ "${1:-}" = "--end-leftovers" ]; then end_leftovers; exit 0; fi
@@ -80,10 +81,9 @@ item() {
     ( CUDA_VISIBLE_DEVICES=0 step fused_step_gpu_test python3 -m pytest -q -m gpu tests/train/test_fused_step.py -p no:cacheprovider
       CUDA_VISIBLE_DEVICES=0 step throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 \
         --peers hf,mini_compile --out "$RES/throughput"
-      # the same neox run with DeepSpeed's own bf16 step (a copy of the tree without install_fused_step)
-      b=$(mktemp -d /tmp/neox-before.XXXXXX) && cp -r . "$b" && sed -i '/install_fused_step(engine)/d' "$b/neox/train/engine.py"
-      (cd "$b" && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="${PYTHONPATH%%:/tmp/neox-queue*}:$b" step throughput_deepspeed_step \
-        python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --peers '' --out "$RES/throughput_deepspeed_step") ) &
+      # the same neox run with DeepSpeed's own bf16 step
+      CUDA_VISIBLE_DEVICES=0 step throughput_deepspeed_step python3 bench/train_throughput.py --model 1.4B --micro 4 \
+        --accum 8 --peers '' --neox 'train.fused_step=false' --out "$RES/throughput_deepspeed_step" ) &
     CUDA_VISIBLE_DEVICES=1 step calibration_1gpu python3 bench/planner_calibrate.py --gpus 1 --out "$RES" --timeout 200 \
         --only "1.4B z0 m4,1.4B z2 m8 ckpt,1.4B z3 m2" --tag _fresh &
     wait ;;
@@ -113,6 +113,8 @@ item() {
     step fp8_linear_67 python3 bench/fp8_linear.py --d 4096 --ff 16384 --out "$RES/fp8_linear_67.json"
     idle; step fp8_throughput python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 --peers '' \
         --out "$RES/fp8_throughput" ;;
+  newold)  # issue 16: 50 steps of 1.4B on the default path against the path before the speed work
+    step newold python3 bench/loss_parity.py --out "$RES/newold" --model 1.4B --accum 8 --layouts reference ;;
   fp8_tp2) step fp8_tp2 $CAL --set layouts --only "6.7B tp2 m4x8,6.7B tp2 fp8 m4x8" --tag _fp8_tp2 ;;
   tp2)  # 1.3B tp2 without and with sequence parallelism, and the one-GPU references, in one call (per GPU ratio)
     step tp2_refs $CAL --set refs --tag _tp2_refs

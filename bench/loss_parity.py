@@ -2,6 +2,7 @@
 
     python bench/loss_parity.py --out $OUT/parity                   # model=1.3B, 50 steps: 1 GPU, tp2, pp2
     python bench/loss_parity.py --out $OUT/parity --steps 20 --layouts tp2
+    python bench/loss_parity.py --out $OUT/newold --model 1.4B --accum 8 --layouts reference   # new vs old path
 
 Each run goes through `launch.py` (DeepSpeed engine, bf16, fused kernels, the embedded corpus), micro 4 x
 accum 4 by default, a log record per step; it is stopped (SIGINT: the ranks exit at once, no checkpoint is
@@ -28,10 +29,14 @@ sys.path.insert(0, str(REPO / "bench"))
 import runs  # noqa: E402  (start and stop a launch.py run)
 from planner_calibrate import wait_idle  # noqa: E402
 
-LAYOUTS = {"1gpu": ["cluster.gpus=1"], "tp2": ["parallelism=tp2"], "pp2": ["parallelism=pp2"]}
+# "reference": one GPU on the path before the speed work (every op its PyTorch reference, DeepSpeed's own
+# bf16 optimizer step): issue 16's check that the speed work left the losses as they were
+LAYOUTS = {"1gpu": ["cluster.gpus=1"], "tp2": ["parallelism=tp2"], "pp2": ["parallelism=pp2"],
+           "reference": ["cluster.gpus=1", "model.kernels=reference", "train.fused_step=false"]}
 # --cpu-smoke: the same comparison on CPU processes over gloo (checks this script, measures nothing)
 CPU_LAYOUTS = {"1gpu": ["cluster.cpu_procs=1"], "tp2": ["parallelism=tp2", "cluster.cpu_procs=2"],
-               "pp2": ["parallelism=pp2", "cluster.cpu_procs=2"]}
+               "pp2": ["parallelism=pp2", "cluster.cpu_procs=2"],
+               "reference": ["cluster.cpu_procs=1", "model.kernels=reference", "train.fused_step=false"]}
 
 
 def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) -> Dict[str, object]:

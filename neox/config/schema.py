@@ -229,6 +229,9 @@ class TrainConfig:
     collective_timeout_s: int = setting(600, IGNORE, at_least(1))  # a dead or hung rank ends the job after this
     max_nonfinite_steps: int = setting(5, IGNORE, at_least(1))  # skipped non-finite steps in a row before it stops
     compile: bool = setting(False, IGNORE)  # torch.compile each block in place (neox/train/compile.py)
+    # bf16/fp8 at ZeRO-0: neox's fused optimizer step (neox/train/fused_step.py); false: DeepSpeed's own, e.g.
+    # to compare against it (same state either way)
+    fused_step: bool = setting(True, IGNORE)
     peak_tflops: Optional[float] = setting(None, IGNORE, POSITIVE)  # the device's dense bf16 peak for MFU; None: known cards
     # start from these weights (a from-hf model dir, a run/checkpoint, an HF dir) when the run has no checkpoint
     init_from: Optional[str] = setting(None, IGNORE)

@@ -98,5 +98,6 @@ def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu:
                                            config=deepspeed_config(plan), mpu=mpu)
     undo_state_init_step(engine)
     install_grad_clipping(engine)  # ZeRO-0 fp32: a norm right under pp and tp, and kept for the metrics
-    install_fused_step(engine)  # bf16/fp8 ZeRO-0: one pass for the norm, one sync, AdamW unscales (fused_step.py)
+    if plan.config.train.fused_step:  # bf16/fp8 ZeRO-0: one pass for the norm, one sync, AdamW unscales
+        install_fused_step(engine)
     return engine, opt, sched

@@ -3,7 +3,6 @@ bench itself was started in the background by a shell (SIGINT ignored) and the r
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import textwrap
 import time

@@ -196,15 +196,17 @@ def _check_tp2_norm(rank: int, world: int) -> None:
 
 
 def _check_engines(rank: int, world: int, out_dir: str) -> None:
-    """engine.initialize installs the fused step on a bf16 ZeRO-0 engine only."""
+    """engine.initialize installs the fused step on a bf16 ZeRO-0 engine only, and not with train.fused_step=false."""
     from neox.model.gpt import GPT, cross_entropy_loss
     from neox.train import engine as engine_lib, fused_step as fs
     from support.plans import cpu, plan_of
 
     tiny = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.micro_batch=2",
             "train.grad_accum=1", "data.embedded_vocab=257", f"run_dir={out_dir}"]
-    for precision, zero, installed in (("bf16", 0, True), ("fp32", 0, False), ("bf16", 1, False)):
-        _, plan = plan_of([*tiny, f"train.precision={precision}", f"parallelism.zero_stage={zero}"], cpu(world))
+    for precision, zero, fused, installed in (("bf16", 0, True, True), ("fp32", 0, True, False), ("bf16", 1, True, False),
+                                              ("bf16", 0, False, False)):
+        _, plan = plan_of([*tiny, f"train.precision={precision}", f"parallelism.zero_stage={zero}",
+                           f"train.fused_step={str(fused).lower()}"], cpu(world))
         engine, opt, _ = engine_lib.initialize(GPT(plan.model), plan, torch.device("cpu"))
         step = getattr(engine.optimizer.step, "__func__", None)
         assert (step is fs.fused_step) == installed, f"{precision} ZeRO-{zero}: fused step installed: {not installed}"

@@ -72,3 +72,21 @@ def test_an_out_dir_holding_earlier_runs_or_an_unknown_layout_is_refused(tmp_pat
     assert lp.main() == 2
     assert "unknown layout tp4; choose from 1gpu, tp2, pp2" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_every_layout_composes_into_a_valid_config(monkeypatch):
+    """The layouts' overrides are real keys and values (a typo would only show on the GPU machine)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import loss_parity as lp
+    from omegaconf import OmegaConf
+
+    from neox.launch.compose import compose_config
+
+    for layouts in (lp.LAYOUTS, lp.CPU_LAYOUTS):
+        assert "reference" in layouts
+        for name, overrides in layouts.items():
+            cfg = compose_config(["model=1.4B", "train.micro_batch=4", "train.grad_accum=8", *overrides])
+            for key, value in (o.split("=", 1) for o in overrides if not o.startswith("parallelism=")):
+                assert str(OmegaConf.select(cfg, key)).lower() == value, (name, key)
+    ref = compose_config(["model=1.4B", *lp.LAYOUTS["reference"]])
+    assert ref.train.fused_step is False and ref.model.kernels == "reference"
