@@ -21,6 +21,7 @@
 #   fp8_67         6.7B bf16 vs fp8 on one GPU                fp8_1gpu fp8_67, then the 300-step loss curves
 #   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8, bf16 vs fp8 (2 GPUs)
 #   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
+#   profile125     where a 125M step goes (micro 32 x 4)
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) the two-stream items run their streams in turn.
 # Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree;
 # another run on the machine is never touched.
@@ -108,6 +109,9 @@ item() {
   fp8_1gpu)  # what a one-GPU hold measures of fp8: 6.7B bf16 vs fp8, then the 300-step 1.4B loss curves
     item fp8_67; idle; step fp8_loss python3 bench/train_throughput.py --model 1.4B --compare-loss 300 --out "$RES/fp8_loss" ;;
   kernels) step kernels timeout 200 python3 bench/kernels.py ;;
+  profile125)  # issue 16's 125M at 50% MFU: where its step goes at the best micro-batch so far
+    step profile_125M python3 bench/profile_step.py --model 125M --micro 32 --accum 4 --out "$RES/profile_125M"
+    rm -f "$RES"/profile_125M/trace.json ;;
   fp8_cache)  # the fp8 weight cache: per layer (1.4B and 6.7B shapes), then 1.4B bf16 vs fp8 end to end
     step fp8_linear_14 python3 bench/fp8_linear.py --out "$RES/fp8_linear_14.json"
     step fp8_linear_67 python3 bench/fp8_linear.py --d 4096 --ff 16384 --out "$RES/fp8_linear_67.json"
