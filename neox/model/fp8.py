@@ -148,7 +148,7 @@ class Fp8Matmul:
         weight_cast = config.cast_config_weight
         self.cache_weights = (cache_weights and weight_cast == config.cast_config_weight_for_grad_input
                               and weight_cast.scaling_granularity is ao.ScalingGranularity.TENSORWISE)
-        self._copies: Dict[int, Tuple[Tuple[int, int], torch.Tensor]] = {}
+        self._copies: Dict[int, Tuple[torch.Tensor, Tuple[int, int], torch.Tensor]] = {}  # id -> weight, key, copy
         self.casts = 0  # weight casts made for the cache (tests read it)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -160,15 +160,15 @@ class Fp8Matmul:
     def _fp8_copy(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version)
         held = self._copies.get(id(weight))
-        if held is None or held[0] != key:
+        if held is None or held[0] is not weight or held[1] != key:  # the same tensor (not a dead one's id), unchanged
             ao, cast = self._ao, self._config.cast_config_weight
             with torch.no_grad():
                 copy = ao.hp_tensor_to_float8_dynamic(weight.t(), cast.target_dtype, self._mm_config,
                                                       gemm_input_role=ao.GemmInputRole.WEIGHT,
                                                       round_scales_to_power_of_2=self._config.round_scales_to_power_of_2)
-            held = self._copies[id(weight)] = (key, copy)
+            held = self._copies[id(weight)] = (weight, key, copy)
             self.casts += 1
-        return held[1]
+        return held[2]
 
     def clear(self) -> None:
         """Forget every fp8 weight copy: the weights are about to change (the optimizer step)."""
@@ -209,10 +209,16 @@ def fp8_matmul(model: nn.Module) -> Optional[Fp8Matmul]:
                 None)
 
 
+def caches_weights(zero_stage: int, compiled_blocks: bool) -> bool:
+    """Whether a run keeps one fp8 copy of each weight per step (`Fp8Matmul`). Not under ZeRO-3 (the weights it
+    gathers are not the parameters' own storage) nor with train.compile (Dynamo would trace the cache lookup
+    inside each compiled block and guard on its state: a recompile per step until its limit, then eager)."""
+    return zero_stage < 3 and not compiled_blocks
+
+
 def apply_fp8(model: nn.Module, device: torch.device, cache_weights: bool = True) -> str:
     """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8. The trainer clears
-    `fp8_matmul(model)` before each optimizer step (cache_weights: off under ZeRO-3, whose gathered weights
-    are not the parameters' own storage)."""
+    `fp8_matmul(model)` before each optimizer step (`caches_weights` says when to cache at all)."""
     check_device(device)
     done = convert_to_fp8(model, compiled=True, cache_weights=cache_weights)
     if not done["fp8"]:

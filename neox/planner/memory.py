@@ -24,7 +24,8 @@ Full activation checkpointing keeps each block's input and one block recomputed 
 1F1B pipeline stage s holds min(pp - s, grad_accum) micro-batches in flight; the last stage adds the
 logits (2 bytes per logit with the fused loss: its gradient is written in place; 14 with the
 reference fp32 loss: an fp32 copy, its softmax and gradient). fp8 adds one byte per block weight: its
-fp8 copy, made at the step's first forward and dropped before the optimizer step (not under ZeRO-3).
+fp8 copy, made at the step's first forward and dropped before the optimizer step (after it under a
+pipeline; not under ZeRO-3 or train.compile: the planner assumes the cache unless ZeRO-3).
 
 What counting cannot know (the allocator's slack, the CUDA context, transient gradients inside a
 layer's backward) is in neox/planner/calibration.py, with the measurement it came from.
@@ -172,9 +173,10 @@ def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_lo
         terms["logits and loss"] = tokens * (m.vocab_size / c.tp * logit_bytes + 2 * m.d_model * w)
         # blocks are recomputed in the backward after the head's: never together with the logits
         apart = min(recomputed, terms["logits and loss"])
-    if precision == "fp8" and c.zero_stage < 3:  # each block weight's fp8 copy, held from the step's first
-        # forward to its last backward (neox.model.fp8.Fp8Matmul; cleared before the optimizer step)
-        terms["fp8 weight copies"] = sum(lp.sharded / c.tp for lp in st.layers if lp.kind == "block")
+    copies = 0.0
+    if precision == "fp8" and c.zero_stage < 3:  # each block weight's fp8 copy (about: the column-parallel
+        # biases are counted too), held from the step's first forward to its last backward (Fp8Matmul)
+        copies = terms["fp8 weight copies"] = sum(lp.sharded / c.tp for lp in st.layers if lp.kind == "block")
     if c.pp > 1:  # DeepSpeed's pipe buffers: inputs and outputs of max(2, in-flight) micro-batches
         boundary = tokens * m.d_model * w / (c.tp if c.sequence_parallel else 1)
         terms["pipeline buffers"] = 2 * max(2, flying) * boundary
@@ -194,6 +196,8 @@ def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_lo
         step_extra = st.params * 4 / c.dp
     if c.zero_stage == 0 and c.dp > 1:
         step_extra += min(st.params, 500_000_000) * w  # the flattened all-reduce bucket
+    if c.pp > 1:  # the pipeline engine's step runs inside train_batch: the copies go only after it
+        step_extra += copies
     groups = sum(1 for n in (c.tp, c.pp, c.dp) if n > 1)
     context = cal.CONTEXT_BYTES + groups * cal.NCCL_BYTES_PER_GROUP
     return Memory(st.index, terms, step_extra, context, apart, c.zero_stage)

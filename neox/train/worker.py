@@ -146,9 +146,10 @@ class Trainer:
                                  self.run_dir / "checkpoints", self.say)
         self.fp8 = None  # fp8: the layers' shared matmul, whose per-step weight copies go before each update
         if plan.precision == "fp8":  # after TP (it swaps the sharded layers), before compile and the engine
-            from neox.model.fp8 import apply_fp8, fp8_matmul
+            from neox.model.fp8 import apply_fp8, caches_weights, fp8_matmul
 
-            self.say(apply_fp8(self.model, info.device, cache_weights=cfg.parallelism.zero_stage < 3))
+            cache = caches_weights(cfg.parallelism.zero_stage, cfg.train.compile)
+            self.say(apply_fp8(self.model, info.device, cache_weights=cache))
             self.fp8 = fp8_matmul(self.model)
         if cfg.train.compile:
             from neox.model.gpt import Block

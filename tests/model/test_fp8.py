@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neox.errors import ConfigError
-from neox.model.fp8 import FP8Linear, apply_fp8, check_device, convert_to_fp8, fp8_matmul
+from neox.model.fp8 import FP8Linear, apply_fp8, caches_weights, check_device, convert_to_fp8, fp8_matmul
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
 from neox.parallel.tensor import ColumnParallelLinear, RowParallelLinear, apply_tensor_parallel
 
@@ -382,3 +382,41 @@ def test_the_trainer_clears_the_fp8_weights_between_the_last_backward_and_the_up
         fp8=types.SimpleNamespace(clear=lambda: calls.append("clear")))
     Trainer.train_step(fake, iter([torch.zeros(1)] * 3))
     assert calls == ["backward", "step", "backward", "step", "backward", "clear", "step"]
+
+
+def test_a_parameter_given_new_storage_is_cast_again_without_the_clear():
+    """`p.data = new` (a load that replaces the storage) leaves the version as it was: the storage decides."""
+    lin = nn.Linear(32, 32, bias=False)
+    convert_to_fp8(nn.Sequential(lin), emulate=True, cache_weights=True)
+    x = torch.randn(4, 32)
+    lin(x)
+    lin.weight.data = lin.weight.data.clone() * 2
+    y = lin(x)
+    assert lin.fp8_matmul.casts == 2
+    reference = nn.Linear(32, 32, bias=False)
+    convert_to_fp8(nn.Sequential(reference), emulate=True)
+    with torch.no_grad():
+        reference.weight.copy_(lin.weight)
+    assert torch.equal(y, reference(x))
+
+
+def test_the_pipeline_step_clears_the_fp8_weights_after_train_batch():
+    """Under a pipeline the optimizer step runs inside train_batch: the copies are cleared right after it, before
+    anything (eval, the next step) runs a forward on the updated weights."""
+    from neox.train.worker import Trainer
+
+    calls = []
+    fake = types.SimpleNamespace(
+        plan=types.SimpleNamespace(grad_accum=2),
+        engine=types.SimpleNamespace(train_batch=lambda batches: calls.append("train_batch") or torch.tensor(1.0)),
+        fp8=types.SimpleNamespace(clear=lambda: calls.append("clear")))
+    Trainer.pipeline_train_step(fake, iter([torch.zeros(1)] * 2))
+    assert calls == ["train_batch", "clear"]
+
+
+@pytest.mark.parametrize("zero,compiled,cached", [(0, False, True), (2, False, True), (3, False, False),
+                                                   (0, True, False)])
+def test_the_weight_cache_is_off_under_zero3_and_compiled_blocks(zero, compiled, cached):
+    """What the trainer passes to apply_fp8 (worker.py): ZeRO-3's gathered weights are not the parameters' storage,
+    and Dynamo would guard on the cache inside every compiled block (a recompile per step)."""
+    assert caches_weights(zero, compiled) is cached

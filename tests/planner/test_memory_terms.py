@@ -70,6 +70,14 @@ def test_fp8_holds_a_one_byte_copy_of_each_block_weight_until_the_step(tp, zero,
     assert fp8.states == bf16.states and fp8.step_extra == bf16.step_extra
 
 
+def test_under_a_pipeline_the_fp8_copies_outlive_the_step():
+    """The pipeline engine's optimizer step runs inside train_batch, before the trainer can drop the copies."""
+    c = Candidate(pp=2, micro_batch=2, grad_accum=4)
+    fp8, bf16 = (one_stage(c, precision=p) for p in ("fp8", "bf16"))
+    assert fp8.terms["fp8 weight copies"] > 0
+    assert fp8.step_extra - bf16.step_extra == pytest.approx(fp8.terms["fp8 weight copies"])
+
+
 def test_activations_and_logits_without_parallelism():
     mem = one_stage(Candidate(micro_batch=2))
     assert mem.terms["activations"] == 4 * TOKENS * PER_TOKEN == 532480
