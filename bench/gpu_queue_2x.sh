@@ -22,7 +22,9 @@
 #   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8, bf16 vs fp8 (2 GPUs)
 #   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
 #   profile125     where a 125M step goes (micro 32 x 4)
-# On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) the two-stream items run their streams in turn.
+# On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) `ckpt` and `fp8` run their two streams in turn;
+# build, kernels, gputests, fp8_67, fp8_1gpu, fp8_cache, newold and profile125 need one GPU; throughput and
+# ckpt_profile need two, as do the 2-GPU layouts (parity, tp2, fp8_tp2, profile_tp2, planner67, calibration, tp2conn).
 # Only this queue's leftovers: neox.train ranks whose working directory is this queue's tree;
 # another run on the machine is never touched.
 end_leftovers() {
@@ -91,7 +93,7 @@ item() {
   parity) step parity python3 bench/loss_parity.py --out "$RES/parity" ;;
   ckpt)  # the async stall alone, on GPU 0 (GPU 1 profiles 1.4B at micro 8: the next speed question)
     CUDA_VISIBLE_DEVICES=0 beside step checkpoint timeout 480 python3 bench/checkpoint_save.py --out "$RES/checkpoint_save.json"
-    [ "$NGPU" -gt 1 ] && CUDA_VISIBLE_DEVICES=1 step profile_m8 python3 bench/profile_step.py --model 1.4B --micro 8 --accum 4 --out "$RES/profile_m8" &
+    CUDA_VISIBLE_DEVICES=$G1 beside step profile_m8 python3 bench/profile_step.py --model 1.4B --micro 8 --accum 4 --out "$RES/profile_m8"
     wait; rm -f "$RES"/profile*/trace.json ;;
   profile_tp2)  # where tp2's time goes: exposed collectives, without and with sequence parallelism
     step profile_tp2 python3 bench/profile_step.py --model 1.3B --gpus 2 --set parallelism=tp2 --out "$RES/profile_tp2"

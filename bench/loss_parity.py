@@ -52,12 +52,11 @@ def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) 
     with open(out / f"{name}.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = runs.start(cmd, log)
-        while proc.poll() is None and time.time() - start < timeout:
-            if any(r.get("step") == steps and "train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl")):
-                break
-            time.sleep(1)
-        runs.stop(proc)
+        with runs.running(cmd, log) as proc:  # stopped at once (no checkpoint), however this ends
+            while proc.poll() is None and time.time() - start < timeout:
+                if any(r.get("step") == steps and "train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl")):
+                    break
+                time.sleep(1)
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r and r["step"] <= steps}
     rates = [r["train/tokens_per_s"] for s, r in records.items() if s > 1 and "train/tokens_per_s" in r]  # not warm-up
     # not the steps logged before the stop landed
@@ -97,8 +96,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     common = [f"model={args.model}", f"train.micro_batch={args.micro}", f"train.grad_accum={args.accum}"]
     layouts = CPU_LAYOUTS if args.cpu_smoke else LAYOUTS
-    runs = {n: run(n, common + layouts[n], args.out, args.steps, args.timeout) for n in names}
-    losses = {n: r["losses"] for n, r in runs.items()}
+    results = {n: run(n, common + layouts[n], args.out, args.steps, args.timeout) for n in names}
+    losses = {n: r["losses"] for n, r in results.items()}
     rows = {n: compare(losses["1gpu"], losses[n]) for n in names[1:]}
     lines = [f"model={args.model}, micro {args.micro} x accum {args.accum}, {args.steps} steps, against one GPU",
              "", "| layout | steps compared | step-1 gap | max gap (step) | mean gap | final loss 1 GPU / layout |",
@@ -110,12 +109,12 @@ def main() -> int:
         lines.append(f"| {n} | {r['steps']} | {r['step1_gap']:.4f} | {r['max_gap']:.4f} ({r['max_gap_step']}) | "
                      f"{r['mean_gap']:.4f} | {r['final_ref']:.4f} / {r['final']:.4f} |")
     lines += ["", "tokens/s (median of the steps after the first): " + ", ".join(
-        f"{n} {r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else f"{n} -" for n, r in runs.items())]
+        f"{n} {r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else f"{n} -" for n, r in results.items())]
     lines += [f"{n} started with {r['busy_gib_at_start']:.1f} GiB of another run still on a GPU: its tokens/s is low"
-              for n, r in runs.items() if r["busy_gib_at_start"] > 1.0]
+              for n, r in results.items() if r["busy_gib_at_start"] > 1.0]
     text = "\n".join(lines)
     (args.out / "parity.md").write_text(text + "\n")
-    (args.out / "parity.json").write_text(json.dumps({"losses": losses, "gaps": rows, "runs": runs}) + "\n")
+    (args.out / "parity.json").write_text(json.dumps({"losses": losses, "gaps": rows, "runs": results}) + "\n")
     print(text)
     return 0 if all(r["steps"] == args.steps for r in rows.values()) else 1
 

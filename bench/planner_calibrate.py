@@ -235,14 +235,12 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
         with open(log, "a") as out:
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
-            proc = runs.start(cmd, out)
-            records: list = []
-            while proc.poll() is None and time.time() - start < timeout:
-                records = read_metrics(run_dir / "metrics.jsonl")
-                if any(r.get("step") == steps and "train/tokens_per_s" in r for r in records):
-                    break
-                time.sleep(1)
-            runs.stop(proc)  # launch.py stops the ranks at once (no checkpoint)
+            with runs.running(cmd, out) as proc:  # stopped at once (no checkpoint), however this ends
+                while proc.poll() is None and time.time() - start < timeout:
+                    records = read_metrics(run_dir / "metrics.jsonl")
+                    if any(r.get("step") == steps and "train/tokens_per_s" in r for r in records):
+                        break
+                    time.sleep(1)
         stop.set()
         watcher.join()
         every = read_metrics(run_dir / "metrics.jsonl")

@@ -137,10 +137,11 @@ def peer(kind: str, shape: dict, micro: int, accum: int, steps: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------- neox
 def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path, tag: str,
-         until_valid: bool = False) -> dict:
+         until_valid: bool = False, timeout_s: float = 1800.0) -> dict:
     """launch.py for `steps` logged steps (and, with until_valid, the validation at step `steps`), then
     stopped: train.steps lies beyond them, so the run never writes its final checkpoint (1.4B ~18 GB,
-    6.7B ~94 GB: more than some GPU machines' disks, and a minute of device time each)."""
+    6.7B ~94 GB: more than some GPU machines' disks, and a minute of device time each). A run that logs
+    a later step without what was waited for, or outlives `timeout_s`, is stopped and reported failed."""
     run = out / f"neox-{preset}-{tag}"
     cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", f"train.micro_batch={micro}",
            f"train.grad_accum={accum}", f"train.steps={steps + 1000}", "train.log_every=1",
@@ -156,12 +157,14 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
         return any(r.get("step") == steps and ("valid/loss" if until_valid else "train/tokens_per_s") in r
                    for r in recs)
 
-    with open(log, "w") as sink:
-        proc = runs.start(cmd, sink)
-        while proc.poll() is None and not done(records()):
+    def past(recs: list) -> bool:
+        return any(r.get("step", 0) > steps for r in recs)
+
+    deadline = time.time() + timeout_s
+    with open(log, "w") as sink, runs.running(cmd, sink) as proc:  # stopped without a checkpoint, however this ends
+        while proc.poll() is None and time.time() < deadline and not (done(recs := records()) or past(recs)):
             time.sleep(1)
         stopped = proc.poll() is None
-        runs.stop(proc)  # launch.py stops its ranks at once, without a checkpoint
     recs = records()
     train = [r for r in recs if "train/tokens_per_s" in r and r["step"] <= steps][2:]  # warm-up/compile dropped
     name = f"neox {' '.join(extra) or 'default'}"
@@ -182,25 +185,25 @@ def compare_loss(args, steps: int) -> None:
     base = (args.neox or [""])[0].split()
     # log every step; validate once, at step `steps` (the run is stopped after it)
     extra = base + [f"train.eval_every={steps}", "train.eval_batches=8"]
-    runs = {}
+    results = {}
     for name, overrides in (("bf16", extra + ["train.precision=bf16"]), ("fp8", extra + [FP8])):
-        runs[name] = neox(args.model, overrides, args.micro, args.accum, steps, args.out, f"loss-{name}",
+        results[name] = neox(args.model, overrides, args.micro, args.accum, steps, args.out, f"loss-{name}",
                           until_valid=True)
-        print(json.dumps({k: v for k, v in runs[name].items() if k not in ("losses", "loss_steps")}), flush=True)
-    failed = [f"{n}: {' '.join(r['failed'])}" for n, r in runs.items() if "losses" not in r]
+        print(json.dumps({k: v for k, v in results[name].items() if k not in ("losses", "loss_steps")}), flush=True)
+    failed = [f"{n}: {' '.join(r['failed'])}" for n, r in results.items() if "losses" not in r]
     if failed:
         raise SystemExit(f"loss comparison: a run failed ({'; '.join(failed)}); logs in {args.out}")
     tail = 20
-    final = {n: statistics.fmean(r["losses"][-tail:]) for n, r in runs.items()}
+    final = {n: statistics.fmean(r["losses"][-tail:]) for n, r in results.items()}
     gap = final["fp8"] - final["bf16"]
-    valid = {n: r["valid_loss"] for n, r in runs.items()}
+    valid = {n: r["valid_loss"] for n, r in results.items()}
     vgap = valid["fp8"] - valid["bf16"] if None not in valid.values() else None
     summary = {"model": args.model, "steps": steps, "micro": args.micro, "accum": args.accum, "overrides": base,
                "final_train_loss_mean_last": tail, "final_train_loss": final,
                "gap": gap, "gap_pct": 100 * gap / final["bf16"],
                "valid_loss": valid, "valid_gap_pct": 100 * vgap / valid["bf16"] if vgap is not None else None,
-               "tokens_per_s": {n: r["tokens_per_s"] for n, r in runs.items()},
-               "curves": {n: {"step": r["loss_steps"], "loss": r["losses"]} for n, r in runs.items()}}
+               "tokens_per_s": {n: r["tokens_per_s"] for n, r in results.items()},
+               "curves": {n: {"step": r["loss_steps"], "loss": r["losses"]} for n, r in results.items()}}
     (args.out / "loss_compare.json").write_text(json.dumps(summary) + "\n")
 
     import matplotlib
@@ -209,7 +212,7 @@ def compare_loss(args, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for n, r in runs.items():
+    for n, r in results.items():
         ax.plot(r["loss_steps"], r["losses"], label=f"{n} (final {final[n]:.4f})", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
@@ -223,7 +226,7 @@ def compare_loss(args, steps: int) -> None:
              f"{' (' + ' '.join(base) + ')' if base else ''}", "",
              f"| precision | train loss (mean of last {tail} steps) | validation loss at step {steps} | tokens/s |",
              "|---|---|---|---|"]
-    for n, r in runs.items():
+    for n, r in results.items():
         v = f"{valid[n]:.4f}" if valid[n] is not None else "-"
         lines.append(f"| {n} | {final[n]:.4f} | {v} | {r['tokens_per_s']:,.0f} |")
     lines += ["", f"fp8 - bf16: train {gap:+.4f} ({summary['gap_pct']:+.2f}%)"

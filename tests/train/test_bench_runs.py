@@ -3,6 +3,7 @@ bench itself was started in the background by a shell (SIGINT ignored) and the r
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -41,7 +42,7 @@ def test_a_run_started_with_sigint_ignored_stops_at_once_ranks_included(tmp_path
         try:
             wait_for_step(run, 2, proc)
             tree = runs.descendants(proc.pid)
-            ranks = [p for p in tree if "-m neox.train" in _cmdline(p) and "deepspeed" not in _cmdline(p)]
+            ranks = [p for p in tree if "-m neox.train" in _cmdline(p[0]) and "deepspeed" not in _cmdline(p[0])]
             assert len(ranks) == 2  # the ranks are below it (in the deepspeed runner's session)
             began = time.monotonic()
             runs.stop(proc, grace_s=60)
@@ -50,7 +51,7 @@ def test_a_run_started_with_sigint_ignored_stops_at_once_ranks_included(tmp_path
             if proc.poll() is None:
                 runs.stop(proc, grace_s=1)
     assert took < 30, f"the run took {took:.0f} s to stop: SIGINT did not reach it"
-    assert not [p for p in tree if runs._alive(p)]
+    assert not [p for p in tree if runs.alive(p)]
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())  # stopped, not saved
     assert "KeyboardInterrupt" not in log_path.read_text()  # the launcher's own quiet stop, no traceback
 
@@ -73,17 +74,41 @@ def test_stop_ends_a_descendant_that_ignores_sigint_in_a_session_of_its_own(tmp_
             deadline = time.monotonic() + 30
             while not (tmp_path / "rank.pid").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            rank = int((tmp_path / "rank.pid").read_text())
-            assert rank in runs.descendants(proc.pid) and runs._alive(rank)
+            pid = int((tmp_path / "rank.pid").read_text())
+            rank = next(p for p in runs.descendants(proc.pid) if p[0] == pid)
+            assert runs.alive(rank)
             runs.stop(proc, grace_s=2)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == -signal.SIGINT  # the launcher died of SIGINT: it reached it
+    assert proc.returncode == -signal.SIGINT  # the launcher died of SIGINT (its grace was not used up)
     deadline = time.monotonic() + 10
-    while runs._alive(rank) and time.monotonic() < deadline:
+    while runs.alive(rank) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not runs._alive(rank)
+    assert not runs.alive(rank)
+
+
+def test_a_pid_taken_by_another_process_is_not_killed():
+    """stop() kills what it found below the run only while each pid is still that process: a pid the kernel
+    handed to a new process (same number, other start time) is left alone."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = runs._start_time(other.pid)
+        assert runs.alive((other.pid, started))
+        assert not runs.alive((other.pid, started - 1))  # the same pid, an earlier process: not this one
+    finally:
+        other.kill()
+        other.wait()
+    assert not runs.alive((other.pid, started))
+
+
+def test_a_bench_interrupted_while_its_run_trains_stops_the_run(tmp_path):
+    """Ctrl-C reaches only the bench (the run has a session of its own): leaving `running` stops the run."""
+    with open(tmp_path / "log", "w") as log:
+        with pytest.raises(KeyboardInterrupt):
+            with runs.running([sys.executable, "-c", "import time; time.sleep(600)"], log) as proc:
+                raise KeyboardInterrupt
+    assert proc.returncode is not None
 
 
 def test_stop_refuses_a_process_every_process_descends_from():
