@@ -8,7 +8,7 @@
 #            then packs <res>'s small files into $OUT/res.tgz (a call brings back only a few files: one
 #            archive); keep <s> + the install well under the call's 600 s
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
-# order (default: what session 17 left to measure: build tp2 fp8_tp2 profile_tp2 fp8_cache kernels gputests):
+# order (default: what session 17 left to measure: build tp2 fp8_tp2 profile_tp2 fp8_cache kernels profile14 gputests):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
 #   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile, then 125M's micro-batches (GPU 1)
 #   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | one-GPU planner points (GPU 1)
@@ -21,7 +21,7 @@
 #   fp8_67         6.7B bf16 vs fp8 on one GPU                fp8_1gpu fp8_67, then the 300-step loss curves
 #   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8, bf16 vs fp8 (2 GPUs)
 #   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
-#   profile125     where a 125M step goes (micro 32 x 4)
+#   profile125     where a 125M step goes (micro 32 x 4)     profile14  the same for 1.4B (micro 4 x 8)
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) `ckpt` and `fp8` run their two streams in turn;
 # build, kernels, gputests, fp8_67, fp8_1gpu, fp8_cache, newold and profile125 need one GPU; throughput and
 # ckpt_profile need two, as do the 2-GPU layouts (parity, tp2, fp8_tp2, profile_tp2, planner67, calibration, tp2conn).
@@ -114,6 +114,9 @@ item() {
   profile125)  # issue 16's 125M at 50% MFU: where its step goes at the best micro-batch so far
     step profile_125M python3 bench/profile_step.py --model 125M --micro 32 --accum 4 --out "$RES/profile_125M"
     rm -f "$RES"/profile_125M/trace.json ;;
+  profile14)  # issue 16's 1.4B at 60% MFU: its copies by launching op, the host's waits for the GPU
+    step profile_14 python3 bench/profile_step.py --model 1.4B --micro 4 --accum 8 --out "$RES/profile_14"
+    rm -f "$RES"/profile_14/trace.json ;;
   fp8_cache)  # the fp8 weight cache: per layer (1.4B and 6.7B shapes), then 1.4B bf16 vs fp8 end to end
     step fp8_linear_14 python3 bench/fp8_linear.py --out "$RES/fp8_linear_14.json"
     step fp8_linear_67 python3 bench/fp8_linear.py --d 4096 --ff 16384 --out "$RES/fp8_linear_67.json"
@@ -132,7 +135,7 @@ item() {
   esac
 }
 shift
-for it in "${@:-build tp2 fp8_tp2 profile_tp2 fp8_cache kernels gputests}"; do
+for it in "${@:-build tp2 fp8_tp2 profile_tp2 fp8_cache kernels profile14 gputests}"; do
   for one in $it; do item "$one"; done
 done
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1

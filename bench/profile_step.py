@@ -10,8 +10,11 @@ launches, the engine's own bookkeeping, synchronizations), and the step's wall t
 kernel names; `other` lists its largest kernels so nothing hides there. Then where the host gaps are: each
 GPU-idle interval is put in the phase the host was in at its middle (data, forward, loss, backward, the
 engine's step; the bench wraps those calls in profiler ranges) and named by the CPU op whose kernel ended
-it. Every category names its largest kernels. Communication kernels run on their own streams: the table
-also gives the part of their time no compute kernel overlaps (what tp/dp collectives add to the step).
+it. Every category names its largest kernels; the copies/casts and `other` kernels are also given by the CPU op
+that launched them (its innermost ops and the autograd node or phase above), and every call that made the host
+wait for the GPU (a synchronization, a blocking copy) is counted by where it came from. Communication kernels
+run on their own streams: the table also gives the part of their time no compute kernel overlaps (what tp/dp
+collectives add to the step).
 With --gpus N the script starts itself on N GPUs (N CPU processes without one) through the deepspeed
 launcher, every rank profiles the same steps, and rank 0 (tensor rank 0 of the first stage) writes.
 Writes profile.md and a Chrome trace (trace.json) under --out.
@@ -123,6 +126,46 @@ def idle_gaps(cpu_events: list, gpu_intervals: list, min_gap: float = 20e-6) -> 
     return per_phase, per_op
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+CONTEXTS = ("autograd::engine::evaluate_function: ", "phase: ")
+
+
+def caller(ev, depth: int = 2) -> str:
+    """Where a CPU op or runtime call came from: its `depth` innermost enclosing ops and the nearest autograd node
+    (in backward) or phase range above them, e.g. 'backward: CatBackward0 / aten::cat'."""
+    names, node = [], ev
+    while node is not None and not node.name.startswith(CONTEXTS):
+        if len(names) < depth:
+            names.append(node.name)
+        node = node.cpu_parent
+    where = ""
+    if node is not None:
+        where = node.name.replace("autograd::engine::evaluate_function: ", "backward: ").replace("phase: ", "") + " / "
+    return where + " < ".join(names)
+
+
+def kernels_by_caller(cpu_ops: list, wanted) -> dict:
+    """GPU seconds of the kernels whose name `wanted` accepts, by the CPU op that launched them (`caller`)."""
+    out: dict = defaultdict(float)
+    for ev in cpu_ops:
+        for k in ev.kernels:
+            if wanted(k.name):
+                out[caller(ev)] += k.duration / 1e6
+    return out
+
+
+def host_syncs(cpu_ops: list) -> dict:
+    """The CUDA calls that made the host wait for the GPU (synchronizations, blocking copies), by `caller` of
+    the call: (count, host seconds waiting)."""
+    out: dict = defaultdict(lambda: [0, 0.0])
+    for ev in cpu_ops:
+        if ev.name in SYNC_CALLS:
+            entry = out[caller(ev.cpu_parent) if ev.cpu_parent is not None else "(no op)"]
+            entry[0] += 1
+            entry[1] += ev.time_range.elapsed_us() / 1e6
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1.4B")
@@ -190,11 +233,12 @@ def main() -> None:
         return
     prof.export_chrome_trace(str(args.out / "trace.json"))
 
-    per_cat, per_kernel, intervals, cpu_events = defaultdict(float), defaultdict(float), [], []
+    per_cat, per_kernel, intervals, cpu_events, cpu_ops = defaultdict(float), defaultdict(float), [], [], []
     comm, compute = [], []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             cpu_events.append((ev.name, ev.time_range.start / 1e6, ev.time_range.end / 1e6))
+            cpu_ops.append(ev)
             continue
         if ev.name.startswith("phase: "):  # our ranges' GPU-side copies: spans, not kernels
             continue
@@ -229,6 +273,14 @@ def main() -> None:
               "Largest, by the CPU op whose kernel ended the gap: " + "; ".join(
         f"{ph} / {op[:50]} {t / args.steps * 1e3:.1f} ms" for (ph, op), t in
         sorted(per_op.items(), key=lambda x: -x[1])[:8])]
+    for cat in ("copies/casts", "other"):  # the parts no kernel of ours names: which call made them
+        top = sorted(kernels_by_caller(cpu_ops, lambda n, c=cat: category(n) == c).items(), key=lambda x: -x[1])[:8]
+        if top:
+            lines.append(f"{cat} by the op that launched them, ms per step: " + "; ".join(
+                f"{where[:90]} {t / args.steps * 1e3:.1f}" for where, t in top))
+    syncs = sorted(host_syncs(cpu_ops).items(), key=lambda x: -x[1][0])
+    lines.append("Host waits for the GPU per step: " + ("; ".join(
+        f"{where[:90]} {n / args.steps:g}x {t / args.steps * 1e3:.1f} ms" for where, (n, t) in syncs[:8]) or "none"))
     table = "\n".join(lines)
     print(table)
     (args.out / "profile.md").write_text(table + "\n")

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,29 @@ def test_exposed_communication_is_what_no_compute_kernel_covers():
     assert bench.exposed_time([(2.5, 3.0), (2.8, 3.2)], compute) == pytest.approx(0.7)
 
 
+def _op(name, parent=None, kernels=(), us=0.0):
+    """A profiler CPU event as the bench reads it (name, parent, launched kernels, host time)."""
+    return types.SimpleNamespace(name=name, cpu_parent=parent, time_range=types.SimpleNamespace(elapsed_us=lambda: us),
+                                 kernels=[types.SimpleNamespace(name=n, duration=d) for n, d in kernels])
+
+
+def test_copies_are_given_by_the_op_that_launched_them_and_syncs_by_where_they_waited():
+    bench = _bench()
+    node = _op("autograd::engine::evaluate_function: CatBackward0", _op("phase: backward"))
+    copy = _op("aten::copy_", _op("aten::clone", _op("aten::contiguous", node)),
+               kernels=[("elementwise_kernel copy", 30.0), ("nvjet_gemm", 99.0)])
+    cast = _op("aten::copy_", _op("aten::_to_copy", _op("aten::to", _op("phase: forward"))),
+               kernels=[("elementwise_kernel copy", 10.0)])
+    item = _op("aten::_local_scalar_dense", _op("aten::item", _op("phase: engine step")))
+    sync = _op("cudaStreamSynchronize", item, us=500.0)
+    launch = _op("cudaLaunchKernel", copy, us=5.0)
+    by = bench.kernels_by_caller([node, copy, cast, item, sync, launch], lambda n: bench.category(n) == "copies/casts")
+    assert by == {"backward: CatBackward0 / aten::copy_ < aten::clone": pytest.approx(30e-6),
+                  "forward / aten::copy_ < aten::_to_copy": pytest.approx(10e-6)}
+    assert bench.host_syncs([copy, item, sync, launch]) == {
+        "engine step / aten::_local_scalar_dense < aten::item": (1, pytest.approx(500e-6))}
+
+
 @pytest.mark.slow
 def test_two_ranks_profile_and_rank_0_writes_the_table(tmp_path):
     with no_shm_leak("profile_step --gpus 2"):
@@ -42,4 +66,5 @@ def test_two_ranks_profile_and_rank_0_writes_the_table(tmp_path):
     table = (tmp_path / "profile.md").read_text()
     assert "tiny, micro 2 x accum 2, 2 x CPU (rank 0), overrides: parallelism=tp2" in table, table
     assert "| **wall** |" in table and "Communication not overlapped by any compute kernel" in table
+    assert "Host waits for the GPU per step: " in table
     assert proc.stdout.count("| **wall** |") == 1  # one writer: rank 1 profiled the same steps and printed nothing
