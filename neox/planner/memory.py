@@ -3,7 +3,8 @@
 Model states (DeepSpeed 0.19 with torch's AdamW, as neox.train.engine configures it), bytes per local
 parameter with w = 2 (bf16/fp16/fp8) or 4 (fp32):
     ZeRO-0   weights w, gradients w, fp32 master copy 4 (mixed precision only) + Adam m, v 8;
-             at the step DeepSpeed's unfused fp16/bf16 optimizer makes an fp32 copy of every gradient (4)
+             at the step DeepSpeed's unfused fp16 optimizer makes an fp32 copy of every gradient (4), neox's
+             fused bf16/fp8 step of 2^28 of them at a time (1 GiB)
     ZeRO-1   weights w, gradients w, (master 4 + m, v 8) / dp; at the step the fp32 gradient of the
              partition (4 / dp)
     ZeRO-2   weights w, (gradients w + master 4 + m, v 8) / dp, the step's fp32 gradient 4 / dp, buckets
@@ -40,6 +41,7 @@ from neox.planner import calibration as cal
 from neox.planner.layout import Candidate, Stage, stages
 
 GiB = 1024**3
+FUSED_STEP_CHUNK_ELEMENTS = 1 << 28  # neox.train.fused_step.CHUNK_ELEMENTS (train sits above the planner)
 PERSISTENT = ("weights", "gradients", "optimizer states", "communication buffers")
 
 
@@ -188,8 +190,10 @@ def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_lo
     if buffers:
         terms["communication buffers"] = buffers
     step_extra = 0.0
-    if c.zero_stage == 0 and precision != "fp32":
-        step_extra = st.params * 4  # fp32 copies of the gradients for the optimizer (unfused optimizer)
+    if c.zero_stage == 0 and precision != "fp32":  # fp32 copies of the gradients for the optimizer: all of
+        # them in DeepSpeed's unfused step (fp16, a pipeline), a chunk at a time in neox's fused one (bf16, fp8)
+        fused = precision in ("bf16", "fp8") and c.pp == 1
+        step_extra = min(st.params, FUSED_STEP_CHUNK_ELEMENTS) * 4 if fused else st.params * 4
     if c.zero_stage in (1, 2):  # the partition's gradients flattened (bf16) and cast to fp32 for the step
         step_extra = st.params * (w + 4) / c.dp
     if c.zero_stage == 3:

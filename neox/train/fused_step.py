@@ -16,7 +16,10 @@ unchanged) and its semantics:
   `SkipNonFiniteAdamW.skip_events` counts it; AdamW's own finite check is not run again;
 - DeepSpeed's clip factor, handed to torch's fused AdamW as `grad_scale` (its kernel divides the
   gradient as it reads it) or, for an unfused AdamW, one `_foreach_mul_`; only when it is not 1;
-- the fp32 gradients live only during the step; one `_foreach_copy_` writes the bf16 weights.
+- the fp32 gradients live only during the step, a chunk of tensors at a time (`CHUNK_ELEMENTS`, 1 GiB of
+  them, where DeepSpeed's step holds every one at once: 26 GB at 6.7B, the largest allocation of a big
+  model's step); AdamW is elementwise, so a chunked step is the whole step bitwise. `_foreach_copy_` writes
+  each chunk's bf16 weights.
 
 One difference from DeepSpeed: its unfused step takes the norm over gradient tensors, which carry
 no `tensor_model_parallel` mark, so with tp > 1 only tensor rank 0's gradients counted. Here the
@@ -32,6 +35,21 @@ from typing import Any, List, Optional
 import torch
 
 from neox.train.guards import SkipNonFiniteAdamW
+
+CHUNK_ELEMENTS = 1 << 28  # fp32 gradient elements alive at once in the step (a larger tensor alone)
+
+
+def chunks(sizes: List[int], limit: int) -> List[range]:
+    """Consecutive index ranges whose sizes add up to at most `limit`; a size above it gets a range alone."""
+    out, begin, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > begin and total + n > limit:
+            out.append(range(begin, i))
+            begin, total = i, 0
+        total += n
+    if begin < len(sizes):
+        out.append(range(begin, len(sizes)))
+    return out
 
 
 def norm_counts(p: torch.Tensor, tp_rank: int) -> bool:
@@ -78,25 +96,34 @@ def fused_step(self: Any, closure: None = None) -> bool:
     self._update_scale(False)
     scale = self.unscale_and_clip_grads(norm, apply_scale=False)  # DeepSpeed's own clip arithmetic
 
+    fused = all(group.get("fused") for group in inner.param_groups)
+    if scale != 1.0 and fused:  # the kernel divides each gradient by it as it reads it: no pass of its own
+        inner.grad_scale = torch.full((), scale, dtype=torch.float32, device=masters[0].device)
+    try:
+        for part in chunks([m.numel() for m in masters], getattr(self, "fused_step_chunk", CHUNK_ELEMENTS)):
+            _adamw_chunk(inner, [params[i] for i in part], [masters[i] for i in part], scale, fused)
+    finally:
+        inner.__dict__.pop("grad_scale", None)
+    return self.overflow
+
+
+def _adamw_chunk(inner: Any, params: List[torch.Tensor], masters: List[torch.Tensor], scale: float,
+                 fused: bool) -> None:
+    """AdamW on these masters (fp32 copies of their bf16 gradients, made here and freed after), then their bf16
+    weights. Only they have gradients during the call, so AdamW steps only them."""
     with_grad = [i for i, p in enumerate(params) if p.grad is not None]
     for i, m in enumerate(masters):
         m.grad = torch.empty_like(m) if params[i].grad is not None else torch.zeros_like(m)
     if with_grad:
         torch._foreach_copy_([masters[i].grad for i in with_grad], [params[i].grad for i in with_grad])
-    fused = all(group.get("fused") for group in inner.param_groups)
-    if scale != 1.0:
-        if fused:  # the kernel divides each gradient by it as it reads it: no pass of its own
-            inner.grad_scale = torch.full((), scale, dtype=torch.float32, device=masters[0].device)
-        else:
-            torch._foreach_mul_([m.grad for m in masters], 1.0 / scale)
+    if scale != 1.0 and not fused:
+        torch._foreach_mul_([m.grad for m in masters], 1.0 / scale)
     try:
         torch.optim.AdamW.step(inner)  # not SkipNonFiniteAdamW.step: the norm above decided
     finally:
-        inner.__dict__.pop("grad_scale", None)
         for m in masters:
             m.grad = None
     torch._foreach_copy_(params, masters)
-    return self.overflow
 
 
 def install_fused_step(engine: Any) -> bool:

@@ -260,3 +260,26 @@ def test_zero_slack_shrinks_once_the_freed_activations_can_hold_the_steps_buffer
         assert mem(zero, 12, 4).reserved == pytest.approx(mem(zero, 12, 4).allocated * (1 + cal.RESERVED_FRACTION[zero]))
     zero0 = mem(0, 96, 4)  # no flat partitions: its fraction whatever the activations
     assert zero0.reserved == pytest.approx(zero0.allocated * (1 + cal.RESERVED_FRACTION[0]))
+
+
+def test_the_fused_steps_chunk_is_the_planners():
+    """The planner counts the fused bf16 step's fp32 gradients a chunk at a time: the chunk it assumes is the
+    step's (neox.train sits above the planner, so the number is written twice)."""
+    from neox.planner.memory import FUSED_STEP_CHUNK_ELEMENTS
+    from neox.train.fused_step import CHUNK_ELEMENTS
+
+    assert FUSED_STEP_CHUNK_ELEMENTS == CHUNK_ELEMENTS
+
+
+@pytest.mark.parametrize("precision,pp,whole", [("bf16", 1, False), ("fp8", 1, False), ("fp16", 1, True),
+                                                ("bf16", 2, True)])
+def test_zero0_step_holds_fp32_gradients_a_chunk_at_a_time_in_the_fused_step(precision, pp, whole, monkeypatch):
+    """bf16/fp8 without a pipeline: neox's fused step (2^28 fp32 gradients at a time); fp16 and the pipeline
+    engine: DeepSpeed's step, every gradient at once."""
+    import neox.planner.memory as memory
+
+    monkeypatch.setattr(memory, "FUSED_STEP_CHUNK_ELEMENTS", 1000)
+    mem = one_stage(Candidate(pp=pp, micro_batch=2, grad_accum=4), precision=precision)
+    params = sum(s.params for s in stages(M, 1, pp)[:1])
+    extra = mem.step_extra - mem.terms.get("fp8 weight copies", 0.0) * (pp > 1)
+    assert extra == pytest.approx(4 * (params if whole else 1000))

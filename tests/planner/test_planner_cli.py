@@ -21,7 +21,7 @@ def test_a_layout_above_the_card_is_refused_in_one_line(tmp_path, capsys, embedd
     assert main([*ONE_GPU_20B, f"run_dir={tmp_path}/run"]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("neox: error: the layout does not fit: 402.6 of 79.3 GiB per GPU (A100 80GB); the "
+    assert last.startswith("neox: error: the layout does not fit: 339.0 of 79.3 GiB per GPU (A100 80GB); the "
                            "biggest term is optimizer states (229.7 GiB); e.g. cluster.nodes=8"), last
     assert last.endswith("set plan.force=true to launch anyway"), last
     assert "verdict   does not fit" in err  # the report above it

@@ -35,8 +35,9 @@ def _model(device: str = "cpu") -> torch.nn.Module:
                                ).bfloat16().to(device)
 
 
-def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool = False):
-    """DeepSpeed's bf16 optimizer over our AdamW, grouped as neox.train.engine.optimizer groups it."""
+def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool = False, chunk: int = 0):
+    """DeepSpeed's bf16 optimizer over our AdamW, grouped as neox.train.engine.optimizer groups it; `chunk`:
+    the fused step's fp32 gradients that many elements at a time (0: its default)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     from neox.train import fused_step as fs
@@ -49,6 +50,8 @@ def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool =
     opt = FP16_UnfusedOptimizer(inner, low_precision_dtype=torch.bfloat16, clip_grad=CLIP, mpu=mpu, verbose=False)
     if fused_step:
         opt.step = types.MethodType(fs.fused_step, opt)
+    if chunk:
+        opt.fused_step_chunk = chunk
     return opt
 
 
@@ -88,13 +91,17 @@ def _clip_active(norm: float) -> bool:
 STEPS = [("no clip", 2.0 ** -7), ("inf", 1.0), ("clip", 8.0), ("no clip", 2.0 ** -6), ("clip", 16.0)]
 
 
-def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: str = "cpu") -> None:
+def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: str = "cpu", chunk: int = 0) -> None:
     """Same model, same gradients, 5 steps: DeepSpeed's step vs ours. Bitwise where the arithmetic is
     the same. The one place it is not: torch's fused AdamW divides each gradient by `grad_scale` (x / c),
     DeepSpeed multiplies by 1/c (x * fl(1/c)), which differ by at most ~1 fp32 ulp per gradient element;
     through Adam's update that stays within a few ulps of each tensor's scale (bound: ULPS eps * max|x|)."""
     ref_model, new_model = _model(device), _model(device)
-    ref, new = _optimizer(ref_model, fused), _optimizer(new_model, fused, fused_step=True)
+    ref, new = _optimizer(ref_model, fused), _optimizer(new_model, fused, fused_step=True, chunk=chunk)
+    if chunk:
+        sizes = [m.numel() for group in new.fp32_groups for m in group]
+        from neox.train.fused_step import chunks
+        assert len(chunks(sizes, chunk)) >= 4 and max(sizes) > chunk, sizes  # several chunks, one oversized
     g = torch.Generator().manual_seed(1 + rank)
     diverged = False  # after a clipped fused step the two states differ by those ulps
     for i, (kind, size) in enumerate(STEPS):
@@ -107,7 +114,7 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: s
             pr.grad, pn.grad = gr.clone(), gr.clone()
         skips = new.optimizer.skip_events
         out_ref, out_new = ref.step(), new.step()
-        where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__}, {device})"
+        where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__}, {device}, chunk {chunk})"
         assert out_new is out_ref, f"{where}: returned {out_new}, DeepSpeed {out_ref}"
         if kind == "inf":
             assert out_new is True and new._global_grad_norm == INF == ref._global_grad_norm, where
@@ -147,7 +154,8 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: s
 def _check_against_deepspeed(rank: int, world: int, device: str = "cpu") -> None:
     for fused in (False, True):
         for make_grads in (_exact_grads, _random_grads):
-            _against_deepspeed(rank, world, fused, make_grads, device)
+            for chunk in (0, 100):  # 100 elements: the step in 4 chunks, the two 16x16 weights above it alone
+                _against_deepspeed(rank, world, fused, make_grads, device, chunk)
 
 
 def _check_tp2_norm(rank: int, world: int) -> None:
@@ -300,3 +308,14 @@ def test_matches_deepspeeds_step_on_cuda() -> None:
     from support.workers import run_workers
 
     run_workers(_check_against_deepspeed, 1, "cuda", timeout=300, init="neox")  # nccl: not Checks' CPU flag
+
+
+def test_chunks_cover_every_tensor_in_order_within_the_limit() -> None:
+    from neox.train.fused_step import chunks
+
+    assert chunks([3, 4, 2, 9, 1, 1], 6) == [range(0, 1), range(1, 3), range(3, 4), range(4, 6)]
+    assert chunks([], 6) == [] and chunks([7], 6) == [range(0, 1)]
+    sizes = [5, 1, 1, 1, 8, 2, 2, 2]
+    parts = chunks(sizes, 4)
+    assert [i for r in parts for i in r] == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in r) <= 4 or len(r) == 1 for r in parts)
