@@ -9,7 +9,8 @@ neox.parallel.tensor, which this package sits below and does not import). Parame
 keys and the TP communication are untouched: an fp8 run saves what a bf16 run saves (export, consolidation
 and init_from read it as such).
 Each TP rank scales its own shard; a row-parallel layer's partial sums are dequantized before the
-all-reduce, so a shard's scale never leaks into another's.
+all-reduce, so a shard's scale never leaks into another's. In training each weight is cast once per
+optimizer step and its fp8 copy shared by every call until the trainer clears it (`Fp8Matmul`).
 
 Kept in bf16: the output head (the logits feed the loss directly; torchao's float8 example leaves
 the last layer out) and any layer whose local weight has a dim that is not a multiple of 16 (fp8 GEMMs
