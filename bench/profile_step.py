@@ -135,8 +135,8 @@ def caller(ev, depth: int = 2) -> str:
     (in backward) or phase range above them, e.g. 'backward: CatBackward0 / aten::cat'."""
     names, node = [], ev
     while node is not None and not node.name.startswith(CONTEXTS):
-        if len(names) < depth:
-            names.append(node.name)
+        if len(names) < depth and not node.name.startswith("cu"):  # the runtime call (cudaLaunchKernel,
+            names.append(node.name)  # cuLaunchKernelEx) that the profiler may hang the kernel on: its op says more
         node = node.cpu_parent
     where = ""
     if node is not None:

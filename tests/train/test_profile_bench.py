@@ -43,8 +43,8 @@ def test_copies_are_given_by_the_op_that_launched_them_and_syncs_by_where_they_w
     node = _op("autograd::engine::evaluate_function: CatBackward0", _op("phase: backward"))
     copy = _op("aten::copy_", _op("aten::clone", _op("aten::contiguous", node)),
                kernels=[("elementwise_kernel copy", 30.0), ("nvjet_gemm", 99.0)])
-    cast = _op("aten::copy_", _op("aten::_to_copy", _op("aten::to", _op("phase: forward"))),
-               kernels=[("elementwise_kernel copy", 10.0)])
+    cast = _op("cudaLaunchKernel", _op("aten::copy_", _op("aten::_to_copy", _op("aten::to", _op("phase: forward")))),
+               kernels=[("elementwise_kernel copy", 10.0)])  # a kernel hung on its launch call, not the op
     item = _op("aten::_local_scalar_dense", _op("aten::item", _op("phase: engine step")))
     sync = _op("cudaStreamSynchronize", item, us=500.0)
     launch = _op("cudaLaunchKernel", copy, us=5.0)
