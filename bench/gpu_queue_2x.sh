@@ -19,7 +19,7 @@
 #   tp2conn        tp2 with CUDA_DEVICE_MAX_CONNECTIONS=1        calibration  the planner's other 2-GPU points
 #   gputests       the whole GPU kernel suite (3 minutes)    kernels  bench/kernels.py (against eager, compile, Liger)
 #   fp8_67         6.7B bf16 vs fp8 on one GPU                fp8_1gpu fp8_67, then the 300-step loss curves
-#   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8, bf16 vs fp8 (2 GPUs)
+#   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8 bf16 vs fp8, and m8 x 4
 #   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
 #   profile125     where a 125M step goes (micro 32 x 4)     profile14  the same for 1.4B (micro 4 x 8)
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) `ckpt` and `fp8` run their two streams in turn;
@@ -124,7 +124,7 @@ item() {
         --out "$RES/fp8_throughput" ;;
   newold)  # issue 16: 50 steps of 1.4B on the default path against the path before the speed work
     step newold python3 bench/loss_parity.py --out "$RES/newold" --model 1.4B --accum 8 --layouts reference ;;
-  fp8_tp2) step fp8_tp2 $CAL --set layouts --only "6.7B tp2 m4x8,6.7B tp2 fp8 m4x8" --tag _fp8_tp2 ;;
+  fp8_tp2) step fp8_tp2 $CAL --set layouts --only "6.7B tp2 m4x8,6.7B tp2 fp8 m4x8,6.7B tp2 m8x4" --tag _fp8_tp2 ;;
   tp2)  # 1.3B tp2 without and with sequence parallelism, and the one-GPU references, in one call (per GPU ratio)
     step tp2_refs $CAL --set refs --tag _tp2_refs
     step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8,1.3B tp2 overlap m4x8" --tag _tp2 ;;

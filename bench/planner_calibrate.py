@@ -89,12 +89,14 @@ LAYOUTS = [_case("1.3B tp2 m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts")] 
     _case("1.3B tp2 overlap m4x8", "1.3B", 2, 4, 8, par="tp2", group="layouts", more=("parallelism.tp_overlap=true",)),
     # issue 16's fp8 at 6.7B where a micro-batch of 4 fits: tp=2, bf16 against fp8 in the same call
     _case("6.7B tp2 m4x8", "6.7B", 2, 4, 8, par="tp2", group="layouts"),
-    _case("6.7B tp2 fp8 m4x8", "6.7B", 2, 4, 8, par="tp2", group="layouts", more=("train.precision=fp8",))]
+    _case("6.7B tp2 fp8 m4x8", "6.7B", 2, 4, 8, par="tp2", group="layouts", more=("train.precision=fp8",)),
+    # issue 17's 52% MFU at 6.7B tp2: a micro-batch of 8 fits since the fused step's fp32 gradients are chunked
+    _case("6.7B tp2 m8x4", "6.7B", 2, 8, 4, par="tp2", group="layouts")]
 LAYOUT_REFS = {"1.3B tp2 m4x8": "1.3B 1gpu z1 m4x8", "1.3B tp2 sp m4x8": "1.3B 1gpu z1 m4x8",
                "1.3B tp2 overlap m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x4": "1.3B 1gpu z1 m4x8",
                "1.3B pp2 z1 m4x8": "1.3B 1gpu z1 m4x8", "1.3B pp2 z1 m4x16": "1.3B 1gpu z1 m4x8",
                "1.4B dp2 z1 m4": "1.4B 1gpu z1 m4x8", "6.7B tp2 m4": None, "6.7B tp2 m4x8": None,
-               "6.7B tp2 fp8 m4x8": None}
+               "6.7B tp2 fp8 m4x8": None, "6.7B tp2 m8x4": None}
 # parallelism=auto on 2 GPUs against layouts chosen by hand, same global batch (64 sequences).
 AUTO_BATCH = 64
 
