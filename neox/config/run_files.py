@@ -9,6 +9,8 @@ PENDING_CONFIG = "config.pending.yaml"
 
 # The launcher's start (seconds since the epoch), so a worker's start-up breakdown begins at `python launch.py`.
 LAUNCHED_AT = "NEOX_LAUNCHED_AT"
+# When launch.py handed over to the deepspeed launcher: the launcher phase splits into ours and DeepSpeed's.
+SPAWNED_AT = "NEOX_SPAWNED_AT"
 
 
 def process_started() -> float:

@@ -10,11 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Sequence
 
 from neox.config.plan import RunPlan
-from neox.config.run_files import LAUNCHED_AT, process_started
+from neox.config.run_files import LAUNCHED_AT, SPAWNED_AT, process_started
 from neox.config.schema import LocalCluster
 from neox.errors import LaunchError
 
@@ -93,6 +94,7 @@ def worker_env(plan: RunPlan) -> dict:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/neox/torch_extensions"))
     env[LAUNCHED_AT] = f"{process_started():.3f}"  # the workers' start-up breakdown begins at `python launch.py`
+    env[SPAWNED_AT] = f"{time.time():.3f}"  # made right before the deepspeed launcher starts
     return env
 
 

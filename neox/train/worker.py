@@ -37,7 +37,7 @@ from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
 from neox.train.devices import build_device, memory_gb
-from neox.train.startup import StartupClock, launched_at
+from neox.train.startup import StartupClock, launched_at, spawned_at
 
 
 
@@ -51,7 +51,7 @@ class RunState:
 
 def run(config_path: str) -> int:
     watcher = PreemptionWatcher()  # first thing: a stop signal during startup is kept as a flag
-    clock = StartupClock(process_started(), launched_at())
+    clock = StartupClock(process_started(), launched_at(), spawned_at())
     clock.mark("imports")
     faults = Faults.from_env()  # the training loop's test faults, read once
     path = config_to_read(config_path)

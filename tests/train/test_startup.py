@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from neox.config.run_files import LAUNCHED_AT, process_started
-from neox.train.startup import StartupClock, launched_at
+from neox.config.run_files import LAUNCHED_AT, SPAWNED_AT, process_started
+from neox.train.startup import StartupClock, launched_at, spawned_at
 
 
 def test_phases_add_up_to_the_time_since_the_launcher_started():
@@ -18,6 +18,22 @@ def test_phases_add_up_to_the_time_since_the_launcher_started():
     record = clock.record()
     assert record["launcher_s"] == pytest.approx(0.5) and record["total_s"] == pytest.approx(clock.total, abs=1e-3)
     assert "from launch.py" in clock.line() and "model" in clock.line()
+
+
+def test_the_launcher_phase_splits_into_launch_py_and_the_deepspeed_launcher(monkeypatch):
+    launched = time.time() - 10.0
+    monkeypatch.setenv(LAUNCHED_AT, f"{launched:.3f}")
+    monkeypatch.setenv(SPAWNED_AT, f"{launched + 3.0:.3f}")
+    clock = StartupClock(started=launched + 7.5, launched=launched_at(), spawned=spawned_at())
+    clock.mark("imports")
+    record = clock.record()
+    assert record["launcher_s"] == pytest.approx(7.5, abs=1e-3)
+    assert record["launcher_launch_py_s"] == pytest.approx(3.0, abs=1e-3)
+    assert record["launcher_deepspeed_launcher_s"] == pytest.approx(4.5, abs=1e-3)
+    assert record["total_s"] == pytest.approx(clock.total, abs=1e-3)  # the parts are inside the launcher phase
+    assert "launcher 7.5 (launch.py 3.0, deepspeed launcher 4.5)" in clock.line()
+    # a handover time outside [launched, started] (clocks of other hosts) is not split
+    assert StartupClock(started=launched + 7.5, launched=launched, spawned=launched + 9.0).launcher_parts == {}
 
 
 def test_a_worker_without_a_launcher_counts_from_its_own_start(monkeypatch):
