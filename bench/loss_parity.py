@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -48,15 +47,12 @@ def run(name: str, overrides: List[str], out: Path, steps: int, timeout: float) 
     cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"run_dir={run_dir}", f"train.steps={steps + 1000}",
            "train.log_every=1", "train.eval_every=1000000", "train.save_every=1000000",
            "logging.wandb=false", "logging.tensorboard=false", "logging.progress=false", "plan.force=true"]
-    start = time.time()
     with open(out / f"{name}.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         with runs.running(cmd, log) as proc:  # stopped at once (no checkpoint), however this ends
-            while proc.poll() is None and time.time() - start < timeout:
-                if any(r.get("step") == steps and "train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl")):
-                    break
-                time.sleep(1)
+            runs.wait_for(proc, lambda: any(r.get("step") == steps and "train/loss" in r
+                                            for r in read_metrics(run_dir / "metrics.jsonl")), timeout)
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r and r["step"] <= steps}
     rates = [r["train/tokens_per_s"] for s, r in records.items() if s > 1 and "train/tokens_per_s" in r]  # not warm-up
     # not the steps logged before the stop landed

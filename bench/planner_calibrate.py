@@ -238,11 +238,8 @@ def measure(overrides: List[str], steps: int, timeout: float, log: Path) -> dict
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
             with runs.running(cmd, out) as proc:  # stopped at once (no checkpoint), however this ends
-                while proc.poll() is None and time.time() - start < timeout:
-                    records = read_metrics(run_dir / "metrics.jsonl")
-                    if any(r.get("step") == steps and "train/tokens_per_s" in r for r in records):
-                        break
-                    time.sleep(1)
+                runs.wait_for(proc, lambda: any(r.get("step") == steps and "train/tokens_per_s" in r
+                                                for r in read_metrics(run_dir / "metrics.jsonl")), timeout)
         stop.set()
         watcher.join()
         every = read_metrics(run_dir / "metrics.jsonl")

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,15 @@ def running(cmd: Sequence[str], log: IO, env: Optional[Dict[str, str]] = None) -
         yield proc
     finally:
         stop(proc)
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `ready` (the run's metrics) every second until it holds, the run ends or `timeout_s` passes;
+    whether the run is still going (the bench then stops it)."""
+    deadline = time.time() + timeout_s
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(1)
+    return proc.poll() is None
 
 
 def _start_time(pid: int) -> Optional[int]:

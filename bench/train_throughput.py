@@ -160,11 +160,8 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
     def past(recs: list) -> bool:
         return any(r.get("step", 0) > steps for r in recs)
 
-    deadline = time.time() + timeout_s
     with open(log, "w") as sink, runs.running(cmd, sink) as proc:  # stopped without a checkpoint, however this ends
-        while proc.poll() is None and time.time() < deadline and not (done(recs := records()) or past(recs)):
-            time.sleep(1)
-        stopped = proc.poll() is None
+        stopped = runs.wait_for(proc, lambda: done(recs := records()) or past(recs), timeout_s)
     recs = records()
     train = [r for r in recs if "train/tokens_per_s" in r and r["step"] <= steps][2:]  # warm-up/compile dropped
     name = f"neox {' '.join(extra) or 'default'}"

@@ -171,9 +171,7 @@ class BackgroundSaves:
         short of memory is found out by the save itself, which says so and writes synchronously."""
         if self.preparing is not None or self.short is not None:
             return
-        if self.memory is None:
-            self.memory = HostMemory(pinned=torch.cuda.is_available())
-        memory = self.memory
+        memory = self._memory()
 
         def allocate() -> None:
             try:
@@ -188,12 +186,16 @@ class BackgroundSaves:
         if self.preparing is not None:
             self.preparing.join()
 
+    def _memory(self) -> HostMemory:
+        """The arena the copies go to, made on first use (pinned on a GPU machine)."""
+        if self.memory is None:
+            self.memory = HostMemory(pinned=torch.cuda.is_available())
+        return self.memory
+
     def capture(self, engine: Any, job: WriteJob, save_checkpoint: Callable[[], Any]) -> None:
         """Run DeepSpeed's save with `SnapshotEngine` as the engine's checkpoint engine."""
         self._prepared()  # the arena is this thread's from here on
-        if self.memory is None:
-            self.memory = HostMemory(pinned=torch.cuda.is_available())
-        snap = SnapshotEngine(engine.checkpoint_engine, job, self.memory, short=self.short)
+        snap = SnapshotEngine(engine.checkpoint_engine, job, self._memory(), short=self.short)
         engine.checkpoint_engine = snap
         try:
             save_checkpoint()

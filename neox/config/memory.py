@@ -26,7 +26,8 @@ class MemoryEstimate:
 
 
 def estimate(m: GPTConfig, *, micro_batch: int, grad_accum: int, tp: int, pp: int, dp: int, zero_stage: int,
-             precision: str, sequence_parallel: bool, partition: str, zero_bucket: int) -> MemoryEstimate:
+             precision: str, sequence_parallel: bool, partition: str, zero_bucket: int,
+             fused_step: bool = True) -> MemoryEstimate:
     """Bytes one device of the most loaded stage needs (the planner counts each stage's own parameters)."""
     from neox.planner.layout import Candidate
     from neox.planner.memory import estimate as stage_estimate
@@ -35,7 +36,7 @@ def estimate(m: GPTConfig, *, micro_batch: int, grad_accum: int, tp: int, pp: in
                      checkpointing=m.activation_checkpointing == "full", sequence_parallel=sequence_parallel,
                      partition=partition)
     mem = stage_estimate(m, cand, precision, fused_loss=m.impl("cross_entropy") != "reference",
-                         zero_bucket=int(zero_bucket))
+                         zero_bucket=int(zero_bucket), fused_step=fused_step)
     return MemoryEstimate(states=mem.states, activations=max(mem.activations, mem.step_extra))
 
 

@@ -281,7 +281,7 @@ def make_plan(cfg: DictConfig, res: Resources) -> RunPlan:
     params = count_params(model)
     memory = estimate(model, micro_batch=micro, grad_accum=accum, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
                       precision=precision, sequence_parallel=p.sequence_parallel, partition=p.pipe_partition,
-                      zero_bucket=p.zero_bucket_size)
+                      zero_bucket=p.zero_bucket_size, fused_step=t.fused_step)
     if not config.plan.show:  # plan=true: the planner's report gives the verdict (and may plan for a GPU here)
         warnings += _check_memory(res, world, memory)
     return RunPlan(config=config, world_size=world, tp=p.tp, pp=p.pp, dp=dp, micro_batch=micro,

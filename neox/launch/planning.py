@@ -64,7 +64,8 @@ def setup_from(cfg: Union[DictConfig, RunConfig], res: Resources, gpus: Optional
                  gpus_per_node=per_node, intra_gbs=float(cluster.intra_node_gbs or 0.0),
                  inter_gbs=float(getattr(cluster, "inter_node_gbs", None) or 0.0), steps=int(cfg.train.steps),
                  flops_per_token=flops_per_token(model, count_params(model)), fused_loss=fused,
-                 zero_bucket=int(cfg.parallelism.zero_bucket_size), cluster_kind=str(cluster.kind))
+                 zero_bucket=int(cfg.parallelism.zero_bucket_size), fused_step=bool(cfg.train.fused_step),
+                 cluster_kind=str(cluster.kind))
 
 
 def _planned_world(cfg: DictConfig) -> int:

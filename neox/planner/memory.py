@@ -153,7 +153,7 @@ def in_flight(stage: int, c: Candidate) -> int:
 
 
 def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_loss: bool = True,
-                 zero_bucket: int = 50_000_000) -> Memory:
+                 zero_bucket: int = 50_000_000, fused_step: bool = True) -> Memory:
     """Every term for one stage (see the module docstring)."""
     w = element_bytes(precision)
     tokens = c.micro_batch * m.seq_len
@@ -192,7 +192,7 @@ def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_lo
     step_extra = 0.0
     if c.zero_stage == 0 and precision != "fp32":  # fp32 copies of the gradients for the optimizer: all of
         # them in DeepSpeed's unfused step (fp16, a pipeline), a chunk at a time in neox's fused one (bf16, fp8)
-        fused = precision in ("bf16", "fp8") and c.pp == 1
+        fused = fused_step and precision in ("bf16", "fp8") and c.pp == 1  # train.fused_step
         step_extra = min(st.params, FUSED_STEP_CHUNK_ELEMENTS) * 4 if fused else st.params * 4
     if c.zero_stage in (1, 2):  # the partition's gradients flattened (bf16) and cast to fp32 for the step
         step_extra = st.params * (w + 4) / c.dp
@@ -208,8 +208,8 @@ def stage_memory(m: GPTConfig, c: Candidate, st: Stage, precision: str, fused_lo
 
 
 def estimate(m: GPTConfig, c: Candidate, precision: str = "bf16", fused_loss: bool = True,
-             zero_bucket: int = 50_000_000) -> Memory:
+             zero_bucket: int = 50_000_000, fused_step: bool = True) -> Memory:
     """The stage whose GPUs need the most memory."""
-    per_stage = [stage_memory(m, c, st, precision, fused_loss, zero_bucket)
+    per_stage = [stage_memory(m, c, st, precision, fused_loss, zero_bucket, fused_step)
                  for st in stages(m, c.tp, c.pp, c.partition)]
     return max(per_stage, key=lambda mem: mem.total)

@@ -28,6 +28,7 @@ class Setup:
     flops_per_token: float
     fused_loss: bool = True
     zero_bucket: int = 50_000_000
+    fused_step: bool = True  # train.fused_step
     cluster_kind: str = "slurm"  # local | hostfile | slurm: how to ask for more GPUs
 
 
@@ -76,7 +77,8 @@ class Estimate:
 
 
 def evaluate(setup: Setup, cand: Candidate) -> Estimate:
-    mem = memory_model.estimate(setup.model, cand, setup.precision, setup.fused_loss, setup.zero_bucket)
+    mem = memory_model.estimate(setup.model, cand, setup.precision, setup.fused_loss, setup.zero_bucket,
+                                setup.fused_step)
     t = step_time.estimate(setup.model, cand, setup.gpu, precision=setup.precision,
                            gpus_per_node=setup.gpus_per_node, intra_gbs=setup.intra_gbs,
                            inter_gbs=setup.inter_gbs, flops_per_token=setup.flops_per_token)

@@ -68,8 +68,9 @@ def test_tp_overlap_with_what_it_cannot_overlap(capsys, other, message):
     _fails(capsys, ["parallelism=tp2", "parallelism.tp_overlap=true", other], message)
 
 
-def test_tp_overlap_that_is_not_a_bool(capsys):
-    _fails(capsys, ["parallelism=tp2", "parallelism.tp_overlap=maybe"], "parallelism.tp_overlap=maybe")
+@pytest.mark.parametrize("key", ["parallelism.tp_overlap", "train.fused_step"])
+def test_a_switch_that_is_not_a_bool(capsys, key):
+    _fails(capsys, ["parallelism=tp2", f"{key}=maybe"], f"{key}=maybe")
 
 
 @pytest.mark.parametrize("stage", [2, 3])

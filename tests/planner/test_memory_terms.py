@@ -271,15 +271,17 @@ def test_the_fused_steps_chunk_is_the_planners():
     assert FUSED_STEP_CHUNK_ELEMENTS == CHUNK_ELEMENTS
 
 
-@pytest.mark.parametrize("precision,pp,whole", [("bf16", 1, False), ("fp8", 1, False), ("fp16", 1, True),
-                                                ("bf16", 2, True)])
-def test_zero0_step_holds_fp32_gradients_a_chunk_at_a_time_in_the_fused_step(precision, pp, whole, monkeypatch):
-    """bf16/fp8 without a pipeline: neox's fused step (2^28 fp32 gradients at a time); fp16 and the pipeline
-    engine: DeepSpeed's step, every gradient at once."""
+@pytest.mark.parametrize("precision,pp,fused_step,whole", [("bf16", 1, True, False), ("fp8", 1, True, False),
+                                                           ("fp16", 1, True, True), ("bf16", 2, True, True),
+                                                           ("bf16", 1, False, True)])
+def test_zero0_step_holds_fp32_gradients_a_chunk_at_a_time_in_the_fused_step(precision, pp, fused_step, whole,
+                                                                            monkeypatch):
+    """bf16/fp8 without a pipeline: neox's fused step (2^28 fp32 gradients at a time); fp16, the pipeline
+    engine and train.fused_step=false: DeepSpeed's step, every gradient at once."""
     import neox.planner.memory as memory
 
     monkeypatch.setattr(memory, "FUSED_STEP_CHUNK_ELEMENTS", 1000)
-    mem = one_stage(Candidate(pp=pp, micro_batch=2, grad_accum=4), precision=precision)
+    mem = one_stage(Candidate(pp=pp, micro_batch=2, grad_accum=4), precision=precision, fused_step=fused_step)
     params = sum(s.params for s in stages(M, 1, pp)[:1])
     extra = mem.step_extra - mem.terms.get("fp8 weight copies", 0.0) * (pp > 1)
     assert extra == pytest.approx(4 * (params if whole else 1000))
