@@ -7,6 +7,7 @@ Once the run has started (checkpoint loaded, data opened), rank 0 makes the laun
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -33,6 +34,7 @@ from neox.train.config_files import config_to_read, load_config, publish_config
 from neox.train.failures import exit_quietly_on_interrupt, is_out_of_memory, out_of_memory_message
 from neox.train.faults import Faults
 from neox.train.guards import Heartbeats
+from neox.train.log_window import Closed, LogWindow
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
@@ -294,14 +296,24 @@ class Trainer:
         else:
             self.say(f"training steps {state.step + 1}..{t.steps}; metrics -> {self.metrics.path}")
         first_step = state.step + 1
-        window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
+        window = LogWindow(self.info.device, self.topo.dp_group, self.dp_size)
+        pending = None  # the last log line's window, read once the next step's work is queued
         # Non-finite steps are skipped by our optimizer (ZeRO-0) or, under ZeRO-1/2 and DeepSpeed's fp16/bf16
         # optimizers, by DeepSpeed's own overflow check before ours is called (engine.skipped_steps).
         skip_counts, in_a_row = self.skip_counts(), 0
         while state.step < t.steps:
             self.faults.maybe_hang(self.info.rank, state.step + 1)
             self.heartbeats.beat(state.step + 1)  # "entered step N": a rank that never got here is named
-            loss, wait = self.train_step(batches)
+            try:
+                loss, wait = self.train_step(batches)
+            except BaseException:
+                if pending is not None:  # the last log line still reaches the log (best effort: the step failed)
+                    with contextlib.suppress(Exception):
+                        self.log_train(pending, peak)
+                raise
+            if pending is not None:  # the last log line's numbers: done on the GPU, this step queued behind them
+                self.log_train(pending, peak)
+                pending = None
             state.step += 1
             if state.step == first_step:
                 self.report_startup()
@@ -324,43 +336,29 @@ class Trainer:
                 in_a_row = 0
             state.consumed_samples = batches.consumed_samples
             state.tokens += plan.tokens_per_step
-            window_steps, window_wait = window_steps + 1, window_wait + wait
-            window_loss.append(loss)
+            window.add(loss, wait)
+            evaluates = state.step % t.eval_every == 0 or state.step == t.steps
+            saves = state.step % t.save_every == 0 or state.step == t.steps
             # the first step of every start is reported: it says early that training runs, and how fast
             if state.step % t.log_every == 0 or state.step == t.steps or state.step == first_step:
-                if self.info.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - window_start
-                mean_loss = self.mean_over_dp(torch.stack(window_loss).mean())
-                tok_s = plan.tokens_per_step * window_steps / elapsed
-                tflops = plan.flops_per_token * tok_s / plan.world_size / 1e12
-                grad_norm = self.engine.get_global_grad_norm()
-                record = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                          "tokens_per_s": tok_s, "tflops_per_device": tflops,
-                          "mfu": tflops / peak if peak else math.nan,  # attention in full; and halved:
-                          "mfu_causal": plan.flops_per_token_causal * tok_s / plan.world_size / 1e12 / peak
-                          if peak else math.nan,
-                          "data_wait_frac": window_wait / elapsed, "memory_gb": memory_gb(self.info.device),
-                          "memory_reserved_gb": torch.cuda.max_memory_reserved(self.info.device) / 2**30
-                          if self.info.device.type == "cuda" else math.nan,  # the planner's calibration
-                          "tokens": state.tokens, "skipped_steps": state.skipped_steps}
-                self.metrics.log(state.step, record)
-                mfu_text = f" mfu {record['mfu']:.1%} (causal {record['mfu_causal']:.1%})" if peak else ""
-                self.say(f"step {state.step:>6}/{t.steps}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  "
-                         f"grad {record['grad_norm']:.3f}  {tok_s:,.0f} tok/s  {tflops:.2f} TFLOP/s{mfu_text}  "
-                         f"data wait {record['data_wait_frac']:.1%}  mem {record['memory_gb']:.2f} GB")
-                window_start, window_steps, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
-            if state.step % t.eval_every == 0 or state.step == t.steps:
+                pending, window = window.close(self.engine.get_global_grad_norm(), step=state.step,
+                                               lr=self.scheduler.get_last_lr()[0], tokens=state.tokens,
+                                               skipped_steps=state.skipped_steps)
+                if evaluates or saves or state.step == first_step or self.info.device.type != "cuda":
+                    self.log_train(pending, peak)  # what follows waits for the GPU anyway
+                    pending = None
+            if evaluates:
                 val = self.evaluate()
                 if val is not None:
                     self.metrics.log(state.step, {"loss": val, "ppl": math.exp(min(val, 50))}, prefix="valid")
                     self.say(f"step {state.step:>6}/{t.steps}  validation loss {val:.4f}")
-            saved = state.step % t.save_every == 0 or state.step == t.steps
-            if saved:
+            if saves:
                 self.save()
             if watcher is not None and state.step < t.steps and watcher.should_stop():
-                if not saved:
+                if pending is not None:
+                    self.log_train(pending, peak)
+                    pending = None
+                if not saves:
                     self.save()  # collective: every rank agreed to stop at this step
                 self.checkpoints.wait_saved()  # committed before the job ends; a failed write is an error
                 # What follows (a requeue, or not) is for the launcher to say: it knows, this does not.
@@ -369,6 +367,28 @@ class Trainer:
                 return EXIT_REQUEUE
         self.finish()
         return 0
+
+    def log_train(self, closed: Closed, peak: Optional[float]) -> None:
+        """One training log line (console, metrics file, TensorBoard, W&B) for a closed window."""
+        plan, steps = self.plan, self.plan.config.train.steps
+        mean_loss, elapsed, grad_norm = closed.read()
+        tok_s = plan.tokens_per_step * closed.steps / elapsed
+        tflops = plan.flops_per_token * tok_s / plan.world_size / 1e12
+        x = closed.extras
+        record = {"loss": mean_loss, "lr": x["lr"], "grad_norm": grad_norm,
+                  "tokens_per_s": tok_s, "tflops_per_device": tflops,
+                  "mfu": tflops / peak if peak else math.nan,  # attention in full; and halved:
+                  "mfu_causal": plan.flops_per_token_causal * tok_s / plan.world_size / 1e12 / peak
+                  if peak else math.nan,
+                  "data_wait_frac": closed.data_wait_s / elapsed, "memory_gb": memory_gb(self.info.device),
+                  "memory_reserved_gb": torch.cuda.max_memory_reserved(self.info.device) / 2**30
+                  if self.info.device.type == "cuda" else math.nan,  # the planner's calibration
+                  "tokens": x["tokens"], "skipped_steps": x["skipped_steps"]}
+        self.metrics.log(x["step"], record)
+        mfu_text = f" mfu {record['mfu']:.1%} (causal {record['mfu_causal']:.1%})" if peak else ""
+        self.say(f"step {x['step']:>6}/{steps}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  "
+                 f"grad {grad_norm:.3f}  {tok_s:,.0f} tok/s  {tflops:.2f} TFLOP/s{mfu_text}  "
+                 f"data wait {record['data_wait_frac']:.1%}  mem {record['memory_gb']:.2f} GB")
 
     def finish(self) -> None:
         if self.info.is_main:
