@@ -22,6 +22,9 @@
 #   fp8_cache      fp8 per layer (cached weights) + 1.4B      fp8_tp2  6.7B tp2 m4 x 8 bf16 vs fp8, and m8 x 4
 #   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
 #   profile125     where a 125M step goes (micro 32 x 4)     profile14  the same for 1.4B (micro 4 x 8)
+#   peers14        1.4B against HF eager/compiled and the compiled minimal GPT (one GPU)
+#   m125           125M at micro 32 x 4 and 64 x 2            newtests  the GPU tests of this session's changes
+#   fp8_compiled   1.4B bf16 vs fp8 with train.compile=true (reference kernels)
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) `ckpt` and `fp8` run their two streams in turn;
 # build, kernels, gputests, fp8_67, fp8_1gpu, fp8_cache, newold and profile125 need one GPU; throughput and
 # ckpt_profile need two, as do the 2-GPU layouts (parity, tp2, fp8_tp2, profile_tp2, planner67, calibration, tp2conn).
@@ -130,6 +133,17 @@ item() {
     step tp2_layouts $CAL --set layouts --only "1.3B tp2 m4x8,1.3B tp2 sp m4x8,1.3B tp2 overlap m4x8" --tag _tp2 ;;
   tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
   calibration) step planner_calibration $CAL --set calibration ;;
+  newtests)  # the GPU tests of this session's changes only (the whole suite: gputests)
+    step new_tests python3 -m pytest -q -m gpu $(ls tests/train/test_log_window.py tests/kernels/test_split_qkv.py 2>/dev/null) \
+        -p no:cacheprovider ;;
+  peers14)  # issue 16's table on one GPU: 1.4B neox against HF eager, HF compiled and the compiled minimal GPT
+    step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --out "$RES/peers14" ;;
+  m125)  # issue 16's 125M at its two best micro-batches
+    step m125 python3 bench/train_throughput.py --model 125M --micro 32 --accum 4 --peers '' --neox '' \
+        --neox 'train.micro_batch=64 train.grad_accum=2' --out "$RES/m125" ;;
+  fp8_compiled)  # fp8 with the blocks compiled (one graph per block: the per-call host cost of torchao's casts)
+    step fp8_compiled python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 --peers '' \
+        --neox 'train.compile=true model.kernels=reference' --out "$RES/fp8_compiled" ;;
   gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel tests/model tests/train -p no:cacheprovider ;;
   *) say "unknown item $1" ;;
   esac
