@@ -135,7 +135,7 @@ item() {
   calibration) step planner_calibration $CAL --set calibration ;;
   newtests)  # the GPU tests of this session's changes only (the whole suite: gputests)
     step new_tests python3 -m pytest -q -m gpu $(ls tests/train/test_log_window.py tests/kernels/test_split_qkv.py 2>/dev/null) \
-        -p no:cacheprovider ;;
+        tests/kernels/test_kernels.py -k "window or split or swiglu" -p no:cacheprovider ;;
   peers14)  # issue 16's table on one GPU: 1.4B neox against HF eager, HF compiled and the compiled minimal GPT
     step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --out "$RES/peers14" ;;
   m125)  # issue 16's 125M at its two best micro-batches
