@@ -5,6 +5,8 @@
 // (NEOX_NATIVE_PARAMS), where the kernels read 16-bit parameters as they are.
 // part/part_rows: an fp32 scratch of part_rows x (columns) for per-block partial column sums (CUDA;
 // the CPU kernels ignore it and keep per-thread partials of their own).
+// split_qkv_backward's strides (elements, host memory): dq's over (b, s, group, q head), then dk's and dv's
+// over (b, s, group); every last dim is contiguous.
 #pragma once
 #include <cstdint>
 
@@ -22,6 +24,10 @@
   template <typename T>                                                                                  \
   void rotary_qkv##SUFFIX(T* qkv, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,   \
                           int64_t P, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);   \
+  template <typename T>                                                                                  \
+  void split_qkv_backward##SUFFIX(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, \
+                                  const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,  \
+                                  int64_t P, int64_t D, int64_t R, bool interleaved __VA_ARGS__);       \
   template <typename T>                                                                                  \
   void masked_softmax_forward##SUFFIX(const T* x, T* y, int64_t rows, int64_t SQ, int64_t SK,            \
                                       float scale __VA_ARGS__);                                          \

@@ -11,6 +11,17 @@
 // v2 and no output buffer. Row r (one q/k head of one token) starts at element (r + r / (P + 1)) * D: the
 // r / (P + 1) v heads before it are skipped. One pointer, read and written by the same thread (no
 // __restrict__ aliasing). Shapes that are not whole packs take v3's scalar form (one thread per pair).
+// v4 (split_qkv_backward_cuda): the backward of "rotate qkv in place (v3), then split it into q, k, v" in one
+// pass, in place of autograd's concatenation (torch's generic strided copy, ~2.5x slower than a copy) and v3's
+// inverse rotation over its result. dq, dk, dv arrive with their own strides (SDPA's layouts; the last dim
+// contiguous) and the output dqkv [B, S, G, P + 2, D] is contiguous. One block per token: the block writes the
+// token's G * (P + 2) * D contiguous elements, consecutive threads consecutive 16-byte packs (coalesced
+// stores); each head row is read as contiguous packs of its own tensor, and b, s (the angles' row, each
+// tensor's token offset) come once per block. A thread takes v2's slots: a rotating slot (both packs of its
+// pairs) rotates back with v2/v3's rotate_pack for q and k, and copies its packs for v; the other slots copy
+// one pass-through pack. R = 0 (learned or ALiBi positions) is the copy alone. Taken when every pointer and
+// stride is whole packs and the rotary part is as v3's; else v4's scalar form (one thread per slot of v1,
+// 64-bit indexing), with the same arithmetic per pair.
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -142,6 +153,110 @@ void rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_
                                                            interleaved, sgn);
 }
 
+// Where v4 reads head h (< P: q head h; P: k; P + 1: v) of group g of token (b, s).
+struct QKVGrads {
+  int64_t q[4], k[3], v[3];  // element strides over (b, s, g[, h]), as ops.h's strides
+};
+
+template <typename T>
+__device__ __forceinline__ const T* qkv_grad_row(const T* dq, const T* dk, const T* dv, const QKVGrads& st, int64_t b,
+                                                 int64_t s, int64_t g, int64_t h, int64_t P) {
+  if (h < P) return dq + b * st.q[0] + s * st.q[1] + g * st.q[2] + h * st.q[3];
+  if (h == P) return dk + b * st.k[0] + s * st.k[1] + g * st.k[2];
+  return dv + b * st.v[0] + s * st.v[1] + g * st.v[2];
+}
+
+template <typename T, int V, bool INTERLEAVED>
+__global__ void __launch_bounds__(512)
+split_qkv_backward_v4(const T* __restrict__ dq, const T* __restrict__ dk, const T* __restrict__ dv, QKVGrads st,
+                      T* __restrict__ out, const float* __restrict__ cos, const float* __restrict__ sin, uint32_t S,
+                      uint32_t heads, uint32_t P, uint32_t D, uint32_t R, uint32_t slots, uint32_t rot_slots,
+                      float sgn) {
+  using Pk = Pack<T, V>;
+  const uint32_t token = blockIdx.x, b = token / S, s = token - b * S, half = R / 2, token_slots = heads * slots;
+  T* out_token = out + (size_t)token * heads * D;  // heads = G * (P + 2) rows of D per token
+  const float* cr = cos + (size_t)s * half;  // unused (never read) when R = 0
+  const float* sr = sin + (size_t)s * half;
+  for (uint32_t t = threadIdx.x; t < token_slots; t += blockDim.x) {
+    const uint32_t row = t / slots, p = t - row * slots;  // row: head h of group g of this token
+    const uint32_t g = row / (P + 2), h = row - g * (P + 2);
+    const T* src = qkv_grad_row(dq, dk, dv, st, b, s, g, h, P);
+    T* dst = out_token + (size_t)row * D;
+    if (p >= rot_slots) {  // pass-through pack
+      const uint32_t e = R + (p - rot_slots) * V;
+      *reinterpret_cast<Pk*>(dst + e) = *reinterpret_cast<const Pk*>(src + e);
+    } else if (h <= P) {  // q or k: rotate back
+      rotate_pack<T, V, INTERLEAVED>(src, dst, cr, sr, p, half, sgn);  // sgn = -1, a parameter as in v3
+    } else if (INTERLEAVED) {  // v: the slot's packs as they are
+      *reinterpret_cast<Pk*>(dst + p * V) = *reinterpret_cast<const Pk*>(src + p * V);
+    } else {
+      *reinterpret_cast<Pk*>(dst + p * V) = *reinterpret_cast<const Pk*>(src + p * V);
+      *reinterpret_cast<Pk*>(dst + half + p * V) = *reinterpret_cast<const Pk*>(src + half + p * V);
+    }
+  }
+}
+
+// v4's scalar form: one thread per slot of a head (v1's: slot j < R/2 pair j, else one pass-through element).
+template <typename T>
+__global__ void split_qkv_backward_v4_scalar(const T* dq, const T* dk, const T* dv, QKVGrads st, T* __restrict__ out,
+                                             const float* __restrict__ cos, const float* __restrict__ sin,
+                                             int64_t total, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
+                                             bool interleaved, float sgn) {
+  const int64_t half = R / 2, slots = D - half;
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = k / slots, j = k % slots;  // row: one head of dqkv, in its order
+    const int64_t h = row % (P + 2), g = (row / (P + 2)) % G, token = row / ((P + 2) * G);
+    const int64_t b = token / S, s = token % S;
+    const T* src = qkv_grad_row(dq, dk, dv, st, b, s, g, h, P);
+    T* dst = out + row * D;
+    if (j >= half) {
+      dst[R + j - half] = src[R + j - half];
+      continue;
+    }
+    const int64_t ia = interleaved ? 2 * j : j, ib = interleaved ? 2 * j + 1 : j + half;
+    if (h > P) {  // v
+      dst[ia] = src[ia];
+      dst[ib] = src[ib];
+      continue;
+    }
+    const float a = to_f(src[ia]), bv = to_f(src[ib]), c = cos[s * half + j], sv = sgn * sin[s * half + j];
+    dst[ia] = from_f<T>(a * c - bv * sv);
+    dst[ib] = from_f<T>(bv * c + a * sv);
+  }
+}
+
+template <typename T>
+void split_qkv_backward_cuda(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, const float* cos,
+                             const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
+                             bool interleaved, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  QKVGrads st;
+  for (int i = 0; i < 4; i++) st.q[i] = strides[i];
+  for (int i = 0; i < 3; i++) st.k[i] = strides[4 + i], st.v[i] = strides[7 + i];
+  const int64_t tokens = B * S, heads = G * (P + 2);
+  if (tokens == 0 || heads * D == 0) return;
+  bool whole_packs = D % V == 0 && pack_width<T>(D, {dq, dk, dv, dqkv}) == V;
+  for (int i = 0; i < 10; i++) whole_packs = whole_packs && strides[i] % V == 0;
+  const int64_t rot_elems = interleaved ? R : R / 2;  // elements per head whose packs a rotating slot starts
+  if (R > 0)  // as v3: float4 reads of the angles
+    whole_packs = whole_packs && rot_elems % V == 0 && (R / 2) % 4 == 0 && reinterpret_cast<uintptr_t>(cos) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(sin) % 16 == 0;
+  const int64_t slots = rot_elems / V + (D - R) / V, token_slots = heads * slots;
+  if (whole_packs && tokens < (int64_t{1} << 31) && token_slots < (int64_t{1} << 31) && D < (int64_t{1} << 31)) {
+    const int64_t passes = (token_slots + 511) / 512;  // balance the threads' slots across the passes
+    const int threads = static_cast<int>(((token_slots + passes - 1) / passes + 31) / 32 * 32);
+    auto kernel = interleaved ? split_qkv_backward_v4<T, V, true> : split_qkv_backward_v4<T, V, false>;
+    kernel<<<static_cast<unsigned>(tokens), threads, 0, stream>>>(dq, dk, dv, st, dqkv, cos, sin, (uint32_t)S,
+                                                                 (uint32_t)heads, (uint32_t)P, (uint32_t)D, (uint32_t)R,
+                                                                 (uint32_t)slots, (uint32_t)(rot_elems / V), -1.f);
+    return;
+  }
+  const int64_t total = tokens * heads * (D - R / 2), blocks = (total + 255) / 256;
+  const int grid = static_cast<int>(blocks < 32 * sm_count() ? blocks : 32 * sm_count());
+  split_qkv_backward_v4_scalar<T><<<grid, 256, 0, stream>>>(dq, dk, dv, st, dqkv, cos, sin, total, S, G, P, D, R,
+                                                            interleaved, -1.f);
+}
+
 template <typename T>
 void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S, int64_t H, int64_t D,
                  int64_t R, bool interleaved, bool inverse, cudaStream_t stream) {
@@ -170,7 +285,10 @@ void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t
   template void rotary_qkv_cuda<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                    int64_t, bool, bool, cudaStream_t);                                 \
   template void rotary_cuda<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, int64_t, \
-                               int64_t, bool, bool, cudaStream_t);
+                               int64_t, bool, bool, cudaStream_t);                                   \
+  template void split_qkv_backward_cuda<T>(const T*, const T*, const T*, const int64_t*, T*, const float*,   \
+                                           const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                           bool, cudaStream_t);
 NEOX_FOR_EACH_CUDA_DTYPE(INSTANTIATE)
 
 }  // namespace neox

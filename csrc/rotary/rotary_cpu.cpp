@@ -8,6 +8,11 @@
 // rotary_qkv_cpu: the same rotation in place on the attention's qkv buffer [B, S, G, P + 2, D] (G kv
 // groups, each P q heads, then k, then v): only the first R dims of the P + 1 q/k heads of each group are
 // read and written; v and the pass-through dims are not touched. One pointer (x is read and written).
+//
+// split_qkv_backward_cpu: the backward of "rotate qkv in place, then split it into q, k, v": gathers dq
+// [B, S, G, P, D], dk and dv [B, S, G, D] (any strides, contiguous last dim) into the contiguous dqkv
+// [B, S, G, P + 2, D] and rotates the first R dims of its q and k heads back (sin -> -sin), in one pass.
+// The same values as copying them into dqkv and then running rotary_qkv_cpu(inverse) on it; R = 0 copies.
 #include "../common/cpu_common.h"
 
 namespace neox {
@@ -67,11 +72,37 @@ void rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t
   }
 }
 
+template <typename T>
+void split_qkv_backward_cpu(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, const float* cos,
+                            const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
+                            bool interleaved) {
+  const int64_t half = R / 2, *sq = strides, *sk = strides + 4, *sv = strides + 7;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bi = 0; bi < B; bi++) {
+    for (int64_t s = 0; s < S; s++) {
+      T* token = dqkv + (bi * S + s) * G * (P + 2) * D;
+      for (int64_t g = 0; g < G; g++) {
+        for (int64_t h = 0; h < P + 2; h++) {
+          const T* src = h < P    ? dq + bi * sq[0] + s * sq[1] + g * sq[2] + h * sq[3]
+                         : h == P ? dk + bi * sk[0] + s * sk[1] + g * sk[2]
+                                  : dv + bi * sv[0] + s * sv[1] + g * sv[2];
+          T* dst = token + (g * (P + 2) + h) * D;
+          const int64_t rotated = h <= P ? R : 0;  // v is copied whole
+          if (rotated) rotate_pairs(src, dst, cos + s * half, sin + s * half, half, interleaved, -1.f);
+          std::memcpy(dst + rotated, src + rotated, (D - rotated) * sizeof(T));
+        }
+      }
+    }
+  }
+}
+
 #define INSTANTIATE(T)                                                                            \
   template void rotary_qkv_cpu<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                   int64_t, bool, bool);                                           \
   template void rotary_cpu<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, \
-                              int64_t, int64_t, bool, bool);
+                              int64_t, int64_t, bool, bool);                                      \
+  template void split_qkv_backward_cpu<T>(const T*, const T*, const T*, const int64_t*, T*, const float*, \
+                                          const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);
 NEOX_FOR_EACH_DTYPE(INSTANTIATE)
 
 }  // namespace neox
