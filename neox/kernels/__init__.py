@@ -5,6 +5,7 @@
     y = kernels.rms_norm(x, w, eps)
     q = kernels.rotary(q, cos, sin, rotary_dims, interleaved=False)
     qkv = kernels.rotary_qkv_(qkv, cos, sin, rotary_dims, interleaved=False, q_per_kv=1)  # q, k heads in place
+    q, k, v = kernels.split_qkv(qkv, cos, sin, rotary_dims, q_per_kv=1)  # the above + split; one-kernel backward
     p = kernels.masked_softmax(scores, scale)
     y = kernels.bias_gelu(x, bias) ; y = kernels.swiglu(x)
     loss = kernels.cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=0)
@@ -28,13 +29,15 @@ from ._backend import AUTO_FUSED, IMPLS, OPS
 from .activations import bias_gelu, bias_gelu_reference, swiglu, swiglu_reference
 from .cross_entropy import cross_entropy, cross_entropy_reference
 from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
-from .rotary import rotary, rotary_qkv_, rotary_qkv_reference, rotary_reference
+from .rotary import (rotary, rotary_qkv_, rotary_qkv_reference, rotary_reference, split_qkv,
+                     split_qkv_reference)
 from .softmax import masked_softmax, masked_softmax_reference
 
 __all__ = [
     "OPS", "IMPLS", "describe", "status", "fuses",
-    "layer_norm", "rms_norm", "rotary", "rotary_qkv_", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy",
-    "layer_norm_reference", "rms_norm_reference", "rotary_reference", "rotary_qkv_reference",
+    "layer_norm", "rms_norm", "rotary", "rotary_qkv_", "split_qkv", "masked_softmax", "bias_gelu", "swiglu",
+    "cross_entropy",
+    "layer_norm_reference", "rms_norm_reference", "rotary_reference", "rotary_qkv_reference", "split_qkv_reference",
     "masked_softmax_reference", "bias_gelu_reference", "swiglu_reference", "cross_entropy_reference",
 ]
 

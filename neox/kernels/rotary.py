@@ -11,6 +11,8 @@ no copy of q/k, of v or of the pass-through channels, forward or backward.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from neox.errors import KernelError
@@ -149,3 +151,79 @@ def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_
     c, sn = _angles(cos, sin, s, rotary_dims, interleaved)
     return _RotaryQKVFn.apply(ext, qkv, B.as_float32(c.detach()), B.as_float32(sn.detach()), rotary_dims,
                               interleaved)
+
+
+def split_qkv_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                        rotary_dims: int, interleaved: bool = False,
+                        q_per_kv: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [b, s, groups, q_per_kv, hd], k and v [b, s, groups, hd] of qkv [b, s, groups, q_per_kv + 2, hd], q and k
+    rotated by `rotary_qkv_reference` (rotary_dims = 0, cos/sin None: no rotation); views of one buffer."""
+    _qkv_shape(qkv, q_per_kv)
+    if rotary_dims:
+        qkv = rotary_qkv_reference(qkv, cos, sin, rotary_dims, interleaved, q_per_kv)
+    q, k, v = qkv.split((q_per_kv, 1, 1), dim=3)
+    return q, k.squeeze(3), v.squeeze(3)
+
+
+class _SplitQKVFn(torch.autograd.Function):
+    """`rotary_qkv_` and the split into q, k, v as one node: the forward rotates qkv in place (as `_RotaryQKVFn`,
+    whose docstring says why the version bump and not mark_dirty) and returns views of it; the backward is one
+    kernel that gathers dq, dk, dv through their strides into a new contiguous dqkv and rotates its q and k
+    channels back. Autograd's own backward of the split is a concatenation (torch's generic strided copy) and
+    then a second pass to rotate; the values are the same. A gradient that is None (an output unused) is read
+    as zeros from one zero row, broadcast by stride 0."""
+
+    @staticmethod
+    def forward(ctx, ext, qkv, c, s, rotary_dims: int, interleaved: bool, q_per_kv: int):
+        ctx.set_materialize_grads(False)
+        if rotary_dims:
+            ext.rotary_qkv(qkv, c, s, rotary_dims, interleaved, False)
+            torch.autograd.graph.increment_version(qkv)
+            ctx.save_for_backward(c, s)
+        ctx.ext, ctx.rotary_dims, ctx.interleaved = ext, rotary_dims, interleaved
+        ctx.shape, ctx.dtype, ctx.device = qkv.shape, qkv.dtype, qkv.device
+        return qkv[:, :, :, :q_per_kv], qkv[:, :, :, q_per_kv], qkv[:, :, :, q_per_kv + 1]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        c, s = ctx.saved_tensors if ctx.rotary_dims else (None, None)
+        b, sq, g, n, hd = ctx.shape
+        zero = None
+        grads = []
+        for grad, shape in ((dq, (b, sq, g, n - 2, hd)), (dk, (b, sq, g, hd)), (dv, (b, sq, g, hd))):
+            if grad is None:
+                zero = zero if zero is not None else torch.zeros(hd, dtype=ctx.dtype, device=ctx.device)
+                grad = zero.expand(shape)
+            elif grad.stride(-1) != 1 and hd > 1:
+                grad = grad.contiguous()
+            grads.append(grad)
+        dqkv = B.empty(ctx.shape, ctx.dtype, ctx.device)
+        ctx.ext.split_qkv_backward(*grads, dqkv, c, s, ctx.rotary_dims, ctx.interleaved)
+        return None, dqkv, None, None, None, None, None
+
+
+def split_qkv(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], rotary_dims: int,
+              interleaved: bool = False, q_per_kv: int = 1,
+              impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [b, s, groups, q_per_kv, hd], k and v [b, s, groups, hd] of the attention's qkv [b, s, groups, q_per_kv + 2,
+    hd], the first rotary_dims channels of q and k rotated (rotary_dims = 0 with cos/sin None: learned or ALiBi
+    positions, no rotation).
+
+    Fused: `rotary_qkv_` in place, then q, k, v as views of qkv; the backward is one kernel (gather + inverse
+    rotation into a contiguous dqkv), bitwise what autograd's split backward followed by `rotary_qkv_`'s gives.
+    As with `rotary_qkv_`, use the returned tensors, not qkv, after the call. The reference (also the fallback for
+    what the kernel does not take) is `split_qkv_reference`. The kernel is the "rotary" op's (impl as for it)."""
+    b, s, g, n, hd = _qkv_shape(qkv, q_per_kv)
+    if rotary_dims < 0 or rotary_dims > hd:
+        raise KernelError(f"split_qkv: rotary_dims={rotary_dims} must be in [0, head dim {hd}]")
+    if (cos is None or sin is None) != (rotary_dims == 0):
+        raise KernelError(f"split_qkv: cos/sin must be given exactly when rotary_dims > 0 (got {rotary_dims})")
+    unsupported = None if qkv.is_contiguous() or not rotary_dims else "qkv is not contiguous (rotated in place)"
+    ext = B.fused_extension("rotary", impl, qkv, cos, sin, unsupported=unsupported)
+    if ext is None:
+        return split_qkv_reference(qkv, cos, sin, rotary_dims, interleaved, q_per_kv)
+    c = sn = None
+    if rotary_dims:
+        c, sn = _angles(cos, sin, s, rotary_dims, interleaved)
+        c, sn = B.as_float32(c.detach()), B.as_float32(sn.detach())
+    return _SplitQKVFn.apply(ext, qkv, c, sn, rotary_dims, interleaved, q_per_kv)

@@ -217,13 +217,19 @@ class CausalSelfAttention(nn.Module):
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [b, s, local heads, hd] and k, v [b, s, local kv heads, hd] of x, rotated for rotary positions.
         The rotation works on the whole qkv buffer (in place when fused) and q, k, v come from one split of it,
-        so the backward is one concatenation; q is a view of the buffer for MHA, a copy for GQA."""
+        so the backward is one concatenation (fused: neox.kernels.split_qkv, whose backward gathers and rotates
+        back in one kernel, for every position kind); q is a view of the buffer for MHA, a copy for GQA."""
         b, s, _ = x.shape
         hd, per = self.cfg.head_dim, self.q_per_kv
         qkv = self.qkv(x).view(b, s, -1, per + 2, hd)  # [b, s, local groups, q+2, hd]
-        if self.cfg.position == "rotary":
-            qkv = rotary_qkv(qkv, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, per,
-                             self.cfg.impl("rotary"))
+        impl, rotary = self.cfg.impl("rotary"), self.cfg.position == "rotary"
+        if kernels.fuses("rotary", impl, x.device):
+            dims = self.cfg.rotary_dims if rotary else 0
+            cos, sin = (self.cos[:s], self.sin[:s]) if rotary else (None, None)
+            q, k, v = kernels.split_qkv(qkv, cos, sin, dims, self.cfg.rotary_interleaved, per, impl=impl)
+            return q.reshape(b, s, -1, hd), k, v
+        if rotary:
+            qkv = rotary_qkv(qkv, self.cos, self.sin, self.cfg.rotary_dims, self.cfg.rotary_interleaved, per, impl)
         q, k, v = qkv.split((per, 1, 1), dim=3)
         return q.reshape(b, s, -1, hd), k.squeeze(3), v.squeeze(3)
 

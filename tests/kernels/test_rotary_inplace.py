@@ -262,7 +262,8 @@ def test_attention_matches_the_old_formulation(device, name, kernels, tp_rank):
         assert same(new[2][n], g), f"{name}: grad {n} differs by {_rel(new[2][n], g):.2e}"
     # the backward of q, k, v: one concatenation per layer, no zero-filled select/slice buffers, no CopySlices
     names = new[3]
-    assert names.count("SplitWithSizesBackward0") == cfg.n_layers, names
+    split = "_SplitQKVFnBackward" if kernels == "fused" else "SplitWithSizesBackward0"  # fused: one kernel
+    assert names.count(split) == cfg.n_layers, names
     assert not {"SelectBackward0", "CopySlices"} & set(names), names
     assert "SelectBackward0" in old[3]  # the old formulation had them: this test tells the two apart
 
