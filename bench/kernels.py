@@ -193,6 +193,11 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
              liger=_liger_rope),
         Case("rotary (25%, neox)", f"q, k of [{batch}, {seq}, {heads}, 3, {hd}] rot {quarter}", *rotary(quarter),
              8 * T * heads * quarter * e, liger=_liger_rope),
+        # the attention's q, k, v out of qkv (rotated 25% in place); the backward gathers dq, dk, dv into dqkv and
+        # rotates back: autograd's split backward (a cat) + the inverse rotation, or neox's one kernel
+        Case("qkv split backward (+ rotary 25%)", f"[{batch}, {seq}, {heads}, 3, {hd}] rot {quarter}",
+             rotary(quarter)[0], lambda qkv, c, s, impl: K.split_qkv(qkv, c, s, quarter, impl=impl),
+             6 * T * H * e + 4 * T * heads * quarter * e),
         Case("masked_softmax", f"[{batch}, {heads}, {seq}, {seq}]", [t(batch, heads, seq, seq)],
              lambda x, impl: K.masked_softmax(x, 0.088, impl=impl), 4 * batch * heads * seq * seq * e),
         Case("bias_gelu", f"[{T}, {4 * H}]", [t(T, 4 * H), t(4 * H)], lambda x, b, impl: K.bias_gelu(x, b, impl=impl),
