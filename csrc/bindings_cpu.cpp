@@ -8,7 +8,7 @@ NEOX_OPS(_cpu)
 using neox::norm_forward_cpu, neox::norm_backward_cpu, neox::rotary_cpu, neox::rotary_qkv_cpu, neox::split_qkv_backward_cpu,
     neox::masked_softmax_forward_cpu,
     neox::masked_softmax_backward_cpu, neox::bias_gelu_forward_cpu, neox::bias_gelu_backward_cpu,
-    neox::swiglu_forward_cpu, neox::swiglu_backward_cpu, neox::cross_entropy_forward_cpu,
+    neox::swiglu_forward_cpu, neox::swiglu_backward_cpu, neox::bias_grad_cpu, neox::cross_entropy_forward_cpu,
     neox::cross_entropy_backward_cpu;
 
 using BF16 = neox::bf16_t;

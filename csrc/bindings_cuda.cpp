@@ -16,7 +16,7 @@ NEOX_OPS(_cuda, , cudaStream_t stream)
 using neox::norm_forward_cuda, neox::norm_backward_cuda, neox::rotary_cuda, neox::rotary_qkv_cuda, neox::split_qkv_backward_cuda,
     neox::masked_softmax_forward_cuda,
     neox::masked_softmax_backward_cuda, neox::bias_gelu_forward_cuda, neox::bias_gelu_backward_cuda,
-    neox::swiglu_forward_cuda, neox::swiglu_backward_cuda, neox::cross_entropy_forward_cuda,
+    neox::swiglu_forward_cuda, neox::swiglu_backward_cuda, neox::bias_grad_cuda, neox::cross_entropy_forward_cuda,
     neox::cross_entropy_backward_cuda;
 
 using BF16 = __nv_bfloat16;

@@ -214,6 +214,44 @@ static void bias_gelu_backward_v2(const T* dy, const T* x, const float* bias, T*
   column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, grid.y, C, C, C, dbias, nullptr);
 }
 
+// bias_grad: the column sums of dy [N, C], a linear layer's bias gradient. torch takes it with a generic
+// dim-0 reduction (on an H200, 18 ms of a 1.05 s 1.4B step for the qkv, attention-out and fc_out biases,
+// about twice the time to read dy once); here bias_gelu v2's reduction without the gelu: column tiles x
+// bands of rows, each thread's V column sums in registers (four rows' loads in flight), one fp32 partial
+// row per band, added by column_sum_v2 (deterministic: a fixed order for a given device).
+template <typename T, int V>
+__global__ void __launch_bounds__(256)
+bias_grad_kernel(const T* __restrict__ dy, float* __restrict__ part, int64_t N, int64_t C) {
+  const int64_t c = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V;
+  if (c >= C) return;
+  const int64_t r_begin = N * blockIdx.y / gridDim.y, r_end = N * (blockIdx.y + 1) / gridDim.y;
+  float acc[V];
+#pragma unroll
+  for (int i = 0; i < V; i++) acc[i] = 0.f;
+#pragma unroll 4
+  for (int64_t r = r_begin; r < r_end; r++) {
+    float g[V];
+    load<T, V>(dy + r * C + c, g);
+#pragma unroll
+    for (int i = 0; i < V; i++) acc[i] += g[i];
+  }
+  store_f32<V>(part + blockIdx.y * C + c, acc);
+}
+
+template <typename T>
+void bias_grad_cuda(const T* dy, float* dbias, float* part, int64_t part_rows, int64_t N, int64_t C,
+                    cudaStream_t stream) {
+  const int vec = pack_width<T>(C, {dy});
+  NEOX_WITH_PACK(T, vec, {
+    const int threads = row_threads(C / V);
+    auto kernel = bias_grad_kernel<T, V>;
+    const dim3 grid = gelu_grid(kernel, threads, N, C, V, part_rows);
+    kernel<<<grid, threads, 0, stream>>>(dy, part, N, C);
+    column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, grid.y, C, C, C, dbias,
+                                                                                  nullptr);
+  });
+}
+
 template <typename T>
 void bias_gelu_forward_cuda(const T* x, const float* bias, T* y, int64_t N, int64_t C, bool tanh_approx,
                             cudaStream_t stream) {
@@ -261,7 +299,8 @@ void swiglu_backward_cuda(const T* dy, const T* x, T* dx, int64_t N, int64_t F, 
   template void bias_gelu_backward_cuda<T>(const T*, const T*, const float*, T*, float*, float*, int64_t,      \
                                            int64_t, int64_t, bool, cudaStream_t);                              \
   template void swiglu_forward_cuda<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                         \
-  template void swiglu_backward_cuda<T>(const T*, const T*, T*, int64_t, int64_t, cudaStream_t);
+  template void swiglu_backward_cuda<T>(const T*, const T*, T*, int64_t, int64_t, cudaStream_t);             \
+  template void bias_grad_cuda<T>(const T*, float*, float*, int64_t, int64_t, int64_t, cudaStream_t);
 NEOX_FOR_EACH_CUDA_DTYPE(INSTANTIATE)
 
 }  // namespace neox

@@ -62,6 +62,26 @@ void bias_gelu_backward_cpu(const T* dy, const T* x, const float* bias, T* dx, f
   }
 }
 
+// Column sums of dy [N, C] (a linear layer's bias gradient), fp32: per-thread partial rows, then added in
+// thread order.
+template <typename T>
+void bias_grad_cpu(const T* dy, float* dbias, float* /*part*/, int64_t /*part_rows*/, int64_t N, int64_t C) {
+  int nt = omp_get_max_threads();
+  std::vector<float> part(static_cast<size_t>(nt) * C, 0.f);
+#pragma omp parallel num_threads(nt)
+  {
+    float* p = part.data() + static_cast<size_t>(omp_get_thread_num()) * C;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N; r++)
+      for (int64_t c = 0; c < C; c++) p[c] += to_float(dy[r * C + c]);
+  }
+  for (int64_t c = 0; c < C; c++) {
+    float s = 0.f;
+    for (int t = 0; t < nt; t++) s += part[static_cast<size_t>(t) * C + c];
+    dbias[c] = s;
+  }
+}
+
 template <typename T>
 void swiglu_forward_cpu(const T* x, T* y, int64_t N, int64_t F) {
 #pragma omp parallel for schedule(static)
@@ -87,7 +107,8 @@ void swiglu_backward_cpu(const T* dy, const T* x, T* dx, int64_t N, int64_t F) {
   template void bias_gelu_backward_cpu<T>(const T*, const T*, const float*, T*, float*, float*, int64_t,    \
                                           int64_t, int64_t, bool);                                                       \
   template void swiglu_forward_cpu<T>(const T*, T*, int64_t, int64_t);                                 \
-  template void swiglu_backward_cpu<T>(const T*, const T*, T*, int64_t, int64_t);
+  template void swiglu_backward_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                     \
+  template void bias_grad_cpu<T>(const T*, float*, float*, int64_t, int64_t, int64_t);
 NEOX_FOR_EACH_DTYPE(INSTANTIATE)
 
 }  // namespace neox

@@ -42,6 +42,9 @@
                                   float* part, int64_t part_rows, int64_t N, int64_t C,                 \
                                   bool tanh_approx __VA_ARGS__);                    \
   template <typename T>                                                                                  \
+  void bias_grad##SUFFIX(const T* dy, float* dbias, float* part, int64_t part_rows, int64_t N,           \
+                         int64_t C __VA_ARGS__);                                                         \
+  template <typename T>                                                                                  \
   void swiglu_forward##SUFFIX(const T* x, T* y, int64_t N, int64_t F __VA_ARGS__);                       \
   template <typename T>                                                                                  \
   void swiglu_backward##SUFFIX(const T* dy, const T* x, T* dx, int64_t N, int64_t F __VA_ARGS__);        \

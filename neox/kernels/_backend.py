@@ -19,7 +19,7 @@ import torch
 
 from neox.errors import KernelError
 
-OPS = ("layer_norm", "rms_norm", "rotary", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy")
+OPS = ("layer_norm", "rms_norm", "rotary", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy", "linear")
 IMPLS = ("auto", "fused", "reference")
 
 # Ops for which `impl="auto"` takes the compiled kernel, per device type. Chosen by measurement with
@@ -34,6 +34,8 @@ IMPLS = ("auto", "fused", "reference")
 # cross_entropy 7.8x / 1.55x; timed per call with a sync, each is faster than eager as well. In the model
 # (the next section there): Pythia-1.4B trains at 55,644 tok/s with every op fused against 49,321 with the
 # references, and a 1.4B ALiBi model 17% faster with attention through masked_softmax than through SDPA.
+# linear (neox.kernels.linear: the bias-gradient kernel, weight gradients added in the GEMM) is CUDA only under
+# auto: on CPU torch's reduction is as fast and the tensor-parallel layers' bitwise equality is kept.
 AUTO_FUSED: dict[str, frozenset[str]] = {
     "cpu": frozenset({"rms_norm", "rotary", "masked_softmax", "swiglu"}),
     "cuda": frozenset(OPS),

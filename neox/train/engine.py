@@ -7,6 +7,7 @@ import torch
 
 from neox.config.plan import RunPlan
 from neox.config.schema import OptimConfig
+from neox.kernels.linear import accumulate_in_gemm
 from neox.train.fused_step import install_fused_step
 from neox.train.grad_clip import install_grad_clipping
 from neox.train.guards import SkipNonFiniteAdamW
@@ -98,6 +99,9 @@ def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu:
                                            config=deepspeed_config(plan), mpu=mpu)
     undo_state_init_step(engine)
     install_grad_clipping(engine)  # ZeRO-0 fp32: a norm right under pp and tp, and kept for the metrics
-    if plan.config.train.fused_step:  # bf16/fp8 ZeRO-0: one pass for the norm, one sync, AdamW unscales
-        install_fused_step(engine)
+    # bf16/fp8 ZeRO-0: one pass for the norm, one sync, AdamW unscales; that optimizer reads .grad after the
+    # accumulation and nothing hooks it, so the linear layers may add each micro-batch's weight gradient there
+    if plan.config.train.fused_step and install_fused_step(engine):
+        m = plan.config.model
+        accumulate_in_gemm(model, m.kernel_ops.linear or m.kernels)
     return engine, opt, sched
