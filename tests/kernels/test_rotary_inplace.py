@@ -15,7 +15,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from neox import kernels as K
 from neox.errors import KernelError
