@@ -217,6 +217,10 @@ def main() -> None:
     trainer = Trainer(plan, info)
     phases(trainer)
     batches = trainer.loader(trainer.data.train, 0)
+    if not trainer.pipelined:  # as the training loop: one micro-batch fetched ahead, on the device
+        from neox.train.prefetch import DeviceBatches
+
+        batches = DeviceBatches(batches, info.device)
     for _ in range(args.warmup):
         trainer.train_step(batches)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

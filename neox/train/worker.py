@@ -38,6 +38,7 @@ from neox.train.log_window import Closed, LogWindow
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
+from neox.train.prefetch import DeviceBatches
 from neox.train.devices import build_device, memory_gb
 from neox.train.startup import StartupClock, launched_at, spawned_at
 
@@ -209,9 +210,10 @@ class Trainer:
                            dp_size=self.dp_size, consumed_samples=consumed)
 
     def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.info.device.type == "cuda":  # from pageable memory the copy would wait for the GPU's queue to drain
-            tokens = tokens.pin_memory()  # (torch's caching host allocator: reused once the copy is done)
-        tokens = tokens.to(self.info.device, non_blocking=True)
+        if tokens.device != self.info.device:
+            if self.info.device.type == "cuda":  # from pageable memory the copy would wait for the queue to drain
+                tokens = tokens.pin_memory()  # (torch's caching host allocator: reused once the copy is done)
+            tokens = tokens.to(self.info.device, non_blocking=True)
         logits = self.engine(tokens[:, :-1])
         return self.loss_fn(logits, tokens[:, 1:])
 
@@ -221,20 +223,18 @@ class Trainer:
         self.faults.maybe_oom(self.state.step + 1, self.info.device)
         if self.pipelined:
             return self.pipeline_train_step(batches)
-        total, wait = torch.zeros((), device=self.info.device), 0.0
+        total, waited = torch.zeros((), device=self.info.device), batches.wait_s
         for micro in range(self.plan.grad_accum):
-            t0 = time.perf_counter()
-            tokens = next(batches)
-            wait += time.perf_counter() - t0
-            loss = self.forward_loss(tokens)
+            loss = self.forward_loss(batches.take())
             if self.faults.nan_at(self.state.step + 1):
                 loss = loss * float("nan")
             self.engine.backward(loss)
+            batches.ahead()  # the next micro-batch's data work, while the GPU runs this one
             if self.fp8 is not None and micro == self.plan.grad_accum - 1:
                 self.fp8.clear()  # the weights change now: their fp8 copies are stale (and out of the step's peak)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
-        return total / self.plan.grad_accum, wait
+        return total / self.plan.grad_accum, batches.wait_s - waited
 
     def pipeline_train_step(self, batches) -> tuple[torch.Tensor, float]:
         """The grad_accum micro-batches flow through the stages (1F1B) in one `train_batch`; its loss
@@ -287,6 +287,8 @@ class Trainer:
         plan, state = self.plan, self.state
         t = plan.config.train
         batches = self.loader(self.data.train, state.consumed_samples)
+        if not self.pipelined:  # (the pipeline engine takes a step's batches at once)
+            batches = DeviceBatches(batches, self.info.device)
         device_name = torch.cuda.get_device_name(self.info.device) if self.info.device.type == "cuda" else None
         peak = mfu.peak_tflops(device_name, t.peak_tflops)
         if peak is None and device_name:
