@@ -25,6 +25,7 @@
 #   peers14        1.4B against HF eager/compiled and the compiled minimal GPT (one GPU)
 #   m125           125M at micro 32 x 4 and 64 x 2            newtests  the GPU tests of this session's changes
 #   fp8_compiled   1.4B bf16 vs fp8 with train.compile=true (reference kernels)
+#   fp8_recompiles 1.4B fp8 for 6 steps with Dynamo's recompile and graph-break logs
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) `ckpt` and `fp8` run their two streams in turn;
 # build, kernels, gputests, fp8_67, fp8_1gpu, fp8_cache, newold and profile125 need one GPU; throughput and
 # ckpt_profile need two, as do the 2-GPU layouts (parity, tp2, fp8_tp2, profile_tp2, planner67, calibration, tp2conn).
@@ -134,8 +135,9 @@ item() {
   tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
   calibration) step planner_calibration $CAL --set calibration ;;
   newtests)  # the GPU tests of this session's changes only (the whole suite: gputests)
-    step new_tests python3 -m pytest -q -m gpu $(ls tests/train/test_log_window.py tests/kernels/test_split_qkv.py 2>/dev/null) \
-        tests/kernels/test_kernels.py -k "window or split or swiglu" -p no:cacheprovider ;;
+    step new_tests python3 -m pytest -q -m gpu tests/train/test_log_window.py tests/kernels/test_split_qkv.py \
+        tests/kernels/test_linear.py tests/kernels/test_rotary_inplace.py -p no:cacheprovider
+    step new_tests_swiglu python3 -m pytest -q -m gpu tests/kernels/test_kernels.py -k swiglu -p no:cacheprovider ;;
   peers14)  # issue 16's table on one GPU: 1.4B neox against HF eager, HF compiled and the compiled minimal GPT
     step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --out "$RES/peers14" ;;
   m125)  # issue 16's 125M at its two best micro-batches
@@ -144,6 +146,9 @@ item() {
   fp8_compiled)  # fp8 with the blocks compiled (one graph per block: the per-call host cost of torchao's casts)
     step fp8_compiled python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --fp8 --peers '' \
         --neox 'train.compile=true model.kernels=reference' --out "$RES/fp8_compiled" ;;
+  fp8_recompiles)  # session 18: 1.4B fp8 fell from 59.8k tok/s at step 2 to ~52k by step 4: Dynamo's recompiles?
+    TORCH_LOGS=recompiles,graph_breaks step fp8_recompiles python3 bench/train_throughput.py --model 1.4B --micro 4 \
+        --accum 8 --steps 6 --peers '' --neox 'train.precision=fp8' --out "$RES/fp8_recompiles" ;;
   gputests) step gpu_tests python3 -m pytest -q -m gpu tests/kernels tests/parallel tests/model tests/train -p no:cacheprovider ;;
   *) say "unknown item $1" ;;
   esac
