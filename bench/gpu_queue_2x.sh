@@ -139,7 +139,8 @@ item() {
         tests/kernels/test_linear.py tests/kernels/test_rotary_inplace.py -p no:cacheprovider
     step new_tests_swiglu python3 -m pytest -q -m gpu tests/kernels/test_kernels.py -k swiglu -p no:cacheprovider ;;
   peers14)  # issue 16's table on one GPU: 1.4B neox against HF eager, HF compiled and the compiled minimal GPT
-    step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --out "$RES/peers14" ;;
+    step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --peers hf,mini_compile \
+        --out "$RES/peers14" ;;
   m125)  # issue 16's 125M at its two best micro-batches
     step m125 python3 bench/train_throughput.py --model 125M --micro 32 --accum 4 --peers '' --neox '' \
         --neox 'train.micro_batch=64 train.grad_accum=2' --out "$RES/m125" ;;

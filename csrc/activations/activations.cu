@@ -3,8 +3,7 @@
 // dbias: a 2-D grid where each thread owns V columns of a column tile and walks a band of rows, keeping
 // its column sums in registers; one partial row per band, summed by a second kernel (one thread per
 // column walking every band: serial, the slow part).
-// SwiGLU v2: 16-byte stores (P = 16 bytes of outputs per thread) and the fast sigmoid (see below).
-// v2 (bias_gelu):
+// v2 (bias_gelu; SwiGLU stays v1):
 //   - forward and backward both use the 2-D grid (column tiles x bands of rows), sized to one wave of
 //     resident blocks; each thread walks its band R rows at a time. R = 1 measured best on an H200 at
 //     8192 x 8192 bf16 (forward 82 us vs 84/90/110 for R = 2/4/8, backward 121 us vs 123/151 for R = 2/4):
@@ -122,38 +121,16 @@ __device__ __forceinline__ void load_pairs(const T* p, float (&v)[2 * P]) {
   }
 }
 
-// sigmoid(z) with the fast exponential and reciprocal: v1's expf and IEEE division were ~40 instructions
-// per element, enough to keep SwiGLU under the copy bandwidth it should reach (as bias_gelu v2 found).
-// z < -88 gives exp = inf and a sigmoid of exactly 0, as the precise form.
-__device__ __forceinline__ float fast_sigmoid(float z) { return __frcp_rn(1.f + __expf(-z)); }
-
-// P pairs per thread: 2P inputs in, P outputs out. v2: P = 16 bytes of outputs (bf16: 8 pairs, two 16-byte
-// loads of x per thread), so every store is a whole 16-byte pack; v1's P = 4 stored 8 bytes.
-template <typename T, int P>
-__device__ __forceinline__ void load_pairs_v2(const T* p, float (&v)[2 * P]) {
-  if constexpr (P == 1) {
-    load_pairs<T, 1>(p, v);
-  } else {  // two 16-byte halves (each aligned on its own: the launcher checked 16 bytes)
-    float lo[P], hi[P];
-    load<T, P>(p, lo);
-    load<T, P>(p + P, hi);
-#pragma unroll
-    for (int i = 0; i < P; i++) {
-      v[i] = lo[i];
-      v[P + i] = hi[i];
-    }
-  }
-}
-
+// P pairs per thread: 2P inputs in, P outputs out (P = 4 moves 16 bytes of bf16 in, 8 out).
 template <typename T, int P>
 __global__ void swiglu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t groups) {
   float v[2 * P], o[P];
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < groups; k += (int64_t)gridDim.x * blockDim.x) {
-    load_pairs_v2<T, P>(x + k * 2 * P, v);
+    load_pairs<T, P>(x + k * 2 * P, v);
 #pragma unroll
     for (int i = 0; i < P; i++) {
       const float gate = v[2 * i], up = v[2 * i + 1];
-      o[i] = gate * fast_sigmoid(gate) * up;
+      o[i] = gate / (1.f + expf(-gate)) * up;
     }
     store<T, P>(y + k * P, o);
   }
@@ -164,11 +141,11 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __rest
                                        int64_t groups) {
   float v[2 * P], g[P];
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < groups; k += (int64_t)gridDim.x * blockDim.x) {
-    load_pairs_v2<T, P>(x + k * 2 * P, v);
+    load_pairs<T, P>(x + k * 2 * P, v);
     load<T, P>(dy + k * P, g);
 #pragma unroll
     for (int i = 0; i < P; i++) {
-      const float gate = v[2 * i], up = v[2 * i + 1], s = fast_sigmoid(gate);
+      const float gate = v[2 * i], up = v[2 * i + 1], s = 1.f / (1.f + expf(-gate));
       v[2 * i] = g[i] * up * s * (1.f + gate * (1.f - s));
       v[2 * i + 1] = g[i] * gate * s;
     }
@@ -176,8 +153,7 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __rest
       dx[2 * k] = from_f<T>(v[0]);
       dx[2 * k + 1] = from_f<T>(v[1]);
     } else {
-      store<T, P>(dx + k * 2 * P, *reinterpret_cast<float(*)[P]>(v));
-      store<T, P>(dx + k * 2 * P + P, *reinterpret_cast<float(*)[P]>(v + P));
+      store<T, 2 * P>(dx + k * 2 * P, v);
     }
   }
 }
@@ -275,7 +251,7 @@ void bias_gelu_backward_cuda(const T* dy, const T* x, const float* bias, T* dx, 
 
 template <typename T>
 void swiglu_forward_cuda(const T* x, T* y, int64_t N, int64_t F, cudaStream_t stream) {
-  constexpr int P = 16 / sizeof(T);  // P outputs = 16 bytes, 2P inputs = two 16-byte packs
+  constexpr int P = 8 / sizeof(T);  // 2P inputs = 16 bytes
   if (pack_width<T>(2 * N * F, {x}) > 1 && (N * F) % P == 0 && reinterpret_cast<uintptr_t>(y) % (P * sizeof(T)) == 0) {
     swiglu_forward_kernel<T, P><<<grid_for(N * F / P, 256), 256, 0, stream>>>(x, y, N * F / P);
   } else {
@@ -285,7 +261,7 @@ void swiglu_forward_cuda(const T* x, T* y, int64_t N, int64_t F, cudaStream_t st
 
 template <typename T>
 void swiglu_backward_cuda(const T* dy, const T* x, T* dx, int64_t N, int64_t F, cudaStream_t stream) {
-  constexpr int P = 16 / sizeof(T);
+  constexpr int P = 8 / sizeof(T);
   if (pack_width<T>(2 * N * F, {x, dx}) > 1 && (N * F) % P == 0 &&
       reinterpret_cast<uintptr_t>(dy) % (P * sizeof(T)) == 0) {
     swiglu_backward_kernel<T, P><<<grid_for(N * F / P, 256), 256, 0, stream>>>(dy, x, dx, N * F / P);

@@ -39,8 +39,10 @@ def test_gpu_window_reads_queued_work():
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)  # the trainer's backend
     try:
         device = torch.device("cuda")
-        first, window = LogWindow(device, None, 1).close(None)
-        first.read()
+        first = LogWindow(device, None, 1)
+        first.add(torch.ones((), device=device), 0.0)
+        closed_first, window = first.close(None)
+        assert closed_first.read()[0] == 1.0
         window.add(torch.full((), 3.0, device=device), 0.0)
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
         for _ in range(40):  # ~50 ms of matmuls queued
