@@ -35,7 +35,9 @@ def test_mean_over_steps_and_ranks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_window_reads_queued_work():
     """close() returns before the GPU has run the window's work; read() then has the values and the GPU time
-    between the two windows' end events (~50 ms of matmuls queued in between)."""
+    between the two windows' end events (a spin kernel of >= 0.1 s queued in between). Session 18's version
+    queued matmuls instead (a first cuBLAS call, which may synchronize) and found the window already done on the
+    H200: rewritten, not yet run on a GPU."""
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)  # the trainer's backend
     try:
         device = torch.device("cuda")
@@ -44,13 +46,11 @@ def test_gpu_window_reads_queued_work():
         closed_first, window = first.close(None)
         assert closed_first.read()[0] == 1.0
         window.add(torch.full((), 3.0, device=device), 0.0)
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(40):  # ~50 ms of matmuls queued
-            a = a @ a / 100
+        torch.cuda._sleep(200_000_000)  # a spin kernel: >= 0.1 s of GPU time at any clock up to 2 GHz, no allocation
         window.add(torch.full((), 5.0, device=device), 0.0)
         closed, _ = window.close(torch.full((), 2.0, device=device))
         assert not closed.done.query()  # queued, not waited for
         mean, seconds, norm = closed.read()
-        assert mean == 4.0 and norm == 2.0 and 0.02 < seconds < 2.0
+        assert mean == 4.0 and norm == 2.0 and 0.05 < seconds < 5.0
     finally:
         dist.destroy_process_group()
