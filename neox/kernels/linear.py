@@ -9,7 +9,9 @@
   into .grad: one more read of both and a write per weight and micro-batch (15 ms of that 1.4B step).
   Only for an engine that reads .grad after the backward and hooks nothing on the accumulation
   (DeepSpeed's ZeRO-0 optimizer without pipeline parallelism: the trainer says when); the sum is
-  rounded once instead of twice, so it is not bitwise the two-step sum.
+  rounded once instead of twice, so it is not bitwise the two-step sum. Any backward through such a layer
+  adds into .grad, `torch.autograd.grad(..., inputs=[x])` included: the trainer's only backward is
+  `engine.backward`; a feature that takes other gradients through the training model must turn it off.
 
 The forward is F.linear itself. On CPU `impl="auto"` keeps autograd's linear: torch's reduction is as
 fast there, and CPU runs stay bitwise equal to the tensor-parallel layers' (tests compare them).
@@ -21,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import _backend as B
 
@@ -48,6 +51,7 @@ class _LinearFn(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from neox.errors import KernelError
 
@@ -185,6 +186,7 @@ class _SplitQKVFn(torch.autograd.Function):
         return qkv[:, :, :, :q_per_kv], qkv[:, :, :, q_per_kv], qkv[:, :, :, q_per_kv + 1]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq, dk, dv):
         c, s = ctx.saved_tensors if ctx.rotary_dims else (None, None)
         b, sq, g, n, hd = ctx.shape

@@ -223,7 +223,8 @@ class CausalSelfAttention(nn.Module):
         hd, per = self.cfg.head_dim, self.q_per_kv
         qkv = self.qkv(x).view(b, s, -1, per + 2, hd)  # [b, s, local groups, q+2, hd]
         impl, rotary = self.cfg.impl("rotary"), self.cfg.position == "rotary"
-        if kernels.fuses("rotary", impl, x.device):
+        # (without rotation under torch.compile the plain split compiles; the fused one would be a graph break)
+        if kernels.fuses("rotary", impl, x.device) and (rotary or not torch.compiler.is_compiling()):
             dims = self.cfg.rotary_dims if rotary else 0
             cos, sin = (self.cos[:s], self.sin[:s]) if rotary else (None, None)
             q, k, v = kernels.split_qkv(qkv, cos, sin, dims, self.cfg.rotary_interleaved, per, impl=impl)

@@ -388,7 +388,9 @@ def test_the_trainer_clears_the_fp8_weights_between_the_last_backward_and_the_up
         pipelined=False, plan=types.SimpleNamespace(grad_accum=3), info=types.SimpleNamespace(device=torch.device("cpu")),
         state=types.SimpleNamespace(step=0), engine=engine, forward_loss=lambda tokens: torch.tensor(1.0),
         fp8=types.SimpleNamespace(clear=lambda: calls.append("clear")))
-    Trainer.train_step(fake, iter([torch.zeros(1)] * 3))
+    from neox.train.prefetch import DeviceBatches
+
+    Trainer.train_step(fake, DeviceBatches(iter([torch.zeros(1)] * 3), torch.device("cpu")))
     assert calls == ["backward", "step", "backward", "step", "backward", "clear", "step"]
 
 
