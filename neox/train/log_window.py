@@ -9,6 +9,10 @@ previous window's end event and this one (idle gaps included, as wall time would
 returns the numbers; the trainer calls it one step later, once the next step's work is queued, or right
 away when something that syncs anyway follows (validation, a save, the end). On CPU everything is
 synchronous and read at once.
+
+Not yet gained on a GPU (review, session 18): the preemption watcher's per-step agreement (an NCCL all-reduce of
+the stop flag and its `.item()`, neox/train/preempt.py) still waits for the step's queued work, so a real run
+still syncs once per step; only the log line's own sync is gone.
 """
 from __future__ import annotations
 
