@@ -7,15 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from neox.kernels.linear import bias_grad, bias_grad_reference, linear
+from support.kernel_checks import TOL, rel_error
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                         reason="no CUDA device")])
-
-
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double().cpu(), ref.double().cpu()
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
 # (8, 2048) and (3, 7, 64): whole 16-byte packs (the CUDA kernel's vector path); (5, 37), (1, 1): scalar
@@ -27,7 +22,7 @@ def test_bias_grad_is_the_column_sum(device, dtype, shape):
     got = bias_grad(dy, impl="fused")
     ref = dy.double().reshape(-1, shape[-1]).sum(0)  # exact sums of the rounded inputs
     assert got.dtype == torch.float32 and got.shape == (shape[-1],)
-    assert _rel(got, ref) < 1e-5  # fp32 accumulation of whatever dtype came in
+    assert rel_error(got, ref) < 1e-5  # fp32 accumulation of whatever dtype came in
     assert torch.equal(bias_grad(dy, impl="reference"), bias_grad_reference(dy))
 
 
@@ -54,7 +49,7 @@ def test_linear_matches_autograd(device, dtype, bias):
     assert torch.equal(y, y_ref)  # the forward is F.linear itself
     for name, g, r in zip(("x", "weight", "bias"), grads, ref):
         assert g.dtype == r.dtype and g.shape == r.shape, name
-        assert _rel(g, r) <= TOL[dtype], name
+        assert rel_error(g, r) <= TOL[dtype], name
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

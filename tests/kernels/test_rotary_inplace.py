@@ -21,31 +21,10 @@ from neox.errors import KernelError
 from neox.kernels import _backend
 from neox.model import gpt
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def _angles(s: int, rd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2).float() / rd))
-    f = torch.outer(torch.arange(s).float(), inv)
-    return f.cos(), f.sin()
+from support.kernel_checks import TOL, graph_names, rel_error, rotary_angles
 
 
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
-
-def _graph_names(t: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [t.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(n for n, _ in fn.next_functions)
-    return names
 
 
 class _LinearLike(torch.autograd.Function):
@@ -76,7 +55,7 @@ def _run_split(qkv_leaf: torch.Tensor, fn, grads: list[torch.Tensor], how: str):
     out = fn(_producer(qkv_leaf, how))
     q, k, v = out.split((qkv_leaf.shape[3] - 2, 1, 1), dim=3)
     torch.autograd.backward((q, k, v), grads)
-    return out, _graph_names(q)
+    return out, graph_names(q)
 
 
 # (b, s, groups, q_per_kv, hd, rotary_dims): odd head sizes (CUDA: scalar form), whole 16-byte packs (v3):
@@ -91,7 +70,7 @@ SHAPES = [(2, 3, 3, 1, 10, 10), (3, 7, 2, 2, 18, 8), (2, 5, 4, 1, 128, 32), (1, 
 @pytest.mark.parametrize("how", ["view", "custom", "plain"])
 @pytest.mark.parametrize("b,s,g,per,hd,rd", SHAPES)
 def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, how, b, s, g, per, hd, rd):
-    c, sn = _angles(s, rd)
+    c, sn = rotary_angles(s, rd)
     c, sn = c.to(device), sn.to(device)
     x = torch.randn(b, s, g, per + 2, hd).to(device, dtype)
     grads = [torch.randn(b, s, g, m, hd, device=device).to(dtype) for m in (per, 1, 1)]
@@ -101,8 +80,8 @@ def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, ho
     ref, _ = _run_split(ref_leaf, lambda t: K.rotary_qkv_reference(t, c, sn, rd, interleaved, per),
                         [gr.float() for gr in grads], how)
     assert out.dtype == dtype and out.shape == x.shape
-    assert _rel(out, ref) <= TOL[dtype], f"forward (seed {seed})"
-    assert _rel(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward (seed {seed})"
+    assert rel_error(out, ref) <= TOL[dtype], f"forward (seed {seed})"
+    assert rel_error(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward (seed {seed})"
     # untouched: v, and every channel past rotary_dims of q and k, forward and backward (bitwise)
     assert torch.equal(out[:, :, :, per + 1], x[:, :, :, per + 1])
     assert torch.equal(out[..., rd:], x[..., rd:])
@@ -118,7 +97,7 @@ def test_rotary_qkv_fused_matches_reference(device, seed, dtype, interleaved, ho
 def test_rotary_qkv_reference_is_the_per_tensor_rotary(seed, interleaved, b, s, g, per, hd, rd):
     """The qkv reference equals rotating a copy of the q heads and of k with `rotary_reference`, v as is."""
     x = torch.randn(b, s, g, per + 2, hd)
-    c, sn = _angles(s, rd)
+    c, sn = rotary_angles(s, rd)
     got = K.rotary_qkv_reference(x, c, sn, rd, interleaved, per)
     q = K.rotary_reference(x[:, :, :, :per].reshape(b, s, g * per, hd), c, sn, rd, interleaved)
     k = K.rotary_reference(x[:, :, :, per], c, sn, rd, interleaved)
@@ -129,19 +108,19 @@ def test_rotary_qkv_reference_is_the_per_tensor_rotary(seed, interleaved, b, s, 
 def test_rotary_qkv_sum_gradient_and_plain_tensor(device, seed):
     """A non-contiguous incoming gradient (sum's expanded ones) and a qkv that is not a view of anything."""
     b, s, g, per, hd, rd = 2, 5, 2, 2, 16, 8
-    c, sn = (t.to(device) for t in _angles(s, rd))
+    c, sn = (t.to(device) for t in rotary_angles(s, rd))
     x = torch.randn(b, s, g, per + 2, hd, device=device)
     leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = K.rotary_qkv_(leaf * 1, c, sn, rd, False, per, impl="fused")
     (out * torch.arange(hd, device=device)).sum().backward()
     ref = K.rotary_qkv_reference(ref_leaf, c, sn, rd, False, per)
     (ref * torch.arange(hd, device=device)).sum().backward()
-    assert _rel(out, ref) <= 1e-6 and _rel(leaf.grad, ref_leaf.grad) <= 1e-6
+    assert rel_error(out, ref) <= 1e-6 and rel_error(leaf.grad, ref_leaf.grad) <= 1e-6
 
 
 def test_rotary_qkv_is_in_place_and_falls_back(monkeypatch):
     x = torch.randn(1, 3, 2, 3, 8)
-    c, sn = _angles(3, 4)
+    c, sn = rotary_angles(3, 4)
     buf = x.clone()
     assert K.rotary_qkv_(buf, c, sn, 4, impl="fused").data_ptr() == buf.data_ptr()
     assert torch.equal(buf, K.rotary_qkv_reference(x, c, sn, 4))  # fp32 on CPU: the same arithmetic
@@ -160,7 +139,7 @@ def test_rotary_qkv_is_in_place_and_falls_back(monkeypatch):
 def test_rotary_qkv_saved_input_fails_loudly():
     """An op that saved qkv for its backward must not silently see the rotated values: autograd raises."""
     x = torch.randn(1, 3, 2, 3, 8, requires_grad=True)
-    c, sn = _angles(3, 4)
+    c, sn = rotary_angles(3, 4)
     qkv = x * 1
     saved = qkv * x  # saves qkv (and x) for its backward
     out = K.rotary_qkv_(qkv, c, sn, 4, impl="fused")
@@ -235,7 +214,7 @@ def _step(cfg: GPTConfig, state: dict, tokens: torch.Tensor, device: str, old: b
     logits = model(tokens.to(device))
     loss = cross_entropy_loss(logits, tokens.to(device))
     loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}, _graph_names(loss)
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}, graph_names(loss)
 
 
 @pytest.mark.parametrize("tp_rank", [-1, 1])
@@ -254,11 +233,11 @@ def test_attention_matches_the_old_formulation(device, name, kernels, tp_rank):
     old = _step(cfg, state, tokens, device, True, tp_rank)
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return torch.equal(a, b) if device == "cpu" else _rel(a, b) <= 1e-5
+        return torch.equal(a, b) if device == "cpu" else rel_error(a, b) <= 1e-5
 
     assert same(new[0], old[0]) and same(new[1], old[1]), f"{name}: logits/loss differ"
     for n, g in old[2].items():
-        assert same(new[2][n], g), f"{name}: grad {n} differs by {_rel(new[2][n], g):.2e}"
+        assert same(new[2][n], g), f"{name}: grad {n} differs by {rel_error(new[2][n], g):.2e}"
     # the backward of q, k, v: one concatenation per layer, no zero-filled select/slice buffers, no CopySlices
     names = new[3]
     split = "_SplitQKVFnBackward" if kernels == "fused" else "SplitWithSizesBackward0"  # fused: one kernel

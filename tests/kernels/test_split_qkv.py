@@ -21,8 +21,8 @@ from neox.kernels import _backend
 from neox.model import gpt
 from neox.model.activation_checkpointing import checkpointed
 from neox.model.gpt import GPT, GPTConfig, cross_entropy_loss
+from support.kernel_checks import TOL, graph_names, rel_error, rotary_angles
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 # (b, s, groups, q_per_kv, hd, rotary_dims, interleaved)
 CASES = [
@@ -38,16 +38,7 @@ LAYOUTS = ["contiguous", "sdpa", "padded", "mixed", "no-k", "no-q-v"]
 
 
 def _angles(s: int, rd: int):
-    if not rd:
-        return None, None
-    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2).float() / rd))
-    f = torch.outer(torch.arange(s).float(), inv)
-    return f.cos(), f.sin()
-
-
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    return rotary_angles(s, rd) if rd else (None, None)
 
 
 def _grads(layout: str, b: int, s: int, g: int, per: int, hd: int, dtype, device) -> list:
@@ -101,13 +92,13 @@ def test_split_qkv_fused_matches_reference_and_todays_path(device, seed, dtype, 
     ref = K.split_qkv_reference(ref_leaf * 1, cd, snd, rd, interleaved, per)
     assert [o.shape for o in outs] == [(b, s, g, per, hd), (b, s, g, hd), (b, s, g, hd)]
     for got, want in zip(outs, ref):
-        assert got.dtype == dtype and _rel(got, want) <= TOL[dtype], f"forward (seed {seed})"
+        assert got.dtype == dtype and rel_error(got, want) <= TOL[dtype], f"forward (seed {seed})"
     # q, k, v are views of one buffer (the forward copies nothing)
     assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
     _backward(outs, grads)
     _backward(ref, [None if gr is None else gr.float() for gr in grads])
     assert leaf.grad.is_contiguous() and leaf.grad.shape == x.shape
-    assert _rel(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward (seed {seed})"
+    assert rel_error(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward (seed {seed})"
     # bitwise: today's fused path (concatenation, then the inverse rotation in place), v and pass-through included
     assert torch.equal(leaf.grad, _todays_dqkv(grads, x, c, sn, rd, interleaved)), f"not bitwise (seed {seed})"
     # the forward, bitwise: rotary_qkv_ in place, then the split
@@ -154,18 +145,6 @@ class _LinearLike(torch.autograd.Function):
         return gr
 
 
-def _graph_names(t: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [t.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(n for n, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("rd", [8, 0])
 @pytest.mark.parametrize("how", ["linear-view", "custom-function", "checkpointed"])
 def test_split_qkv_under_autograd_producers_and_checkpointing(device, seed, how, rd):
@@ -191,9 +170,9 @@ def test_split_qkv_under_autograd_producers_and_checkpointing(device, seed, how,
     ref = K.split_qkv_reference(plain.view(b, s, g, per + 2, hd), c, sn, rd, False, per)
     ref_out = torch.cat([t.reshape(b, s, -1) for t in ref], dim=-1) * w
     ref_out.sum().backward()
-    assert _rel(out, ref_out) <= 1e-6 and _rel(leaf.grad, plain.grad) <= 1e-6, f"seed {seed}"
+    assert rel_error(out, ref_out) <= 1e-6 and rel_error(leaf.grad, plain.grad) <= 1e-6, f"seed {seed}"
     if how != "checkpointed":  # (the checkpointed graph holds the recompute, not the op)
-        names = _graph_names(out)
+        names = graph_names(out)
         assert "_SplitQKVFnBackward" in names and "CopySlices" not in names, names
 
 
@@ -248,11 +227,11 @@ def test_model_attention_runs_split_qkv_with_and_without_checkpointing(device, p
         model.train()
         loss = cross_entropy_loss(model(tokens.to(device)), tokens.to(device))
         if ckpt == "none":
-            assert _graph_names(loss).count("_SplitQKVFnBackward") == cfg.n_layers
+            assert graph_names(loss).count("_SplitQKVFnBackward") == cfg.n_layers
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     assert torch.equal(results[0][0], results[1][0])
     for n, gr in results[0][1].items():
         assert torch.equal(results[1][1][n], gr), n
     attn = gpt.CausalSelfAttention(dataclasses.replace(cfg, kernels="reference"))
-    assert "_SplitQKVFnBackward" not in _graph_names(attn.heads(torch.randn(1, 3, 64, requires_grad=True))[0])
+    assert "_SplitQKVFnBackward" not in graph_names(attn.heads(torch.randn(1, 3, 64, requires_grad=True))[0])
