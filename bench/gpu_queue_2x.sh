@@ -8,7 +8,7 @@
 #            then packs <res>'s small files into $OUT/res.tgz (a call brings back only a few files: one
 #            archive); keep <s> + the install well under the call's 600 s
 # PYTHONPATH/PATH must already point at the carried wheels. After the results dir come the items to run, in
-# order (default: what session 17 left to measure: build tp2 fp8_tp2 profile_tp2 fp8_cache kernels profile14 gputests):
+# order (default: what session 18 left to measure: build newtests tp2 fp8_tp2 profile_tp2 profile14 gputests):
 #   build          the kernels for sm_90                        planner67  parallelism=auto at 6.7B vs hand layouts
 #   ckpt_profile   async vs sync save (GPU 0) | a 1.4B step's profile, then 125M's micro-batches (GPU 1)
 #   throughput     1.4B against HF and the compiled minimal GPT (GPU 0) | one-GPU planner points (GPU 1)
@@ -155,7 +155,7 @@ item() {
   esac
 }
 shift
-for it in "${@:-build tp2 fp8_tp2 profile_tp2 fp8_cache kernels profile14 gputests}"; do
+for it in "${@:-build newtests tp2 fp8_tp2 profile_tp2 profile14 gputests}"; do
   for one in $it; do item "$one"; done
 done
 python3 bench/planner_calibrate.py --table "$RES"/planner_calibration_*.json > "$RES/tables.md" 2>&1
