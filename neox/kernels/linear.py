@@ -36,8 +36,10 @@ def bias_grad_reference(dy: torch.Tensor) -> torch.Tensor:
 def bias_grad(dy: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Column sums of dy [..., C] over every leading dim, in fp32 (a linear layer's bias gradient)."""
     ext = B.fused_extension("linear", impl, dy)
-    if ext is None:
-        return bias_grad_reference(dy)
+    return bias_grad_reference(dy) if ext is None else _fused_bias_grad(ext, dy)
+
+
+def _fused_bias_grad(ext, dy: torch.Tensor) -> torch.Tensor:
     out = B.empty((dy.shape[-1],), torch.float32, dy.device)
     ext.bias_grad(dy.contiguous(), out)
     return out
@@ -66,9 +68,7 @@ class _LinearFn(torch.autograd.Function):
             else:
                 dw = dy2.t() @ x2
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            out = B.empty((dy2.shape[-1],), torch.float32, dy.device)
-            ctx.ext.bias_grad(dy2.contiguous(), out)
-            db = out.to(dy.dtype)
+            db = _fused_bias_grad(ctx.ext, dy2).to(dy.dtype)
         return None, dx, dw, db, None
 
 
@@ -83,7 +83,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if ext is None or x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         return F.linear(x, weight, bias)
     return _LinearFn.apply(ext, x, weight, bias, accumulate)
-
 
 
 class AccumulatingLinear(torch.nn.Linear):

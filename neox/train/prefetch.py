@@ -18,6 +18,16 @@ from typing import Optional
 import torch
 
 
+def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tokens on `device`, the copy queued; from pinned memory on a GPU (torch's caching host allocator reuses
+    it once the copy is done), since from pageable memory the copy would wait for the GPU's queue to drain."""
+    if tokens.device == device:
+        return tokens
+    if device.type == "cuda":
+        tokens = tokens.pin_memory()
+    return tokens.to(device, non_blocking=True)
+
+
 class DeviceBatches:
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
@@ -32,10 +42,7 @@ class DeviceBatches:
     def _fetch(self) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
-            tokens = next(self.loader)
-            if self.device.type == "cuda":
-                tokens = tokens.pin_memory()  # torch's caching host allocator: reused once the copy is done
-            return tokens.to(self.device, non_blocking=True)
+            return to_device(next(self.loader), self.device)
         finally:
             self.wait_s += time.perf_counter() - t0
 

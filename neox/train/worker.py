@@ -38,7 +38,7 @@ from neox.train.log_window import Closed, LogWindow
 from neox.train.metrics import MetricsLogger
 from neox.train.plot import plot_losses
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher
-from neox.train.prefetch import DeviceBatches
+from neox.train.prefetch import DeviceBatches, to_device
 from neox.train.devices import build_device, memory_gb
 from neox.train.startup import StartupClock, launched_at, spawned_at
 
@@ -210,10 +210,7 @@ class Trainer:
                            dp_size=self.dp_size, consumed_samples=consumed)
 
     def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.device != self.info.device:
-            if self.info.device.type == "cuda":  # from pageable memory the copy would wait for the queue to drain
-                tokens = tokens.pin_memory()  # (torch's caching host allocator: reused once the copy is done)
-            tokens = tokens.to(self.info.device, non_blocking=True)
+        tokens = to_device(tokens, self.info.device)
         logits = self.engine(tokens[:, :-1])
         return self.loss_fn(logits, tokens[:, 1:])
 
