@@ -229,12 +229,54 @@ def _check_engines(rank: int, world: int, out_dir: str) -> None:
             assert opt.skip_events == 0
 
 
+def _check_update_queued_before_the_norm_is_read(rank: int, world: int, device: str = "cpu") -> None:
+    """With torch's fused AdamW the host reads the norm (its one sync) only after every AdamW kernel and
+    weight copy is queued, so a GPU has the update to run while the host goes on; with a clip and with a
+    skip the result is what DeepSpeed's step gives (the comparison above covers the values)."""
+    model = _model(device)
+    opt = _optimizer(model, fused=True, fused_step=True, chunk=100)  # several chunks: several AdamW calls
+    events = []
+    real_adamw, real_item, real_copy = torch._fused_adamw_, torch.Tensor.item, torch._foreach_copy_
+
+    def adamw(*args, **kwargs):
+        events.append("adamw")
+        return real_adamw(*args, **kwargs)
+
+    def item(t):
+        events.append("read")
+        return real_item(t)
+
+    def copy(dst, src, *args, **kwargs):
+        events.append("copy_weights" if dst and dst[0].dtype == torch.bfloat16 else "copy_grads")
+        return real_copy(dst, src, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(5)
+    for kind, size in (("clip", 8.0), ("inf", 1.0)):
+        grads = _random_grads(model, g, size)
+        if kind == "inf":
+            grads[1].view(-1)[0] = INF
+        for p, gr in zip(model.parameters(), grads):
+            p.grad = gr.to(device)
+        events.clear()
+        torch._fused_adamw_, torch.Tensor.item, torch._foreach_copy_ = adamw, item, copy
+        try:
+            overflow = opt.step()
+        finally:
+            torch._fused_adamw_, torch.Tensor.item, torch._foreach_copy_ = real_adamw, real_item, real_copy
+        assert overflow is (kind == "inf"), kind
+        assert events.count("adamw") >= 4 and events.count("copy_weights") >= 4, events  # (one per chunk)
+        assert events.count("read") == 1 and events[-1] == "read", f"{kind}: the host waited before the update: {events}"
+        for p in model.parameters():
+            p.grad = None
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Checks:
     checks = Checks(2, tmp_path_factory.mktemp("fused_step"))
     checks.add("against_deepspeed", _check_against_deepspeed)
     checks.add("tp2_norm", _check_tp2_norm)
     checks.add("engines", _check_engines, str(checks.dir("engines")))
+    checks.add("queued", _check_update_queued_before_the_norm_is_read)
     return checks.run(timeout=600, init="neox")
 
 
@@ -244,6 +286,10 @@ def test_matches_deepspeeds_step_bitwise_where_the_arithmetic_is_the_same(ranks)
 
 def test_tp2_norm_is_the_full_models(ranks) -> None:
     ranks.outcome("tp2_norm")
+
+
+def test_update_is_queued_before_the_host_reads_the_norm(ranks) -> None:
+    ranks.outcome("queued")
 
 
 def test_engine_installs_it_for_bf16_zero0_only(ranks) -> None:
