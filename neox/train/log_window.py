@@ -8,11 +8,9 @@ the losses, their copy to pinned host memory and a CUDA event; the duration is t
 previous window's end event and this one (idle gaps included, as wall time would). `Closed.read` then
 returns the numbers; the trainer calls it one step later, once the next step's work is queued, or right
 away when something that syncs anyway follows (validation, a save, the end). On CPU everything is
-synchronous and read at once.
-
-Not yet gained on a GPU (review, session 18): the preemption watcher's per-step agreement (an NCCL all-reduce of
-the stop flag and its `.item()`, neox/train/preempt.py) still waits for the step's queued work, so a real run
-still syncs once per step; only the log line's own sync is gone.
+synchronous and read at once. (The step's other per-step reads do not drain the queue either: the fused
+optimizer step reads its norm with the update queued behind it, and the preemption watcher agrees over a
+gloo group.)
 """
 from __future__ import annotations
 

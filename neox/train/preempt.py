@@ -20,12 +20,14 @@ flag (MAX) over the world, so the ranks that got no signal (or got it a moment l
 same step as the ones that did. The launcher (neox.launch.slurm) requeues the job when the
 trainer returns EXIT_REQUEUE, and the requeued job resumes from the run dir's latest checkpoint.
 
-Cost: one all-reduce of a single int per check, i.e. one tiny collective plus one host sync per
-step. That is tens of microseconds against steps of 100 ms or more, well under 0.1%, and
-checking every step gives the fastest answer to SIGTERM, which may be followed by SIGKILL in as
-little as KillWait (30 s by default). Where steps are very short and the host sync shows up in a
-profile, pass `every=k`: the flag is then reduced only on every k-th call (all ranks count
-calls the same way, so they still agree), at the price of reacting up to k steps later.
+Cost: one all-reduce of a single int per check over a CPU (gloo) group: tens of microseconds of
+host time, and no wait for the GPU. On a GPU the trainer passes `neox.train.distributed.host_group()`:
+a flag all-reduced on NCCL is a GPU tensor whose read waits for all the work queued before it (the
+optimizer step), leaving the GPU idle while the host then launches the next forward. A world of one
+rank needs no agreement and communicates nothing. Checking every step gives the fastest answer to
+SIGTERM, which may be followed by SIGKILL in as little as KillWait (30 s by default); pass `every=k`
+to reduce the flag only on every k-th call (all ranks count calls the same way, so they still
+agree), at the price of reacting up to k steps later.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ class PreemptionWatcher:
     def should_stop(self, group=None) -> bool:
         """Call at every step boundary on every rank; True on all ranks at the same call.
 
-        Once True it stays True. Without an initialized torch.distributed it is the local flag.
+        Once True it stays True. Without an initialized torch.distributed, or in a group of one rank,
+        it is the local flag. `group`: a gloo group where the default one is NCCL (see the module's note).
         """
         if self._agreed:
             return True
@@ -127,7 +130,7 @@ class PreemptionWatcher:
             return False
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             self._agreed = self._flag
             return self._agreed
         import torch

@@ -44,3 +44,21 @@ def test_every_k_only_reduces_on_kth_call():
     with PreemptionWatcher(every=3) as w:
         w.request()
         assert [w.should_stop() for _ in range(4)] == [False, False, True, True]
+
+
+def test_a_world_of_one_agrees_without_communicating(tmp_path, monkeypatch):
+    """One rank has no one to agree with: no collective (on NCCL its read would wait for the GPU's queue)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def no_collective(*args, **kwargs):
+            raise AssertionError("a collective in a world of one rank")
+
+        monkeypatch.setattr(dist, "all_reduce", no_collective)
+        with PreemptionWatcher() as w:
+            assert not w.should_stop()
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert w.should_stop() and w.should_stop()
+    finally:
+        dist.destroy_process_group()
