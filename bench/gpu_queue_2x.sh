@@ -23,6 +23,7 @@
 #   newold         1.4B, 50 steps: the default path against the reference ops and DeepSpeed's bf16 step
 #   profile125     where a 125M step goes (micro 32 x 4)     profile14  the same for 1.4B (micro 4 x 8)
 #   peers14        1.4B against HF eager/compiled and the compiled minimal GPT (one GPU)
+#   neox14         1.4B neox alone (the real training loop), micro 4 x 8
 #   m125           125M at micro 32 x 4 and 64 x 2            newtests  the GPU tests of this session's changes
 #   fp8_compiled   1.4B bf16 vs fp8 with train.compile=true (reference kernels)
 #   fp8_recompiles 1.4B fp8 for 6 steps with Dynamo's recompile and graph-break logs
@@ -135,9 +136,11 @@ item() {
   tp2conn) CUDA_DEVICE_MAX_CONNECTIONS=1 step tp2_one_connection $CAL --set layouts --only "1.3B tp2 m4x8" --tag _one_connection ;;
   calibration) step planner_calibration $CAL --set calibration ;;
   newtests)  # the GPU tests of this session's changes only (the whole suite: gputests)
-    step new_tests python3 -m pytest -q -m gpu tests/train/test_log_window.py tests/kernels/test_split_qkv.py \
-        tests/kernels/test_linear.py tests/kernels/test_rotary_inplace.py -p no:cacheprovider
-    step new_tests_swiglu python3 -m pytest -q -m gpu tests/kernels/test_kernels.py -k swiglu -p no:cacheprovider ;;
+    step new_tests python3 -m pytest -q -m gpu tests/train/test_log_window.py tests/train/test_fused_step.py \
+        $(ls tests/kernels/test_dual_norm.py tests/kernels/test_add3.py tests/kernels/test_adamw.py 2>/dev/null) \
+        -p no:cacheprovider ;;
+  neox14)  # 1.4B neox alone through launch.py (the real loop: log window, watcher), median of steps 3-8
+    step neox14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --peers '' --out "$RES/neox14" ;;
   peers14)  # issue 16's table on one GPU: 1.4B neox against HF eager, HF compiled and the compiled minimal GPT
     step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --peers hf,mini_compile \
         --out "$RES/peers14" ;;
