@@ -56,3 +56,8 @@
   void cross_entropy_backward##SUFFIX(T* logits, const int64_t* targets, const float* lse,               \
                                       const float* gscale, int64_t N, int64_t V, int64_t vocab_start,    \
                                       int64_t ignore_index __VA_ARGS__);
+
+// csrc/residual/: out = x + a + b over n contiguous elements (the parallel residual's add).
+#define NEOX_RESIDUAL_OPS(SUFFIX, ...) \
+  template <typename T>                \
+  void add3##SUFFIX(const T* x, const T* a, const T* b, T* out, int64_t n __VA_ARGS__);

@@ -3,6 +3,8 @@
     from neox import kernels
     y = kernels.layer_norm(x, w, b, eps)                       # or residual=r -> (y, x + r)
     y = kernels.rms_norm(x, w, eps)
+    x, y1, y2 = kernels.dual_norm(x, w1, b1, w2, b2, eps, rms=False)  # the parallel residual's two norms
+    out = kernels.add3(x, a, b)                                # x + a + b in one pass
     q = kernels.rotary(q, cos, sin, rotary_dims, interleaved=False)
     qkv = kernels.rotary_qkv_(qkv, cos, sin, rotary_dims, interleaved=False, q_per_kv=1)  # q, k heads in place
     q, k, v = kernels.split_qkv(qkv, cos, sin, rotary_dims, q_per_kv=1)  # the above + split; one-kernel backward
@@ -28,7 +30,8 @@ from . import _backend
 from ._backend import AUTO_FUSED, IMPLS, OPS
 from .activations import bias_gelu, bias_gelu_reference, swiglu, swiglu_reference
 from .cross_entropy import cross_entropy, cross_entropy_reference
-from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from .norm import dual_norm, dual_norm_reference, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from .residual import add3, add3_reference
 from .rotary import (rotary, rotary_qkv_, rotary_qkv_reference, rotary_reference, split_qkv,
                      split_qkv_reference)
 from .softmax import masked_softmax, masked_softmax_reference
@@ -36,9 +39,10 @@ from .softmax import masked_softmax, masked_softmax_reference
 __all__ = [
     "OPS", "IMPLS", "describe", "status", "fuses",
     "layer_norm", "rms_norm", "rotary", "rotary_qkv_", "split_qkv", "masked_softmax", "bias_gelu", "swiglu",
-    "cross_entropy",
+    "cross_entropy", "dual_norm", "add3",
     "layer_norm_reference", "rms_norm_reference", "rotary_reference", "rotary_qkv_reference", "split_qkv_reference",
     "masked_softmax_reference", "bias_gelu_reference", "swiglu_reference", "cross_entropy_reference",
+    "dual_norm_reference", "add3_reference",
 ]
 
 

@@ -19,7 +19,8 @@ import torch
 
 from neox.errors import KernelError
 
-OPS = ("layer_norm", "rms_norm", "rotary", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy", "linear")
+OPS = ("layer_norm", "rms_norm", "rotary", "masked_softmax", "bias_gelu", "swiglu", "cross_entropy", "linear",
+       "add3")
 IMPLS = ("auto", "fused", "reference")
 
 # Ops for which `impl="auto"` takes the compiled kernel, per device type. Chosen by measurement with
@@ -36,6 +37,8 @@ IMPLS = ("auto", "fused", "reference")
 # references, and a 1.4B ALiBi model 17% faster with attention through masked_softmax than through SDPA.
 # linear (neox.kernels.linear: the bias-gradient kernel, weight gradients added in the GEMM) is CUDA only under
 # auto: on CPU torch's reduction is as fast and the tensor-parallel layers' bitwise equality is kept.
+# add3 (the parallel residual's one-pass add: 4 passes for the reference's 6) is CUDA only under auto: not
+# measured on CPU, where torch's two adds are vectorised; on CUDA its bench/kernels.py row is still to be run.
 AUTO_FUSED: dict[str, frozenset[str]] = {
     "cpu": frozenset({"rms_norm", "rotary", "masked_softmax", "swiglu"}),
     "cuda": frozenset(OPS),

@@ -1,7 +1,8 @@
 """LayerNorm and RMSNorm: PyTorch references and the fused kernels (csrc/norm/), with a residual-add variant.
 
 With `residual`, both ops return (normed, x + residual): the sum is the next residual stream, and the
-fused kernel writes it in the same pass that computes the statistics. Statistics are fp32 whatever the
+fused kernel writes it in the same pass that computes the statistics. `dual_norm` is the parallel
+residual's pair of norms of one input, as one autograd node that also returns the input (see there). Statistics are fp32 whatever the
 input dtype; weight/bias enter the kernels as fp32 and their grads are accumulated in fp32.
 """
 from __future__ import annotations
@@ -62,3 +63,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     """RMSNorm over the last dim; with `residual`, returns (rms_norm(x + residual), x + residual)."""
     out = _norm("rms_norm", x, weight, None, eps, residual, impl, rms=True)
     return rms_norm_reference(x, weight, eps, residual) if out is None else out
+
+
+DualOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def dual_norm_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                        b2: Optional[torch.Tensor], eps: float, rms: bool) -> DualOut:
+    if rms:
+        return x, rms_norm_reference(x, w1, eps), rms_norm_reference(x, w2, eps)
+    return x, layer_norm_reference(x, w1, b1, eps), layer_norm_reference(x, w2, b2, eps)
+
+
+def dual_norm(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+              b2: Optional[torch.Tensor], eps: float = 1e-5, rms: bool = False, impl: str = "auto") -> DualOut:
+    """(x, norm(x; w1, b1), norm(x; w2, b2)): LayerNorm, or RMSNorm with `rms` (no biases), under the impl
+    of layer_norm/rms_norm. Fused, the three outputs come from one C++ autograd node (the returned x is a
+    view of x): its backward gets the grads of all three at once and sums them inside the two norm
+    backwards (their residual-grad input), where separate norms leave autograd two more [N, C] adds."""
+    op = "rms_norm" if rms else "layer_norm"
+    if rms and (b1 is not None or b2 is not None):
+        raise KernelError("dual_norm: RMSNorm takes no bias; pass b1=b2=None")
+    ext = B.choose(op, impl, x.device)
+    if ext is None or not B.check_inputs(op, impl, x, w1, b1, w2, b2):
+        return dual_norm_reference(x, w1, b1, w2, b2, eps, rms)
+    C = x.shape[-1] if x.dim() else 0
+    if x.numel() == 0 or any(t is not None and t.numel() != C for t in (w1, b1, w2, b2)):
+        B.unsupported_shape(op, tuple(x.shape), "empty input or weight/bias not of size x.shape[-1]", impl)
+        return dual_norm_reference(x, w1, b1, w2, b2, eps, rms)
+    x_out, y1, y2 = ext.dual_norm_apply(x.contiguous(), w1, b1, w2, b2, float(eps), rms, B.POISON_OUTPUTS)
+    return x_out, y1, y2
