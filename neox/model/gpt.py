@@ -337,12 +337,30 @@ class Block(nn.Module):
         self.ln_mlp = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.add3_impl = cfg.impl("add3")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel_residual:  # GPT-J / NeoX: both branches read the same input
+            if self._fuses_norm_pair(x):  # both norms in one node, whose backward also sums x's three grads
+                ln1, ln2, rms = self.ln_attn, self.ln_mlp, isinstance(self.ln_attn, RMSNorm)
+                x, h_attn, h_mlp = kernels.dual_norm(x, ln1.weight, None if rms else ln1.bias, ln2.weight,
+                                                     None if rms else ln2.bias, ln1.eps, rms=rms, impl=ln1.impl)
+                # (compiled, Inductor fuses the two adds itself; the kernel would be one more graph break)
+                impl = "reference" if torch.compiler.is_compiling() else self.add3_impl
+                return kernels.add3(x, self.drop(self.attn(h_attn)), self.drop(self.mlp(h_mlp)), impl=impl)
             return x + self.drop(self.attn(self.ln_attn(x))) + self.drop(self.mlp(self.ln_mlp(x)))
         x = x + self.drop(self.attn(self.ln_attn(x)))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+    def _fuses_norm_pair(self, x: torch.Tensor) -> bool:
+        """Whether the two norms run as one `kernels.dual_norm`: both still the model's own norm class (not
+        swapped, e.g. for sequence parallelism's), on the compiled kernel, and not under ZeRO-3 (which gathers
+        a module's parameters only around that module's own forward)."""
+        ln1, ln2 = self.ln_attn, self.ln_mlp
+        if type(ln1) not in (LayerNorm, RMSNorm) or type(ln2) is not type(ln1) or hasattr(ln1.weight, "ds_id"):
+            return False
+        return (ln1.eps, ln1.impl) == (ln2.eps, ln2.impl) and kernels.fuses(
+            "rms_norm" if isinstance(ln1, RMSNorm) else "layer_norm", ln1.impl, x.device)
 
     def decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """`forward` with the attention reading and extending the KV cache."""
