@@ -162,6 +162,12 @@ def _liger_pairs(fn_name: str):
     return make
 
 
+def _parallel_residual(x, w1, b1, w2, b2, a, m, impl: str) -> tuple[torch.Tensor, ...]:
+    """(x + a + m, layer_norm(x; w1, b1), layer_norm(x; w2, b2)), as Block.forward's parallel residual has them."""
+    x, y1, y2 = K.dual_norm(x, w1, b1, w2, b2, 1e-5, impl=impl)
+    return K.add3(x, a, m, impl=impl), y1, y2
+
+
 def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab: Optional[int]) -> list[Case]:
     T, H, e = tokens, hidden, torch.tensor([], dtype=dtype).element_size()
 
@@ -189,6 +195,12 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
         Case("rms_norm", f"[{T}, {H}]", [t(T, H), t(H)], lambda x, w, impl: K.rms_norm(x, w, 1e-5, impl=impl), 5 * T * H * e,
              liger=lambda L, i: (i, lambda x, w: L.LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama", True, None))),
         # q and k of qkv [b, s, h, 3, hd], rotated in place: fwd and bwd each read and write the rotated channels
+        # the parallel residual (Pythia): both norms of x and out = x + attn + mlp (a, m: the branches' outputs);
+        # x's grad is the sum of out's and the two norms' (reference: two norm nodes, two adds either way;
+        # fused: dual_norm, whose backward sums inside the norm backwards, and add3). Ideal bytes: forward reads
+        # x, a, m and writes y1, y2, out; backward reads dy1, dy2, dout, x and writes dx (da = dm = dout).
+        Case("parallel residual (2 norms + add)", f"[{T}, {H}]", [t(T, H), t(H), t(H), t(H), t(H), t(T, H), t(T, H)],
+             _parallel_residual, 11 * T * H * e),
         Case("rotary (full, neox)", f"q, k of [{batch}, {seq}, {heads}, 3, {hd}]", *rotary(hd), 8 * T * H * e,
              liger=_liger_rope),
         Case("rotary (25%, neox)", f"q, k of [{batch}, {seq}, {heads}, 3, {hd}] rot {quarter}", *rotary(quarter),

@@ -12,7 +12,7 @@ def test_bench_runs_on_cpu():
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "eager ms" not in line]
-    # 8 ops + the residual LayerNorm, the 25% rotary and the qkv split variants; GeGLU (Liger's alone) has no
-    # row on CPU
-    assert len(rows) == 11, out.stdout
+    # 8 ops + the residual LayerNorm, the 25% rotary, the qkv split and the parallel residual's norms + add;
+    # GeGLU (Liger's alone) has no row on CPU
+    assert len(rows) == 12, out.stdout
     assert all("nan" not in r.split("|")[5] for r in rows), out.stdout  # every fused contender ran
