@@ -270,6 +270,33 @@ def _check_update_queued_before_the_norm_is_read(rank: int, world: int, device: 
             p.grad = None
 
 
+def _check_engine_steps_never_synchronize(rank: int, world: int, out_dir: str) -> None:
+    """Training steps through neox's engine ask the accelerator for no device synchronization: DeepSpeed's
+    throughput timer, on by default, synchronized in every forward and step() call after the second step."""
+    from deepspeed.accelerator import get_accelerator
+
+    from neox.model.gpt import GPT, cross_entropy_loss
+    from neox.train import engine as engine_lib
+    from support.plans import cpu, plan_of
+
+    _, plan = plan_of(["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16",
+                       "train.micro_batch=2", "train.grad_accum=2", "data.embedded_vocab=257", f"run_dir={out_dir}",
+                       "train.precision=bf16"], cpu(world))
+    engine, _, _ = engine_lib.initialize(GPT(plan.model), plan, torch.device("cpu"))
+    accelerator = get_accelerator()
+    calls = []
+    real = accelerator.synchronize
+    accelerator.synchronize = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        for _ in range(4 * plan.grad_accum):  # 4 optimizer steps: the timer synchronized from the 3rd on
+            tokens = torch.randint(0, plan.model.vocab_size, (2, plan.model.seq_len + 1))
+            engine.backward(cross_entropy_loss(engine(tokens[:, :-1]), tokens[:, 1:]))
+            engine.step()
+    finally:
+        accelerator.synchronize = real
+    assert engine.global_steps == 4 and not calls, f"{len(calls)} device synchronizations in 4 steps"
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Checks:
     checks = Checks(2, tmp_path_factory.mktemp("fused_step"))
@@ -277,6 +304,7 @@ def ranks(tmp_path_factory) -> Checks:
     checks.add("tp2_norm", _check_tp2_norm)
     checks.add("engines", _check_engines, str(checks.dir("engines")))
     checks.add("queued", _check_update_queued_before_the_norm_is_read)
+    checks.add("no_syncs", _check_engine_steps_never_synchronize, str(checks.dir("no_syncs")))
     return checks.run(timeout=600, init="neox")
 
 
@@ -290,6 +318,10 @@ def test_tp2_norm_is_the_full_models(ranks) -> None:
 
 def test_update_is_queued_before_the_host_reads_the_norm(ranks) -> None:
     ranks.outcome("queued")
+
+
+def test_engine_steps_never_synchronize_the_device(ranks) -> None:
+    ranks.outcome("no_syncs")
 
 
 def test_engine_installs_it_for_bf16_zero0_only(ranks) -> None:
