@@ -61,3 +61,23 @@
 #define NEOX_RESIDUAL_OPS(SUFFIX, ...) \
   template <typename T>                \
   void add3##SUFFIX(const T* x, const T* a, const T* b, T* out, int64_t n __VA_ARGS__);
+
+// csrc/optim/: AdamW from bf16 gradients, one span per parameter tensor (not a template: bf16 only).
+// The fp32 master, exp_avg, exp_avg_sq are updated in place from g16 (null: a zero gradient) and the bf16
+// weight w16 is written from the new master; step points at the tensor's fp32 step count (device memory
+// on CUDA), already incremented for this step; grad_scale/found_inf are null or one fp32 value each.
+struct CUstream_st;  // cudaStream_t, without the CUDA headers
+namespace neox {
+struct AdamwSpan {
+  uint16_t* w16;
+  const uint16_t* g16;
+  float *master, *exp_avg, *exp_avg_sq;
+  const float* step;
+  int64_t n;
+};
+struct AdamwHyper { double lr, beta1, beta2, weight_decay, eps; };
+void adamw_bf16_step_cpu(const AdamwSpan* spans, int64_t count, AdamwHyper h, const float* grad_scale,
+                         const float* found_inf);
+void adamw_bf16_step_cuda(const AdamwSpan* spans, int64_t count, AdamwHyper h, const float* grad_scale,
+                          const float* found_inf, CUstream_st* stream);
+}  // namespace neox
