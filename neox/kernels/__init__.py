@@ -11,6 +11,7 @@
     p = kernels.masked_softmax(scores, scale)
     y = kernels.bias_gelu(x, bias) ; y = kernels.swiglu(x)
     loss = kernels.cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=0)
+    kernels.adamw_bf16_step_(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, lr=..., ...)  # optimizer
 
 Every op takes impl = "auto" | "fused" | "reference" (ModelConfig.kernels, per op ModelConfig.kernel_ops):
 - "reference": the PyTorch code in this package; runs anywhere.
@@ -29,6 +30,7 @@ import torch
 from . import _backend
 from ._backend import AUTO_FUSED, IMPLS, OPS
 from .activations import bias_gelu, bias_gelu_reference, swiglu, swiglu_reference
+from .adamw import adamw_bf16_step_, adamw_bf16_step_reference, torch_adamw_state
 from .cross_entropy import cross_entropy, cross_entropy_reference
 from .norm import dual_norm, dual_norm_reference, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .residual import add3, add3_reference
@@ -43,6 +45,7 @@ __all__ = [
     "layer_norm_reference", "rms_norm_reference", "rotary_reference", "rotary_qkv_reference", "split_qkv_reference",
     "masked_softmax_reference", "bias_gelu_reference", "swiglu_reference", "cross_entropy_reference",
     "dual_norm_reference", "add3_reference",
+    "adamw_bf16_step_", "adamw_bf16_step_reference", "torch_adamw_state",
 ]
 
 
