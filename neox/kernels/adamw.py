@@ -69,8 +69,8 @@ def adamw_bf16_step_(params16: Sequence[torch.Tensor], grads16: Sequence[Optiona
     (0-dim float32 on the device, 0 or 1) is 1, no tensor changes and no host sync happens.
     On CUDA the whole list is a handful of launches (40 tensors each) that never wait for the host.
     """
-    _check(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
-           (lr, beta1, beta2, eps, weight_decay))
+    grads16 = _check(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
+                     (lr, beta1, beta2, eps, weight_decay))
     if not masters:
         return
     ext = B.choose("adamw", impl, masters[0].device)
@@ -109,8 +109,10 @@ def torch_adamw_state(optimizer: torch.optim.Optimizer, masters: Sequence[torch.
     return exp_avgs, exp_avg_sqs, steps
 
 
-def _check(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf, numbers_) -> None:
-    """One-line KernelError for input the kernel (or torch's own path) would get wrong; costs ~1 us a tensor."""
+def _check(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf, numbers_
+           ) -> list[Optional[torch.Tensor]]:
+    """One-line KernelError for input the kernel (or torch's own path) would get wrong (~1.4 us a tensor);
+    returns the gradients, a strided one as a contiguous copy (it is only read: no reason to refuse it)."""
     lists = dict(params16=params16, grads16=grads16, masters=masters, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                  steps=steps)
     lengths = {name: len(v) for name, v in lists.items()}
@@ -120,7 +122,7 @@ def _check(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, grad_scale,
         raise KernelError("adamw: lr, betas, eps and weight_decay must be plain numbers (a tensor lr is not "
                           "supported)")
     if not masters:
-        return
+        return []
     device = masters[0].device
     for i, (w, g, p, m, v, s) in enumerate(zip(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps)):
         if not (p.dtype == m.dtype == v.dtype == s.dtype == _F32 and w.dtype == _BF16
@@ -137,10 +139,11 @@ def _check(params16, grads16, masters, exp_avgs, exp_avg_sqs, steps, grad_scale,
                               f"{None if g is None else tuple(g.shape)}, masters {tuple(shape)}, exp_avgs "
                               f"{tuple(m.shape)}, exp_avg_sqs {tuple(v.shape)}, steps {tuple(s.shape)}; "
                               "all but steps (one value) must match")
-        if not (w.is_contiguous() and p.is_contiguous() and m.is_contiguous() and v.is_contiguous()
-                and (g is None or g.is_contiguous())):
-            raise KernelError(f"adamw: tensor {i} is not contiguous; pass contiguous tensors")
+        if not (w.is_contiguous() and p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            raise KernelError(f"adamw: tensor {i} is not contiguous (params16, masters and the state are written in "
+                              "place); pass contiguous tensors")
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and (t.dtype != _F32 or t.numel() != 1 or t.device != device):
             raise KernelError(f"adamw: {name} must be one float32 value on {device}, got {t.dtype} "
                               f"{tuple(t.shape)} on {t.device}")
+    return [g if g is None or g.is_contiguous() else g.contiguous() for g in grads16]

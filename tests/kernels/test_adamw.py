@@ -134,6 +134,22 @@ def test_bf16_weight_rounds_to_nearest_even(device):
     assert torch.equal(w16[1], masters[1].bfloat16())
 
 
+def test_strided_gradient_is_read_as_it_is(device, seed):
+    """A non-contiguous gradient (only read) is taken through a contiguous copy, not refused."""
+    master = torch.randn(3, 5, device=device)
+    g = torch.randn(5, 3, device=device).bfloat16().t()
+    assert not g.is_contiguous()
+    ref = master.clone().requires_grad_()
+    ref.grad = g.float().contiguous()  # torch's CPU fused AdamW reads a strided grad as if it were contiguous
+    opt = torch.optim.AdamW([ref], **_torch_hyper(), weight_decay=0.1, fused=True)
+    opt.step()
+    w16, state = master.bfloat16(), [torch.zeros_like(master), torch.zeros_like(master), torch.zeros((), device=device)]
+    adamw_bf16_step_([w16], [g], [master], [state[0]], [state[1]], [state[2]], **HYPER, weight_decay=0.1, impl="fused")
+    tol = dict(rtol=0, atol=0) if device == "cuda" else dict(rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(master, ref.detach(), **tol)
+    torch.testing.assert_close(state[0], opt.state[ref]["exp_avg"], **tol)
+
+
 def test_state_dict_matches_torch(seed):
     """The state torch_adamw_state creates and the kernel steps is laid out as torch's fused AdamW's."""
     prob = Problem("cpu", 0.1)
@@ -169,6 +185,7 @@ def _args(n: int = 2, device: str = "cpu") -> dict:
     (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(6)), r"exp_avgs \(6,\)"),
     (lambda a: a["steps"].__setitem__(0, torch.zeros(2)), r"steps \(2,\)"),
     (lambda a: a["exp_avg_sqs"].__setitem__(0, torch.zeros(10)[::2]), "tensor 0 is not contiguous"),
+    (lambda a: a["params16"].__setitem__(1, torch.zeros(10, dtype=torch.bfloat16)[::2]), "tensor 1 is not contiguous"),
     (lambda a: a.update(grad_scale=torch.tensor(2.0, dtype=torch.float64)), "grad_scale must be one float32"),
     (lambda a: a.update(found_inf=torch.zeros(2)), "found_inf must be one float32"),
     (lambda a: a.update(lr=torch.tensor(1e-3)), "plain numbers"),
