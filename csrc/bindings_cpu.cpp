@@ -6,7 +6,7 @@ namespace neox {
 NEOX_OPS(_cpu)
 NEOX_RESIDUAL_OPS(_cpu)
 }  // namespace neox
-using neox::add3_cpu;
+using neox::add3_cpu, neox::norm_dual_forward_cpu;
 using neox::norm_forward_cpu, neox::norm_backward_cpu, neox::rotary_cpu, neox::rotary_qkv_cpu, neox::split_qkv_backward_cpu,
     neox::masked_softmax_forward_cpu,
     neox::masked_softmax_backward_cpu, neox::bias_gelu_forward_cpu, neox::bias_gelu_backward_cpu,

@@ -14,7 +14,7 @@ namespace neox {
 NEOX_OPS(_cuda, , cudaStream_t stream)
 NEOX_RESIDUAL_OPS(_cuda, , cudaStream_t stream)
 }  // namespace neox
-using neox::add3_cuda;
+using neox::add3_cuda, neox::norm_dual_forward_cuda;
 using neox::norm_forward_cuda, neox::norm_backward_cuda, neox::rotary_cuda, neox::rotary_qkv_cuda, neox::split_qkv_backward_cuda,
     neox::masked_softmax_forward_cuda,
     neox::masked_softmax_backward_cuda, neox::bias_gelu_forward_cuda, neox::bias_gelu_backward_cuda,

@@ -57,10 +57,15 @@
                                       const float* gscale, int64_t N, int64_t V, int64_t vocab_start,    \
                                       int64_t ignore_index __VA_ARGS__);
 
-// csrc/residual/: out = x + a + b over n contiguous elements (the parallel residual's add).
-#define NEOX_RESIDUAL_OPS(SUFFIX, ...) \
-  template <typename T>                \
-  void add3##SUFFIX(const T* x, const T* a, const T* b, T* out, int64_t n __VA_ARGS__);
+// The parallel residual's ops. csrc/residual/: out = x + a + b over n contiguous elements. csrc/norm/: both
+// norms of x, y1 = norm(x; w1, b1) and y2 = norm(x; w2, b2), one set of statistics (as norm_forward's, no residual).
+#define NEOX_RESIDUAL_OPS(SUFFIX, ...)                                                                   \
+  template <typename T>                                                                                  \
+  void add3##SUFFIX(const T* x, const T* a, const T* b, T* out, int64_t n __VA_ARGS__);                  \
+  template <typename T, typename W>                                                                      \
+  void norm_dual_forward##SUFFIX(const T* x, const W* w1, const W* b1, const W* w2, const W* b2, T* y1,  \
+                                 T* y2, float* mean, float* rstd, int64_t N, int64_t C, float eps,       \
+                                 bool rms __VA_ARGS__);
 
 // csrc/optim/: AdamW from bf16 gradients, one span per parameter tensor (not a template: bf16 only).
 // The fp32 master, exp_avg, exp_avg_sq are updated in place from g16 (null: a zero gradient) and the bf16

@@ -20,6 +20,9 @@
 //   through shared memory by cp.async, S - 1 rows ahead, so loads stay in flight across the row reductions
 //   without holding registers. 1.1-1.2x faster than v3 at C = 2048 and 4096 (bf16). The same staging
 //   made the forward slower (46-52 us against v3's 41-44 at C = 4096), so the forward stays v3.
+// dual forward (dual_norm, the parallel residual's two norms of one x): the v3 forward with DUAL, which writes
+//   y2 = norm(x; w2, b2) from the same registers after y1 (one read of x: 3 passes where two forwards make 4);
+//   above kMaxPacks packs, v1 twice. Not yet timed on a GPU.
 #include <algorithm>
 #include <type_traits>
 
@@ -153,14 +156,53 @@ __device__ __forceinline__ Pack<T, V> zero_pack() {
   return p;
 }
 
+// y = (row - mean) * rstd * w + b for the R rows a v3 forward block holds in registers (raw).
+template <typename T, typename W, int V, int P, int R>
+__device__ __forceinline__ void write_normed_v3(const Pack<T, V> (&raw)[R][P], const float (&mean)[R],
+                                                const float (&rstd)[R], const W* __restrict__ w,
+                                                const W* __restrict__ b, T* __restrict__ y, int64_t row0, int64_t N,
+                                                int64_t C) {
+#pragma unroll
+  for (int k = 0; k < P; k++) {
+    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
+    if (c < C) {
+      float wv[V], bv[V];
+      load_param<W, V>(w + c, wv);
+      if (b) {
+        load_param<W, V>(b + c, bv);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; i++) bv[i] = 0.f;
+      }
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        if (row0 + r < N) {
+          float o[V];
+#pragma unroll
+          for (int i = 0; i < V; i++) o[i] = (to_f(raw[r][k].d[i]) - mean[r]) * rstd[r] * wv[i] + bv[i];
+          store<T, V>(y + (row0 + r) * C + c, o);
+        }
+      }
+    }
+  }
+}
+
+// The second norm of the same rows (DUAL: dual_norm, the parallel residual's two norms of one x).
+template <typename T, typename W>
+struct SecondNorm {
+  const W* w;
+  const W* b;
+  T* y;
+};
+
 // MINB: blocks per SM the register budget is cut for (launch bounds); the launchers pick the most that
-// compile without spills for each (P, R).
-template <typename T, typename W, int V, int P, int R, int MINB, int MAXT = 256>
+// compile without spills for each (P, R). DUAL: also y2 = norm(x; second.w, second.b) from the same registers.
+template <typename T, typename W, int V, int P, int R, int MINB, int MAXT = 256, bool DUAL = false>
 __global__ void __launch_bounds__(MAXT, MINB)
 norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const W* __restrict__ w,
                        const W* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                        float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N, int64_t C, float eps,
-                       bool rms) {
+                       bool rms, SecondNorm<T, W> second = {}) {
   using PK = Pack<T, V>;
   __shared__ float scratch[32 * R];
   const int64_t row0 = (int64_t)blockIdx.x * R;
@@ -230,29 +272,8 @@ norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const
   block_sum_k<R>(rstd, scratch);
 #pragma unroll
   for (int r = 0; r < R; r++) rstd[r] = rsqrtf(rstd[r] / C + eps);
-#pragma unroll
-  for (int k = 0; k < P; k++) {
-    const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
-    if (c < C) {
-      float wv[V], bv[V];
-      load_param<W, V>(w + c, wv);
-      if (b) {
-        load_param<W, V>(b + c, bv);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; i++) bv[i] = 0.f;
-      }
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        if (row0 + r < N) {
-          float o[V];
-#pragma unroll
-          for (int i = 0; i < V; i++) o[i] = (to_f(raw[r][k].d[i]) - mean[r]) * rstd[r] * wv[i] + bv[i];
-          store<T, V>(y + (row0 + r) * C + c, o);
-        }
-      }
-    }
-  }
+  write_normed_v3<T, W, V, P, R>(raw, mean, rstd, w, b, y, row0, N, C);
+  if constexpr (DUAL) write_normed_v3<T, W, V, P, R>(raw, mean, rstd, second.w, second.b, second.y, row0, N, C);
   if (threadIdx.x < R && row0 + threadIdx.x < N) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -517,12 +538,13 @@ norm_backward_kernel_v4(const T* __restrict__ dy, const T* __restrict__ h, const
 constexpr int64_t kMaxPacks = 1024;
 inline int threads_for(int64_t packs, int P) { return static_cast<int>((packs + P - 1) / P + 31) / 32 * 32; }
 
-template <typename T, typename W, int V, int P, int R, int MINB>
+template <typename T, typename W, int V, int P, int R, int MINB, bool DUAL = false>
 void launch_forward_v3(const T* x, const T* residual, const W* w, const W* b, T* y, T* h, float* mean,
-                       float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream) {
+                       float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream,
+                       SecondNorm<T, W> second = {}) {
   const int threads = threads_for(C / V, P);
-  norm_forward_kernel_v3<T, W, V, P, R, MINB><<<(N + R - 1) / R, threads, 0, stream>>>(x, residual, w, b, y, h, mean, rstd,
-                                                                                N, C, eps, rms);
+  norm_forward_kernel_v3<T, W, V, P, R, MINB, 256, DUAL><<<(N + R - 1) / R, threads, 0, stream>>>(
+      x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, second);
 }
 
 template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT = 256>
@@ -568,6 +590,28 @@ void norm_forward_cuda(const T* x, const T* residual, const W* w, const W* b, T*
   });
 }
 
+// dual_norm's forward: y1 = norm(x; w1, b1) and y2 = norm(x; w2, b2) with one read of x (v3, the rows in
+// registers); rows over kMaxPacks packs run v1 twice (the same statistics, written twice).
+template <typename T, typename W>
+void norm_dual_forward_cuda(const T* x, const W* w1, const W* b1, const W* w2, const W* b2, T* y1, T* y2, float* mean,
+                            float* rstd, int64_t N, int64_t C, float eps, bool rms, cudaStream_t stream) {
+  const int vec = pack_width<T>(C, {x, y1, y2, w1, b1, w2, b2});
+  NEOX_WITH_PACK(T, vec, {
+    const int64_t packs = C / V;
+    const SecondNorm<T, W> second{w2, b2, y2};
+    if (packs > kMaxPacks) {
+      norm_forward_kernel<T, W, V><<<N, row_threads(packs), 0, stream>>>(x, nullptr, w1, b1, y1, nullptr, mean, rstd, C,
+                                                                           eps, rms);
+      norm_forward_kernel<T, W, V><<<N, row_threads(packs), 0, stream>>>(x, nullptr, w2, b2, y2, nullptr, mean, rstd, C,
+                                                                           eps, rms);
+    } else if (packs <= 256) {
+      launch_forward_v3<T, W, V, 1, 4, 3, true>(x, nullptr, w1, b1, y1, nullptr, mean, rstd, N, C, eps, rms, stream, second);
+    } else {
+      launch_forward_v3<T, W, V, 4, 1, 3, true>(x, nullptr, w1, b1, y1, nullptr, mean, rstd, N, C, eps, rms, stream, second);
+    }
+  });
+}
+
 template <typename T, typename W>
 void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
                         T* dx, W* dw, W* db, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms,
@@ -609,7 +653,9 @@ void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, 
   template void norm_forward_cuda<T, W>(const T*, const T*, const W*, const W*, T*, T*, float*, float*, int64_t, \
                                         int64_t, float, bool, cudaStream_t);                                     \
   template void norm_backward_cuda<T, W>(const T*, const T*, const W*, const float*, const float*, const T*, T*,  \
-                                         W*, W*, float*, int64_t, int64_t, int64_t, bool, cudaStream_t);
+                                         W*, W*, float*, int64_t, int64_t, int64_t, bool, cudaStream_t);        \
+  template void norm_dual_forward_cuda<T, W>(const T*, const W*, const W*, const W*, const W*, T*, T*, float*, float*, \
+                                             int64_t, int64_t, float, bool, cudaStream_t);
 INSTANTIATE(float, float)
 INSTANTIATE(__nv_bfloat16, float)
 INSTANTIATE(__nv_bfloat16, __nv_bfloat16)

@@ -105,7 +105,17 @@ void norm_backward_cpu(const T* dy, const T* h, const W* w, const float* mean, c
   }
 }
 
+// dual_norm's forward: both norms of x. On CPU simply two forwards (the second rewrites the same statistics).
+template <typename T, typename W>
+void norm_dual_forward_cpu(const T* x, const W* w1, const W* b1, const W* w2, const W* b2, T* y1, T* y2, float* mean,
+                           float* rstd, int64_t N, int64_t C, float eps, bool rms) {
+  norm_forward_cpu<T, W>(x, nullptr, w1, b1, y1, nullptr, mean, rstd, N, C, eps, rms);
+  norm_forward_cpu<T, W>(x, nullptr, w2, b2, y2, nullptr, mean, rstd, N, C, eps, rms);
+}
+
 #define INSTANTIATE(T)                                                                              \
+  template void norm_dual_forward_cpu<T, float>(const T*, const float*, const float*, const float*,     \
+                                                const float*, T*, T*, float*, float*, int64_t, int64_t, float, bool); \
   template void norm_forward_cpu<T, float>(const T*, const T*, const float*, const float*, T*, T*, float*, \
                                     float*, int64_t, int64_t, float, bool);                         \
   template void norm_backward_cpu<T, float>(const T*, const T*, const float*, const float*, const float*,  \

@@ -87,14 +87,14 @@ def test_dual_norm_without_any_grad(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("params", ["fp32", "weight 16-bit, bias fp32"])
+@pytest.mark.parametrize("params", ["fp32", "weight 16-bit, bias fp32", "norm 1 16-bit, norm 2 fp32"])
 def test_dual_norm_parameters_in_another_dtype(device, seed, dtype, params):
     """16-bit activations with fp32 (or mixed) weight and bias, as NormFunction takes them: each parameter's
-    grad comes back in its own dtype."""
+    grad comes back in its own dtype. (On CUDA a 16-bit norm 1 and an fp32 norm 2 reach the kernels as they
+    are, one 16-bit and one fp32: the node's two-forward path.)"""
     t = _inputs((61, 1003), False, True, device, dtype, param_dtype=torch.float32)
-    if params != "fp32":
-        for k in ("w1", "w2"):
-            t[k] = t[k].detach().to(dtype).requires_grad_()
+    for k in {"fp32": (), "weight 16-bit, bias fp32": ("w1", "w2"), "norm 1 16-bit, norm 2 fp32": ("w1", "b1")}[params]:
+        t[k] = t[k].detach().to(dtype).requires_grad_()
     _run(t, USES["all"], dtype, seed, rms=False)
 
 
