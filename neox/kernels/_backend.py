@@ -37,8 +37,9 @@ IMPLS = ("auto", "fused", "reference")
 # references, and a 1.4B ALiBi model 17% faster with attention through masked_softmax than through SDPA.
 # linear (neox.kernels.linear: the bias-gradient kernel, weight gradients added in the GEMM) is CUDA only under
 # auto: on CPU torch's reduction is as fast and the tensor-parallel layers' bitwise equality is kept.
-# add3 (the parallel residual's one-pass add: 4 passes for the reference's 6) is CUDA only under auto: not
-# measured on CPU, where torch's two adds are vectorised; on CUDA its bench/kernels.py row is still to be run.
+# add3 (the parallel residual's one-pass add: 4 passes for the reference's 6) is CUDA only under auto: on CPU
+# its scalar bf16 conversions lose to torch's vectorised adds (1024 x 1024 on 2 cores: bf16 0.27 ms against 0.17,
+# fp32 0.10 against 0.14); on CUDA its bench/kernels.py row is still to be run.
 # adamw (neox.kernels.adamw: AdamW from bf16 gradients, 28 B per parameter against torch's ~40) is CUDA only
 # under auto, where it does torch's fused AdamW arithmetic bit for bit (by construction; the GPU tests assert it);
 # on CPU its scalar loop took 31 ms where torch's vectorised path (the reference) took 20 (8.4M parameters, one
