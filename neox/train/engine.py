@@ -105,7 +105,7 @@ def initialize(model: torch.nn.Module, plan: RunPlan, device: torch.device, mpu:
     install_grad_clipping(engine)  # ZeRO-0 fp32: a norm right under pp and tp, and kept for the metrics
     # bf16/fp8 ZeRO-0: one pass for the norm, one sync, AdamW unscales; that optimizer reads .grad after the
     # accumulation and nothing hooks it, so the linear layers may add each micro-batch's weight gradient there
-    if plan.config.train.fused_step and install_fused_step(engine):
-        m = plan.config.model
+    m = plan.config.model
+    if plan.config.train.fused_step and install_fused_step(engine, m.kernel_ops.adamw or m.kernels):
         accumulate_in_gemm(model, m.kernel_ops.linear or m.kernels)
     return engine, opt, sched

@@ -22,7 +22,10 @@ unchanged) and its semantics:
   schedule and `_global_grad_norm`), so the GPU has the whole update to run while the host goes on to
   the next forward. Reading the norm first left the GPU idle while the host launched the update and
   the first forward kernels (15 ms of a 1,027 ms step at 1.4B on an H200, session 18's profile);
-- the fp32 gradients live only during the step, a chunk of tensors at a time (`CHUNK_ELEMENTS`, 1 GiB of
+- where the "adamw" op's kernel is on (CUDA, `model.kernel_ops.adamw`), AdamW reads the bf16 gradients
+  straight into the fp32 state and writes the bf16 weights in the same pass (`neox.kernels.adamw_bf16_step_`:
+  torch's fused AdamW's numbers bit for bit, 28 B per parameter where the path below moves ~40);
+- otherwise the fp32 gradients live only during the step, a chunk of tensors at a time (`CHUNK_ELEMENTS`, 1 GiB of
   them, where DeepSpeed's step holds every one at once: 26 GB at 6.7B, the largest allocation of a big
   model's step); AdamW is elementwise, so a chunked step is the whole step bitwise. `_foreach_copy_` writes
   each chunk's bf16 weights.
@@ -118,13 +121,17 @@ def _queued_step(self: Any, inner: Any, params: List[torch.Tensor], masters: Lis
     if self.clip_grad > 0.0:  # unscale_and_clip_grads, operation for operation, in float64
         clip = ((norm / cur_scale) + 1e-6) / self.clip_grad
         scale = torch.where(clip > 1, clip * cur_scale, scale)
-    inner.grad_scale = scale.float()  # the kernel divides each gradient by it as it reads it
-    inner.found_inf = (~torch.isfinite(norm)).float()  # the kernel then changes nothing (steps restored)
-    try:
-        _adamw_chunks(self, inner, params, masters, 1.0)
-    finally:
-        inner.__dict__.pop("grad_scale", None)
-        inner.__dict__.pop("found_inf", None)
+    grad_scale = scale.float()  # the kernel divides each gradient by it as it reads it
+    found_inf = (~torch.isfinite(norm)).float()  # the kernel then changes nothing (steps restored)
+    if _bf16_kernel(self, inner, masters[0].device if masters else None):
+        _adamw_from_bf16(self, inner, grad_scale, found_inf)
+    else:
+        inner.grad_scale, inner.found_inf = grad_scale, found_inf
+        try:
+            _adamw_chunks(self, inner, params, masters, 1.0)
+        finally:
+            inner.__dict__.pop("grad_scale", None)
+            inner.__dict__.pop("found_inf", None)
     value = norm.item()  # the host sync: the update is queued behind it
     if not math.isfinite(value):
         return _skip(self, inner)  # AdamW skipped on the device; the weights were rewritten unchanged
@@ -132,6 +139,30 @@ def _queued_step(self: Any, inner: Any, params: List[torch.Tensor], masters: Lis
     self._global_grad_norm = value
     self._update_scale(False)
     return self.overflow
+
+
+def _bf16_kernel(self: Any, inner: Any, device: Optional[torch.device]) -> bool:
+    """Whether neox.kernels.adamw_bf16_step_ takes this step: the op on (`adamw_impl`, set at install)
+    and built for the device, and AdamW as it implements it (no amsgrad, no maximize)."""
+    from neox.kernels import _backend
+
+    impl = getattr(self, "adamw_impl", None)
+    return (impl is not None and device is not None and _backend.choose("adamw", impl, device) is not None
+            and not any(g.get("amsgrad") or g.get("maximize") for g in inner.param_groups))
+
+
+def _adamw_from_bf16(self: Any, inner: Any, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """AdamW straight from the bf16 gradients into the fp32 state and the bf16 weights (one pass, no fp32
+    gradients: 28 B per parameter where the chunks move ~40); torch's fused AdamW's numbers, bit for bit."""
+    from neox.kernels.adamw import adamw_bf16_step_, torch_adamw_state
+
+    for group, params16, masters32 in zip(inner.param_groups, self.fp16_groups, self.fp32_groups):
+        exp_avgs, exp_avg_sqs, steps = torch_adamw_state(inner, masters32)
+        beta1, beta2 = group["betas"]
+        adamw_bf16_step_(params16, [p.grad for p in params16], masters32, exp_avgs, exp_avg_sqs, steps,
+                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
+                         impl=self.adamw_impl)
 
 
 def _skip(self: Any, inner: Any) -> bool:
@@ -166,10 +197,11 @@ def _adamw_chunk(inner: Any, params: List[torch.Tensor], masters: List[torch.Ten
     torch._foreach_copy_(params, masters)
 
 
-def install_fused_step(engine: Any) -> bool:
+def install_fused_step(engine: Any, adamw_impl: Optional[str] = None) -> bool:
     """Give a bf16 engine's `FP16_UnfusedOptimizer` (ZeRO-0, no pipeline) the fused step; returns
     whether it did. fp16 keeps DeepSpeed's step (dynamic loss scaling), as does any optimizer that
-    is not torch's AdamW."""
+    is not torch's AdamW. `adamw_impl`: the "adamw" op's impl (model.kernel_ops.adamw or model.kernels);
+    where it chooses the kernel, the fused AdamW's update runs in neox.kernels.adamw_bf16_step_."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     opt = engine.optimizer
@@ -177,4 +209,5 @@ def install_fused_step(engine: Any) -> bool:
             and not opt.fused_lamb_legacy and isinstance(opt.optimizer, torch.optim.AdamW)):
         return False
     opt.step = types.MethodType(fused_step, opt)
+    opt.adamw_impl = adamw_impl
     return True

@@ -35,9 +35,11 @@ def _model(device: str = "cpu") -> torch.nn.Module:
                                ).bfloat16().to(device)
 
 
-def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool = False, chunk: int = 0):
+def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool = False, chunk: int = 0,
+               adamw_impl=None):
     """DeepSpeed's bf16 optimizer over our AdamW, grouped as neox.train.engine.optimizer groups it; `chunk`:
-    the fused step's fp32 gradients that many elements at a time (0: its default)."""
+    the fused step's fp32 gradients that many elements at a time (0: its default); `adamw_impl`: the
+    "adamw" op's impl the fused step gets (install_fused_step's argument)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     from neox.train import fused_step as fs
@@ -52,6 +54,8 @@ def _optimizer(model: torch.nn.Module, fused: bool, mpu=None, fused_step: bool =
         opt.step = types.MethodType(fs.fused_step, opt)
     if chunk:
         opt.fused_step_chunk = chunk
+    if fused_step:
+        opt.adamw_impl = adamw_impl
     return opt
 
 
@@ -91,19 +95,26 @@ def _clip_active(norm: float) -> bool:
 STEPS = [("no clip", 2.0 ** -7), ("inf", 1.0), ("clip", 8.0), ("no clip", 2.0 ** -6), ("clip", 16.0)]
 
 
-def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: str = "cpu", chunk: int = 0) -> None:
+def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: str = "cpu", chunk: int = 0,
+                       adamw_impl=None) -> None:
     """Same model, same gradients, 5 steps: DeepSpeed's step vs ours. Bitwise where the arithmetic is
     the same. The one place it is not: torch's fused AdamW divides each gradient by `grad_scale` (x / c),
     DeepSpeed multiplies by 1/c (x * fl(1/c)), which differ by at most ~1 fp32 ulp per gradient element;
-    through Adam's update that stays within a few ulps of each tensor's scale (bound: ULPS eps * max|x|)."""
+    through Adam's update that stays within a few ulps of each tensor's scale (bound: ULPS eps * max|x|).
+    `adamw_impl="fused"`: the update by neox.kernels.adamw_bf16_step_, torch's CUDA fused AdamW's arithmetic
+    (bitwise there); on CPU it follows torch's CPU fused AdamW within a few ulps (compared within ULPS)."""
     ref_model, new_model = _model(device), _model(device)
-    ref, new = _optimizer(ref_model, fused), _optimizer(new_model, fused, fused_step=True, chunk=chunk)
+    ref = _optimizer(ref_model, fused)
+    new = _optimizer(new_model, fused, fused_step=True, chunk=chunk, adamw_impl=adamw_impl)
+    if adamw_impl is not None:
+        import neox.train.fused_step as fs
+        assert fs._bf16_kernel(new, new.optimizer, torch.device(device)) == fused, "the kernel path is not taken"
     if chunk:
         sizes = [m.numel() for group in new.fp32_groups for m in group]
         from neox.train.fused_step import chunks
         assert len(chunks(sizes, chunk)) >= 4 and max(sizes) > chunk, sizes  # several chunks, one oversized
     g = torch.Generator().manual_seed(1 + rank)
-    diverged = False  # after a clipped fused step the two states differ by those ulps
+    diverged = adamw_impl is not None and fused and device == "cpu"  # after a clipped fused step: those ulps
     for i, (kind, size) in enumerate(STEPS):
         grads = [t.to(device) for t in make_grads(ref_model, g, size)]
         if kind == "inf":
@@ -114,7 +125,7 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: s
             pr.grad, pn.grad = gr.clone(), gr.clone()
         skips = new.optimizer.skip_events
         out_ref, out_new = ref.step(), new.step()
-        where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__}, {device}, chunk {chunk})"
+        where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__}, {device}, chunk {chunk}, {adamw_impl})"
         assert out_new is out_ref, f"{where}: returned {out_new}, DeepSpeed {out_ref}"
         if kind == "inf":
             assert out_new is True and new._global_grad_norm == INF == ref._global_grad_norm, where
@@ -131,6 +142,9 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: s
             assert math.isclose(new._global_grad_norm, ref._global_grad_norm, rel_tol=rel), \
                 f"{where}: norm {new._global_grad_norm!r} vs DeepSpeed {ref._global_grad_norm!r}"
         assert all(m.grad is None for group in new.fp32_groups for m in group), f"{where}: fp32 grads kept"
+        steps = [(ref.optimizer.state[mr]["step"], new.optimizer.state[mn]["step"])
+                 for gr, gn in zip(ref.fp32_groups, new.fp32_groups) for mr, mn in zip(gr, gn)]
+        assert all(float(a) == float(b) for a, b in steps), f"{where}: step counts {steps[:2]}"
         diverged |= kind == "clip" and (fused or make_grads is not _exact_grads)
         for j, ((mr, ar, sr), (mn, an, sn)) in enumerate(zip(_state(ref), _state(new))):
             for name, r, n in (("master", mr, mn), ("exp_avg", ar, an), ("exp_avg_sq", sr, sn)):
@@ -156,6 +170,8 @@ def _check_against_deepspeed(rank: int, world: int, device: str = "cpu") -> None
         for make_grads in (_exact_grads, _random_grads):
             for chunk in (0, 100):  # 100 elements: the step in 4 chunks, the two 16x16 weights above it alone
                 _against_deepspeed(rank, world, fused, make_grads, device, chunk)
+            if fused:  # the AdamW kernel from bf16 gradients (no chunks)
+                _against_deepspeed(rank, world, fused, make_grads, device, adamw_impl="fused")
 
 
 def _check_tp2_norm(rank: int, world: int) -> None:
