@@ -119,7 +119,11 @@ def layer_activation_elements(m: GPTConfig, tp: int, sequence_parallel: bool) ->
 def layer_activation_bytes(m: GPTConfig, tp: int, sequence_parallel: bool, precision: str) -> float:
     """Bytes one block keeps per token: elements, fp32 norm statistics, dropout masks."""
     w = element_bytes(precision)
-    stats = 2 * 2 * 4 / (tp if sequence_parallel else 1)  # each norm's mean and rstd (fp32), on its tokens
+    # each norm's mean and rstd (fp32), on its tokens; the parallel residual's two norms share theirs where
+    # they run as one dual_norm (fused kernels, no sequence parallelism: neox.model.gpt.Block)
+    norm_op = "rms_norm" if m.norm == "rmsnorm" else "layer_norm"
+    norms = 1 if m.parallel_residual and not sequence_parallel and m.impl(norm_op) != "reference" else 2
+    stats = norms * 2 * 4 / (tp if sequence_parallel else 1)
     if m.position != "alibi":
         stats += m.n_heads / tp * 4  # flash attention's log-sum-exp per head (ALiBi keeps its scores instead)
     masks = 0.0
