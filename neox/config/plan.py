@@ -167,21 +167,23 @@ def _check_optim(cfg: RunConfig) -> list:
     return warnings
 
 
+DEFAULT_MICRO_BATCH = 8  # per rank, where train.micro_batch is unset and not sized for a GPU (neox.launch.planning)
+
+
 def batch_triad(micro: Optional[int], accum: Optional[int], global_: Optional[int], dp: int) -> tuple[int, int, int]:
-    """global = micro * accum * dp: any two determine the third; all three must agree."""
+    """global = micro * accum * dp: any two determine the third; all three must agree. With fewer than two,
+    grad_accum defaults to 1 and micro_batch to DEFAULT_MICRO_BATCH."""
     given = {k: v for k, v in (("micro_batch", micro), ("grad_accum", accum), ("global_batch", global_)) if v is not None}
     for k, v in given.items():
         if v < 1:
             raise ConfigError(f"train.{k}={v} must be at least 1")
-    if micro is None and accum is None and global_ is None:
-        raise ConfigError("set two of train.micro_batch, train.grad_accum, train.global_batch")
     if micro is not None and accum is not None:
         if global_ is not None and global_ != micro * accum * dp:
             raise ConfigError(f"inconsistent batch: global_batch={global_} != micro_batch={micro} x grad_accum={accum} "
                               f"x dp={dp} = {micro * accum * dp}; drop one of the three")
         return micro, accum, micro * accum * dp
-    if global_ is None:  # only one of micro/accum given: the other defaults (accum 1, or micro 1)
-        micro, accum = micro or 1, accum or 1
+    if global_ is None:  # at most one of micro/accum given: the other defaults
+        micro, accum = micro or DEFAULT_MICRO_BATCH, accum or 1
         return micro, accum, micro * accum * dp
     if micro is None and accum is None:
         accum = 1

@@ -210,8 +210,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = setting(1000, WARN, at_least(1))
-    micro_batch: Optional[int] = setting(None, WARN, at_least(1))  # any two of micro, accumulation, global
-    grad_accum: Optional[int] = setting(None, WARN, at_least(1))  #   determine the third: global = micro * accum * dp
+    # any two of micro, accumulation, global determine the third: global = micro * accum * dp. micro_batch unset:
+    # on GPUs the largest the planner fits (neox.launch.planning.size_micro_batch), else 8 per rank; accum unset: 1
+    micro_batch: Optional[int] = setting(None, WARN, at_least(1))
+    grad_accum: Optional[int] = setting(None, WARN, at_least(1))
     global_batch: Optional[int] = setting(None, WARN, at_least(1))
     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp8 (bf16 with the linear layers' matmuls in fp8;
     # Hopper or newer)

@@ -85,6 +85,9 @@ def test_dp_is_world_over_tp_pp(tmp_path):
     (None, 4, 32, 2, (4, 4, 32)),
     (4, 2, 16, 2, (4, 2, 16)),
     (None, None, 8, 2, (4, 1, 8)),
+    (None, None, None, 2, (8, 1, 16)),  # nothing set: DEFAULT_MICRO_BATCH (a GPU launch sizes it instead)
+    (None, 3, None, 2, (8, 3, 48)),
+    (2, None, None, 3, (2, 1, 6)),
 ])
 def test_batch_triad(micro, accum, global_, dp, expected):
     assert batch_triad(micro, accum, global_, dp) == expected
