@@ -25,6 +25,7 @@
 #   peers14        1.4B against HF eager/compiled and the compiled minimal GPT (one GPU)
 #   neox14         1.4B neox alone (the real training loop), micro 4 x 8
 #   m125           125M at micro 32 x 4 and 64 x 2            newtests  the GPU tests of this session's changes
+#   m125default    125M with no batch set (sized at launch)
 #   fp8_compiled   1.4B bf16 vs fp8 with train.compile=true (reference kernels)
 #   fp8_recompiles 1.4B fp8 for 6 steps with Dynamo's recompile and graph-break logs
 # On a one-GPU machine (e.g. `build ckpt fp8_1gpu kernels`) `ckpt` and `fp8` run their two streams in turn;
@@ -144,6 +145,8 @@ item() {
   peers14)  # issue 16's table on one GPU: 1.4B neox against HF eager, HF compiled and the compiled minimal GPT
     step peers14 python3 bench/train_throughput.py --model 1.4B --micro 4 --accum 8 --peers hf,mini_compile \
         --out "$RES/peers14" ;;
+  m125default)  # issue 16: `model=125M` as a user runs it (no batch set: the launcher sizes the micro-batch)
+    step m125default python3 bench/train_throughput.py --model 125M --micro 0 --peers '' --out "$RES/m125default" ;;
   m125)  # issue 16's 125M at its two best micro-batches
     step m125 python3 bench/train_throughput.py --model 125M --micro 32 --accum 4 --peers '' --neox '' \
         --neox 'train.micro_batch=64 train.grad_accum=2' --out "$RES/m125" ;;

@@ -143,8 +143,9 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
     6.7B ~94 GB: more than some GPU machines' disks, and a minute of device time each). A run that logs
     a later step without what was waited for, or outlives `timeout_s`, is stopped and reported failed."""
     run = out / f"neox-{preset}-{tag}"
-    cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", f"train.micro_batch={micro}",
-           f"train.grad_accum={accum}", f"train.steps={steps + 1000}", "train.log_every=1",
+    batch = [f"train.micro_batch={micro}", f"train.grad_accum={accum}"] if micro else []  # 0: the launcher's
+    cmd = [sys.executable, str(REPO / "launch.py"), f"model={preset}", *batch, f"train.steps={steps + 1000}",
+           "train.log_every=1",
            "train.eval_every=100000", "train.save_every=100000", "train.eval_batches=1", "logging.wandb=false",
            "cluster.gpus=1", f"run_dir={run}", *extra]
     log = out / f"neox-{preset}-{tag}.log"
@@ -165,6 +166,11 @@ def neox(preset: str, extra: list, micro: int, accum: int, steps: int, out: Path
     recs = records()
     train = [r for r in recs if "train/tokens_per_s" in r and r["step"] <= steps][2:]  # warm-up/compile dropped
     name = f"neox {' '.join(extra) or 'default'}"
+    if not micro and (run / "config.yaml").exists():  # the batch the launcher sized (config.yaml records it)
+        from omegaconf import OmegaConf
+
+        t = OmegaConf.load(run / "config.yaml").train
+        name += f" (sized: micro {t.micro_batch} x accum {t.grad_accum or 1})"
     if not (stopped or proc.returncode == 0) or not train or not done(recs):
         return {"name": name, "failed": log.read_text().strip().splitlines()[-1:]}
     return {"name": name, "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
@@ -237,7 +243,7 @@ def compare_loss(args, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1.4B")
-    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--micro", type=int, default=4, help="0: neox with no batch set (the launcher sizes it)")
     ap.add_argument("--accum", type=int, default=None, help="default 8 (2 with --compare-loss)")
     ap.add_argument("--steps", type=int, default=8, help="neox steps (2 warm-up steps are dropped)")
     ap.add_argument("--peer-steps", type=int, default=3)
