@@ -6,7 +6,8 @@
 // part/part_rows: an fp32 scratch of part_rows x (columns) for per-block partial column sums (CUDA;
 // the CPU kernels ignore it and keep per-thread partials of their own).
 // split_qkv_backward's strides (elements, host memory): dq's over (b, s, group, q head), then dk's and dv's
-// over (b, s, group); every last dim is contiguous.
+// over (b, s, group); every last dim is contiguous. version: 0 picks the kernel, 4 or 5 forces one (CUDA; tests
+// and bench); returns the kernel run: 5, 4, 1 (v4's scalar form), 0 (CPU, or nothing to do), -1 (5 does not apply).
 #pragma once
 #include <cstdint>
 
@@ -25,9 +26,9 @@
   void rotary_qkv##SUFFIX(T* qkv, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,   \
                           int64_t P, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);   \
   template <typename T>                                                                                  \
-  void split_qkv_backward##SUFFIX(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, \
-                                  const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,  \
-                                  int64_t P, int64_t D, int64_t R, bool interleaved __VA_ARGS__);       \
+  int split_qkv_backward##SUFFIX(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv,  \
+                                 const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,   \
+                                 int64_t P, int64_t D, int64_t R, bool interleaved, int version __VA_ARGS__); \
   template <typename T>                                                                                  \
   void masked_softmax_forward##SUFFIX(const T* x, T* y, int64_t rows, int64_t SQ, int64_t SK,            \
                                       float scale __VA_ARGS__);                                          \

@@ -21,7 +21,19 @@
 // pairs) rotates back with v2/v3's rotate_pack for q and k, and copies its packs for v; the other slots copy
 // one pass-through pack. R = 0 (learned or ALiBi positions) is the copy alone. Taken when every pointer and
 // stride is whole packs and the rotary part is as v3's; else v4's scalar form (one thread per slot of v1,
-// 64-bit indexing), with the same arithmetic per pair.
+// 64-bit indexing), with the same arithmetic per pair. Since v5, v4 serves what v5 does not take (a head that is not
+// 1-32 packs, a power of two) and runs when version 4 is forced (tests, bench).
+// v5 (split_qkv_backward_cuda, the default where it applies): the same op aimed at copy bandwidth. What v4 lacked:
+// each thread moved one or two 16-byte packs at a time (load, then store, then the next slot's load), the 14 slots of
+// a Pythia row straddled warps so that a warp ran the rotate, copy and v branches one after the other, the angles
+// were re-read per head, each slot paid two 32-bit divisions and four 64-bit stride products, and one block per token
+// (8192 blocks of 336 threads at 1.4B) was launched and retired over and over. v5: a persistent grid of one wave of
+// 256-thread blocks; a warp task is a run of whole rows of one token, L = D / V lanes per row (16 for bf16 D = 128:
+// each row one coalesced 256-byte read and write); each lane issues its U = 4 loads before any store, then rotates,
+// then stores; the NeoX pairs that span two packs swap them by shuffle (one lane, one pack: loads and stores do not
+// branch on the slot kind), the angles are read once per task, and the divisions are multiply-high + shift with
+// constants from the host. Same fp32 arithmetic as v4 (rotated_a/rotated_b), so bitwise v4's values. Taken where v4's
+// packs apply and L is a power of two up to 32 (bf16/fp16 heads of 8-256, fp32 of 4-128).
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -47,6 +59,16 @@ __global__ void rotary_kernel(const T* __restrict__ x, const float* __restrict__
   }
 }
 
+// The two halves of one rotated pair (a, b) by angle (c, s), sgn = -1 for the inverse: a c - b (sgn s) and
+// b c + a (sgn s), spelled out with _rn intrinsics in the order nvcc contracted the plain expressions to (sgn s,
+// the product, then one fma), so that every kernel that rotates a pack rounds alike (v5 bitwise v4).
+__device__ __forceinline__ float rotated_a(float a, float b, float c, float s, float sgn) {
+  return __fmaf_rn(a, c, -__fmul_rn(b, __fmul_rn(s, sgn)));
+}
+__device__ __forceinline__ float rotated_b(float a, float b, float c, float s, float sgn) {
+  return __fmaf_rn(b, c, __fmul_rn(a, __fmul_rn(s, sgn)));
+}
+
 // One thread's pack: the V rotated elements of slot p of a head row (pairs (j, j + half), or (2j, 2j + 1)
 // interleaved). xr and yr may be the same row (in place: every element is read before it is written).
 template <typename T, int V, bool INTERLEAVED>
@@ -61,7 +83,7 @@ __device__ __forceinline__ void rotate_pack(const T* xr, T* yr, const float* cr,
     load_f32<V>(sr + j, sn);
 #pragma unroll
     for (int i = 0; i < V; i++) {
-      const float sv = sgn * sn[i], ya = a[i] * c[i] - b[i] * sv, yb = b[i] * c[i] + a[i] * sv;
+      const float ya = rotated_a(a[i], b[i], c[i], sn[i], sgn), yb = rotated_b(a[i], b[i], c[i], sn[i], sgn);
       a[i] = ya;
       b[i] = yb;
     }
@@ -75,9 +97,9 @@ __device__ __forceinline__ void rotate_pack(const T* xr, T* yr, const float* cr,
     load_f32<V / 2>(sr + e / 2, sn);
 #pragma unroll
     for (int i = 0; i < V / 2; i++) {
-      const float a = v[2 * i], b = v[2 * i + 1], sv = sgn * sn[i];
-      v[2 * i] = a * c[i] - b * sv;
-      v[2 * i + 1] = b * c[i] + a * sv;
+      const float a = v[2 * i], b = v[2 * i + 1];
+      v[2 * i] = rotated_a(a, b, c[i], sn[i], sgn);
+      v[2 * i + 1] = rotated_b(a, b, c[i], sn[i], sgn);
     }
     store<T, V>(yr + e, v);
   }
@@ -225,16 +247,136 @@ __global__ void split_qkv_backward_v4_scalar(const T* dq, const T* dk, const T* 
   }
 }
 
+// n / d for n < 2^31 by a multiply-high and a shift (d fixed per launch, 1 <= d < 2^31): m and s from the host.
+struct FastDiv {
+  uint32_t d, m, s;
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
+inline FastDiv fast_div(uint32_t d) {  // s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1
+  uint32_t s = 0;
+  while ((uint64_t{1} << s) < d) s++;
+  const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1;
+  return {d, static_cast<uint32_t>(m), s};
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const uint4& u, float (&f)[V]) {
+  Pack<T, V> p;
+  memcpy(&p, &u, sizeof(u));
+#pragma unroll
+  for (int i = 0; i < V; i++) f[i] = to_f(p.d[i]);
+}
+template <typename T, int V>
+__device__ __forceinline__ uint4 repack(const float (&f)[V]) {
+  Pack<T, V> p;
+#pragma unroll
+  for (int i = 0; i < V; i++) p.d[i] = from_f<T>(f[i]);
+  uint4 u;
+  memcpy(&u, &p, sizeof(u));
+  return u;
+}
+
+// v5: a warp task is C = (32 / L) * U rows of one token (L = D / V lanes per row; chunk `chunk` of its heads).
+// Lane (sub, pk) = (lane / L, lane % L) takes pack pk of rows chunk * C + i * (32 / L) + sub, i < U: all U loads
+// first, then the rotation, then the U stores; each row is L lanes reading and writing its 256 (bf16 D = 128)
+// contiguous bytes. The lane's angles are loaded once per task. NeoX pairs span two packs: lane pk < d2 holds the
+// first elements of its pairs, lane pk + d2 the second, and they swap packs by shuffle. R = 0 (ROT false): copy.
+template <typename T, int V, int U, bool ROT, bool INTERLEAVED>
+__global__ void __launch_bounds__(256)
+split_qkv_backward_v5(const T* __restrict__ dq, const T* __restrict__ dk, const T* __restrict__ dv, QKVGrads st,
+                      T* __restrict__ out, const float* __restrict__ cos, const float* __restrict__ sin,
+                      uint32_t tasks, FastDiv chunks, FastDiv seq, FastDiv group, uint32_t heads, uint32_t P,
+                      uint32_t D, uint32_t half, uint32_t lshift, uint32_t rot_lanes, uint32_t d2, float sgn) {
+  constexpr int A = INTERLEAVED ? V / 2 : V;  // angles per lane
+  const uint32_t lane = threadIdx.x & 31, sub = lane >> lshift, pk = lane & ((1u << lshift) - 1);
+  const uint32_t rw = 32u >> lshift, rows = rw * U;  // rows per load instruction, per task
+  const bool rot_lane = ROT && pk < rot_lanes, first = pk < d2;
+  const uint32_t partner = INTERLEAVED || !rot_lane ? lane : first ? lane + d2 : lane - d2;
+  const uint32_t j0 = INTERLEAVED ? pk * A : (first ? pk : pk - d2) * V;  // the lane's first angle
+  const uint32_t warps = (gridDim.x * blockDim.x) >> 5;
+  for (uint32_t w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < tasks; w += warps) {
+    const uint32_t token = chunks.div(w), row0 = (w - token * chunks.d) * rows + sub;
+    const uint32_t b = seq.div(token), s = token - b * seq.d;
+    float c[A], sn[A];
+    if (rot_lane) {
+      load_f32<A>(cos + (size_t)s * half + j0, c);
+      load_f32<A>(sin + (size_t)s * half + j0, sn);
+    }
+    // the token's row 0 in each tensor, then per row its tensor and the (group, head) offset
+    const T* tq = dq + b * st.q[0] + s * st.q[1] + pk * V;
+    const T* tk = dk + b * st.k[0] + s * st.k[1] + pk * V;
+    const T* tv = dv + b * st.v[0] + s * st.v[1] + pk * V;
+    uint4 x[U];
+    bool qk[U];
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+      const uint32_t r = row0 + i * rw, g = group.div(r), h = r - g * group.d;
+      const bool is_q = h < P, is_k = h == P;
+      qk[i] = h <= P;
+      const T* src = is_q ? tq + g * st.q[2] + h * st.q[3] : is_k ? tk + g * st.k[2] : tv + g * st.v[2];
+      x[i] = r < heads ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
+    }
+    if constexpr (ROT) {
+#pragma unroll
+      for (int i = 0; i < U; i++) {
+        uint4 y = x[i];  // NeoX: the partner lane's pack (all lanes take part in the shuffles)
+        if constexpr (!INTERLEAVED) {
+          y.x = __shfl_sync(0xffffffffu, x[i].x, partner);
+          y.y = __shfl_sync(0xffffffffu, x[i].y, partner);
+          y.z = __shfl_sync(0xffffffffu, x[i].z, partner);
+          y.w = __shfl_sync(0xffffffffu, x[i].w, partner);
+        }
+        if (!rot_lane || !qk[i]) continue;  // v, or a pass-through pack: as it is
+        float v[V], o[V];
+        unpack<T, V>(x[i], v);
+        if constexpr (INTERLEAVED) {
+#pragma unroll
+          for (int k = 0; k < V / 2; k++) {
+            o[2 * k] = rotated_a(v[2 * k], v[2 * k + 1], c[k], sn[k], sgn);
+            o[2 * k + 1] = rotated_b(v[2 * k], v[2 * k + 1], c[k], sn[k], sgn);
+          }
+        } else {
+          unpack<T, V>(y, o);
+#pragma unroll
+          for (int k = 0; k < V; k++)
+            o[k] = first ? rotated_a(v[k], o[k], c[k], sn[k], sgn) : rotated_b(o[k], v[k], c[k], sn[k], sgn);
+        }
+        x[i] = repack<T, V>(o);
+      }
+    }
+    T* dst = out + ((size_t)token * heads + row0) * D + pk * V;
+#pragma unroll
+    for (int i = 0; i < U; i++)
+      if (row0 + i * rw < heads) *reinterpret_cast<uint4*>(dst + (size_t)i * rw * D) = x[i];
+  }
+}
+
+template <typename T, int V, int U>
+static void launch_v5(const T* dq, const T* dk, const T* dv, const QKVGrads& st, T* dqkv, const float* cos,
+                      const float* sin, uint32_t tasks, FastDiv chunks, uint32_t S, uint32_t heads, uint32_t P,
+                      uint32_t D, uint32_t R, uint32_t lshift, bool interleaved, cudaStream_t stream) {
+  auto kernel = R == 0        ? split_qkv_backward_v5<T, V, U, false, false>
+                : interleaved ? split_qkv_backward_v5<T, V, U, true, true>
+                              : split_qkv_backward_v5<T, V, U, true, false>;
+  const int64_t wanted = (int64_t{tasks} + 7) / 8, wave = resident_blocks(kernel, 256);  // 8 warps a block
+  const unsigned blocks = static_cast<unsigned>(wanted < wave ? wanted : wave);
+  kernel<<<blocks, 256, 0, stream>>>(dq, dk, dv, st, dqkv, cos, sin, tasks, chunks, fast_div(S), fast_div(P + 2),
+                                     heads, P, D, R / 2, lshift, R / V, R / (2 * V), -1.f);
+}
+
+// Returns the kernel run (ops.h): 5, 4, 1 (v4's scalar form), 0 (nothing to do), -1 (version 5 asked for where
+// it does not apply).
 template <typename T>
-void split_qkv_backward_cuda(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, const float* cos,
-                             const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
-                             bool interleaved, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
+int split_qkv_backward_cuda(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, const float* cos,
+                            const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
+                            bool interleaved, int version, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T), U = 4;  // U: rows per lane in v5 (U 16-byte loads in flight)
   QKVGrads st;
   for (int i = 0; i < 4; i++) st.q[i] = strides[i];
   for (int i = 0; i < 3; i++) st.k[i] = strides[4 + i], st.v[i] = strides[7 + i];
   const int64_t tokens = B * S, heads = G * (P + 2);
-  if (tokens == 0 || heads * D == 0) return;
+  if (tokens == 0 || heads * D == 0) return 0;
   bool whole_packs = D % V == 0 && pack_width<T>(D, {dq, dk, dv, dqkv}) == V;
   for (int i = 0; i < 10; i++) whole_packs = whole_packs && strides[i] % V == 0;
   const int64_t rot_elems = interleaved ? R : R / 2;  // elements per head whose packs a rotating slot starts
@@ -242,19 +384,36 @@ void split_qkv_backward_cuda(const T* dq, const T* dk, const T* dv, const int64_
     whole_packs = whole_packs && rot_elems % V == 0 && (R / 2) % 4 == 0 && reinterpret_cast<uintptr_t>(cos) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(sin) % 16 == 0;
   const int64_t slots = rot_elems / V + (D - R) / V, token_slots = heads * slots;
-  if (whole_packs && tokens < (int64_t{1} << 31) && token_slots < (int64_t{1} << 31) && D < (int64_t{1} << 31)) {
+  const bool v4_fits = whole_packs && tokens < (int64_t{1} << 31) && token_slots < (int64_t{1} << 31) &&
+                       D < (int64_t{1} << 31);
+  // v5: a row is L = D / V lanes, a power of two up to a warp
+  const int64_t L = D / V;
+  int lshift = 0;
+  while ((int64_t{1} << lshift) < L) lshift++;
+  const int64_t task_rows = (32 >> lshift) * U, chunks = (heads + task_rows - 1) / task_rows;
+  const bool v5_fits = v4_fits && L <= 32 && (int64_t{1} << lshift) == L && tokens * chunks < (int64_t{1} << 31) &&
+                       heads + task_rows < (int64_t{1} << 31);
+  if (v5_fits && version != 4) {
+    launch_v5<T, V, U>(dq, dk, dv, st, dqkv, cos, sin, static_cast<uint32_t>(tokens * chunks),
+                       fast_div(static_cast<uint32_t>(chunks)), (uint32_t)S, (uint32_t)heads, (uint32_t)P, (uint32_t)D,
+                       (uint32_t)R, (uint32_t)lshift, interleaved, stream);
+    return 5;
+  }
+  if (version == 5) return -1;
+  if (v4_fits) {
     const int64_t passes = (token_slots + 511) / 512;  // balance the threads' slots across the passes
     const int threads = static_cast<int>(((token_slots + passes - 1) / passes + 31) / 32 * 32);
     auto kernel = interleaved ? split_qkv_backward_v4<T, V, true> : split_qkv_backward_v4<T, V, false>;
     kernel<<<static_cast<unsigned>(tokens), threads, 0, stream>>>(dq, dk, dv, st, dqkv, cos, sin, (uint32_t)S,
                                                                  (uint32_t)heads, (uint32_t)P, (uint32_t)D, (uint32_t)R,
                                                                  (uint32_t)slots, (uint32_t)(rot_elems / V), -1.f);
-    return;
+    return 4;
   }
   const int64_t total = tokens * heads * (D - R / 2), blocks = (total + 255) / 256;
   const int grid = static_cast<int>(blocks < 32 * sm_count() ? blocks : 32 * sm_count());
   split_qkv_backward_v4_scalar<T><<<grid, 256, 0, stream>>>(dq, dk, dv, st, dqkv, cos, sin, total, S, G, P, D, R,
                                                             interleaved, -1.f);
+  return 1;
 }
 
 template <typename T>
@@ -286,9 +445,9 @@ void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t
                                    int64_t, bool, bool, cudaStream_t);                                 \
   template void rotary_cuda<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, int64_t, \
                                int64_t, bool, bool, cudaStream_t);                                   \
-  template void split_qkv_backward_cuda<T>(const T*, const T*, const T*, const int64_t*, T*, const float*,   \
-                                           const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                           bool, cudaStream_t);
+  template int split_qkv_backward_cuda<T>(const T*, const T*, const T*, const int64_t*, T*, const float*,    \
+                                          const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, \
+                                          int, cudaStream_t);
 NEOX_FOR_EACH_CUDA_DTYPE(INSTANTIATE)
 
 }  // namespace neox

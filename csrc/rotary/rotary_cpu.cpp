@@ -73,9 +73,9 @@ void rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t
 }
 
 template <typename T>
-void split_qkv_backward_cpu(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, const float* cos,
-                            const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
-                            bool interleaved) {
+int split_qkv_backward_cpu(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv, const float* cos,
+                           const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D, int64_t R,
+                           bool interleaved, int /*version: CUDA's; one kernel here*/) {
   const int64_t half = R / 2, *sq = strides, *sk = strides + 4, *sv = strides + 7;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t bi = 0; bi < B; bi++) {
@@ -94,6 +94,7 @@ void split_qkv_backward_cpu(const T* dq, const T* dk, const T* dv, const int64_t
       }
     }
   }
+  return 0;
 }
 
 #define INSTANTIATE(T)                                                                            \
@@ -101,8 +102,8 @@ void split_qkv_backward_cpu(const T* dq, const T* dk, const T* dv, const int64_t
                                   int64_t, bool, bool);                                           \
   template void rotary_cpu<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, \
                               int64_t, int64_t, bool, bool);                                      \
-  template void split_qkv_backward_cpu<T>(const T*, const T*, const T*, const int64_t*, T*, const float*, \
-                                          const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);
+  template int split_qkv_backward_cpu<T>(const T*, const T*, const T*, const int64_t*, T*, const float*, \
+                                         const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int);
 NEOX_FOR_EACH_DTYPE(INSTANTIATE)
 
 }  // namespace neox

@@ -200,7 +200,7 @@ class _SplitQKVFn(torch.autograd.Function):
                 grad = grad.contiguous()
             grads.append(grad)
         dqkv = B.empty(ctx.shape, ctx.dtype, ctx.device)
-        ctx.ext.split_qkv_backward(*grads, dqkv, c, s, ctx.rotary_dims, ctx.interleaved)
+        ctx.ext.split_qkv_backward(*grads, dqkv, c, s, ctx.rotary_dims, ctx.interleaved, 0)  # 0: the kernel picks
         return None, dqkv, None, None, None, None, None
 
 
