@@ -235,3 +235,130 @@ def test_model_attention_runs_split_qkv_with_and_without_checkpointing(device, p
         assert torch.equal(results[1][1][n], gr), n
     attn = gpt.CausalSelfAttention(dataclasses.replace(cfg, kernels="reference"))
     assert "_SplitQKVFnBackward" not in graph_names(attn.heads(torch.randn(1, 3, 64, requires_grad=True))[0])
+
+
+# ------------------------------------------------------------------------------ CUDA kernel versions: v4, v5
+# The binding's `version` forces a kernel (0: the launcher picks) and returns the one that ran (5, 4, or 1 for v4's
+# scalar form). v5 must give v4's values bit for bit, in every layout the attention hands over.
+# (b, s, groups, q_per_kv, hd, rotary_dims, interleaved)
+VERSION_CASES = [
+    (4, 64, 4, 1, 128, 32, False),  # Pythia's 25%, batch 4
+    (1, 37, 4, 1, 128, 128, False),  # full rotary, batch 1, odd length
+    (4, 33, 3, 1, 128, 0, False),  # no rotation: the copy alone
+    (2, 19, 2, 1, 128, 32, True),  # GPT-J layout, 25%
+    (1, 31, 2, 1, 64, 64, True),  # GPT-J layout, full, head 64
+    (4, 17, 2, 4, 128, 32, False),  # GQA, 4 q heads per kv head
+    (1, 9, 3, 2, 64, 16, False),  # GQA, head 64, rotary of one pack (bf16)
+    (2, 5, 2, 1, 256, 64, False),  # head 256: a warp per row in bf16; fp32's 64 packs are v4's
+    (2, 7, 5, 3, 32, 16, False),  # head 32 (bf16: 8 rows a warp), 25 rows a token: its one task part empty
+]
+VERSION_IDS = [f"b{c[0]}s{c[1]}g{c[2]}p{c[3]}hd{c[4]}r{c[5]}{'i' if c[6] else ''}" for c in VERSION_CASES]
+VERSION_LAYOUTS = ["contiguous", "bhsd", "sdpa", "expanded-k"]
+
+
+def _sdpa_grads(x: torch.Tensor, per: int) -> list:
+    """dq, dk, dv as a real SDPA backward on x's device delivers them, through the model's reshape and transpose."""
+    b, s, g, _, hd = x.shape
+    leaf = x.clone().requires_grad_()
+    q, k, v = leaf[:, :, :, :per], leaf[:, :, :, per], leaf[:, :, :, per + 1]
+    seen: list = [None, None, None]
+    for i, t in enumerate((q, k, v)):
+        t.register_hook(lambda gr, i=i: seen.__setitem__(i, gr))
+    qh = q.reshape(b, s, g * per, hd).transpose(1, 2)
+    y = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=per > 1)
+    (y.float() * torch.randn(y.shape, device=x.device)).sum().backward()
+    return [gr if gr.stride(-1) == 1 else gr.contiguous() for gr in seen]  # (as _SplitQKVFn.backward)
+
+
+def _version_grads(layout: str, x: torch.Tensor, per: int) -> list:
+    b, s, g, _, hd = x.shape
+    if layout == "sdpa":
+        return _sdpa_grads(x, per)
+    if layout == "bhsd":  # [b, heads, s, hd] contiguous, seen as [b, s, heads, hd]
+        return _grads("sdpa", b, s, g, per, hd, x.dtype, x.device)
+    grads = _grads("contiguous", b, s, g, per, hd, x.dtype, x.device)
+    if layout == "expanded-k":  # an unused output: one zero row broadcast by stride 0
+        grads[1] = torch.zeros(hd, dtype=x.dtype, device=x.device).expand(b, s, g, hd)
+    return grads
+
+
+def _v5_applies(grads: list, hd: int, rd: int, interleaved: bool, dtype) -> bool:
+    """The launcher's test for v5: 16-byte packs everywhere (size-1 dims' strides do not count, as in the binding),
+    the rotary part in whole packs, D / V lanes a power of two up to a warp."""
+    v = 16 // torch.tensor([], dtype=dtype).element_size()
+    lanes = hd // v
+    packs = hd % v == 0 and all(gr.data_ptr() % 16 == 0 and all(st % v == 0 for st, n in zip(gr.stride()[:-1], gr.shape)
+                                                                if n != 1) for gr in grads)
+    rot = rd == 0 or ((rd if interleaved else rd // 2) % v == 0 and (rd // 2) % 4 == 0)
+    return packs and rot and lanes <= 32 and lanes & (lanes - 1) == 0
+
+
+def _run_version(ext, grads, x, c, sn, rd, interleaved, version):
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)  # poisoned: every element must be written
+    ran = ext.split_qkv_backward(*grads, out, c, sn, rd, interleaved, version)
+    return out, ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", VERSION_LAYOUTS)
+@pytest.mark.parametrize("b,s,g,per,hd,rd,interleaved", VERSION_CASES, ids=VERSION_IDS)
+def test_split_qkv_backward_v5_is_bitwise_v4(seed, dtype, layout, b, s, g, per, hd, rd, interleaved):
+    ext = _backend.extension("cuda")[0]
+    x = torch.randn(b, s, g, per + 2, hd, device="cuda").to(dtype)
+    c, sn = _angles(s, rd)
+    c, sn = (None, None) if not rd else (c.cuda(), sn.cuda())
+    grads = _version_grads(layout, x, per)
+    where = f"seed {seed}, strides {[tuple(gr.stride()) for gr in grads]}"
+    out4, ran4 = _run_version(ext, grads, x, c, sn, rd, interleaved, 4)
+    auto, ran = _run_version(ext, grads, x, c, sn, rd, interleaved, 0)
+    assert ran4 in (4, 1), where
+    # v4 against the path it replaced (bitwise: the concatenation, then v3's inverse rotation in place) and against
+    # the fp32 reference
+    assert torch.equal(out4, _todays_dqkv(grads, x, c, sn, rd, interleaved)), f"v4 not today's path ({where})"
+    ref_leaf = x.float().requires_grad_()
+    _backward(K.split_qkv_reference(ref_leaf * 1, c, sn, rd, interleaved, per), [gr.float() for gr in grads])
+    assert rel_error(out4, ref_leaf.grad) <= TOL[dtype], where
+    if _v5_applies(grads, hd, rd, interleaved, dtype):
+        out5, ran5 = _run_version(ext, grads, x, c, sn, rd, interleaved, 5)
+        assert ran5 == 5 and ran == 5, where  # auto takes v5 wherever it applies
+        assert torch.equal(out5, out4), f"v5 not bitwise v4 ({where})"
+        assert rel_error(out5, ref_leaf.grad) <= TOL[dtype], where
+    else:
+        assert ran == ran4, where
+        with pytest.raises(RuntimeError, match="does not take"):
+            ext.split_qkv_backward(*grads, torch.empty_like(x), c, sn, rd, interleaved, 5)
+    assert torch.equal(auto, out4), where
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_split_qkv_backward_v5_declines_what_it_cannot_take(seed):
+    """Rows off 16-byte alignment (v4's scalar form), a head of 12 packs (v4), fp32 head 256 (64 packs: v4): forced
+    v5 refuses, auto runs the v4 kernel that takes them, with today's values."""
+    ext = _backend.extension("cuda")[0]
+    for (hd, rd, layout, dtype, want) in [(32, 8, "padded", torch.bfloat16, 1), (96, 32, "contiguous", torch.bfloat16, 4),
+                                         (256, 64, "contiguous", torch.float32, 4)]:
+        b, s, g, per = 2, 5, 2, 1
+        x = torch.randn(b, s, g, per + 2, hd, device="cuda").to(dtype)
+        c, sn = (t.cuda() for t in _angles(s, rd))
+        grads = _grads(layout, b, s, g, per, hd, dtype, "cuda")
+        out, ran = _run_version(ext, grads, x, c, sn, rd, False, 0)
+        assert ran == want and torch.equal(out, _todays_dqkv(grads, x, c, sn, rd, False)), f"hd {hd} (seed {seed})"
+        with pytest.raises(RuntimeError, match="does not take"):
+            ext.split_qkv_backward(*grads, torch.empty_like(x), c, sn, rd, False, 5)
+
+
+def test_split_qkv_backward_version_is_cuda_only():
+    """The CPU has one kernel: a forced version there is refused (CI runs this on the CPU extension)."""
+    ext = _backend.extension("cpu")[0]
+    x = torch.randn(1, 3, 2, 3, 8)
+    grads = _grads("contiguous", 1, 3, 2, 1, 8, x.dtype, "cpu")
+    c, sn = _angles(3, 4)
+    out = torch.empty_like(x)
+    assert ext.split_qkv_backward(*grads, out, c, sn, 4, False, 0) == 0
+    assert torch.equal(out, _todays_dqkv(grads, x, c, sn, 4, False))
+    for version in (4, 5, 3):
+        with pytest.raises(RuntimeError, match="version must be 0"):
+            ext.split_qkv_backward(*grads, out, c, sn, 4, False, version)
