@@ -23,6 +23,15 @@
 // dual forward (dual_norm, the parallel residual's two norms of one x): the v3 forward with DUAL, which writes
 //   y2 = norm(x; w2, b2) from the same registers after y1 (one read of x: 3 passes where two forwards make 4);
 //   above kMaxPacks packs, v1 twice. Not yet timed on a GPU.
+// dual backward (dual_norm's, with both norms' grads): v4 and v3 with DUAL. The norms share x, mean and rstd and
+//   LayerNorm's input grad is linear in g = dy * w, so one pass with g = dy1 * w1 + dy2 * w2 gives
+//   dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)) (RMSNorm without mean(g)), rounded once: reads dy1,
+//   dy2, x, dh and writes dx, 5 passes where two norm backwards chained through dh make 8. dw1, dw2, db1, db2
+//   accumulate in registers and one column_sum_v2 of 4C (2C) columns reduces them. The second weight and two
+//   more accumulators cost registers: v4 DUAL runs 2 blocks of 256 threads per SM (P = 1, C <= 256 packs; single:
+//   3) or one of 512 (257-512 packs, P = 1; single: P = 2, 2 blocks), v3 DUAL without prefetch. 16-bit rows
+//   of 513-1024 packs (bf16 hidden 4104-8192) would spill and, like rows over kMaxPacks packs, keep two calls.
+//   The single-norm kernels compile to the same SASS as before the flag. Not yet timed on a GPU.
 #include <algorithm>
 #include <type_traits>
 
@@ -285,31 +294,53 @@ norm_forward_kernel_v3(const T* __restrict__ x, const T* __restrict__ res, const
   }
 }
 
-// Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db].
-template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT, bool HAS_DH>
+// The second norm's grad (DUAL: dual_norm's backward, both norms of one x in one kernel; see v4).
+template <typename T, typename W>
+struct SecondGrad {
+  const T* dy;
+  const W* w;
+};
+
+// Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db]
+// (DUAL: [dw1 | dw2 | db1 | db2], as v4).
+template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT, bool HAS_DH,
+          bool DUAL = false>
 __global__ void __launch_bounds__(MAXT, MINB)
 norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ w,
                         const float* __restrict__ mean, const float* __restrict__ rstd, const T* __restrict__ dh,
-                        T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C, bool rms) {
+                        T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C, bool rms,
+                        SecondGrad<T, W> second = {}) {
   using PK = Pack<T, V>;
+  constexpr int P2 = DUAL ? P : 1;  // the second norm's arrays: none unless DUAL
   __shared__ float scratch[32 * 2 * R];
   const int64_t r_begin = N * blockIdx.x / gridDim.x, r_end = N * (blockIdx.x + 1) / gridDim.x;
   float wv[P][V], acc_w[P][V], acc_b[P][V];
+  float wv2[P2][V], acc_w2[P2][V], acc_b2[P2][V];
 #pragma unroll
   for (int k = 0; k < P; k++) {
     const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
     if (c < C) {
       load_param<W, V>(w + c, wv[k]);
+      if constexpr (DUAL) load_param<W, V>(second.w + c, wv2[k]);
     } else {
 #pragma unroll
       for (int i = 0; i < V; i++) wv[k][i] = 0.f;
+      if constexpr (DUAL) {
+#pragma unroll
+        for (int i = 0; i < V; i++) wv2[k][i] = 0.f;
+      }
     }
 #pragma unroll
     for (int i = 0; i < V; i++) acc_w[k][i] = acc_b[k][i] = 0.f;
+    if constexpr (DUAL) {
+#pragma unroll
+      for (int i = 0; i < V; i++) acc_w2[k][i] = acc_b2[k][i] = 0.f;
+    }
   }
-  // Rows [row0, row0 + R) of dy, h and dh (the residual's grad, if any) into registers; zero outside the band
-  // and the row, so they add nothing.
-  auto load_rows = [&](int64_t row0, PK (&gp)[R][P], PK (&hp)[R][P], PK (&ep)[R][P], float (&m)[R], float (&s)[R]) {
+  // Rows [row0, row0 + R) of dy, h, dh (the residual's grad, if any) and dy2 (DUAL) into registers; zero
+  // outside the band and the row, so they add nothing.
+  auto load_rows = [&](int64_t row0, PK (&gp)[R][P], PK (&hp)[R][P], PK (&ep)[R][P], PK (&gp2)[R][P2], float (&m)[R],
+                       float (&s)[R]) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const bool live = row0 + r < r_end;
@@ -322,19 +353,20 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
         gp[r][k] = in ? *reinterpret_cast<const PK*>(dy + (row0 + r) * C + c) : zero_pack<T, V>();
         hp[r][k] = in ? *reinterpret_cast<const PK*>(h + (row0 + r) * C + c) : zero_pack<T, V>();
         if constexpr (HAS_DH) ep[r][k] = in ? *reinterpret_cast<const PK*>(dh + (row0 + r) * C + c) : zero_pack<T, V>();
+        if constexpr (DUAL) gp2[r][k] = in ? *reinterpret_cast<const PK*>(second.dy + (row0 + r) * C + c) : zero_pack<T, V>();
       }
     }
   };
-  PK gp[R][P], hp[R][P], ep[R][P];
+  PK gp[R][P], hp[R][P], ep[R][P], gp2[R][P2];
   float m[R], s[R];
-  load_rows(r_begin, gp, hp, ep, m, s);
+  load_rows(r_begin, gp, hp, ep, gp2, m, s);
   for (int64_t row0 = r_begin; row0 < r_end; row0 += R) {
     // PREFETCH: the next rows' loads are issued now, so they are in flight during this step's reduction and
     // dx (more registers: it pays where they are free)
-    PK gn[R][P], hn[R][P], en[R][P];
+    PK gn[R][P], hn[R][P], en[R][P], gn2[R][P2];
     float mn[R], sn[R];
-    if constexpr (PREFETCH) load_rows(row0 + R, gn, hn, en, mn, sn);
-    float sums[2 * R];  // [sum(g*w) for each row | sum(g*w*xhat) for each row]
+    if constexpr (PREFETCH) load_rows(row0 + R, gn, hn, en, gn2, mn, sn);
+    float sums[2 * R];  // [sum(g*w) for each row | sum(g*w*xhat) for each row]; DUAL: g*w = dy1*w1 + dy2*w2
 #pragma unroll
     for (int r = 0; r < R; r++) {
       sums[r] = sums[R + r] = 0.f;
@@ -342,7 +374,14 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
       for (int k = 0; k < P; k++) {
 #pragma unroll
         for (int i = 0; i < V; i++) {
-          const float g = to_f(gp[r][k].d[i]), xh = (to_f(hp[r][k].d[i]) - m[r]) * s[r], gw = g * wv[k][i];
+          const float g = to_f(gp[r][k].d[i]), xh = (to_f(hp[r][k].d[i]) - m[r]) * s[r];
+          float gw = g * wv[k][i];
+          if constexpr (DUAL) {
+            const float g2 = to_f(gp2[r][k].d[i]);
+            gw += g2 * wv2[k][i];
+            acc_w2[k][i] += g2 * xh;
+            acc_b2[k][i] += g2;
+          }
           sums[r] += gw;
           sums[R + r] += gw * xh;
           acc_w[k][i] += g * xh;
@@ -369,7 +408,9 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
 #pragma unroll
             for (int i = 0; i < V; i++) {
               const float g = to_f(gp[r][k].d[i]), xh = (to_f(hp[r][k].d[i]) - m[r]) * s[r];
-              e[i] += s[r] * (g * wv[k][i] - a - xh * bb);
+              float gw = g * wv[k][i];
+              if constexpr (DUAL) gw += to_f(gp2[r][k].d[i]) * wv2[k][i];
+              e[i] += s[r] * (gw - a - xh * bb);
             }
             store<T, V>(dx + (row0 + r) * C + c, e);
           }
@@ -386,19 +427,25 @@ norm_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ h, const
           gp[r][k] = gn[r][k];
           hp[r][k] = hn[r][k];
           if constexpr (HAS_DH) ep[r][k] = en[r][k];
+          if constexpr (DUAL) gp2[r][k] = gn2[r][k];
         }
       }
     } else {
-      load_rows(row0 + R, gp, hp, ep, m, s);
+      load_rows(row0 + R, gp, hp, ep, gp2, m, s);
     }
   }
-  float* pw = part + blockIdx.x * 2 * C;
+  constexpr int D = DUAL ? 2 : 1;  // norms
+  float* pw = part + blockIdx.x * 2 * D * C;
 #pragma unroll
   for (int k = 0; k < P; k++) {
     const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
     if (c < C) {
       store_f32<V>(pw + c, acc_w[k]);
-      if (!rms) store_f32<V>(pw + C + c, acc_b[k]);
+      if (!rms) store_f32<V>(pw + D * C + c, acc_b[k]);
+      if constexpr (DUAL) {
+        store_f32<V>(pw + C + c, acc_w2[k]);
+        if (!rms) store_f32<V>(pw + 3 * C + c, acc_b2[k]);
+      }
     }
   }
 }
@@ -442,19 +489,26 @@ struct RowStages {  // [S][NT tensors][P packs][blockDim.x] packs in dynamic sha
 };
 
 // Each block takes rows [N * b / G, N * (b + 1) / G) of G = gridDim.x and writes part[b] = [dw | db].
-template <typename T, typename W, int V, int P, int S, int MINB, int MAXT, bool HAS_DH, bool RMS>
+// DUAL (dual_norm's backward: two norms of the same x, so the same mean/rstd and xhat): LayerNorm's input grad
+// is linear in g = dy * w, so both norms' come from one pass with g = dy1 * w1 + dy2 * w2,
+// dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)); dy2 is staged as a fourth (third without dh)
+// tensor, and part[b] = [dw1 | dw2 | db1 | db2] (4C columns; RMS: the first 2C).
+template <typename T, typename W, int V, int P, int S, int MINB, int MAXT, bool HAS_DH, bool RMS, bool DUAL = false>
 __global__ void __launch_bounds__(MAXT, MINB)
 norm_backward_kernel_v4(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ w,
                         const float* __restrict__ mean, const float* __restrict__ rstd, const T* __restrict__ dh,
-                        T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C) {
+                        T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C,
+                        SecondGrad<T, W> second = {}) {
   using PK = Pack<T, V>;
-  constexpr int NT = HAS_DH ? 3 : 2;
+  constexpr int NT = (HAS_DH ? 3 : 2) + (DUAL ? 1 : 0);
+  constexpr int P2 = DUAL ? P : 1, D = DUAL ? 2 : 1;  // the second norm's arrays: none unless DUAL
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const RowStages<T, V, P, NT> st{reinterpret_cast<PK*>(smem_raw)};
   __shared__ float scratch[32 * 2];
   const int64_t r_begin = N * blockIdx.x / gridDim.x, r_end = N * (blockIdx.x + 1) / gridDim.x;
-  const T* const src[3] = {dy, h, dh};
+  const T* const src[4] = {dy, h, HAS_DH ? dh : second.dy, second.dy};  // dy2 is tensor NT - 1
   float wv[P][V], acc_w[P][V], acc_b[RMS ? 1 : P][V];
+  float wv2[P2][V], acc_w2[P2][V], acc_b2[RMS ? 1 : P2][V];
 #pragma unroll
   for (int k = 0; k < P; k++) {
     const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
@@ -465,6 +519,15 @@ norm_backward_kernel_v4(const T* __restrict__ dy, const T* __restrict__ h, const
 #pragma unroll
       for (int i = 0; i < V; i++) acc_b[k][i] = 0.f;
     }
+    if constexpr (DUAL) {
+#pragma unroll
+      for (int i = 0; i < V; i++) wv2[k][i] = acc_w2[k][i] = 0.f;
+      if (c < C) load_param<W, V>(second.w + c, wv2[k]);
+      if constexpr (!RMS) {
+#pragma unroll
+        for (int i = 0; i < V; i++) acc_b2[k][i] = 0.f;
+      }
+    }
   }
 #pragma unroll
   for (int i = 0; i < S - 1; i++) st.issue(i, r_begin + i, r_end, C, src);
@@ -473,15 +536,23 @@ norm_backward_kernel_v4(const T* __restrict__ dy, const T* __restrict__ h, const
     st.issue(s == 0 ? S - 1 : s - 1, row + S - 1, r_end, C, src);  // the slot read one step ago
     const float m = RMS ? 0.f : mean[row], rs = rstd[row];
     __pipeline_wait_prior(S - 1);
-    PK gp[P], hp[P];
+    PK gp[P], hp[P], gp2[P2];
     st.read(s, 0, C, gp);
     st.read(s, 1, C, hp);
+    if constexpr (DUAL) st.read(s, NT - 1, C, gp2);
     float sums[2] = {0.f, 0.f};  // sum(g*w), sum(g*w*xhat)
 #pragma unroll
     for (int k = 0; k < P; k++) {
 #pragma unroll
       for (int i = 0; i < V; i++) {
-        const float g = to_f(gp[k].d[i]), xh = (to_f(hp[k].d[i]) - m) * rs, gw = g * wv[k][i];
+        const float g = to_f(gp[k].d[i]), xh = (to_f(hp[k].d[i]) - m) * rs;
+        float gw = g * wv[k][i];
+        if constexpr (DUAL) {
+          const float g2 = to_f(gp2[k].d[i]);
+          gw += g2 * wv2[k][i];
+          acc_w2[k][i] += g2 * xh;
+          if constexpr (!RMS) acc_b2[k][i] += g2;
+        }
         sums[0] += gw;
         sums[1] += gw * xh;
         acc_w[k][i] += g * xh;
@@ -504,20 +575,26 @@ norm_backward_kernel_v4(const T* __restrict__ dy, const T* __restrict__ h, const
 #pragma unroll
         for (int i = 0; i < V; i++) {
           const float g = to_f(gp[k].d[i]), xh = (to_f(hp[k].d[i]) - m) * rs;
-          e[i] = rs * (g * wv[k][i] - a - xh * bb) + (HAS_DH ? to_f(ep[k].d[i]) : 0.f);
+          float gw = g * wv[k][i];
+          if constexpr (DUAL) gw += to_f(gp2[k].d[i]) * wv2[k][i];
+          e[i] = rs * (gw - a - xh * bb) + (HAS_DH ? to_f(ep[k].d[i]) : 0.f);
         }
         store<T, V>(dx + row * C + c, e);
       }
     }
     s = s + 1 == S ? 0 : s + 1;
   }
-  float* pw = part + blockIdx.x * 2 * C;
+  float* pw = part + blockIdx.x * 2 * D * C;
 #pragma unroll
   for (int k = 0; k < P; k++) {
     const int64_t c = (k * (int64_t)blockDim.x + threadIdx.x) * V;
     if (c < C) {
       store_f32<V>(pw + c, acc_w[k]);
-      if constexpr (!RMS) store_f32<V>(pw + C + c, acc_b[k]);
+      if constexpr (!RMS) store_f32<V>(pw + D * C + c, acc_b[k]);
+      if constexpr (DUAL) {
+        store_f32<V>(pw + C + c, acc_w2[k]);
+        if constexpr (!RMS) store_f32<V>(pw + 3 * C + c, acc_b2[k]);
+      }
     }
   }
 }
@@ -547,31 +624,34 @@ void launch_forward_v3(const T* x, const T* residual, const W* w, const W* b, T*
       x, residual, w, b, y, h, mean, rstd, N, C, eps, rms, second);
 }
 
-template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT = 256>
+template <typename T, typename W, int V, int P, int R, int MINB, bool PREFETCH, int MAXT = 256, bool DUAL = false>
 int launch_backward_v3(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
-                       T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream) {
+                       T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream,
+                       SecondGrad<T, W> second = {}) {
   const int threads = threads_for(C / V, P);
   // with a residual, its grad dh is loaded with dy and h (and prefetched with them); without, no registers
-  auto kernel = dh ? norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT, true>
-                   : norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT, false>;
+  auto kernel = dh ? norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT, true, DUAL>
+                   : norm_backward_kernel_v3<T, W, V, P, R, MINB, PREFETCH, MAXT, false, DUAL>;
   const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads), part_rows, (N + R - 1) / R});
-  kernel<<<blocks, threads, 0, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms);
+  kernel<<<blocks, threads, 0, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, rms, second);
   return static_cast<int>(blocks);
 }
 
 // v4: the same one-wave persistent grid as the v3 backward, sized with its shared memory. Returns the blocks.
-template <typename T, typename W, int V, int P, int S, int MINB, int MAXT>
+template <typename T, typename W, int V, int P, int S, int MINB, int MAXT, bool DUAL = false>
 int launch_backward_v4(const T* dy, const T* h, const W* w, const float* mean, const float* rstd, const T* dh,
-                       T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream) {
+                       T* dx, float* part, int64_t part_rows, int64_t N, int64_t C, bool rms, cudaStream_t stream,
+                       SecondGrad<T, W> second = {}) {
   const int threads = threads_for(C / V, P);
-  auto kernel = dh ? (rms ? norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, true, true>
-                          : norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, true, false>)
-                   : (rms ? norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, false, true>
-                          : norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, false, false>);
-  const size_t smem = RowStages<T, V, P, 3>::bytes(S, threads) / 3 * (dh ? 3 : 2);
+  auto kernel = dh ? (rms ? norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, true, true, DUAL>
+                          : norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, true, false, DUAL>)
+                   : (rms ? norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, false, true, DUAL>
+                          : norm_backward_kernel_v4<T, W, V, P, S, MINB, MAXT, false, false, DUAL>);
+  const int tensors = (dh ? 3 : 2) + (DUAL ? 1 : 0);  // staged: dy, h [, dh] [, dy2]
+  const size_t smem = RowStages<T, V, P, 1>::bytes(S, threads) * tensors;
   allow_dynamic_smem(kernel, smem);
   const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads, smem), part_rows, N});
-  kernel<<<blocks, threads, smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C);
+  kernel<<<blocks, threads, smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, second);
   return static_cast<int>(blocks);
 }
 
@@ -631,7 +711,7 @@ void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, 
       if constexpr (sizeof(T) * V == 16) {  // v4 takes packed rows of 129-512 packs
         if (packs > 128 && packs <= 512) {
           auto launch = packs <= 256 ? launch_backward_v4<T, W, V, 1, 3, 3, 256> : launch_backward_v4<T, W, V, 2, 2, 2, 256>;
-          blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream);
+          blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream, {});
         }
       }
       if (blocks == 0) {  // not taken by v4
@@ -640,12 +720,57 @@ void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, 
                       : packs <= 512 ? (dh ? launch_backward_v3<T, W, V, 2, 1, 2, false>
                                            : launch_backward_v3<T, W, V, 1, 2, 1, true, 512>)
                                      : launch_backward_v3<T, W, V, 4, 1, 1, false>;
-        blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream);
+        blocks = launch(dy, h, w, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream, {});
       }
     }
   });
   const int64_t cols = db ? 2 * C : C;
   column_sum_v2_kernel<32, W><<<(cols + 31) / 32, dim3(32, 32), 0, stream>>>(part, blocks, 2 * C, cols, C, dw, db);
+}
+
+// dual_norm's backward in one kernel: dx = dh + the input grads of norm(x; w1) and norm(x; w2) (same x, mean,
+// rstd) for dy1 and dy2; dwb = [dw1; dw2] rows of C, then [db1; db2] where `bias` (LayerNorm). part: part_rows x 4C.
+// v4 DUAL for the packed rows v4 serves, v3 DUAL for the other sizes up to kMaxPacks whose per-thread arrays
+// fit in registers; returns false, launching nothing, for the rest (rows over kMaxPacks packs, and 16-byte
+// packs of 513-1024 per row: bf16/fp16 hidden 4104-8192, whose weights and four accumulators would spill),
+// which the caller then runs as two norm backwards.
+template <typename T, typename W>
+bool norm_dual_backward_cuda(const T* dy1, const T* dy2, const T* h, const W* w1, const W* w2, const float* mean,
+                             const float* rstd, const T* dh, T* dx, W* dwb, float* part, int64_t part_rows, int64_t N,
+                             int64_t C, bool rms, bool bias, cudaStream_t stream) {
+  const int vec = pack_width<T>(C, {dy1, dy2, h, dh, dx, w1, w2});
+  int blocks = 0;
+  NEOX_WITH_PACK(T, vec, {
+    const int64_t packs = C / V;
+    constexpr bool packed = sizeof(T) * V == 16;
+    const SecondGrad<T, W> second{dy2, w2};
+    // the v3 shapes: (P, R, MINB) without prefetch (the registers go to w2 and the second norm's accumulators)
+    auto v3_small = launch_backward_v3<T, W, V, 1, 2, 2, false, 256, true>;  // up to 256 packs
+    if (N > 0 && packs <= kMaxPacks) {
+      if constexpr (packed) {
+        if (packs <= 128) {
+          blocks = v3_small(dy1, h, w1, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream, second);
+        } else if (packs <= 512) {
+          auto launch = packs <= 256 ? launch_backward_v4<T, W, V, 1, 3, 2, 256, true>
+                                     : launch_backward_v4<T, W, V, 1, 3, 1, 512, true>;
+          blocks = launch(dy1, h, w1, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream, second);
+        } else if constexpr (sizeof(T) == 4) {  // 16-bit packs of 513-1024 per row would spill: two calls
+          blocks = launch_backward_v3<T, W, V, 4, 1, 1, false, 256, true>(dy1, h, w1, mean, rstd, dh, dx, part,
+                                                                          part_rows, N, C, rms, stream, second);
+        }
+      } else {
+        auto launch = packs <= 256   ? v3_small
+                      : packs <= 512 ? launch_backward_v3<T, W, V, 2, 1, 2, false, 256, true>
+                                     : launch_backward_v3<T, W, V, 4, 1, 1, false, 256, true>;
+        blocks = launch(dy1, h, w1, mean, rstd, dh, dx, part, part_rows, N, C, rms, stream, second);
+      }
+    }
+  });
+  if (blocks == 0) return false;
+  const int64_t cols = (bias && !rms ? 4 : 2) * C;
+  column_sum_v2_kernel<32, W><<<(cols + 31) / 32, dim3(32, 32), 0, stream>>>(part, blocks, 4 * C, cols, cols, dwb,
+                                                                             static_cast<W*>(nullptr));
+  return true;
 }
 
 // W: weight/bias (and their grads) as fp32, or as the activations' 16-bit type.
@@ -655,7 +780,10 @@ void norm_backward_cuda(const T* dy, const T* h, const W* w, const float* mean, 
   template void norm_backward_cuda<T, W>(const T*, const T*, const W*, const float*, const float*, const T*, T*,  \
                                          W*, W*, float*, int64_t, int64_t, int64_t, bool, cudaStream_t);        \
   template void norm_dual_forward_cuda<T, W>(const T*, const W*, const W*, const W*, const W*, T*, T*, float*, float*, \
-                                             int64_t, int64_t, float, bool, cudaStream_t);
+                                             int64_t, int64_t, float, bool, cudaStream_t);                       \
+  template bool norm_dual_backward_cuda<T, W>(const T*, const T*, const T*, const W*, const W*, const float*,      \
+                                              const float*, const T*, T*, W*, float*, int64_t, int64_t, int64_t,   \
+                                              bool, bool, cudaStream_t);
 INSTANTIATE(float, float)
 INSTANTIATE(__nv_bfloat16, float)
 INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
