@@ -237,6 +237,54 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
 CONTENDERS = ("eager", "compile", "fused", "liger")
 
 
+def _sdpa_grads(qkv: torch.Tensor) -> list[torch.Tensor]:
+    """dq, dk, dv of qkv [b, s, h, 3, hd] as a real SDPA backward delivers them (the model's views and transposes)."""
+    leaf = qkv.detach().clone().requires_grad_()
+    parts = [leaf[:, :, :, i] for i in range(3)]
+    seen: list = [None, None, None]
+    for i, t in enumerate(parts):
+        t.register_hook(lambda gr, i=i: seen.__setitem__(i, gr))
+    y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in parts), is_causal=True)
+    torch.autograd.backward(y, torch.randn_like(y))
+    return [gr if gr.stride(-1) == 1 else gr.contiguous() for gr in seen]
+
+
+def bench_split_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: int, bw: float,
+                         device: str = "cuda") -> tuple[str, list[str]]:
+    """(shape, rows of a table): the CUDA split_qkv_backward kernels alone, v4 and v5 forced through the binding's
+    version, on the 1.4B attention's shape (qkv [b, s, h, 3, hd], rotary 25%), per layout of dq, dk, dv. GPU-only
+    time of 10 back-to-back calls / 10; bytes = the grads read + dqkv written."""
+    from neox.kernels import _backend
+    ext = _backend.extension(device)[0]
+    hd = 128 if hidden % 128 == 0 else hidden
+    heads, seq = hidden // hd, min(tokens, 2048)
+    batch, rot = max(1, tokens // seq), hd // 4
+    qkv = torch.randn(batch, seq, heads, 3, hd, device=device).to(dtype)
+    c, s = (torch.randn(seq, rot // 2, device=device) for _ in range(2))
+    dqkv = torch.empty_like(qkv)
+    contiguous = [torch.randn(batch, seq, heads, 1, hd, device=device).to(dtype)] + [
+        torch.randn(batch, seq, heads, hd, device=device).to(dtype) for _ in range(2)]
+    bhsd = [torch.randn(batch, heads, seq, hd, device=device).to(dtype).transpose(1, 2) for _ in range(3)]
+    bhsd[0] = bhsd[0].unsqueeze(3)
+    sdpa = _sdpa_grads(qkv)
+    sdpa[0] = sdpa[0].unsqueeze(3)
+    moved = 2 * qkv.numel() * qkv.element_size()
+    rows = []
+    for name, grads in (("contiguous [b, s, h, d]", contiguous), ("[b, h, s, d]", bhsd), ("SDPA's own", sdpa)):
+        ms = {}
+        for version in (4, 5):
+            def step(version=version, grads=grads):
+                for _ in range(10):
+                    ext.split_qkv_backward(*grads, dqkv, c, s, rot, False, version)
+            wall = _time(step, device, iters)
+            ms[version] = _time(step, device, iters, hide_host_ms=2.0 + 3 * wall) / 10
+        gbs = {v: moved / t / 1e6 for v, t in ms.items()}
+        strides = "; ".join(str(tuple(g.stride())) for g in grads)
+        rows.append(f"| {name} | {strides} | {ms[4] * 1e3:.1f} | {ms[5] * 1e3:.1f} | {gbs[4]:.0f} ({100 * gbs[4] / bw:.0f}%) | "
+                    f"{gbs[5]:.0f} ({100 * gbs[5] / bw:.0f}%) | {ms[4] / ms[5]:.2f} |")
+    return f"[{batch}, {seq}, {heads}, 3, {hd}] rot {rot}", rows
+
+
 def bench_case(case: Case, device: str, iters: int, use_compile: bool, liger: Optional[object] = None) -> dict:
     res = {}
     ref = case.fn
@@ -338,6 +386,16 @@ def main() -> None:
             del case
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    name = "qkv split backward kernels (v4 vs v5)"
+    if not args.ops or any(name.startswith(o) for o in args.ops):
+        if not gpu:
+            print(f"\n# {name}: CUDA only (the CPU has one kernel)")
+        else:
+            shape, rows = bench_split_versions(dtype, args.tokens, args.hidden[0], args.iters, bw)
+            print(f"\n## {name}, {shape}, {dtype}, GPU-only us per call\n")
+            print("| dq, dk, dv layout | strides | v4 us | v5 us | v4 GB/s (% copy) | v5 GB/s (% copy) | v4 / v5 |")
+            print("|---" * 7 + "|")
+            print("\n".join(rows), flush=True)
 
 
 if __name__ == "__main__":
