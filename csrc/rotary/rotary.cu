@@ -277,8 +277,9 @@ __device__ __forceinline__ uint4 repack(const float (&f)[V]) {
   return u;
 }
 
-// v5: a warp task is C = (32 / L) * U rows of one token (L = D / V lanes per row; chunk `chunk` of its heads).
-// Lane (sub, pk) = (lane / L, lane % L) takes pack pk of rows chunk * C + i * (32 / L) + sub, i < U: all U loads
+// v5: a warp task is C = (32 / L) * U rows of one token (L = D / V lanes per row): task w takes rows [c C, c C + C)
+// of token w / chunks, c = w % chunks (rows past the token's heads idle).
+// Lane (sub, pk) = (lane / L, lane % L) takes pack pk of rows c * C + i * (32 / L) + sub, i < U: all U loads
 // first, then the rotation, then the U stores; each row is L lanes reading and writing its 256 (bf16 D = 128)
 // contiguous bytes. The lane's angles are loaded once per task. NeoX pairs span two packs: lane pk < d2 holds the
 // first elements of its pairs, lane pk + d2 the second, and they swap packs by shuffle. R = 0 (ROT false): copy.
