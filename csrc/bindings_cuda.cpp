@@ -13,7 +13,9 @@
 namespace neox {
 NEOX_OPS(_cuda, , cudaStream_t stream)
 NEOX_RESIDUAL_OPS(_cuda, , cudaStream_t stream)
+NEOX_DUAL_NORM_BACKWARD_OPS(_cuda, , cudaStream_t stream)
 }  // namespace neox
+using neox::norm_dual_backward_cuda;
 using neox::add3_cuda, neox::norm_dual_forward_cuda;
 using neox::norm_forward_cuda, neox::norm_backward_cuda, neox::rotary_cuda, neox::rotary_qkv_cuda, neox::split_qkv_backward_cuda,
     neox::masked_softmax_forward_cuda,
@@ -37,5 +39,6 @@ static int64_t part_rows(const torch::Tensor& t, int64_t N) {
 #define PART_ROWS(t, N) part_rows((t), (N))
 
 #define NEOX_NATIVE_PARAMS 1
+#define NEOX_DUAL_NORM_BACKWARD 1  // bindings.inc: dual_norm's backward has a kernel here
 
 #include "common/bindings.inc"

@@ -87,3 +87,13 @@ void adamw_bf16_step_cpu(const AdamwSpan* spans, int64_t count, AdamwHyper h, co
 void adamw_bf16_step_cuda(const AdamwSpan* spans, int64_t count, AdamwHyper h, const float* grad_scale,
                           const float* found_inf, CUstream_st* stream);
 }  // namespace neox
+
+// csrc/norm/norm.cu, CUDA only (the CPU runs dual_norm's backward as two norm backwards): both norms' input grads of
+// one x in one kernel, dx = dh + ..., and dwb = [dw1; dw2] (+ [db1; db2] with `bias`) rows of C; part: part_rows x
+// 4C. Returns false, having launched nothing, for the sizes it does not take.
+#define NEOX_DUAL_NORM_BACKWARD_OPS(SUFFIX, ...)                                                         \
+  template <typename T, typename W>                                                                      \
+  bool norm_dual_backward##SUFFIX(const T* dy1, const T* dy2, const T* h, const W* w1, const W* w2,       \
+                                  const float* mean, const float* rstd, const T* dh, T* dx, W* dwb,       \
+                                  float* part, int64_t part_rows, int64_t N, int64_t C, bool rms,         \
+                                  bool bias __VA_ARGS__);

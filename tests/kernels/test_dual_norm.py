@@ -2,8 +2,16 @@
 reference, two separate norms in fp32 on the same rounded values: outputs, and the grads of x, w1, b1, w2,
 b2 when any of the three outputs' grads is missing. CPU (CI) and CUDA (-m gpu); outputs poisoned (conftest).
 
-The fused backward sums x's three grads inside the norm backwards (dx = nb(dy2, dh = nb(dy1, dh = d_xout))):
-a lost residual grad, a skipped norm or a norm's grad added twice all show in grad x."""
+The fused backward sums x's three grads: on CUDA, with both norms' grads, in one kernel (norm.cu's DUAL
+backward, dx = d_xout + rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy1 * w1 + dy2 * w2, dx rounded
+once); elsewhere inside two norm backwards (dx = nb(dy2, dh = nb(dy1, dh = d_xout))). A lost residual grad, a
+skipped norm or a norm's grad added twice all show in grad x.
+
+Tolerances (TOL, support/kernel_checks.py): max |fused - reference| / max |reference| with the reference in fp32
+on the same rounded inputs. Both fused paths compute in fp32 and round each output to its dtype: one rounding
+is at most 2^-8 relative in bf16, 2^-11 in fp16 (the two-call path rounds dx twice, so up to twice that), and
+fp32 sums over a row or a column differ from PyTorch's by ~1e-6 relative; TOL (1e-2, 2e-3, 1e-5) is above
+both. test_dual_backward_rounds_dx_once checks the CUDA kernel's single rounding element by element."""
 from __future__ import annotations
 
 import pytest
@@ -140,3 +148,118 @@ def test_dual_norm_non_contiguous_input(device, seed):
 def test_dual_norm_size_classes(device, seed, dtype, norm, C):
     rms = norm == "rms_norm"
     _run(_inputs((1031, C), rms, not rms, device, dtype), USES["all"], dtype, seed, rms)
+
+
+# ---- GPU: dual_norm's backward kernel (norm.cu, DUAL v4 / v3), against the fp32 reference ----
+# Hidden sizes and what they take in bf16/fp16 (16-byte packs of 8; fp32 packs of 4, V = 1 where C is not a
+# multiple of the pack): 300 and 1003 (V = 1: v3 DUAL with P = 2 and 4), 1000 and 1024 (v3 DUAL, <= 128 packs;
+# fp32 1024: v4), 2048 (v4 DUAL, 256-thread blocks; fp32 512 packs: v4, 512 threads), 2056 (257 packs: v4 DUAL,
+# 512-thread blocks), 4096 (v4 DUAL, 512 threads; fp32 1024 packs: v3 DUAL P = 4), 8192 (16-bit: 1024 packs, the
+# two-call path: the dual kernel would spill there; fp32 v1 two calls), 8200 (v1: two calls).
+DUAL_SIZES = [300, 1000, 1003, 1024, 2048, 2056, 4096, 8192, 8200]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["layer_norm", "layer_norm without bias", "rms_norm"])
+@pytest.mark.parametrize("C", DUAL_SIZES)
+def test_dual_backward_sizes(device, seed, dtype, norm, C):
+    """1031 rows: not a multiple of a v3 block's 2 rows, uneven bands over the persistent grid."""
+    rms = norm == "rms_norm"
+    _run(_inputs((1031, C), rms, norm == "layer_norm", device, dtype), USES["all"], dtype, seed, rms)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("rows", [1, 2, 3, 133])
+@pytest.mark.parametrize("C", [1000, 2048, 4096])
+def test_dual_backward_few_rows(device, seed, rows, C):
+    """Fewer rows than the grid's blocks (each block gets at least one) and odd bands."""
+    _run(_inputs((rows, C), False, True, device, torch.bfloat16), USES["all"], torch.bfloat16, seed, False)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("uses", list(USES))
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("C", [1003, 2048])
+def test_dual_backward_with_missing_grads(device, seed, norm, uses, C):
+    """Both norms' grads without the residual's: the dual kernel without dh; one norm's: the single backward."""
+    rms = norm == "rms_norm"
+    _run(_inputs((257, C), rms, not rms, device, torch.bfloat16), USES[uses], torch.bfloat16, seed, rms)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("params", ["fp32", "weight 16-bit, bias fp32", "norm 1 16-bit, norm 2 fp32",
+                                    "bias on norm 1 only"])
+def test_dual_backward_parameter_dtypes(device, seed, params):
+    """fp32 weights (the dual kernel with fp32 parameters), a 16-bit weight with an fp32 bias (cast to fp32 for
+    the kernel, grads cast back), the two norms' parameters in different dtypes (two calls), one bias only."""
+    dtype = torch.bfloat16
+    one_bias = params == "bias on norm 1 only"
+    t = _inputs((301, 2048), False, True, device, dtype, param_dtype=dtype if one_bias else torch.float32)
+    if one_bias:
+        t["b2"] = None
+    for k in {"weight 16-bit, bias fp32": ("w1", "w2"), "norm 1 16-bit, norm 2 fp32": ("w1", "b1")}.get(params, ()):
+        t[k] = t[k].detach().to(dtype).requires_grad_()
+    _run(t, USES["all"], dtype, seed, rms=False)
+
+
+def _dx_and_reference(t: dict, rms: bool, eps: float = 1e-5) -> tuple:
+    """grad x of dual_norm fused and of the fp32 reference, for random grads of all three outputs."""
+    r = {k: None if v is None else v.detach().float().requires_grad_() for k, v in t.items()}
+    f_out = K.dual_norm(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], eps, rms=rms, impl="fused")
+    r_out = K.dual_norm(r["x"], r["w1"], r["b1"], r["w2"], r["b2"], eps, rms=rms, impl="reference")
+    g = [torch.randn(f_out[i].shape, device=t["x"].device).to(t["x"].dtype) for i in range(3)]
+    torch.autograd.backward(list(f_out), g)
+    torch.autograd.backward(list(r_out), [x.float() for x in g])
+    return t["x"].grad.double().cpu(), r["x"].grad.double().cpu()
+
+
+def _excess_over_one_rounding(got: torch.Tensor, ref: torch.Tensor) -> int:
+    """Elements of bf16 grad x further from the fp32 reference than one rounding (half an ulp, <= 2^-8 of the
+    value) plus 2e-4 of the largest for the fp32 arithmetic's own differences (~1e-6 relative)."""
+    bound = ref.abs() * 2.0**-8 + 2e-4 * ref.abs().max()
+    return int(((got - ref).abs() > bound).sum())
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("C", [1003, 1024, 2048, 4096])
+def test_dual_backward_rounds_dx_once(device, seed, norm, C):
+    """The dual kernel forms g = dy1 * w1 + dy2 * w2 in fp32 and rounds dx once, so every element of grad x is
+    within one bf16 rounding of the fp32 reference. The two-call path rounds dx1 to bf16 before adding the second
+    norm's part and fails this (test_two_calls_round_dx_twice shows it on the CPU): a silent fallback fails here."""
+    rms = norm == "rms_norm"
+    got, ref = _dx_and_reference(_inputs((1031, C), rms, not rms, device, torch.bfloat16), rms)
+    assert _excess_over_one_rounding(got, ref) == 0, f"grad x rounded more than once (seed {seed})"
+
+
+def test_two_calls_round_dx_twice(seed):
+    """The CPU runs dual_norm's backward as two norm backwards (dx1 rounded to bf16, then dx): some elements of
+    grad x are then further from the reference than one rounding, which is what the GPU test above detects."""
+    got, ref = _dx_and_reference(_inputs((1031, 1024), False, True, "cpu", torch.bfloat16), False)
+    assert _excess_over_one_rounding(got, ref) > 0, f"no element shows the second rounding (seed {seed})"
+
+
+def _norm_backward_kernels(C: int, dtype: torch.dtype) -> list:
+    """Names of the norm backward kernels one dual_norm backward launches at [8192, C] (torch.profiler)."""
+    t = _inputs((8192, C), False, True, "cuda", dtype)
+    outs = K.dual_norm(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], impl="fused")
+    grads = [torch.randn_like(o) for o in outs]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.autograd.backward(list(outs), grads)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "norm_backward_kernel" in e.name]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("C, dtype, launches", [(2048, torch.bfloat16, 1), (4096, torch.bfloat16, 1),
+                                               (1024, torch.bfloat16, 1), (2048, torch.float32, 1),
+                                               (8192, torch.bfloat16, 2)])
+def test_dual_backward_kernel_is_launched(device, C, dtype, launches):
+    """Pythia-1.4B's [8192, 2048] bf16 (and the other dual sizes) run one norm backward kernel, the dual one;
+    hidden 8192 in bf16 is left to the two-call path (two kernels), which shows the count can tell them apart."""
+    names = _norm_backward_kernels(C, dtype)
+    assert len(names) == launches, names
+    if launches == 1 and C != 1024:
+        assert "norm_backward_kernel_v4" in names[0], names
