@@ -142,8 +142,9 @@ def test_dual_norm_non_contiguous_input(device, seed):
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
-# bf16 (packs of 8): 2048 and 4096 take the v3 dual forward and the v4 backward, 8192 v3 both ways, 8200 (1025
-# packs) v1 both ways; fp32 (packs of 4): 2048 v3 / v4, 4096 v3, 8192 and 8200 v1
+# bf16 (packs of 8): 2048 and 4096 take the v3 dual forward and the v4 dual backward, 8192 the v3 forward and two
+# v3 backwards, 8200 (1025 packs) v1 both ways; fp32 (packs of 4): 2048 v3 / v4 dual, 4096 v3 / v3 dual, 8192 and
+# 8200 v1
 @pytest.mark.parametrize("C", [2048, 4096, 8192, 8200])
 def test_dual_norm_size_classes(device, seed, dtype, norm, C):
     rms = norm == "rms_norm"
