@@ -273,6 +273,9 @@ def bench_split_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: in
     for name, grads in (("contiguous [b, s, h, d]", contiguous), ("[b, h, s, d]", bhsd), ("SDPA's own", sdpa)):
         ms = {}
         for version in (4, 5):
+            if ext.split_qkv_backward(*grads, dqkv, c, s, rot, False, version) != version:  # (-1: v5 refused)
+                raise RuntimeError(f"split_qkv_backward v{version} does not take the {name} layout")
+
             def step(version=version, grads=grads):
                 for _ in range(10):
                     ext.split_qkv_backward(*grads, dqkv, c, s, rot, False, version)
