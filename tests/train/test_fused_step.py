@@ -313,6 +313,30 @@ def _check_engine_steps_never_synchronize(rank: int, world: int, out_dir: str) -
     assert engine.global_steps == 4 and not calls, f"{len(calls)} device synchronizations in 4 steps"
 
 
+def _check_one_rank_data_parallel_skips_the_gradient_all_reduce(rank: int, world: int, out_dir: str) -> None:
+    """dp = 1 (here tp = 2 over the two ranks) at ZeRO-0: no gradient all-reduce over the data-parallel group of
+    one (DeepSpeed flattened, all-reduced and copied back every gradient); dp = 2 keeps it."""
+    from neox.model.gpt import GPT, cross_entropy_loss
+    from neox.train import engine as engine_lib
+    from support.plans import cpu, plan_of
+
+    tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.micro_batch=2",
+            "train.grad_accum=1", "data.embedded_vocab=257", "train.precision=bf16"]
+    from neox.parallel import Topology
+
+    for tp, reduces in ((2, False), (1, True)):
+        _, plan = plan_of([*tiny, f"parallelism.tp={tp}", f"run_dir={out_dir}/tp{tp}"], cpu(world))
+        mpu = Topology.build(tp=tp).mpu()  # (the model unsharded: only the groups matter)
+        engine, _, _ = engine_lib.initialize(GPT(plan.model), plan, torch.device("cpu"), mpu=mpu)
+        calls = []
+        real = engine.allreduce_gradients
+        engine.allreduce_gradients = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        tokens = torch.randint(0, plan.model.vocab_size, (2, plan.model.seq_len + 1))
+        engine.backward(cross_entropy_loss(engine(tokens[:, :-1]), tokens[:, 1:]))
+        engine.step()
+        assert bool(calls) == reduces, f"tp {tp} (dp {plan.dp}): {len(calls)} gradient all-reduces"
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Checks:
     checks = Checks(2, tmp_path_factory.mktemp("fused_step"))
@@ -321,6 +345,7 @@ def ranks(tmp_path_factory) -> Checks:
     checks.add("engines", _check_engines, str(checks.dir("engines")))
     checks.add("queued", _check_update_queued_before_the_norm_is_read)
     checks.add("no_syncs", _check_engine_steps_never_synchronize, str(checks.dir("no_syncs")))
+    checks.add("dp1", _check_one_rank_data_parallel_skips_the_gradient_all_reduce, str(checks.dir("dp1")))
     return checks.run(timeout=600, init="neox")
 
 
@@ -338,6 +363,10 @@ def test_update_is_queued_before_the_host_reads_the_norm(ranks) -> None:
 
 def test_engine_steps_never_synchronize_the_device(ranks) -> None:
     ranks.outcome("no_syncs")
+
+
+def test_one_rank_data_parallel_skips_the_gradient_all_reduce(ranks) -> None:
+    ranks.outcome("dp1")
 
 
 def test_engine_installs_it_for_bf16_zero0_only(ranks) -> None:
