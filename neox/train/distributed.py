@@ -5,7 +5,6 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 
@@ -58,16 +57,6 @@ def init(timeout_s: int) -> WorkerInfo:
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
     return WorkerInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
-def host_group(timeout_s: int) -> Optional["torch.distributed.ProcessGroup"]:
-    """A gloo group over the world for the small host-side agreements of every step (the stop flag), where
-    the world group is NCCL: a collective on a GPU tensor is read only after all the GPU's queued work.
-    None where the world group is gloo already or has one rank (collective: every rank calls it)."""
-    dist = torch.distributed
-    if dist.get_world_size() == 1 or dist.get_backend() == "gloo":
-        return None
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:

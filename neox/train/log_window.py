@@ -9,8 +9,8 @@ previous window's end event and this one (idle gaps included, as wall time would
 returns the numbers; the trainer calls it one step later, once the next step's work is queued, or right
 away when something that syncs anyway follows (validation, a save, the end). On CPU everything is
 synchronous and read at once. (The step's other per-step reads do not drain the queue either: the fused
-optimizer step reads its norm with the update queued behind it, and the preemption watcher agrees over a
-gloo group.)
+optimizer step reads its norm with the update queued behind it, and the preemption watcher reads its NCCL
+agreement one step late.)
 """
 from __future__ import annotations
 

@@ -20,14 +20,15 @@ flag (MAX) over the world, so the ranks that got no signal (or got it a moment l
 same step as the ones that did. The launcher (neox.launch.slurm) requeues the job when the
 trainer returns EXIT_REQUEUE, and the requeued job resumes from the run dir's latest checkpoint.
 
-Cost: one all-reduce of a single int per check over a CPU (gloo) group: tens of microseconds of
-host time, and no wait for the GPU. On a GPU the trainer passes `neox.train.distributed.host_group()`:
-a flag all-reduced on NCCL is a GPU tensor whose read waits for all the work queued before it (the
-optimizer step), leaving the GPU idle while the host then launches the next forward. A world of one
-rank needs no agreement and communicates nothing. Checking every step gives the fastest answer to
-SIGTERM, which may be followed by SIGKILL in as little as KillWait (30 s by default); pass `every=k`
-to reduce the flag only on every k-th call (all ranks count calls the same way, so they still
-agree), at the price of reacting up to k steps later.
+Cost: one all-reduce of a single int per check. A world of one rank communicates nothing. On NCCL the
+agreement is read one check late: a flag reduced on the GPU can only be read after all the work queued
+before it (the optimizer step), which would leave the GPU idle while the host then launches the next
+forward; so each check queues its reduction and a pinned copy of the result, and answers with the
+previous check's, long done by then. Every rank still gets the same answer at the same call; a stop
+comes one step later. Checking every step gives the fastest answer to SIGTERM, which may be followed by
+SIGKILL in as little as KillWait (30 s by default); pass `every=k` to reduce the flag only on every k-th
+call (all ranks count calls the same way, so they still agree), at the price of reacting up to k steps
+later.
 """
 from __future__ import annotations
 
@@ -75,13 +76,16 @@ class PreemptionWatcher:
 
     Create it once per process, in the main thread, after any other signal handlers (e.g.
     submitit's) are installed. `signals`: default USR2, plus SIGTERM inside a Slurm job.
-    `every`: all-reduce the flag only on every k-th `should_stop` call.
+    `every`: all-reduce the flag only on every k-th `should_stop` call. `lagged`: answer each reducing call
+    with the previous one's reduction (None: where the group is NCCL; see the module's note).
     """
 
-    def __init__(self, signals: Optional[Sequence[int]] = None, every: int = 1) -> None:
+    def __init__(self, signals: Optional[Sequence[int]] = None, every: int = 1,
+                 lagged: Optional[bool] = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.every = every
+        self.every, self.lagged = every, lagged
+        self._pending: Optional[tuple] = None  # (host copy of a queued reduction, its CUDA event or None)
         self.signal_name: Optional[str] = None  # the first signal that arrived
         self._flag = False
         self._agreed = False
@@ -121,7 +125,7 @@ class PreemptionWatcher:
         """Call at every step boundary on every rank; True on all ranks at the same call.
 
         Once True it stays True. Without an initialized torch.distributed, or in a group of one rank,
-        it is the local flag. `group`: a gloo group where the default one is NCCL (see the module's note).
+        it is the local flag.
         """
         if self._agreed:
             return True
@@ -135,13 +139,32 @@ class PreemptionWatcher:
             return self._agreed
         import torch
 
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         flag = torch.tensor([1 if self._flag else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        self._agreed = bool(flag.item())
+        if not (nccl if self.lagged is None else self.lagged):
+            self._agreed = bool(flag.item())
+            return self._agreed
+        previous, self._pending = self._pending, self._queued_read(flag)
+        if previous is not None:
+            host, done = previous
+            if done is not None:
+                done.synchronize()  # recorded a step ago: long done
+            self._agreed = bool(host.item())
         return self._agreed
+
+    @staticmethod
+    def _queued_read(flag) -> tuple:
+        """A host copy of `flag` that fills in behind the queued work, and the event that says it has."""
+        import torch
+
+        if not flag.is_cuda:
+            return flag.clone(), None
+        host = flag.to("cpu", non_blocking=True)  # pinned, queued behind the all-reduce
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def close(self) -> None:
         """Put back the handlers that were there before."""

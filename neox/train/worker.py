@@ -116,7 +116,6 @@ class Trainer:
         self.say(kernels.describe(cfg.model.kernels, info.device, dict(plan.model.kernel_ops)))
         # topology: pipe x data x model groups; the data shard follows the dp rank
         self.topo = Topology.build(tp=plan.tp, pp=plan.pp, dp=plan.dp)
-        self.host_group = distributed.host_group(cfg.train.collective_timeout_s)  # the stop flag's: no GPU wait
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
         self.layout = model_layout(plan)
         seed_all(cfg.train.seed, self.topo.pp_rank)  # identical on every tp rank: same full weights
@@ -354,7 +353,7 @@ class Trainer:
                     self.say(f"step {state.step:>6}/{t.steps}  validation loss {val:.4f}")
             if saves:
                 self.save()
-            if watcher is not None and state.step < t.steps and watcher.should_stop(self.host_group):
+            if watcher is not None and state.step < t.steps and watcher.should_stop():
                 if pending is not None:
                     self.log_train(pending, peak)
                     pending = None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+import torch
+
 from neox.train.preempt import EXIT_REQUEUE, PreemptionWatcher, default_signals
 
 
@@ -62,3 +65,15 @@ def test_a_world_of_one_agrees_without_communicating(tmp_path, monkeypatch):
             assert w.should_stop() and w.should_stop()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_queued_read_of_a_gpu_flag_fills_in_behind_the_queue():
+    """The lagged read's copy: queued behind a spin kernel (no wait for it), right once its event is done."""
+    flag = torch.ones(1, dtype=torch.int32, device="cuda")
+    torch.cuda._sleep(100_000_000)  # >= 50 ms at up to 2 GHz
+    host, done = PreemptionWatcher._queued_read(flag * 3)
+    assert host.is_pinned() and not done.query()
+    done.synchronize()
+    assert host.item() == 3
