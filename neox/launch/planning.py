@@ -171,8 +171,13 @@ def resolve_auto(cfg: DictConfig, res: Resources, setup: Optional[Setup] = None)
 MICRO_BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)
 
 
+SIZED_FOR = ("model.name", "model.seq_len", "model.activation_checkpointing", "parallelism.tp", "parallelism.pp",
+             "parallelism.zero_stage", "train.global_batch")
+
+
 def _saved_micro_batch(cfg: DictConfig) -> Optional[int]:
-    """The micro-batch an earlier launch of this run sized (its config.yaml), so that a rerun resumes with it."""
+    """The micro-batch an earlier launch of this run used (its config.yaml), so that a rerun resumes with it;
+    None where there is none or the model, layout or batch settings it was sized for changed."""
     saved = default_run_dir(cfg) / "config.yaml"
     if not saved.is_file():
         return None
@@ -180,7 +185,9 @@ def _saved_micro_batch(cfg: DictConfig) -> Optional[int]:
         old = OmegaConf.load(saved)
     except Exception:  # unreadable: the launch's own checks say so later
         return None
-    if OmegaConf.select(old, "model.name") != cfg.model.name:
+    if any(OmegaConf.select(old, k) != OmegaConf.select(cfg, k) for k in SIZED_FOR):
+        return None
+    if cfg.train.grad_accum is not None and OmegaConf.select(old, "train.grad_accum") != cfg.train.grad_accum:
         return None
     micro = OmegaConf.select(old, "train.micro_batch")
     return int(micro) if micro else None
@@ -194,6 +201,8 @@ def size_micro_batch(cfg: DictConfig, res: Resources) -> DictConfig:
     or nothing fits, the config stays as it is (DEFAULT_MICRO_BATCH, and the plan's own checks)."""
     t, p = cfg.train, cfg.parallelism
     if t.micro_batch is not None or res.device != "cuda" or (t.grad_accum and t.global_batch):
+        return cfg
+    if p.pp > 1:  # the largest micro-batch is the fewest in flight: the bubble; parallelism=auto weighs both
         return cfg
     old = _saved_micro_batch(cfg)
     if old is not None:
@@ -241,6 +250,10 @@ def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
 
             res = detect(cfg.cluster)
         cfg = size_micro_batch(cfg, res)
+    t = cfg.train
+    if t.global_batch is None and (t.micro_batch is None or t.grad_accum is None):
+        # the defaults written out: config.yaml and checkpoints record the batch the run trains with
+        cfg = _apply(cfg, {"train.micro_batch": t.micro_batch or DEFAULT_MICRO_BATCH, "train.grad_accum": t.grad_accum or 1})
     if cfg.plan.show and not cfg.dry_run:
         cfg = _apply(cfg, {"dry_run": True})  # plans for the cluster named, not for this machine
     return cfg

@@ -68,3 +68,22 @@ def test_a_rerun_keeps_the_size_chosen_before(tmp_path, capsys):
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     assert planning.size_micro_batch(cfg, H200).train.micro_batch == 2
     assert "train.micro_batch=2: as this run sized it before" in capsys.readouterr().out
+    longer = compose_config([f"run_dir={tmp_path}/run", *ONE_H200, "model=125M", "model.seq_len=1024"])
+    assert planning.size_micro_batch(longer, H200).train.micro_batch != 2  # sized for another shape: afresh
+
+
+def test_a_pipeline_is_not_sized(tmp_path):
+    """The largest micro-batch is the fewest in flight: under pp the bubble (parallelism=auto weighs both)."""
+    _, sized = _h200(["model=1.4B", "parallelism=pp2", "train.global_batch=64"], tmp_path)
+    assert sized.train.micro_batch is None
+
+
+def test_the_launch_records_the_batch_it_trains_with(tmp_path):
+    """prepare writes the defaults out where no global batch is set: config.yaml and checkpoints say 8 x 1."""
+    cpu = compose_config([f"run_dir={tmp_path}/c", "model=125M"])
+    ready = planning.prepare(cpu, Resources("local", "cpu", 2, 2))
+    assert (ready.train.micro_batch, ready.train.grad_accum) == (DEFAULT_MICRO_BATCH, 1)
+    given = compose_config([f"run_dir={tmp_path}/g", "model=125M", "train.global_batch=32"])
+    ready = planning.prepare(given, Resources("local", "cpu", 2, 2))
+    assert (ready.train.micro_batch, ready.train.grad_accum) == (None, None)  # batch_triad derives them
+    assert make_plan(ready, Resources("local", "cpu", 2, 2)).global_batch == 32
