@@ -92,7 +92,7 @@ def _clip_active(norm: float) -> bool:
 
 # Step sizes: clipping off, an inf gradient (skipped), clipping on, off again. The multiplier scales the
 # gradients so that norms land on the intended side of CLIP (asserted in the check).
-STEPS = [("no clip", 2.0 ** -7), ("inf", 1.0), ("clip", 8.0), ("no clip", 2.0 ** -6), ("clip", 16.0)]
+STEPS = [("no clip", 2.0 ** -7), ("inf", 1.0), ("clip", 8.0), ("no clip", 2.0 ** -6), ("nan", 1.0), ("clip", 16.0)]
 
 
 def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: str = "cpu", chunk: int = 0,
@@ -117,8 +117,8 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: s
     diverged = adamw_impl is not None and fused and device == "cpu"  # after a clipped fused step: those ulps
     for i, (kind, size) in enumerate(STEPS):
         grads = [t.to(device) for t in make_grads(ref_model, g, size)]
-        if kind == "inf":
-            grads[2].view(-1)[3] = INF
+        if kind in ("inf", "nan"):
+            grads[2].view(-1)[3] = INF if kind == "inf" else float("nan")
         before = [tuple(t.clone() for t in s) for s in _state(new)]
         weights_before = [p.detach().clone() for p in new_model.parameters()]
         for pr, pn, gr in zip(ref_model.parameters(), new_model.parameters(), grads):
@@ -127,7 +127,7 @@ def _against_deepspeed(rank: int, world: int, fused: bool, make_grads, device: s
         out_ref, out_new = ref.step(), new.step()
         where = f"step {i} ({kind}, fused AdamW={fused}, {make_grads.__name__}, {device}, chunk {chunk}, {adamw_impl})"
         assert out_new is out_ref, f"{where}: returned {out_new}, DeepSpeed {out_ref}"
-        if kind == "inf":
+        if kind in ("inf", "nan"):
             assert out_new is True and new._global_grad_norm == INF == ref._global_grad_norm, where
             assert new.optimizer.skip_events == skips + 1, f"{where}: SkipNonFiniteAdamW did not count the skip"
             assert all(p.grad is None for p in new_model.parameters()), f"{where}: bf16 grads not freed"
@@ -267,10 +267,10 @@ def _check_update_queued_before_the_norm_is_read(rank: int, world: int, device: 
         return real_copy(dst, src, *args, **kwargs)
 
     g = torch.Generator().manual_seed(5)
-    for kind, size in (("clip", 8.0), ("inf", 1.0)):
+    for kind, size in (("clip", 8.0), ("inf", 1.0), ("nan", 1.0)):
         grads = _random_grads(model, g, size)
-        if kind == "inf":
-            grads[1].view(-1)[0] = INF
+        if kind != "clip":
+            grads[1].view(-1)[0] = INF if kind == "inf" else float("nan")
         for p, gr in zip(model.parameters(), grads):
             p.grad = gr.to(device)
         events.clear()
@@ -279,7 +279,7 @@ def _check_update_queued_before_the_norm_is_read(rank: int, world: int, device: 
             overflow = opt.step()
         finally:
             torch._fused_adamw_, torch.Tensor.item, torch._foreach_copy_ = real_adamw, real_item, real_copy
-        assert overflow is (kind == "inf"), kind
+        assert overflow is (kind != "clip"), kind
         assert events.count("adamw") >= 4 and events.count("copy_weights") >= 4, events  # (one per chunk)
         assert events.count("read") == 1 and events[-1] == "read", f"{kind}: the host waited before the update: {events}"
         for p in model.parameters():
