@@ -194,14 +194,14 @@ def _saved_micro_batch(cfg: DictConfig) -> Optional[int]:
 
 
 def size_micro_batch(cfg: DictConfig, res: Resources) -> DictConfig:
-    """train.micro_batch unset on GPUs: the largest of MICRO_BATCH_CHOICES that the planner fits on the card
-    in this layout (with grad_accum and global_batch as set). A small micro-batch leaves a GPU idle between
-    small kernels: 125M on an H200 ran 29.8% MFU at micro 16 and 50.9% at 64. A rerun of a run dir keeps
+    """train.micro_batch and train.grad_accum unset on GPUs: the largest of MICRO_BATCH_CHOICES that the planner
+    fits on the card in this layout (dividing train.global_batch where that is set; accum 1 where not). A small
+    micro-batch leaves a GPU idle between small kernels: 125M on an H200 ran 29.8% MFU at micro 16 and 50.9% at 64. A rerun of a run dir keeps
     the micro-batch sized before; where the card is not known (a Slurm or hostfile run without cluster.gpu)
     or nothing fits, the config stays as it is (DEFAULT_MICRO_BATCH, and the plan's own checks)."""
     t, p = cfg.train, cfg.parallelism
-    if t.micro_batch is not None or res.device != "cuda" or (t.grad_accum and t.global_batch):
-        return cfg
+    if t.micro_batch is not None or t.grad_accum is not None or res.device != "cuda":
+        return cfg  # grad_accum given: the user steers the batch (the micro-batch stays DEFAULT_MICRO_BATCH)
     if p.pp > 1:  # the largest micro-batch is the fewest in flight: the bubble; parallelism=auto weighs both
         return cfg
     old = _saved_micro_batch(cfg)
@@ -222,8 +222,9 @@ def size_micro_batch(cfg: DictConfig, res: Resources) -> DictConfig:
         est = evaluate(setup, candidate_from(cfg, dp, micro, accum))
         if est.fits:
             print(f"train.micro_batch={micro}: the largest the planner fits on {setup.gpus} x {setup.gpu.name} "
-                  f"in this layout ({est.memory.total / GiB:.1f} of {setup.gpu.memory / GiB:.0f} GiB per GPU); "
-                  "set train.micro_batch to choose", flush=True)
+                  f"in this layout ({est.memory.total / GiB:.1f} of {setup.gpu.memory / GiB:.0f} GiB per GPU), global "
+                  f"batch {micro * accum * dp} = {micro * accum * dp * cfg.model.seq_len:,} tokens/step; set "
+                  "train.micro_batch (or train.global_batch) to choose", flush=True)
             return _apply(cfg, {"train.micro_batch": micro})
     return cfg
 

@@ -51,6 +51,8 @@ def test_what_is_not_sized(tmp_path, capsys):
     both = compose_config([f"run_dir={tmp_path}/b", "model=125M", "train.grad_accum=2", "train.global_batch=16",
                            *ONE_H200])
     assert planning.size_micro_batch(both, H200).train.micro_batch is None  # the two given fix it
+    accum = compose_config([f"run_dir={tmp_path}/e", "model=125M", "train.grad_accum=4", *ONE_H200])
+    assert planning.size_micro_batch(accum, H200).train.micro_batch is None  # the user steers the batch: 8 x 4
     cpu = compose_config([f"run_dir={tmp_path}/c", "model=125M"])
     assert planning.size_micro_batch(cpu, Resources("local", "cpu", 2, 2)).train.micro_batch is None
     unknown = compose_config([f"run_dir={tmp_path}/d", "model=125M", "cluster=slurm", "cluster.gpus_per_node=8"])
