@@ -97,9 +97,13 @@ def is_auto(cfg: DictConfig) -> bool:
 def target_global_batch(cfg: DictConfig, gpus: int) -> int:
     """auto keeps train.global_batch; unset, it reads micro_batch x grad_accum as per GPU."""
     t = cfg.train
+    for key in ("micro_batch", "grad_accum", "global_batch"):
+        if t[key] is not None and t[key] < 1:
+            raise ConfigError(f"train.{key}={t[key]} must be at least 1")
     if t.global_batch:
         return int(t.global_batch)
-    return int((t.micro_batch or DEFAULT_MICRO_BATCH) * (t.grad_accum or 1) * gpus)
+    micro = DEFAULT_MICRO_BATCH if t.micro_batch is None else t.micro_batch
+    return int(micro * (1 if t.grad_accum is None else t.grad_accum) * gpus)
 
 
 def _saved_layout(cfg: DictConfig) -> Optional[DictConfig]:
@@ -253,8 +257,10 @@ def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
         cfg = size_micro_batch(cfg, res)
     t = cfg.train
     if t.global_batch is None and (t.micro_batch is None or t.grad_accum is None):
-        # the defaults written out: config.yaml and checkpoints record the batch the run trains with
-        cfg = _apply(cfg, {"train.micro_batch": t.micro_batch or DEFAULT_MICRO_BATCH, "train.grad_accum": t.grad_accum or 1})
+        # the defaults written out: config.yaml and checkpoints record the batch the run trains with (a value
+        # given, 0 included, stays for the plan's domain check)
+        cfg = _apply(cfg, {"train.micro_batch": DEFAULT_MICRO_BATCH if t.micro_batch is None else t.micro_batch,
+                           "train.grad_accum": 1 if t.grad_accum is None else t.grad_accum})
     if cfg.plan.show and not cfg.dry_run:
         cfg = _apply(cfg, {"dry_run": True})  # plans for the cluster named, not for this machine
     return cfg

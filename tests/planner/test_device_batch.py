@@ -89,3 +89,12 @@ def test_the_launch_records_the_batch_it_trains_with(tmp_path):
     ready = planning.prepare(given, Resources("local", "cpu", 2, 2))
     assert (ready.train.micro_batch, ready.train.grad_accum) == (None, None)  # batch_triad derives them
     assert make_plan(ready, Resources("local", "cpu", 2, 2)).global_batch == 32
+
+
+def test_parallelism_auto_refuses_a_batch_below_one(tmp_path):
+    """auto reads micro_batch x grad_accum as the batch per GPU: 0 is refused in one line, not searched with."""
+    from neox.errors import ConfigError
+
+    cfg = compose_config([f"run_dir={tmp_path}/run", *ONE_H200, "parallelism=auto", "train.micro_batch=0"])
+    with pytest.raises(ConfigError, match=r"^train\.micro_batch=0 must be at least 1$"):
+        planning.resolve_auto(cfg, H200)
