@@ -106,16 +106,23 @@ def target_global_batch(cfg: DictConfig, gpus: int) -> int:
     return int(micro * (1 if t.grad_accum is None else t.grad_accum) * gpus)
 
 
-def _saved_layout(cfg: DictConfig) -> Optional[DictConfig]:
-    """The layout an earlier launch of this run resolved (its config.yaml), so a rerun resumes with it."""
+def _saved_config(cfg: DictConfig) -> Optional[DictConfig]:
+    """The config.yaml an earlier launch of this run wrote; None where there is none or it cannot be read (the
+    launch's own checks say so later)."""
     saved = default_run_dir(cfg) / "config.yaml"
     if not saved.is_file():
         return None
     try:
-        old = OmegaConf.load(saved)
-    except Exception:  # unreadable: the launch's own checks say so later
+        return OmegaConf.load(saved)
+    except Exception:
         return None
-    if OmegaConf.select(old, "parallelism.name") != AUTO or OmegaConf.select(old, "model.name") != cfg.model.name:
+
+
+def _saved_layout(cfg: DictConfig) -> Optional[DictConfig]:
+    """The layout an earlier launch of this run resolved (its config.yaml), so a rerun resumes with it."""
+    old = _saved_config(cfg)
+    if old is None or OmegaConf.select(old, "parallelism.name") != AUTO or \
+            OmegaConf.select(old, "model.name") != cfg.model.name:
         return None
     return old
 
@@ -182,16 +189,8 @@ SIZED_FOR = ("model.name", "model.seq_len", "model.activation_checkpointing", "p
 def _saved_micro_batch(cfg: DictConfig) -> Optional[int]:
     """The micro-batch an earlier launch of this run used (its config.yaml), so that a rerun resumes with it;
     None where there is none or the model, layout or batch settings it was sized for changed."""
-    saved = default_run_dir(cfg) / "config.yaml"
-    if not saved.is_file():
-        return None
-    try:
-        old = OmegaConf.load(saved)
-    except Exception:  # unreadable: the launch's own checks say so later
-        return None
-    if any(OmegaConf.select(old, k) != OmegaConf.select(cfg, k) for k in SIZED_FOR):
-        return None
-    if cfg.train.grad_accum is not None and OmegaConf.select(old, "train.grad_accum") != cfg.train.grad_accum:
+    old = _saved_config(cfg)
+    if old is None or any(OmegaConf.select(old, k) != OmegaConf.select(cfg, k) for k in SIZED_FOR):
         return None
     micro = OmegaConf.select(old, "train.micro_batch")
     return int(micro) if micro else None
