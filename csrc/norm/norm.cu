@@ -651,6 +651,7 @@ int launch_backward_v4(const T* dy, const T* h, const W* w, const float* mean, c
   const size_t smem = RowStages<T, V, P, 1>::bytes(S, threads) * tensors;
   allow_dynamic_smem(kernel, smem);
   const int64_t blocks = std::min<int64_t>({(int64_t)resident_blocks(kernel, threads, smem), part_rows, N});
+  if (blocks == 0) return 0;  // no block fits (or no rows): not taken, nothing launched (a grid of 0 is an error)
   kernel<<<blocks, threads, smem, stream>>>(dy, h, w, mean, rstd, dh, dx, part, N, C, second);
   return static_cast<int>(blocks);
 }
