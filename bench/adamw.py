@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import _time, copy_bandwidth  # noqa: E402  (bench/kernels.py: CUDA-event timing, copy GB/s)
 from neox.kernels.adamw import adamw_bf16_step_, torch_adamw_state  # noqa: E402
 from neox.train.fused_step import CHUNK_ELEMENTS, chunks  # noqa: E402
 
@@ -86,46 +85,6 @@ def bitwise_equal(a: State, b: State) -> bool:
                if x.dim() else torch.equal(x, y) for x, y in zip(tensors(a), tensors(b)))
 
 
-def sleep_cycles_per_ms() -> float:
-    n = 2_000_000
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(n)
-    a.record()
-    torch.cuda._sleep(n)
-    b.record()
-    b.synchronize()
-    return n / a.elapsed_time(b)
-
-
-def timed(step: Callable[[], None], device: str, iters: int, hide_cycles: int = 0) -> float:
-    """Median ms of step(): CUDA events around it (after a sleep kernel of hide_cycles, if any), or the host clock."""
-    step()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if hide_cycles:
-                torch.cuda._sleep(hide_cycles)
-            a.record()
-            step()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: str) -> float:
-    n = (1 << 30) if device == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n / timed(lambda: dst.copy_(src), device, 10) / 1e6
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,13 +116,13 @@ def main(argv: list[str] | None = None) -> None:
              "reference"),
             ("torch fused AdamW alone (fp32 grads ready)", 28, lambda: adamw_alone(ref, g32, scale), ""),
             ("neox adamw_bf16_step_", 28, lambda: neox_step(ours, g16, scale), same)]
-    cycles = int(args.hide_host_ms * sleep_cycles_per_ms()) if dev == "cuda" and args.hide_host_ms else 0
     print("\n| path | wall ms | GPU ms | B/param | GB/s (% copy) | x torch (GPU) | bitwise after 1 step |")
     print("|---|---|---|---|---|---|---|")
     base = None
     for label, per_param, step, eq in rows:
-        wall = timed(step, dev, args.iters)
-        gpu = timed(step, dev, args.iters, cycles) if cycles else wall
+        wall = _time(step, dev, args.iters, warmup=1)
+        gpu = _time(step, dev, args.iters, warmup=1, hide_host_ms=args.hide_host_ms) if dev == "cuda" and args.hide_host_ms \
+            else wall
         base = base or gpu
         gbs = per_param * n / gpu / 1e6
         print(f"| {label} | {wall:.3f} | {gpu:.3f} | {per_param} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | "
