@@ -1,6 +1,8 @@
 """Command line of launch.py: validate every (swept) config first, then run or hand the sweep to Hydra."""
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from neox.config.plan import default_run_dir
 from neox.errors import ConfigError, NeoxError
 from neox.launch.compose import CONF_DIR, compose_config, plan_shorthand, sweep_combinations
+from neox.launch import planning
 from neox.launch.job import plan_for, run_job
 
 USAGE = """usage: python launch.py [-m] [key=value ...]
@@ -53,12 +56,19 @@ def main(argv: List[str]) -> int:
         if multirun:  # validate every job before the first one starts
             check_distinct_run_dirs(configs)
             for cfg in configs:
-                plan_for(cfg)
+                plan_for(prepared_quietly(cfg))
     except NeoxError as exc:
         return fail(exc)
     if not multirun:
         return guarded(run_job, configs[0])
     return _hydra_multirun(plan_shorthand(argv), configs)  # Hydra reads the arguments again
+
+
+def prepared_quietly(cfg: DictConfig) -> DictConfig:
+    """The config a job will plan (its micro-batch sized, parallelism=auto resolved: a memory check at the
+    default micro-batch could refuse a job that would run), without the lines each job prints when it starts."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return planning.prepare(cfg)
 
 
 def check_distinct_run_dirs(configs: List[DictConfig]) -> None:

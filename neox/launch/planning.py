@@ -196,14 +196,16 @@ def _saved_micro_batch(cfg: DictConfig) -> Optional[int]:
     return int(micro) if micro else None
 
 
-def size_micro_batch(cfg: DictConfig, res: Resources) -> DictConfig:
+def size_micro_batch(cfg: DictConfig, res: Resources, for_gpus: bool = False) -> DictConfig:
     """train.micro_batch and train.grad_accum unset on GPUs: the largest of MICRO_BATCH_CHOICES that the planner
     fits on the card in this layout (dividing train.global_batch where that is set; accum 1 where not). A small
     micro-batch leaves a GPU idle between small kernels: 125M on an H200 ran 29.8% MFU at micro 16 and 50.9% at 64. A rerun of a run dir keeps
     the micro-batch sized before; where the card is not known (a Slurm or hostfile run without cluster.gpu)
-    or nothing fits, the config stays as it is (DEFAULT_MICRO_BATCH, and the plan's own checks)."""
+    or nothing fits, the config stays as it is (DEFAULT_MICRO_BATCH, and the plan's own checks).
+    for_gpus: size for the card the config names even where `res` is this machine's CPU (plan=true planning a
+    GPU run here: its report shows the batch the launch on those GPUs would run)."""
     t, p = cfg.train, cfg.parallelism
-    if t.micro_batch is not None or t.grad_accum is not None or res.device != "cuda":
+    if t.micro_batch is not None or t.grad_accum is not None or (res.device != "cuda" and not for_gpus):
         return cfg  # grad_accum given: the user steers the batch (the micro-batch stays DEFAULT_MICRO_BATCH)
     if p.pp > 1:  # the largest micro-batch is the fewest in flight: the bubble; parallelism=auto weighs both
         return cfg
@@ -248,12 +250,12 @@ def prepare(cfg: DictConfig, res: Optional[Resources] = None) -> DictConfig:
         gpu_for(cfg.cluster, res)  # first: without the GPU's memory there is nothing to plan
     if is_auto(cfg):
         cfg = resolve_auto(cfg, res)
-    elif cfg.train.micro_batch is None and not cfg.plan.show:
+    elif cfg.train.micro_batch is None:
         if res is None:
             from neox.launch.resources import detect
 
             res = detect(cfg.cluster)
-        cfg = size_micro_batch(cfg, res)
+        cfg = size_micro_batch(cfg, res, for_gpus=bool(cfg.plan.show))  # plan=true: the batch the launch runs
     t = cfg.train
     if t.global_batch is None and (t.micro_batch is None or t.grad_accum is None):
         # the defaults written out: config.yaml and checkpoints record the batch the run trains with (a value

@@ -62,7 +62,8 @@ def test_plan_true_here_for_a_named_gpu_plans_that_gpu(tmp_path, capsys, embedde
 
 def test_more_gpus_is_asked_for_in_the_clusters_own_terms(tmp_path, capsys, embedded_ready):
     """A local run has no cluster.nodes: the advice names cluster.gpus (and the batch it changes to)."""
-    assert main(["model=1.4B", "plan=true", "cluster.gpu=A100-40GB", f"run_dir={tmp_path}/run"]) == 0
+    assert main(["model=1.4B", "train.micro_batch=8", "plan=true", "cluster.gpu=A100-40GB",
+                 f"run_dir={tmp_path}/run"]) == 0
     out = capsys.readouterr().out
     assert "cluster.nodes" not in out and "a machine with cluster.gpus=4 (dp=4, parallelism.zero_stage=3, " in out, out
 
@@ -74,3 +75,21 @@ def test_plan_true_here_plans_cluster_gpus_gpus_and_shows_one_memory_figure(tmp_
                  f"run_dir={tmp_path}/run"]) == 0
     out = capsys.readouterr().out
     assert "on 8 x A100 40GB" in out and "  memory    ~" not in out and "per process" not in out, out
+
+
+def test_plan_true_plans_the_micro_batch_the_launch_would_size(tmp_path, capsys, embedded_ready):
+    """No batch given: the launch on an H200 sizes the micro-batch for the card, so plan=true (here, without
+    one) must plan that size, not the CPU default of 8 (review 19, R3)."""
+    from neox.config.plan import DEFAULT_MICRO_BATCH
+    from neox.config.resources import Resources
+    from neox.launch import planning
+    from neox.launch.compose import compose_config
+
+    args = ["model=125M", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.gpu=H200", f"run_dir={tmp_path}/run"]
+    launched = planning.size_micro_batch(compose_config(args), Resources("slurm", "cuda", 1, 1)).train.micro_batch
+    capsys.readouterr()
+    assert launched > DEFAULT_MICRO_BATCH
+    assert main([*args, "plan=true"]) == 0
+    out = capsys.readouterr().out
+    assert f"train.micro_batch={launched}: the largest the planner fits on 1 x H200" in out, out
+    assert f"micro {launched} x accum 1 no ckpt" in out, out  # the planner's layout line
