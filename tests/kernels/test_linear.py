@@ -66,10 +66,30 @@ def test_weight_gradients_accumulate_in_the_gemm(device):
         linear(x, w, b, impl="fused", accumulate=True).backward(dy)
         F.linear(x, w_ref, b_ref).backward(dy)
         if i == 0:
-            first_grad = w.grad
-        assert w.grad is first_grad  # later micro-batches write into the first one's tensor
+            first_grad, first_bias_grad = w.grad, b.grad
+        assert w.grad is first_grad and b.grad is first_bias_grad  # later micro-batches write into the first's
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_bf16_bias_gradient_is_rounded_once_per_micro_batch(device):
+    """The bias's fp32 column sums go into its bf16 .grad with one rounding: held + fp32 sum, rounded (autograd
+    rounds the sum to bf16 first, then the addition: twice)."""
+    w, b = _layer(device, torch.bfloat16)
+    held = None
+    for i in range(3):
+        g = torch.Generator().manual_seed(20 + i)
+        x = torch.randn(64, 32, generator=g).to(device, torch.bfloat16)
+        dy = torch.randn(64, 48, generator=g).to(device, torch.bfloat16)
+        linear(x, w, b, impl="fused", accumulate=True).backward(dy)
+        sums = bias_grad(dy, impl="fused")  # fp32 column sums (tested against exact sums above)
+        want = sums.to(torch.bfloat16) if held is None else (held.float() + sums).to(torch.bfloat16)
+        assert torch.equal(b.grad, want), i
+        if held is not None:
+            twice = held + sums.to(torch.bfloat16)  # autograd's way: the sum rounded, then the addition
+            assert not torch.equal(twice, want)  # (these inputs tell the two apart)
+        held = b.grad.clone()
 
 
 def test_without_accumulate_autograd_adds_the_gradients():
