@@ -120,7 +120,8 @@ def layer_activation_bytes(m: GPTConfig, tp: int, sequence_parallel: bool, preci
     """Bytes one block keeps per token: elements, fp32 norm statistics, dropout masks."""
     w = element_bytes(precision)
     # each norm's mean and rstd (fp32), on its tokens; the parallel residual's two norms share theirs where
-    # they run as one dual_norm (fused kernels, no sequence parallelism: neox.model.gpt.Block)
+    # they run as one dual_norm (fused kernels, no sequence parallelism: neox.model.gpt.Block); under ZeRO-3 and
+    # parallelism.tp_overlap the block keeps two norms, one [tokens] fp32 pair per layer more than counted here
     norm_op = "rms_norm" if m.norm == "rmsnorm" else "layer_norm"
     norms = 1 if m.parallel_residual and not sequence_parallel and m.impl(norm_op) != "reference" else 2
     stats = norms * 2 * 4 / (tp if sequence_parallel else 1)
