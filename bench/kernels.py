@@ -184,7 +184,7 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
         reference, eager or compiled, returns a new buffer)."""
         return ([t(batch, seq, heads, 3, hd), t(seq, dims // 2, grad=False, dt=torch.float32),
                  t(seq, dims // 2, grad=False, dt=torch.float32)],
-                lambda qkv, c, s, impl: K.rotary_qkv_(qkv, c, s, dims, impl=impl))
+                lambda qkv, c, s, impl, version=0: K.rotary_qkv_(qkv, c, s, dims, impl=impl, version=version))
 
     quarter = hd // 4  # Pythia's rotary_pct 0.25
     cases = [
@@ -288,6 +288,31 @@ def bench_split_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: in
     return f"[{batch}, {seq}, {heads}, 3, {hd}] rot {rot}", rows
 
 
+def bench_rotary_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: int, bw: float, liger: Optional[object],
+                          device: str = "cuda") -> list[str]:
+    """Rows of a table: rotary_qkv_'s CUDA kernels forced side by side (version=3, 6: csrc/rotary/rotary.cu), fwd + bwd
+    through autograd as the "rotary" rows time neox's, and Liger's rope on the same q and k; GPU-only ms, median of
+    max(iters, 50) (these are ~0.04-0.15 ms)."""
+    rows = []
+    for case in make_cases(device, dtype, tokens, hidden, None):
+        if not case.op.startswith("rotary ("):
+            continue
+        ms = {}
+        contenders = [(f"v{v}", case.inputs, functools.partial(case.fn, impl="fused", version=v)) for v in (3, 6)]
+        if liger is not None:
+            contenders.append(("liger", *case.liger(liger, case.inputs)))
+        for name, inputs, call in contenders:
+            step = _fwd_bwd(inputs, call)
+            step()
+            wall = _time(step, device, max(iters, 50))
+            ms[name] = _time(step, device, max(iters, 50), hide_host_ms=2.0 + 3 * wall)
+        li = ms.get("liger", float("nan"))
+        gbs = case.bytes_moved / ms["v6"] / 1e6
+        rows.append(f"| {case.op} | {case.shape} | {ms['v3']:.4f} | {ms['v6']:.4f} | {li:.4f} | {li / ms['v3']:.2f} | "
+                    f"{li / ms['v6']:.2f} | {ms['v3'] / ms['v6']:.2f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) |")
+    return rows
+
+
 def bench_case(case: Case, device: str, iters: int, use_compile: bool, liger: Optional[object] = None) -> dict:
     res = {}
     ref = case.fn
@@ -337,6 +362,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--ops", nargs="*", default=None, help="only ops whose name starts with one of these")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (e.g. on CPU)")
+    ap.add_argument("--rotary-versions", action="store_true",
+                    help="also time rotary_qkv_'s CUDA kernels v3 and v6 side by side against Liger (GPU)")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
@@ -399,6 +426,14 @@ def main() -> None:
             print("| dq, dk, dv layout | strides | v4 us | v5 us | v4 GB/s (% copy) | v5 GB/s (% copy) | v4 / v5 |")
             print("|---" * 7 + "|")
             print("\n".join(rows), flush=True)
+    if args.rotary_versions and gpu:
+        print(f"\n## rotary_qkv_ kernels (v3 vs v6), fwd + bwd, {dtype}, GPU-only ms (goal: >= 1.0x Liger, aim 1.15x)\n")
+        print("| op | shape | v3 ms | v6 ms | liger ms | v3 x liger | v6 x liger | v6 / v3 | v6 GB/s (% copy) |")
+        print("|---" * 9 + "|")
+        for hidden in args.hidden:
+            print("\n".join(bench_rotary_versions(dtype, args.tokens, hidden, args.iters, bw, liger)), flush=True)
+    elif args.rotary_versions:
+        print("\n# --rotary-versions: CUDA only (the CPU has one kernel)")
 
 
 if __name__ == "__main__":

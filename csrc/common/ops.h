@@ -8,6 +8,8 @@
 // split_qkv_backward's strides (elements, host memory): dq's over (b, s, group, q head), then dk's and dv's
 // over (b, s, group); every last dim is contiguous. version: 0 picks the kernel, 4 or 5 forces one (CUDA; tests
 // and bench); returns the kernel run: 5, 4, 1 (v4's scalar form), 0 (CPU, or nothing to do), -1 (5 does not apply).
+// rotary_qkv's version likewise: 0 picks, 3 or 6 forces (CUDA); returns 6, 3, 1 (v3's scalar form), 0, -1 (6 does not
+// apply: nothing launched).
 #pragma once
 #include <cstdint>
 
@@ -23,8 +25,9 @@
   void rotary##SUFFIX(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S,      \
                       int64_t H, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);       \
   template <typename T>                                                                                  \
-  void rotary_qkv##SUFFIX(T* qkv, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,   \
-                          int64_t P, int64_t D, int64_t R, bool interleaved, bool inverse __VA_ARGS__);   \
+  int rotary_qkv##SUFFIX(T* qkv, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,    \
+                         int64_t P, int64_t D, int64_t R, bool interleaved, bool inverse,                 \
+                         int version __VA_ARGS__);                                                        \
   template <typename T>                                                                                  \
   int split_qkv_backward##SUFFIX(const T* dq, const T* dk, const T* dv, const int64_t* strides, T* dqkv,  \
                                  const float* cos, const float* sin, int64_t B, int64_t S, int64_t G,   \
@@ -97,3 +100,18 @@ void adamw_bf16_step_cuda(const AdamwSpan* spans, int64_t count, AdamwHyper h, c
                                   const float* mean, const float* rstd, const T* dh, T* dx, W* dwb,       \
                                   float* part, int64_t part_rows, int64_t N, int64_t C, bool rms,         \
                                   bool bias __VA_ARGS__);
+
+// csrc/fp8/: torchao's tensorwise fp8 cast of a bf16 tensor (bits as uint16), in two launches and no host sync.
+// fp8_amax writes nparts (= fp8_amax_parts(n)) partial max|x| of x's n values (n % 8 == 0); fp8_cast reduces them to
+// the scale, writes x [R, C] (R, C % 16 == 0) as e4m3fn or e5m2 into out [R, C] and/or out_t [C, R] (null: not
+// wanted; one at least) and scales = {scale, 1 / scale}.
+namespace neox {
+int fp8_amax_parts_cpu(int64_t n);
+void fp8_amax_cpu(const uint16_t* x, int64_t n, float* parts, int nparts);
+void fp8_cast_cpu(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, bool e5m2, uint8_t* out,
+                  uint8_t* out_t, float* scales);
+int fp8_amax_parts_cuda(int64_t n);
+void fp8_amax_cuda(const uint16_t* x, int64_t n, float* parts, int nparts, CUstream_st* stream);
+void fp8_cast_cuda(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, bool e5m2, uint8_t* out,
+                   uint8_t* out_t, float* scales, CUstream_st* stream);
+}  // namespace neox

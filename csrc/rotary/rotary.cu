@@ -34,6 +34,17 @@
 // branch on the slot kind), the angles are read once per task, and the divisions are multiply-high + shift with
 // constants from the host. Same fp32 arithmetic as v4 (rotated_a/rotated_b), so bitwise v4's values. Taken where v4's
 // packs apply and L is a power of two up to 32 (bf16/fp16 heads of 8-256, fp32 of 4-128).
+// v6 (rotary_qkv_cuda, the default where it applies): v3's op laid out per token, as Liger's rope (one program per
+// token, all its heads) but on warps. What v3 lacked: a thread rotated one pack and re-read the pack's angles
+// (V cos + V sin floats: 64 bytes for bf16, twice the 32 bytes of q/k it moved), paid three run-time 32-bit divisions,
+// and had one load in flight. v6: a warp task is RW * U q/k rows of one token; a row's rotated part is L lanes (v3's
+// slots: NeoX L = R / (2V), a lane owns V pairs (j, j + R/2) as one pack of each half; interleaved L = R / V, a lane
+// owns one pack of V/2 pairs), so RW = 32 / L rows per warp instruction (Pythia's 25% bf16: L = 2, 16 heads' 64 bytes
+// per instruction; full: L = 8). Each lane reads its angles once per task, issues its 4 16-byte loads (U = 2 rows NeoX,
+// 4 interleaved) before any store, then rotates and stores; rows are r + r / (P + 1) (v skipped) by multiply-high
+// division. A persistent grid of one wave of 256-thread blocks strides over the tasks (no tail of half-full waves).
+// Same rotate arithmetic as v3 (rotated_a/rotated_b), so bitwise v3's values. Taken where v3's packs apply and
+// L <= 32 (bf16/fp16 rotary parts up to 256 NeoX / 256 interleaved, fp32 up to 128); version 3 forces v3.
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -150,29 +161,6 @@ __global__ void rotary_qkv_kernel_v3_scalar(T* x, const float* __restrict__ cos,
     xr[ia] = from_f<T>(a * c - b * sv);
     xr[ib] = from_f<T>(b * c + a * sv);
   }
-}
-
-template <typename T>
-void rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
-                     int64_t R, bool interleaved, bool inverse, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
-  const int64_t rot_elems = interleaved ? R : R / 2;  // elements per head whose packs a thread starts
-  const int64_t rows = B * S * G * (P + 1), slots = rot_elems / V;
-  const float sgn = inverse ? -1.f : 1.f;
-  if (rows == 0) return;
-  const bool whole_packs = D % V == 0 && rot_elems % V == 0 && (R / 2) % 4 == 0 && pack_width<T>(D, {x}) == V &&
-                           reinterpret_cast<uintptr_t>(cos) % 16 == 0 && reinterpret_cast<uintptr_t>(sin) % 16 == 0;
-  if (whole_packs && rows * slots < (int64_t{1} << 31) && B * S * G * (P + 2) * D < (int64_t{1} << 40)) {
-    const uint32_t total = static_cast<uint32_t>(rows * slots), blocks = (total + 255) / 256;
-    auto kernel = interleaved ? rotary_qkv_kernel_v3<T, V, true> : rotary_qkv_kernel_v3<T, V, false>;
-    kernel<<<blocks, 256, 0, stream>>>(x, cos, sin, total, (uint32_t)slots, (uint32_t)(P + 1), (uint32_t)(G * (P + 1)),
-                                       (uint32_t)S, (uint32_t)D, (uint32_t)R, sgn);
-    return;
-  }
-  const int64_t total = rows * (R / 2), blocks = (total + 255) / 256;
-  const int grid = static_cast<int>(blocks < 32 * sm_count() ? blocks : 32 * sm_count());
-  rotary_qkv_kernel_v3_scalar<T><<<grid, 256, 0, stream>>>(x, cos, sin, total, P + 1, G * (P + 1), S, D, R,
-                                                           interleaved, sgn);
 }
 
 // Where v4 reads head h (< P: q head h; P: k; P + 1: v) of group g of token (b, s).
@@ -417,6 +405,123 @@ int split_qkv_backward_cuda(const T* dq, const T* dk, const T* dv, const int64_t
   return 1;
 }
 
+// v6 (see the header): task w takes q/k rows [c RW U, c RW U + RW U) of token w / chunks, c = w % chunks (rows past the
+// token's G (P + 1) idle); lane (sub, pk) = (lane / L, lane % L) takes pack pk of rows c RW U + i RW + sub, i < U.
+// One pointer, no __restrict__ and no read-only-cache loads: every element is read, then written, by one thread.
+template <typename T, int V, int U, bool INTERLEAVED>
+__global__ void __launch_bounds__(256)
+rotary_qkv_kernel_v6(T* x, const float* __restrict__ cos, const float* __restrict__ sin, uint32_t tasks,
+                     FastDiv chunks, FastDiv seq, FastDiv heads, uint32_t rows, uint64_t token_elems, uint32_t lanes,
+                     uint32_t rw, uint32_t D, uint32_t half, float sgn) {
+  constexpr int A = INTERLEAVED ? V / 2 : V;  // angles (pairs) per lane
+  constexpr int K = INTERLEAVED ? U : 2 * U;  // 16-byte packs per lane per task: NeoX [0, U) first halves, then second
+  const uint32_t lane = threadIdx.x & 31, sub = lane / lanes, pk = lane - sub * lanes;
+  if (sub >= rw) return;  // the 32 % L lanes past the last whole row (no shuffles or barriers below)
+  const uint32_t j0 = pk * A;                     // the lane's first pair
+  const uint32_t e0 = INTERLEAVED ? pk * V : j0;  // its pack's first element in a row (NeoX: the first half's)
+  const uint32_t task_rows = rw * U, warps = (gridDim.x * blockDim.x) >> 5;
+  for (uint32_t w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < tasks; w += warps) {
+    const uint32_t token = chunks.div(w), row0 = (w - token * chunks.d) * task_rows + sub;
+    const uint32_t s = token - seq.div(token) * seq.d;
+    float c[A], sn[A];
+    load_f32<A>(cos + (size_t)s * half + j0, c);
+    load_f32<A>(sin + (size_t)s * half + j0, sn);
+    T* xt = x + (size_t)token * token_elems + e0;
+    uint32_t off[U];  // row r of the token is buffer head r + r / (P + 1): its offset from xt (a token < 2^32)
+    uint4 p[K];
+#pragma unroll
+    for (int i = 0; i < U; i++) {  // all loads before any store (a store may alias a later load for the compiler)
+      const uint32_t r = row0 + i * rw;
+      off[i] = r < rows ? (r + heads.div(r)) * D : ~0u;
+      if (off[i] != ~0u) {
+        p[i] = *reinterpret_cast<const uint4*>(xt + off[i]);
+        if constexpr (!INTERLEAVED) p[U + i] = *reinterpret_cast<const uint4*>(xt + off[i] + half);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+      if (off[i] == ~0u) continue;
+      float a[V], b[V];
+      unpack<T, V>(p[i], a);
+      if constexpr (INTERLEAVED) {
+#pragma unroll
+        for (int k = 0; k < A; k++) {
+          b[2 * k] = rotated_a(a[2 * k], a[2 * k + 1], c[k], sn[k], sgn);
+          b[2 * k + 1] = rotated_b(a[2 * k], a[2 * k + 1], c[k], sn[k], sgn);
+        }
+        *reinterpret_cast<uint4*>(xt + off[i]) = repack<T, V>(b);
+      } else {
+        float ya[V];
+        unpack<T, V>(p[U + i], b);
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+          ya[k] = rotated_a(a[k], b[k], c[k], sn[k], sgn);
+          b[k] = rotated_b(a[k], b[k], c[k], sn[k], sgn);
+        }
+        *reinterpret_cast<uint4*>(xt + off[i]) = repack<T, V>(ya);
+        *reinterpret_cast<uint4*>(xt + off[i] + half) = repack<T, V>(b);
+      }
+    }
+  }
+}
+
+template <typename T, int V, bool INTERLEAVED>
+static void launch_rotary_qkv_v6(T* x, const float* cos, const float* sin, uint32_t tasks, uint32_t chunks,
+                                 uint32_t S, uint32_t P, uint32_t rows, uint64_t token_elems, uint32_t lanes,
+                                 uint32_t D, uint32_t R, float sgn, cudaStream_t stream) {
+  constexpr int U = INTERLEAVED ? 4 : 2;  // rows per lane: 4 16-byte loads in flight either way
+  auto kernel = rotary_qkv_kernel_v6<T, V, U, INTERLEAVED>;
+  const int64_t wanted = (int64_t{tasks} + 7) / 8, wave = resident_blocks(kernel, 256);  // 8 warps a block
+  const unsigned blocks = static_cast<unsigned>(wanted < wave ? wanted : wave);
+  kernel<<<blocks, 256, 0, stream>>>(x, cos, sin, tasks, fast_div(chunks), fast_div(S), fast_div(P + 1), rows,
+                                     token_elems, lanes, 32 / lanes, D, R / 2, sgn);
+}
+
+// Returns the kernel run (ops.h): 6, 3, 1 (v3's scalar form), 0 (nothing to do), -1 (version 6 asked for where it
+// does not apply: nothing launched).
+template <typename T>
+int rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
+                    int64_t R, bool interleaved, bool inverse, int version, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t rot_elems = interleaved ? R : R / 2;  // elements per head whose packs a thread starts
+  const int64_t rows = B * S * G * (P + 1), slots = rot_elems / V;
+  const float sgn = inverse ? -1.f : 1.f;
+  if (rows == 0) return 0;
+  const bool whole_packs = D % V == 0 && rot_elems % V == 0 && (R / 2) % 4 == 0 && pack_width<T>(D, {x}) == V &&
+                           reinterpret_cast<uintptr_t>(cos) % 16 == 0 && reinterpret_cast<uintptr_t>(sin) % 16 == 0;
+  // v6: a row is L = slots lanes, at most a warp; tasks, rows and positions in 32 bits
+  const int64_t tokens = B * S, token_rows = G * (P + 1);
+  const int64_t task_rows = slots >= 1 && slots <= 32 ? (32 / slots) * (interleaved ? 4 : 2) : 1;
+  const int64_t chunks = (token_rows + task_rows - 1) / task_rows;
+  const bool v6_fits = whole_packs && slots >= 1 && slots <= 32 && tokens * chunks < (int64_t{1} << 31) &&
+                       token_rows + task_rows < (int64_t{1} << 31) && S * (R / 2) < (int64_t{1} << 31) &&
+                       D < (int64_t{1} << 31) && B * S * G * (P + 2) * D < (int64_t{1} << 40);
+  if (v6_fits && version != 3) {
+    const uint64_t token_elems = static_cast<uint64_t>(G * (P + 2) * D);
+    const uint32_t tasks = static_cast<uint32_t>(tokens * chunks), lanes = static_cast<uint32_t>(slots);
+    if (interleaved)
+      launch_rotary_qkv_v6<T, V, true>(x, cos, sin, tasks, (uint32_t)chunks, (uint32_t)S, (uint32_t)P,
+                                       (uint32_t)token_rows, token_elems, lanes, (uint32_t)D, (uint32_t)R, sgn, stream);
+    else
+      launch_rotary_qkv_v6<T, V, false>(x, cos, sin, tasks, (uint32_t)chunks, (uint32_t)S, (uint32_t)P,
+                                        (uint32_t)token_rows, token_elems, lanes, (uint32_t)D, (uint32_t)R, sgn, stream);
+    return 6;
+  }
+  if (version == 6) return -1;
+  if (whole_packs && rows * slots < (int64_t{1} << 31) && B * S * G * (P + 2) * D < (int64_t{1} << 40)) {
+    const uint32_t total = static_cast<uint32_t>(rows * slots), blocks = (total + 255) / 256;
+    auto kernel = interleaved ? rotary_qkv_kernel_v3<T, V, true> : rotary_qkv_kernel_v3<T, V, false>;
+    kernel<<<blocks, 256, 0, stream>>>(x, cos, sin, total, (uint32_t)slots, (uint32_t)(P + 1), (uint32_t)(G * (P + 1)),
+                                       (uint32_t)S, (uint32_t)D, (uint32_t)R, sgn);
+    return 3;
+  }
+  const int64_t total = rows * (R / 2), blocks = (total + 255) / 256;
+  const int grid = static_cast<int>(blocks < 32 * sm_count() ? blocks : 32 * sm_count());
+  rotary_qkv_kernel_v3_scalar<T><<<grid, 256, 0, stream>>>(x, cos, sin, total, P + 1, G * (P + 1), S, D, R,
+                                                           interleaved, sgn);
+  return 1;
+}
+
 template <typename T>
 void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t B, int64_t S, int64_t H, int64_t D,
                  int64_t R, bool interleaved, bool inverse, cudaStream_t stream) {
@@ -442,8 +547,8 @@ void rotary_cuda(const T* x, const float* cos, const float* sin, T* out, int64_t
 }
 
 #define INSTANTIATE(T)                                                                                  \
-  template void rotary_qkv_cuda<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                   int64_t, bool, bool, cudaStream_t);                                 \
+  template int rotary_qkv_cuda<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                  int64_t, bool, bool, int, cudaStream_t);                              \
   template void rotary_cuda<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, int64_t, \
                                int64_t, bool, bool, cudaStream_t);                                   \
   template int split_qkv_backward_cuda<T>(const T*, const T*, const T*, const int64_t*, T*, const float*,    \

@@ -52,8 +52,8 @@ void rotary_cpu(const T* x, const float* cos, const float* sin, T* out, int64_t 
 }
 
 template <typename T>
-void rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
-                    int64_t R, bool interleaved, bool inverse) {
+int rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
+                   int64_t R, bool interleaved, bool inverse, int /*version: CUDA's; one kernel here*/) {
   const int64_t half = R / 2, per_token = G * (P + 2) * D;
   const float sgn = inverse ? -1.f : 1.f;
 #pragma omp parallel for collapse(2) schedule(static)
@@ -70,6 +70,7 @@ void rotary_qkv_cpu(T* x, const float* cos, const float* sin, int64_t B, int64_t
       }
     }
   }
+  return 0;
 }
 
 template <typename T>
@@ -98,8 +99,8 @@ int split_qkv_backward_cpu(const T* dq, const T* dk, const T* dv, const int64_t*
 }
 
 #define INSTANTIATE(T)                                                                            \
-  template void rotary_qkv_cpu<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                  int64_t, bool, bool);                                           \
+  template int rotary_qkv_cpu<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                 int64_t, bool, bool, int);                                       \
   template void rotary_cpu<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t, \
                               int64_t, int64_t, bool, bool);                                      \
   template int split_qkv_backward_cpu<T>(const T*, const T*, const T*, const int64_t*, T*, const float*, \

@@ -115,43 +115,59 @@ class _RotaryQKVFn(torch.autograd.Function):
     it outright on a view returned by a custom autograd Function (tensor parallelism's linear). Instead qkv's
     version is bumped, so that an op which saved qkv for its backward fails loudly rather than see rotated
     values. The backward rotates the incoming gradient back in place: it is the fresh tensor that the
-    split/unbind of the rotated qkv produced; a non-contiguous one (an expanded sum gradient) is copied first."""
+    split/unbind of the rotated qkv produced; a non-contiguous one (an expanded sum gradient) is copied first.
+    `version` is the CUDA kernel's (0: the one for the shapes; see `rotary_qkv_`)."""
 
     @staticmethod
-    def forward(ctx, ext, qkv, c, s, rotary_dims: int, interleaved: bool):
-        ext.rotary_qkv(qkv, c, s, rotary_dims, interleaved, False)
+    def forward(ctx, ext, qkv, c, s, rotary_dims: int, interleaved: bool, version: int):
+        if ext.rotary_qkv(qkv, c, s, rotary_dims, interleaved, False, version) < 0:  # nothing was launched
+            raise KernelError(f"rotary_qkv: kernel version {version} does not take qkv {tuple(qkv.shape)} with "
+                              f"rotary_dims={rotary_dims} (its 16-byte packs or lanes); use version=0")
         torch.autograd.graph.increment_version(qkv)
         ctx.save_for_backward(c, s)
-        ctx.ext, ctx.rotary_dims, ctx.interleaved = ext, rotary_dims, interleaved
+        ctx.ext, ctx.rotary_dims, ctx.interleaved, ctx.version = ext, rotary_dims, interleaved, version
         return qkv
 
     @staticmethod
     def backward(ctx, dout):
         c, s = ctx.saved_tensors
         dout = dout if dout.is_contiguous() else dout.contiguous()
-        ctx.ext.rotary_qkv(dout, c, s, ctx.rotary_dims, ctx.interleaved, True)  # rotate back: sin -> -sin
-        return None, dout, None, None, None, None
+        # rotate back: sin -> -sin; a forced version that the gradient's alignment does not allow: the kernel's pick
+        if ctx.ext.rotary_qkv(dout, c, s, ctx.rotary_dims, ctx.interleaved, True, ctx.version) < 0:
+            ctx.ext.rotary_qkv(dout, c, s, ctx.rotary_dims, ctx.interleaved, True, 0)
+        return None, dout, None, None, None, None, None
+
+
+# The CUDA kernels of rotary_qkv_ that `version` can force (csrc/rotary/rotary.cu's header says what each does).
+ROTARY_QKV_VERSIONS = (3, 6)
 
 
 def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int, interleaved: bool = False,
-                q_per_kv: int = 1, impl: str = "auto") -> torch.Tensor:
+                q_per_kv: int = 1, impl: str = "auto", version: int = 0) -> torch.Tensor:
     """Rotate the first rotary_dims channels of the q and k heads of qkv [b, s, groups, q_per_kv + 2, hd].
 
     Returns the rotated qkv: on the fused path qkv's own storage, rotated in place, on the reference path a
     new tensor (`rotary_qkv_reference`). Use the return value and not qkv after the call (the model rebinds
     it). The backward rotates its incoming gradient in place, so give the result to views/splits (as the
     attention does), not to an op that hands one gradient tensor to several inputs.
+
+    version: 0 runs the CUDA kernel made for the shapes (v6 where it applies, else v3); 3 or 6 forces that kernel
+    (CUDA only: side-by-side tests and bench/kernels.py --rotary-versions), and a forced 6 that does not apply
+    raises KernelError. The values are bitwise the same whichever kernel runs.
     """
     b, s, g, n, hd = _qkv_shape(qkv, q_per_kv)
     if rotary_dims > hd:
         raise KernelError(f"rotary_qkv: rotary_dims={rotary_dims} > head dim {hd}")
+    if version and (version not in ROTARY_QKV_VERSIONS or qkv.device.type != "cuda"):
+        raise KernelError(f"rotary_qkv: version={version} must be 0, or one of {ROTARY_QKV_VERSIONS} for a CUDA "
+                          f"qkv (got one on {qkv.device.type})")
     unsupported = None if qkv.is_contiguous() else "qkv is not contiguous (the kernel rotates it in place)"
     ext = B.fused_extension("rotary", impl, qkv, cos, sin, unsupported=unsupported)
     if ext is None:
         return rotary_qkv_reference(qkv, cos, sin, rotary_dims, interleaved, q_per_kv)
     c, sn = _angles(cos, sin, s, rotary_dims, interleaved)
     return _RotaryQKVFn.apply(ext, qkv, B.as_float32(c.detach()), B.as_float32(sn.detach()), rotary_dims,
-                              interleaved)
+                              interleaved, version)
 
 
 def split_qkv_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
@@ -177,8 +193,8 @@ class _SplitQKVFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, qkv, c, s, rotary_dims: int, interleaved: bool, q_per_kv: int):
         ctx.set_materialize_grads(False)
-        if rotary_dims:
-            ext.rotary_qkv(qkv, c, s, rotary_dims, interleaved, False)
+        if rotary_dims:  # v3 as before this session's rotary_qkv_ v6 (the same values); v6 here once measured
+            ext.rotary_qkv(qkv, c, s, rotary_dims, interleaved, False, 3 if qkv.is_cuda else 0)
             torch.autograd.graph.increment_version(qkv)
             ctx.save_for_backward(c, s)
         ctx.ext, ctx.rotary_dims, ctx.interleaved = ext, rotary_dims, interleaved

@@ -147,6 +147,105 @@ def test_rotary_qkv_saved_input_fails_loudly():
         (saved.sum() + out.sum()).backward()
 
 
+# ------------------------------------------------------------------------------ CUDA kernel versions (v3, v6)
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pytest -m gpu)")]
+
+
+def _cuda_kernel_for(dtype: torch.dtype, hd: int, rd: int, interleaved: bool) -> int:
+    """The kernel csrc/rotary/rotary.cu picks (its rule, restated): v3's 16-byte packs (head, rotated part and
+    angle rows whole packs) and a rotated part of L = 1..32 lanes (L: packs of the first half for NeoX, of all of
+    it interleaved) -> 6; v3's packs alone -> 3; else v3's scalar form -> 1."""
+    v = 16 // torch.tensor([], dtype=dtype).element_size()
+    rot = rd if interleaved else rd // 2
+    packs = hd % v == 0 and rot % v == 0 and (rd // 2) % 4 == 0
+    return 6 if packs and 1 <= rot // v <= 32 else 3 if packs else 1
+
+
+# (b, s, groups, q_per_kv, hd, rotary_dims): Pythia's 25% and full rotary (16 heads: at 25% one task is a token),
+# GQA (2 and 4 q heads per group, 3 with partial rotary), odd head counts (5, 7, 25 heads: idle rows in a token's
+# last task), lanes that do not divide a warp (R = 48: 3 or 6 lanes), one lane per row (R = 16, bf16 NeoX), a warp of
+# lanes (hd 256: fp32 NeoX, bf16 interleaved) and more (fp32 interleaved: v3), heads that are not whole packs (v3's
+# scalar form), and batch 2 of a long sequence (the token's position from the task).
+VERSION_SHAPES = [(2, 33, 16, 1, 128, 32), (1, 17, 4, 1, 128, 128), (2, 9, 2, 4, 64, 64), (2, 5, 3, 3, 128, 32),
+                  (2, 7, 5, 1, 128, 32), (1, 6, 25, 1, 128, 32), (1, 11, 7, 1, 64, 48), (2, 5, 3, 2, 64, 16),
+                  (1, 3, 2, 1, 256, 256), (2, 3, 3, 1, 10, 10), (2, 2100, 2, 1, 64, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("b,s,g,per,hd,rd", VERSION_SHAPES)
+@pytest.mark.parametrize("_", [pytest.param(None, marks=GPU, id="cuda")])
+def test_rotary_qkv_versions_match_reference_and_each_other(_, seed, dtype, interleaved, b, s, g, per, hd, rd):
+    """v3 and v6 forced side by side: each within rounding of the fp32 reference, forward and backward, with v and
+    the pass-through channels untouched, and bitwise equal to each other (the same rotate arithmetic); version 0
+    runs the kernel the rule names; a forced 6 that does not apply raises KernelError and leaves qkv as it was."""
+    c, sn = (t.cuda() for t in rotary_angles(s, rd))
+    x = torch.randn(b, s, g, per + 2, hd, device="cuda").to(dtype)
+    grads = [torch.randn(b, s, g, m, hd, device="cuda").to(dtype) for m in (per, 1, 1)]
+    ref_leaf = x.float().requires_grad_()
+    ref, _ = _run_split(ref_leaf, lambda t: K.rotary_qkv_reference(t, c, sn, rd, interleaved, per),
+                        [gr.float() for gr in grads], "view")
+    kernel = _cuda_kernel_for(dtype, hd, rd, interleaved)
+    full_grad = torch.cat(grads, dim=3)
+    results = {}
+    for version in (3, 6, 0):
+        if version == 6 and kernel != 6:
+            buf = x.clone()
+            with pytest.raises(KernelError, match="version 6 does not take"):
+                K.rotary_qkv_(buf, c, sn, rd, interleaved, per, impl="fused", version=6)
+            assert torch.equal(buf, x)
+            continue
+        leaf = x.clone().requires_grad_()
+        out, _ = _run_split(leaf, lambda t: K.rotary_qkv_(t, c, sn, rd, interleaved, per, impl="fused",
+                                                          version=version), grads, "view")
+        where = f"version {version} (seed {seed})"
+        assert rel_error(out, ref) <= TOL[dtype], f"forward, {where}"
+        assert rel_error(leaf.grad, ref_leaf.grad) <= TOL[dtype], f"backward, {where}"
+        assert torch.equal(out[:, :, :, per + 1], x[:, :, :, per + 1]) and torch.equal(out[..., rd:], x[..., rd:])
+        assert torch.equal(leaf.grad[:, :, :, per + 1], full_grad[:, :, :, per + 1])
+        assert torch.equal(leaf.grad[..., rd:], full_grad[..., rd:])
+        results[version] = (out.detach(), leaf.grad)
+    for version, (out, grad) in results.items():
+        assert torch.equal(out, results[3][0]) and torch.equal(grad, results[3][1]), f"version {version} vs 3"
+    ext = _backend.extension("cuda")[0]
+    assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, False) == kernel  # version 0: the rule's kernel
+    assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, True, 3) == (3 if kernel == 6 else kernel)
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=GPU, id="cuda")])
+def test_rotary_qkv_forced_v6_backward_takes_an_unaligned_gradient(_, seed):
+    """Forced v6 in the forward; the gradient arrives 2 bytes past a 16-byte boundary, which v6 refuses (-1,
+    nothing written): the backward runs the kernel's pick instead, and the gradient is still right."""
+    b, s, g, per, hd, rd = 2, 9, 4, 1, 128, 32
+    c, sn = (t.cuda() for t in rotary_angles(s, rd))
+    x = torch.randn(b, s, g, per + 2, hd, device="cuda").to(torch.bfloat16)
+    ext = _backend.extension("cuda")[0]
+    store = torch.randn(x.numel() + 1, device="cuda").to(torch.bfloat16)
+    grad = store[1:].view(x.shape)  # contiguous, unaligned
+    before = grad.clone()
+    assert ext.rotary_qkv(grad, c, sn, rd, False, True, 6) == -1 and torch.equal(grad, before)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.float().requires_grad_()
+    out = K.rotary_qkv_(leaf * 1, c, sn, rd, False, per, impl="fused", version=6)
+    out.backward(grad)
+    ref = K.rotary_qkv_reference(ref_leaf * 1, c, sn, rd, False, per)
+    ref.backward(before.float())
+    assert rel_error(out, ref) <= TOL[torch.bfloat16] and rel_error(leaf.grad, ref_leaf.grad) <= TOL[torch.bfloat16]
+
+
+def test_rotary_qkv_version_is_checked():
+    """version picks a CUDA kernel: on the CPU, or a number that is no kernel, KernelError (nothing rotated)."""
+    x = torch.randn(1, 3, 2, 3, 8)
+    c, sn = rotary_angles(3, 4)
+    buf = x.clone()
+    for version in (6, 3, 4):
+        with pytest.raises(KernelError, match=f"version={version} must be 0"):
+            K.rotary_qkv_(buf, c, sn, 4, impl="fused", version=version)
+    assert torch.equal(buf, x)
+    ext = _backend.extension("cpu")[0]
+    assert ext.rotary_qkv(buf, c, sn, 4, False, False) == 0  # the CPU's one kernel
+    assert torch.equal(buf, K.rotary_qkv_reference(x, c, sn, 4))
+
+
 # ---------------------------------------------------------------------------------------------- the model
 def _old_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
     """The model's rotation before the in-place op: one tensor of heads [b, s, h, hd], out of place."""
