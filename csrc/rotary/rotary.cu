@@ -489,13 +489,13 @@ int rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_t
   if (rows == 0) return 0;
   const bool whole_packs = D % V == 0 && rot_elems % V == 0 && (R / 2) % 4 == 0 && pack_width<T>(D, {x}) == V &&
                            reinterpret_cast<uintptr_t>(cos) % 16 == 0 && reinterpret_cast<uintptr_t>(sin) % 16 == 0;
-  // v6: a row is L = slots lanes, at most a warp; tasks, rows and positions in 32 bits
+  // v6: a row is L = slots lanes, at most a warp; tasks, a token's rows and its elements in 32 bits
   const int64_t tokens = B * S, token_rows = G * (P + 1);
   const int64_t task_rows = slots >= 1 && slots <= 32 ? (32 / slots) * (interleaved ? 4 : 2) : 1;
   const int64_t chunks = (token_rows + task_rows - 1) / task_rows;
   const bool v6_fits = whole_packs && slots >= 1 && slots <= 32 && tokens * chunks < (int64_t{1} << 31) &&
                        token_rows + task_rows < (int64_t{1} << 31) && S * (R / 2) < (int64_t{1} << 31) &&
-                       D < (int64_t{1} << 31) && B * S * G * (P + 2) * D < (int64_t{1} << 40);
+                       G * (P + 2) * D < (int64_t{1} << 32) && B * S * G * (P + 2) * D < (int64_t{1} << 40);
   if (v6_fits && version != 3) {
     const uint64_t token_elems = static_cast<uint64_t>(G * (P + 2) * D);
     const uint32_t tasks = static_cast<uint32_t>(tokens * chunks), lanes = static_cast<uint32_t>(slots);
