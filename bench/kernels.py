@@ -214,10 +214,11 @@ def make_cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, vocab:
              lambda x, impl: K.masked_softmax(x, 0.088, impl=impl), 4 * batch * heads * seq * seq * e),
         Case("bias_gelu", f"[{T}, {4 * H}]", [t(T, 4 * H), t(4 * H)], lambda x, b, impl: K.bias_gelu(x, b, impl=impl),
              5 * T * 4 * H * e),
-        Case("swiglu", f"[{T}, {2 * f}]", [t(T, 2 * f)], lambda x, impl: K.swiglu(x, impl=impl), 6 * T * f * e,
+        # SwiGLU/GeGLU over x [T, 2f]: fwd reads 2f, writes f; bwd reads dy (f) and x (2f), writes dx (2f): 8 T f e
+        Case("swiglu", f"[{T}, {2 * f}]", [t(T, 2 * f)], lambda x, impl: K.swiglu(x, impl=impl), 8 * T * f * e,
              liger=_liger_pairs("LigerSiLUMulFunction")),
         Case("geglu (no neox kernel)", f"[{T}, {2 * f}]", [t(T, 2 * f)],
-             lambda x, impl: F.gelu(x[..., 0::2], approximate="tanh") * x[..., 1::2], 6 * T * f * e, neox=False,
+             lambda x, impl: F.gelu(x[..., 0::2], approximate="tanh") * x[..., 1::2], 8 * T * f * e, neox=False,
              liger=_liger_pairs("LigerGELUMulFunction")),
     ]
     if vocab:

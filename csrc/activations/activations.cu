@@ -12,7 +12,25 @@
 //   - erf through a branch-free approximation that shares its exponential with gelu' (one_plus_erf):
 //     with erff + expf the same grid took 163 us backward and 93 us forward, against 120 and 84.
 //   - dbias: one partial row per band (a few MB), added by column_sum_v2 (32 x 32 tiles, deterministic).
+// v3 (both ops; the launchers take v3/v4 unless NEOX_ACT_VERSION says otherwise, see act_version):
+//   - the transcendental parts in the approximate PTX forms with flush-to-zero (ex2.approx.ftz,
+//     rcp.approx.ftz): without .ftz, __expf and __fdividef add a compare, a select and a scale each for
+//     subnormal inputs (about 30 SASS instructions per bias_gelu element, 17 now); the erf constants are
+//     folded (0.5 and 1/sqrt(2) into the coefficients), so gelu's forward on the H200 is no longer half
+//     of the issue slots the memory time allows.
+//   - bias_gelu: blocks of TX column packs x TY rows (TX * TY = 256), the rows dealt round-robin over a
+//     one-wave grid (row r to block row (r / TY) % bands), so the whole grid walks the tensor front to
+//     back together; the forward keeps two rows' loads in flight per thread. The backward sums its TY
+//     rows' dbias in shared memory: one partial row per block row (33 rows, 1 MB at 8192 x 8192, where
+//     v2 wrote 264 rows, 8.6 MB), added by the same column_sum_v2 (deterministic: fixed orders).
+//   - SwiGLU: 16-byte loads and stores everywhere (8 bf16 outputs per pack), U = 2 packs per thread in
+//     flight, a one-wave grid-stride loop; a tail of fewer than one pack of pairs is done in the same
+//     launch, so a pair count that is not a multiple of 8 still takes the vector path.
+// v4 = v3 whose backward walks the tensor from its end: the kernel that ran just before a backward (the
+//   GEMM that wrote dy in training; the forward in a bench) finished at the end, so its last tens of MB
+//   can still be in the 50 MB L2. The forward walks front to back as before.
 #include <algorithm>
+#include <cstdlib>
 
 #include "../common/cuda_common.cuh"
 
@@ -214,6 +232,283 @@ bias_grad_kernel(const T* __restrict__ dy, float* __restrict__ part, int64_t N, 
   store_f32<V>(part + blockIdx.y * C + c, acc);
 }
 
+// ---- v3 / v4 ----
+
+// NEOX_ACT_VERSION picks the kernels (bench, tests): unset, empty or 0 the newest (v4); 1 or 2 the kernels
+// before v3 (SwiGLU v1, bias_gelu v2); 3 v3. Read per call (a few hundred ns of host time against kernels of
+// tens of microseconds), so one process can time all of them; neox/kernels/activations.py checks the value.
+static int act_version() {
+  const char* s = std::getenv("NEOX_ACT_VERSION");
+  const int v = (s && *s) ? std::atoi(s) : 0;
+  return v == 0 ? 4 : v;
+}
+
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp_ftz(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 / (1 + exp(-u)): ex2 of -inf-bound arguments gives +inf and rcp(inf) = 0, so the tails are exact
+// (0 and 1); relative error a few ulp elsewhere.
+__device__ __forceinline__ float sigmoid_fast(float u) { return rcp_ftz(1.f + ex2_ftz(u * -1.4426950408889634f)); }
+
+// Phi(v), the standard normal CDF (gelu(v) = v * Phi(v)), and exp(-v^2 / 2), with the same
+// Abramowitz & Stegun 7.1.26 form as one_plus_erf: Phi = 0.5 * (1 + erf(v / sqrt 2)), the 0.5 and the
+// 1 / sqrt 2 folded into the constants. v < 0 takes the polynomial itself (no 1 - x cancellation).
+__device__ __forceinline__ float normal_cdf_fast(float v, float& gauss) {
+  const float t = rcp_ftz(fmaf(0.3275911f * 0.7071067811865476f, fabsf(v), 1.f));
+  gauss = ex2_ftz(v * v * (-0.5f * 1.4426950408889634f));
+  const float h = t * fmaf(t, fmaf(t, fmaf(t, fmaf(t, 0.5f * 1.061405429f, 0.5f * -1.453152027f), 0.5f * 1.421413741f),
+                                   0.5f * -0.284496736f), 0.5f * 0.254829592f) * gauss;  // 0.5 * (1 - erf(|v| / sqrt 2))
+  return v < 0.f ? h : 1.f - h;
+}
+
+// gelu(v) and gelu'(v). The tanh form is an exact rewrite: 0.5 * (1 + tanh(u)) = sigmoid(2u).
+template <bool TANH>
+__device__ __forceinline__ float gelu_fast(float v) {
+  if constexpr (TANH) return v * sigmoid_fast(2.f * 0.7978845608028654f * fmaf(0.044715f * v, v * v, v));
+  float gauss;
+  return v * normal_cdf_fast(v, gauss);
+}
+template <bool TANH>
+__device__ __forceinline__ float gelu_grad_fast(float v) {
+  if constexpr (TANH) {
+    const float s = sigmoid_fast(2.f * 0.7978845608028654f * fmaf(0.044715f * v, v * v, v));
+    const float du = 2.f * 0.7978845608028654f * fmaf(3.f * 0.044715f * v, v, 1.f);  // d(2u)/dv
+    return fmaf(v * s * (1.f - s), du, s);
+  }
+  float gauss;
+  const float cdf = normal_cdf_fast(v, gauss);
+  return fmaf(v * 0.3989422804014327f, gauss, cdf);  // Phi + v * phi
+}
+
+// Threads of a bias_gelu v3 block along the columns: enough for the row's packs, at most a warp.
+static int gelu_tx(int64_t packs) {
+  int t = 1;
+  while (t < 32 && t < packs) t *= 2;
+  return t;
+}
+
+// Block rows of a one-wave grid of `tiles` column tiles, at most `cap` (and one per TY rows of N).
+template <typename K>
+static int gelu_bands_v3(K kernel, int64_t tiles, int64_t N, int ty, int64_t cap) {
+  const int64_t wave = resident_blocks(kernel, 256) / std::max<int64_t>(tiles, 1);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wave, (N + ty - 1) / ty, cap, 65535})));
+}
+
+// Block (blockDim.x = TX column packs, blockDim.y = TY rows); row r goes to block row (r / TY) % gridDim.y,
+// warp row r % TY. R rows' loads are issued before any is computed.
+template <typename T, int V, int R, bool TANH>
+__global__ void __launch_bounds__(256)
+bias_gelu_forward_kernel_v3(const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ y, int64_t N,
+                            int64_t C) {
+  using PK = Pack<T, V>;
+  const int64_t c = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V;
+  if (c >= C) return;
+  float b[V];
+  load_f32<V>(bias + c, b);
+  const int64_t step = (int64_t)gridDim.y * blockDim.y;
+  for (int64_t r0 = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; r0 < N; r0 += R * step) {
+    PK in[R];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+      if (r0 + r * step < N) in[r] = *reinterpret_cast<const PK*>(x + (r0 + r * step) * C + c);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      if (r0 + r * step < N) {
+        PK out;
+#pragma unroll
+        for (int i = 0; i < V; i++) out.d[i] = from_f<T>(gelu_fast<TANH>(to_f(in[r].d[i]) + b[i]));
+        *reinterpret_cast<PK*>(y + (r0 + r * step) * C + c) = out;
+      }
+    }
+  }
+}
+
+// As the forward, plus dbias: each thread sums its column pack over its rows (the stored, rounded dx, as
+// the reference sums), the block adds its TY rows in shared memory in a fixed order, and writes one partial
+// row: part[blockIdx.y][c]. REV walks the rows from the end (v4).
+template <typename T, int V, bool TANH, bool REV>
+__global__ void __launch_bounds__(256)
+bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias,
+                             T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C) {
+  using PK = Pack<T, V>;
+  __shared__ float red[256 * V];
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const int64_t c = (blockIdx.x * (int64_t)TX + tx) * V;
+  float acc[V];
+#pragma unroll
+  for (int i = 0; i < V; i++) acc[i] = 0.f;
+  if (c < C) {
+    float b[V];
+    load_f32<V>(bias + c, b);
+    const int64_t step = (int64_t)gridDim.y * TY;
+    for (int64_t r = blockIdx.y * (int64_t)TY + ty; r < N; r += step) {
+      const int64_t off = (REV ? N - 1 - r : r) * C + c;
+      const PK g = *reinterpret_cast<const PK*>(dy + off), v = *reinterpret_cast<const PK*>(x + off);
+      PK out;
+#pragma unroll
+      for (int i = 0; i < V; i++) {
+        out.d[i] = from_f<T>(to_f(g.d[i]) * gelu_grad_fast<TANH>(to_f(v.d[i]) + b[i]));
+        acc[i] += to_f(out.d[i]);
+      }
+      *reinterpret_cast<PK*>(dx + off) = out;
+    }
+  }
+  // The TY partial sums of each of the tile's W = TX * V columns (W divides 256): P = 256 / W threads per
+  // column add TY / P rows each, then one adds the P results. Columns past C hold zeros and are not written.
+  const int W = TX * V, lid = ty * TX + tx, col = lid % W, p = lid / W, P = 256 / W;
+#pragma unroll
+  for (int i = 0; i < V; i++) red[ty * W + tx * V + i] = acc[i];
+  __syncthreads();
+  float s = 0.f;
+  for (int y = p; y < TY; y += P) s += red[y * W + col];
+  __syncthreads();
+  red[p * W + col] = s;
+  __syncthreads();
+  const int64_t gc = blockIdx.x * (int64_t)W + col;
+  if (p == 0 && gc < C) {
+    for (int q = 1; q < P; q++) s += red[q * W + col];
+    part[blockIdx.y * C + gc] = s;
+  }
+}
+
+template <typename T, int V, bool TANH>
+static void bias_gelu_forward_v3(const T* x, const float* bias, T* y, int64_t N, int64_t C, cudaStream_t stream) {
+  const int tx = gelu_tx(C / V), ty = 256 / tx;
+  const int64_t tiles = (C / V + tx - 1) / tx;
+  auto kernel = bias_gelu_forward_kernel_v3<T, V, 2, TANH>;
+  const int bands = gelu_bands_v3(kernel, tiles, N, ty, 65535);
+  kernel<<<dim3(static_cast<unsigned>(tiles), bands), dim3(tx, ty), 0, stream>>>(x, bias, y, N, C);
+}
+
+template <typename T, int V, bool TANH, bool REV>
+static void bias_gelu_backward_v3(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* part,
+                                  int64_t part_rows, int64_t N, int64_t C, cudaStream_t stream) {
+  const int tx = gelu_tx(C / V), ty = 256 / tx;
+  const int64_t tiles = (C / V + tx - 1) / tx;
+  auto kernel = bias_gelu_backward_kernel_v3<T, V, TANH, REV>;
+  const int bands = gelu_bands_v3(kernel, tiles, N, ty, std::max<int64_t>(part_rows, 1));
+  kernel<<<dim3(static_cast<unsigned>(tiles), bands), dim3(tx, ty), 0, stream>>>(dy, x, bias, dx, part, N, C);
+  column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, bands, C, C, C, dbias, nullptr);
+}
+
+// SwiGLU v3: pack k = 8 bf16 outputs y[8k, 8k + 8) from the 16 inputs x[16k, 16k + 16) (two 16-byte loads).
+// Thread t takes packs t, t + S, t + 2S, ... (S = the grid's threads), U of them loaded before any is
+// computed; REV maps pack k to packs - 1 - k. The last pairs % V pairs (no whole pack) go to the first threads.
+template <typename T, int U>
+__global__ void __launch_bounds__(256)
+swiglu_forward_kernel_v3(const T* __restrict__ x, T* __restrict__ y, int64_t packs, int64_t pairs) {
+  constexpr int V = 16 / sizeof(T), H = V / 2;  // H pairs per 16-byte input pack
+  using PK = Pack<T, V>;
+  const int64_t S = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  for (int64_t k0 = t; k0 < packs; k0 += U * S) {
+    PK in[U][2];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      if (k0 + u * S < packs) {
+        const PK* src = reinterpret_cast<const PK*>(x) + 2 * (k0 + u * S);
+        in[u][0] = src[0];
+        in[u][1] = src[1];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      if (k0 + u * S < packs) {
+        PK out;
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+          const T* pr = in[u][i / H].d + 2 * (i % H);
+          const float gate = to_f(pr[0]), up = to_f(pr[1]);
+          out.d[i] = from_f<T>(gate * sigmoid_fast(gate) * up);
+        }
+        reinterpret_cast<PK*>(y)[k0 + u * S] = out;
+      }
+    }
+  }
+  const int64_t j = packs * V + t;
+  if (j < pairs) {
+    const float gate = to_f(x[2 * j]), up = to_f(x[2 * j + 1]);
+    y[j] = from_f<T>(gate * sigmoid_fast(gate) * up);
+  }
+}
+
+// d gate = dy * up * s * (1 + gate * (1 - s)), d up = dy * gate * s, s = sigmoid(gate).
+__device__ __forceinline__ void swiglu_grad(float g, float gate, float up, float& dgate, float& dup) {
+  const float s = sigmoid_fast(gate), gs = gate * s;
+  dgate = g * up * (s + fmaf(-gs, s, gs));
+  dup = g * gs;
+}
+
+// At most 64 registers (4 blocks of 256 per SM; ptxas took 72 unbounded, 3 blocks).
+template <typename T, int U, bool REV>
+__global__ void __launch_bounds__(256, 4)
+swiglu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t packs,
+                          int64_t pairs) {
+  constexpr int V = 16 / sizeof(T), H = V / 2;
+  using PK = Pack<T, V>;
+  const int64_t S = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  for (int64_t k0 = t; k0 < packs; k0 += U * S) {
+    PK in[U][2], g[U];
+    int64_t kk[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      kk[u] = REV ? packs - 1 - (k0 + u * S) : k0 + u * S;
+      if (k0 + u * S < packs) {
+        const int64_t k = kk[u];
+        const PK* src = reinterpret_cast<const PK*>(x) + 2 * k;
+        in[u][0] = src[0];
+        in[u][1] = src[1];
+        g[u] = reinterpret_cast<const PK*>(dy)[k];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      if (k0 + u * S < packs) {
+        const int64_t k = kk[u];
+        PK out[2];
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+          const T* pr = in[u][i / H].d + 2 * (i % H);
+          float dgate, dup;
+          swiglu_grad(to_f(g[u].d[i]), to_f(pr[0]), to_f(pr[1]), dgate, dup);
+          out[i / H].d[2 * (i % H)] = from_f<T>(dgate);
+          out[i / H].d[2 * (i % H) + 1] = from_f<T>(dup);
+        }
+        PK* dst = reinterpret_cast<PK*>(dx) + 2 * k;
+        dst[0] = out[0];
+        dst[1] = out[1];
+      }
+    }
+  }
+  const int64_t j = packs * V + t;
+  if (j < pairs) {
+    float dgate, dup;
+    swiglu_grad(to_f(dy[j]), to_f(x[2 * j]), to_f(x[2 * j + 1]), dgate, dup);
+    dx[2 * j] = from_f<T>(dgate);
+    dx[2 * j + 1] = from_f<T>(dup);
+  }
+}
+
+// One wave of resident blocks, fewer where the packs (or the tail) fill fewer.
+template <typename K>
+static int swiglu_grid_v3(K kernel, int64_t packs, int64_t tail) {
+  const int64_t need = (std::max<int64_t>(packs, tail) + 255) / 256;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(need, resident_blocks(kernel, 256))));
+}
+
+static bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16) return false;
+  return true;
+}
+
 template <typename T>
 void bias_grad_cuda(const T* dy, float* dbias, float* part, int64_t part_rows, int64_t N, int64_t C,
                     cudaStream_t stream) {
@@ -232,41 +527,75 @@ template <typename T>
 void bias_gelu_forward_cuda(const T* x, const float* bias, T* y, int64_t N, int64_t C, bool tanh_approx,
                             cudaStream_t stream) {
   const int vec = pack_width<T>(C, {x, y, bias});
+  const bool v2 = act_version() <= 2;
   NEOX_WITH_PACK(T, vec, {
-    if (tanh_approx) bias_gelu_forward_v2<T, V, true>(x, bias, y, N, C, stream);
-    else bias_gelu_forward_v2<T, V, false>(x, bias, y, N, C, stream);
+    if (v2) {
+      if (tanh_approx) bias_gelu_forward_v2<T, V, true>(x, bias, y, N, C, stream);
+      else bias_gelu_forward_v2<T, V, false>(x, bias, y, N, C, stream);
+    } else {  // v3 and v4 share the forward
+      if (tanh_approx) bias_gelu_forward_v3<T, V, true>(x, bias, y, N, C, stream);
+      else bias_gelu_forward_v3<T, V, false>(x, bias, y, N, C, stream);
+    }
   });
 }
 
 template <typename T>
 void bias_gelu_backward_cuda(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* part,
                              int64_t part_rows, int64_t N, int64_t C, bool tanh_approx, cudaStream_t stream) {
-  // part: part_rows x C floats from the caller; one partial row per band.
+  // part: part_rows x C floats from the caller; one partial row per band (v2) or block row (v3, v4).
   const int vec = pack_width<T>(C, {dy, x, dx, bias});
+  const int version = act_version();
   NEOX_WITH_PACK(T, vec, {
-    if (tanh_approx) bias_gelu_backward_v2<T, V, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
-    else bias_gelu_backward_v2<T, V, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+    if (version <= 2) {
+      if (tanh_approx) bias_gelu_backward_v2<T, V, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      else bias_gelu_backward_v2<T, V, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+    } else if (version == 3) {
+      if (tanh_approx) bias_gelu_backward_v3<T, V, true, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      else bias_gelu_backward_v3<T, V, false, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+    } else {
+      if (tanh_approx) bias_gelu_backward_v3<T, V, true, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      else bias_gelu_backward_v3<T, V, false, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+    }
   });
 }
 
 template <typename T>
 void swiglu_forward_cuda(const T* x, T* y, int64_t N, int64_t F, cudaStream_t stream) {
-  constexpr int P = 8 / sizeof(T);  // 2P inputs = 16 bytes
-  if (pack_width<T>(2 * N * F, {x}) > 1 && (N * F) % P == 0 && reinterpret_cast<uintptr_t>(y) % (P * sizeof(T)) == 0) {
-    swiglu_forward_kernel<T, P><<<grid_for(N * F / P, 256), 256, 0, stream>>>(x, y, N * F / P);
+  constexpr int P = 8 / sizeof(T);  // v1: 2P inputs = 16 bytes
+  constexpr int V = 16 / sizeof(T);  // v3: V outputs = 16 bytes
+  const int64_t pairs = N * F;
+  if (act_version() >= 3 && aligned16({x, y})) {  // v3 and v4 share the forward
+    auto kernel = swiglu_forward_kernel_v3<T, 2>;
+    const int64_t packs = pairs / V;
+    kernel<<<swiglu_grid_v3(kernel, packs, pairs - packs * V), 256, 0, stream>>>(x, y, packs, pairs);
+  } else if (pack_width<T>(2 * pairs, {x}) > 1 && pairs % P == 0 &&
+             reinterpret_cast<uintptr_t>(y) % (P * sizeof(T)) == 0) {
+    swiglu_forward_kernel<T, P><<<grid_for(pairs / P, 256), 256, 0, stream>>>(x, y, pairs / P);
   } else {
-    swiglu_forward_kernel<T, 1><<<grid_for(N * F, 256), 256, 0, stream>>>(x, y, N * F);
+    swiglu_forward_kernel<T, 1><<<grid_for(pairs, 256), 256, 0, stream>>>(x, y, pairs);
   }
 }
 
 template <typename T>
 void swiglu_backward_cuda(const T* dy, const T* x, T* dx, int64_t N, int64_t F, cudaStream_t stream) {
   constexpr int P = 8 / sizeof(T);
-  if (pack_width<T>(2 * N * F, {x, dx}) > 1 && (N * F) % P == 0 &&
-      reinterpret_cast<uintptr_t>(dy) % (P * sizeof(T)) == 0) {
-    swiglu_backward_kernel<T, P><<<grid_for(N * F / P, 256), 256, 0, stream>>>(dy, x, dx, N * F / P);
+  constexpr int V = 16 / sizeof(T);
+  const int64_t pairs = N * F;
+  const int version = act_version();
+  if (version >= 3 && aligned16({dy, x, dx})) {
+    const int64_t packs = pairs / V, tail = pairs - packs * V;
+    if (version == 3) {
+      auto kernel = swiglu_backward_kernel_v3<T, 2, false>;
+      kernel<<<swiglu_grid_v3(kernel, packs, tail), 256, 0, stream>>>(dy, x, dx, packs, pairs);
+    } else {
+      auto kernel = swiglu_backward_kernel_v3<T, 2, true>;
+      kernel<<<swiglu_grid_v3(kernel, packs, tail), 256, 0, stream>>>(dy, x, dx, packs, pairs);
+    }
+  } else if (pack_width<T>(2 * pairs, {x, dx}) > 1 && pairs % P == 0 &&
+             reinterpret_cast<uintptr_t>(dy) % (P * sizeof(T)) == 0) {
+    swiglu_backward_kernel<T, P><<<grid_for(pairs / P, 256), 256, 0, stream>>>(dy, x, dx, pairs / P);
   } else {
-    swiglu_backward_kernel<T, 1><<<grid_for(N * F, 256), 256, 0, stream>>>(dy, x, dx, N * F);
+    swiglu_backward_kernel<T, 1><<<grid_for(pairs, 256), 256, 0, stream>>>(dy, x, dx, pairs);
   }
 }
 

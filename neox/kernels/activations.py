@@ -4,9 +4,14 @@ bias_gelu(x, bias) = gelu(x + bias) with the add done in fp32 inside the kernel 
 first linear is fused here instead of being added by the matmul). `approximate` is "none" (erf, as
 torch.nn.GELU) or "tanh" (as GPT-NeoX's fused bias_gelu).
 swiglu(x): x [..., 2f] holds (gate, up) pairs, i.e. x.view(..., f, 2); out [..., f] = silu(gate) * up.
+
+CUDA kernel versions (csrc/activations/activations.cu): the environment variable NEOX_ACT_VERSION picks them
+for a bench or a test, read at each call: unset, empty or 0 the newest (4); 1 or 2 the kernels before 3
+(SwiGLU v1, bias_gelu v2); 3; 4. Any other value is refused here (the C++ side would take it as the newest).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -15,6 +20,17 @@ import torch.nn.functional as F
 from neox.errors import KernelError
 
 from . import _backend as B
+
+
+ACT_VERSIONS = ("", "0", "1", "2", "3", "4")
+
+
+def check_act_version() -> None:
+    """Refuse a NEOX_ACT_VERSION the CUDA launchers do not know (they would run the newest kernels)."""
+    v = os.environ.get("NEOX_ACT_VERSION", "")
+    if v not in ACT_VERSIONS:
+        raise KernelError(f"NEOX_ACT_VERSION={v!r} is not a version of the activation kernels; "
+                          "set 1 or 2 (before v3), 3, 4, or unset it for the newest")
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
@@ -37,6 +53,8 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], impl: str = "auto",
                             unsupported="empty input or bias not of size x.shape[-1]" if odd else None)
     if ext is None:
         return bias_gelu_reference(x, bias, approximate)
+    if x.is_cuda:
+        check_act_version()
     # a C++ autograd node (csrc/common/autograd.inc): less host time than a Python Function
     return ext.bias_gelu_apply(x.contiguous(), bias, approximate == "tanh", B.POISON_OUTPUTS)
 
@@ -48,4 +66,6 @@ def swiglu(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     ext = B.fused_extension("swiglu", impl, x)
     if ext is None:
         return swiglu_reference(x)
+    if x.is_cuda:
+        check_act_version()
     return B.apply_saved_tensor_kernel(ext, "swiglu", x.contiguous(), out_shape=(*x.shape[:-1], x.shape[-1] // 2))
