@@ -1,7 +1,10 @@
 """fp8 training (`train.precision=fp8`): the linear layers' matmuls in fp8, everything else in bf16.
 
-The matmuls are torchao's float8 training (`torchao.float8`, tensorwise dynamic scaling: each
-operand is scaled by its own amax at every call, e4m3 forward and e5m2 for the output gradient).
+The matmuls follow torchao's float8 training (`torchao.float8`, tensorwise dynamic scaling: each
+operand is scaled by its own amax at every call, e4m3 forward and e5m2 for the output gradient). Eager, they
+run on neox's cast kernels (`neox.kernels.fp8.fp8_linear`: torchao's numerics bit for bit, two launches per cast,
+no compiled function's host cost); inside a `train.compile` block torchao's own function is traced, so that
+inductor fuses its casts into the block's graph.
 Its module swap only knows `nn.Linear`, so conversion here swaps the *class* of each chosen layer
 for a subclass whose matmul is torchao's float8 one: `nn.Linear`, and any layer whose one matmul is a
 method `local_linear(x, bias=None)` (the tensor-parallel `ColumnParallelLinear`/`RowParallelLinear` of
@@ -28,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from neox.errors import ConfigError
+from neox.kernels import _backend as kernels_backend
+from neox.kernels import fp8 as fp8_kernels
 from neox.model.gpt import Head
 
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
@@ -119,13 +124,17 @@ class _SharedFp8Weight(torch.autograd.Function):
 
 
 class Fp8Matmul:
-    """matmul(x, weight) = x @ weight.T through torchao's float8 autograd function, with its configs as torchao
-    builds them for its own Float8Linear. Converting a throwaway meta-device layer through the public entry point
-    also applies torchao's inductor workaround for compiled fp8 casts.
+    """matmul(x, weight) = x @ weight.T in fp8 with torchao's float8 numerics (its configs as torchao builds them
+    for its own Float8Linear; converting a throwaway meta-device layer through the public entry point also applies
+    torchao's inductor workaround for compiled fp8 casts).
 
-    compiled: torch.compile it, so that inductor fuses each operand's amax, scale and cast (eager, those are
-    separate kernels around every GEMM and fp8 runs slower than bf16; inside a `train.compile` block the
-    inner compile is inlined into the block's graph).
+    By default an eager call runs `neox.kernels.fp8.fp8_linear` (neox's cast kernels and torch._scaled_mm: torchao's
+    results bit for bit at a fraction of its host and GPU cost); a call Dynamo traces (a `train.compile` block), and
+    a call the kernels do not take (not bf16, a token count that is not a multiple of 16, no compiled extension for
+    the device), runs torchao's autograd function, which gives the same numbers.
+    emulate: torchao's emulation (fp8 casts, high-precision matmuls; CPU tests), for every call.
+    compiled: torchao's function under torch.compile for every eager call (inductor fuses each operand's amax,
+    scale and cast; what fp8 ran before neox's kernels, kept for the bench's comparison).
 
     cache_weights: a weight changes only at the optimizer step, yet torchao casts it at every call: in each
     micro-batch's forward, again for the backward's input-gradient matmul, and once more in a checkpointed
@@ -146,13 +155,25 @@ class Fp8Matmul:
             return ao.matmul_with_hp_or_float8_args.apply(x, weight_t, mm_config, config)
 
         self._matmul = torch.compile(matmul) if compiled else matmul
+        self.neox_kernels = not (emulate or compiled)
         weight_cast = config.cast_config_weight
         self.cache_weights = (cache_weights and weight_cast == config.cast_config_weight_for_grad_input
                               and weight_cast.scaling_granularity is ao.ScalingGranularity.TENSORWISE)
         self._copies: Dict[int, Tuple[torch.Tensor, Tuple[int, int], torch.Tensor]] = {}  # id -> weight, key, copy
-        self.casts = 0  # weight casts made for the cache (tests read it)
+        self._torchao_casts = 0
+        self._neox_copies = fp8_kernels.Fp8Weights()  # the neox path's weight copies (cache_weights)
+
+    @property
+    def casts(self) -> int:
+        """Weight casts made for the cache, on either path (tests read it)."""
+        return self._torchao_casts + self._neox_copies.casts
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if (self.neox_kernels and not torch.compiler.is_compiling() and x.dtype is torch.bfloat16
+                and weight.dtype is torch.bfloat16 and (x.numel() // x.shape[-1]) % 16 == 0 and x.numel()
+                and kernels_backend.extension(x.device.type)[0] is not None):
+            weight_fp8 = self._neox_copies.get(weight) if self.cache_weights else None
+            return fp8_kernels.fp8_linear(x, weight, weight_fp8)
         weight_t = weight.t()
         if self.cache_weights:
             weight_t = _SharedFp8Weight.apply(weight_t, self._fp8_copy(weight))
@@ -168,12 +189,13 @@ class Fp8Matmul:
                                                       gemm_input_role=ao.GemmInputRole.WEIGHT,
                                                       round_scales_to_power_of_2=self._config.round_scales_to_power_of_2)
             held = self._copies[id(weight)] = (weight, key, copy)
-            self.casts += 1
+            self._torchao_casts += 1
         return held[2]
 
     def clear(self) -> None:
         """Forget every fp8 weight copy: the weights are about to change (the optimizer step)."""
         self._copies.clear()
+        self._neox_copies.clear()
 
 
 def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = False,
@@ -181,7 +203,8 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False, compiled: bool = Fal
     """Swap the model's linear layers (plain or TP-sharded) for fp8 ones, in place.
 
     emulate: fp8 casts with the matmul in high precision (torchao's emulation; runs on CPU).
-    compiled: the casts and the GEMM under torch.compile (what training uses: see `Fp8Matmul`).
+    compiled: torchao's casts and GEMM under torch.compile for eager calls (the bench's comparison); neither:
+    neox's fp8 kernels (what training uses: see `Fp8Matmul`).
     cache_weights: one fp8 copy of each weight per optimizer step (`Fp8Matmul`; `fp8_matmul(model).clear()`).
     Returns {"fp8": [names converted], "bf16": ["name (why)" kept in bf16]}.
     """
@@ -221,12 +244,16 @@ def apply_fp8(model: nn.Module, device: torch.device, cache_weights: bool = True
     """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8. The trainer clears
     `fp8_matmul(model)` before each optimizer step (`caches_weights` says when to cache at all)."""
     check_device(device)
-    done = convert_to_fp8(model, compiled=True, cache_weights=cache_weights)
+    ext, why = kernels_backend.extension(device.type)
+    # without neox's kernels (not built), torchao's compiled casts: the fastest path left
+    done = convert_to_fp8(model, compiled=ext is None, cache_weights=cache_weights)
     if not done["fp8"]:
         raise ConfigError("train.precision=fp8: no linear layer has dims that are multiples of 16; "
                           "use train.precision=bf16")
     kept = done["bf16"][:3] + ([f"{len(done['bf16']) - 3} more"] if len(done["bf16"]) > 3 else [])
     kept = f"; kept in bf16: {', '.join(kept)}" if kept else ""
     cached = ", each weight cast once per optimizer step" if fp8_matmul(model).cache_weights else ""
-    return (f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao, tensorwise dynamic scaling, casts "
-            f"compiled: the first steps include compile time{cached}){kept}")
+    casts = ("neox's fp8 cast kernels, torchao's casts inside compiled blocks" if ext is not None else
+             f"torchao's casts compiled, the first steps include compile time: neox's fp8 kernels are missing ({why})")
+    return (f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao's tensorwise dynamic scaling; "
+            f"{casts}{cached}){kept}")

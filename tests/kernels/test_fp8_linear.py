@@ -244,3 +244,42 @@ def test_gpu_a_two_layer_mlp_trains_in_fp8_as_in_bf16():
     assert losses["fp8"][-1] < 0.8 * losses["fp8"][0], losses
     for a, b in zip(losses["bf16"], losses["fp8"]):
         assert abs(a - b) <= 0.05 * a, losses
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_an_fp8_model_runs_neox_kernels_bitwise_as_torchaos_path(checkpointing, monkeypatch):
+    """neox.model.fp8 wiring: a bf16 GPT converted with the defaults (what training runs) calls fp8_linear for every
+    fp8 layer, each weight cast once per step with the cache, and its loss and every gradient over two
+    micro-batches are bitwise those of the same model through torchao's autograd function (on CPU: real
+    torch._scaled_mm, nothing emulated)."""
+    import copy
+
+    import neox.kernels.fp8 as fp8k
+    from neox.model.fp8 import convert_to_fp8, fp8_matmul
+    from neox.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, seq_len=32, vocab_size=128,
+                    position="rotary", rotary_dims=8, activation_checkpointing=checkpointing)
+    ours = GPT(cfg).to(torch.bfloat16)
+    theirs = copy.deepcopy(ours)
+    layers = len(convert_to_fp8(ours, cache_weights=True)["fp8"])
+    convert_to_fp8(theirs)
+    fp8_matmul(theirs).neox_kernels = False  # torchao's function, eager and real
+    calls = []
+    real = fp8k.fp8_linear
+    monkeypatch.setattr(fp8k, "fp8_linear", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 2, cfg.seq_len + 1))
+    out = {}
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        losses = []
+        for t in tokens:
+            logits = model(t[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten())
+            loss.backward()
+            losses.append(loss.detach())
+        out[name] = losses, {n: p.grad for n, p in model.named_parameters()}
+    passes = 2 * (2 if checkpointing == "full" else 1)  # forwards per micro-batch, the recompute included
+    assert len(calls) == layers * passes and fp8_matmul(ours).casts == layers
+    assert all(torch.equal(a, b) for a, b in zip(out["ours"][0], out["theirs"][0]))
+    assert all(torch.equal(out["ours"][1][n], g) for n, g in out["theirs"][1].items())
