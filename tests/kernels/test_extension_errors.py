@@ -1,42 +1,90 @@
 """A C++ check of the kernel extensions raises a Python RuntimeError; it does not end the process.
 
 On the H200 machine (session 19) a `TORCH_CHECK` thrown by neox._C_cuda killed the process (SIGSEGV) where the
-CPU extension raises cleanly: the GPU variant runs in a subprocess, so that the crash fails this test only.
-Open: the GPU test fails until the cause is found (every user-reachable input is validated in Python first)."""
+CPU extension raised cleanly. Every case runs in its own unbuffered subprocess, so that a crash fails that case
+only and says where it died: in the call (no Python exception arrived) or after it (the exception arrived, the
+process died later). `_raise_check(how)` is the bindings' self-test (csrc/common/bindings.inc): 0 a failing
+TORCH_CHECK (a c10::Error thrown by libc10), 1 a std::runtime_error thrown by the extension, 2 and 3 the same
+caught inside the extension (nothing crosses the binding). The CUDA extension's cases that need no device run
+wherever it is built, this CPU machine included."""
 from __future__ import annotations
 
+import importlib.util
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-PROBE = """
+CALLS = """
 import torch
-from neox.kernels import _backend
-ext = _backend.extension({device!r})[0]
-x = torch.zeros(1, 3, 2, 3, 8, device={device!r})
-g = [x[:, :, :, :1].clone(), x[:, :, :, 1].clone(), x[:, :, :, 2].clone()]
-try:
-    ext.split_qkv_backward(*g, torch.empty_like(x), None, None, 0, False, 7)
-except RuntimeError as e:
-    print("raised:", str(e).splitlines()[0])
+from neox import _C_{ext} as ext
+{setup}
+for call in {calls!r}:
+    print("calling", call, flush=True)
+    try:
+        print("returned:", eval(call), flush=True)
+    except RuntimeError as e:
+        print("raised:", str(e).splitlines()[0], flush=True)
 """
+QKV = ("x = torch.zeros(1, 3, 2, 3, 8, device={device!r})\n"
+       "g = [x[:, :, :, :1].clone(), x[:, :, :, 1].clone(), x[:, :, :, 2].clone()]")
+SPLIT_V7 = "ext.split_qkv_backward(*g, torch.empty_like(x), None, None, 0, False, 7)"
+SPLIT_V7_SAYS = "raised: split_qkv: version must be 0, or 4 or 5 on CUDA; got 7"
+CUDA_INIT = "torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
+CHECK = "neox: a failing check (test)"
+THROWN = "neox: a thrown std::runtime_error (test)"
+RAISE_CHECK = {"ext._raise_check(0)": f"raised: {CHECK}", "ext._raise_check(1)": f"raised: {THROWN}",
+               "ext._raise_check(2)": f"returned: caught c10::Error: {CHECK}",
+               "ext._raise_check(3)": f"returned: caught std::exception: {THROWN}"}
 
 
-def _probe(device: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PROBE.format(device=device)], capture_output=True, text=True,
+def _built(ext: str) -> bool:
+    return importlib.util.find_spec(f"neox._C_{ext}") is not None
+
+
+def _assert_says(ext: str, expected: dict[str, str], setup: str = "") -> None:
+    """Run each call of `expected` on neox._C_<ext>, in order, in one fresh process: each must print its
+    expected line (a RuntimeError's first line, or the value returned), and the process must exit 0."""
+    code = CALLS.format(ext=ext, setup=setup, calls=list(expected))
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-u", "-c", code], capture_output=True, text=True,
                           timeout=120)
+    said = [line for line in proc.stdout.splitlines() if line.startswith(("calling ", "raised: ", "returned: "))]
+    died = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    for call, want in expected.items():
+        if f"calling {call}" not in said:
+            pytest.fail(f"{died} before calling {call}\n{proc.stderr[-3000:]}")
+        got = said[said.index(f"calling {call}") + 1:][:1]
+        if not got or got[0].startswith("calling "):
+            pytest.fail(f"{died} in the call {call}: no Python exception arrived\n{proc.stderr[-3000:]}")
+        assert got[0] == want, f"{call}: {got[0]!r}"
+    assert proc.returncode == 0, f"{died} after the calls, which all said what they should\n{proc.stderr[-3000:]}"
 
 
 def test_a_cpu_extension_check_raises():
-    proc = _probe("cpu")
-    assert proc.returncode == 0 and "raised: split_qkv: version must be 0" in proc.stdout, proc.stderr[-2000:]
+    _assert_says("cpu", {SPLIT_V7: SPLIT_V7_SAYS}, setup=QKV.format(device="cpu"))
+
+
+@pytest.mark.parametrize("ext", ["cpu", "cuda"])
+def test_each_exception_path_of_an_extension(ext):
+    """No device is touched: the CUDA extension's exception paths are tested on the CPU machine too, with the
+    shipped split_qkv check on CPU tensors (it fails before any CUDA call)."""
+    if not _built(ext):
+        pytest.skip(f"neox._C_{ext} is not built")
+    _assert_says(ext, {**RAISE_CHECK, SPLIT_V7: SPLIT_V7_SAYS}, setup=QKV.format(device="cpu"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 def test_a_cuda_extension_check_raises():
-    proc = _probe("cuda")
-    assert proc.returncode == 0 and "raised: split_qkv: version must be 0" in proc.stdout, \
-        f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    _assert_says("cuda", {SPLIT_V7: SPLIT_V7_SAYS}, setup=QKV.format(device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("ext", ["cpu", "cuda"])
+@pytest.mark.parametrize("call", list(RAISE_CHECK))
+def test_each_exception_path_with_cuda_initialised(ext, call):
+    """One process per case on the GPU machine, so that one crash hides no other."""
+    _assert_says(ext, {call: RAISE_CHECK[call]}, setup=CUDA_INIT)
