@@ -291,7 +291,7 @@ def bench_split_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: in
 
 def bench_rotary_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: int, bw: float, liger: Optional[object],
                           device: str = "cuda") -> list[str]:
-    """Rows of a table: rotary_qkv_'s CUDA kernels forced side by side (version=3, 6: csrc/rotary/rotary.cu), fwd + bwd
+    """Rows of a table: rotary_qkv_'s CUDA kernels forced side by side (version=3, 6, 7: csrc/rotary/rotary.cu), fwd + bwd
     through autograd as the "rotary" rows time neox's, and Liger's rope on the same q and k; GPU-only ms, median of
     max(iters, 50) (these are ~0.04-0.15 ms)."""
     rows = []
@@ -364,7 +364,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="*", default=None, help="only ops whose name starts with one of these")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (e.g. on CPU)")
     ap.add_argument("--rotary-versions", action="store_true",
-                    help="also time rotary_qkv_'s CUDA kernels v3 and v6 side by side against Liger (GPU)")
+                    help="also time rotary_qkv_'s CUDA kernels v3, v6, v7 side by side against Liger (GPU)")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
@@ -428,9 +428,9 @@ def main() -> None:
             print("|---" * 7 + "|")
             print("\n".join(rows), flush=True)
     if args.rotary_versions and gpu:
-        print(f"\n## rotary_qkv_ kernels (v3 vs v6), fwd + bwd, {dtype}, GPU-only ms (goal: >= 1.0x Liger, aim 1.15x)\n")
-        print("| op | shape | v3 ms | v6 ms | liger ms | v3 x liger | v6 x liger | v6 / v3 | v6 GB/s (% copy) |")
-        print("|---" * 9 + "|")
+        print(f"\n## rotary_qkv_ kernels (v3, v6, v7), fwd + bwd, {dtype}, GPU-only ms (goal >= 1.0x Liger, aim 1.15x)\n")
+        print("| op | shape | v3 ms | v6 ms | v7 ms | liger ms | v3 x liger | v6 x liger | v7 x liger | v6 GB/s (% copy) |")
+        print("|---" * 10 + "|")
         for hidden in args.hidden:
             print("\n".join(bench_rotary_versions(dtype, args.tokens, hidden, args.iters, bw, liger)), flush=True)
     elif args.rotary_versions:

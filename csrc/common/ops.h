@@ -8,8 +8,8 @@
 // split_qkv_backward's strides (elements, host memory): dq's over (b, s, group, q head), then dk's and dv's
 // over (b, s, group); every last dim is contiguous. version: 0 picks the kernel, 4 or 5 forces one (CUDA; tests
 // and bench); returns the kernel run: 5, 4, 1 (v4's scalar form), 0 (CPU, or nothing to do), -1 (5 does not apply).
-// rotary_qkv's version likewise: 0 picks, 3 or 6 forces (CUDA); returns 6, 3, 1 (v3's scalar form), 0, -1 (6 does not
-// apply: nothing launched).
+// rotary_qkv's version likewise: 0 picks, 3, 6 or 7 forces (CUDA); returns 7, 6, 3, 1 (v3's scalar form), 0, -1 (6 or 7
+// does not apply: nothing launched).
 #pragma once
 #include <cstdint>
 

@@ -45,6 +45,10 @@
 // division. A persistent grid of one wave of 256-thread blocks strides over the tasks (no tail of half-full waves).
 // Same rotate arithmetic as v3 (rotated_a/rotated_b), so bitwise v3's values. Taken where v3's packs apply and
 // L <= 32 (bf16/fp16 rotary parts up to 256 NeoX / 256 interleaved, fp32 up to 128); version 3 forces v3.
+// v7 (forced with version 7 only, to be measured beside v6): v6 with the loads asynchronous (cp.async into each warp's
+// shared memory, S - 1 = 3 tasks ahead), so the bytes in flight are not bounded by the registers that hold them.
+#include <cuda_pipeline.h>
+
 #include "../common/cuda_common.cuh"
 
 namespace neox {
@@ -465,20 +469,122 @@ rotary_qkv_kernel_v6(T* x, const float* __restrict__ cos, const float* __restric
   }
 }
 
+// v7 (forced only, measured beside v6): v6's tasks and lanes with the loads made asynchronous. Each warp keeps S tasks
+// in flight through its own shared memory: cp.async 16-byte copies of each lane's packs and of the token's cos and sin
+// rows, S - 1 tasks ahead of the one it rotates. In-flight bytes are then bounded by shared memory (S - 1 tasks of
+// 2 KB a warp) instead of by the registers that v6's loads hold (64 KB an SM at its occupancy). The lanes read back
+// only their own pack slots; the angle rows (copied by all lanes) are read after the wait and a __syncwarp.
+template <typename T, int V, int U, int S, bool INTERLEAVED>
+__global__ void __launch_bounds__(256)
+rotary_qkv_kernel_v7(T* x, const float* __restrict__ cos, const float* __restrict__ sin, uint32_t tasks,
+                     FastDiv chunks, FastDiv seq, FastDiv heads, uint32_t rows, uint64_t token_elems, uint32_t lanes,
+                     uint32_t rw, uint32_t D, uint32_t half, float sgn) {
+  constexpr int A = INTERLEAVED ? V / 2 : V;
+  constexpr int K = INTERLEAVED ? U : 2 * U;
+  extern __shared__ uint4 smem_v7[];
+  const uint32_t stage = K * 32 + half / 2;  // uint4s of a stage: [K][32 lanes] packs, then cos and sin (half each)
+  uint4* ws = smem_v7 + (threadIdx.x >> 5) * S * stage;
+  const uint32_t lane = threadIdx.x & 31, sub = lane / lanes, pk = lane - sub * lanes;
+  const bool active = sub < rw;  // the 32 % L lanes past the last whole row copy angles only
+  const uint32_t j0 = pk * A, e0 = INTERLEAVED ? pk * V : j0, task_rows = rw * U;
+  const uint32_t warps = (gridDim.x * blockDim.x) >> 5;
+  auto row_offset = [&](uint32_t r) { return (r + heads.div(r)) * D; };  // row r of a token: head r + r / (P + 1)
+  auto issue = [&](uint32_t w, uint4* st) {  // queue task w's copies into stage st, close the group
+    if (w < tasks) {
+      const uint32_t token = chunks.div(w), row0 = (w - token * chunks.d) * task_rows + sub;
+      const uint32_t s = token - seq.div(token) * seq.d;
+      for (uint32_t c = lane; c < half / 2; c += 32) {  // half / 4 float4s of cos, then of sin
+        const float* src = c < half / 4 ? cos + (size_t)s * half + 4 * c : sin + (size_t)s * half + 4 * (c - half / 4);
+        __pipeline_memcpy_async(st + K * 32 + c, src, 16);
+      }
+      if (active) {
+        const T* xt = x + (size_t)token * token_elems + e0;
+#pragma unroll
+        for (int i = 0; i < U; i++) {
+          const uint32_t r = row0 + i * rw;
+          if (r < rows) {
+            __pipeline_memcpy_async(st + i * 32 + lane, xt + row_offset(r), 16);
+            if constexpr (!INTERLEAVED) __pipeline_memcpy_async(st + (U + i) * 32 + lane, xt + row_offset(r) + half, 16);
+          }
+        }
+      }
+    }
+    __pipeline_commit();
+  };
+  const uint32_t first = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+#pragma unroll
+  for (int k = 0; k < S - 1; k++) issue(first + k * warps, ws + k * stage);
+  uint32_t n = 0;
+  for (uint32_t w = first; w < tasks; w += warps, n = (n + 1) % S) {
+    issue(w + (S - 1) * warps, ws + ((n + S - 1) % S) * stage);
+    __pipeline_wait_prior(S - 1);  // task w's group is complete
+    __syncwarp();                  // and the angle rows other lanes copied are visible
+    const uint4* st = ws + n * stage;
+    if (active) {
+      const float* cs = reinterpret_cast<const float*>(st + K * 32);
+      float c[A], sn[A];
+#pragma unroll
+      for (int k = 0; k < A; k++) c[k] = cs[j0 + k], sn[k] = cs[half + j0 + k];
+      const uint32_t token = chunks.div(w), row0 = (w - token * chunks.d) * task_rows + sub;
+      T* xt = x + (size_t)token * token_elems + e0;
+#pragma unroll
+      for (int i = 0; i < U; i++) {
+        const uint32_t r = row0 + i * rw;
+        if (r >= rows) continue;
+        T* xr = xt + row_offset(r);
+        float a[V], b[V];
+        unpack<T, V>(st[i * 32 + lane], a);
+        if constexpr (INTERLEAVED) {
+#pragma unroll
+          for (int k = 0; k < A; k++) {
+            b[2 * k] = rotated_a(a[2 * k], a[2 * k + 1], c[k], sn[k], sgn);
+            b[2 * k + 1] = rotated_b(a[2 * k], a[2 * k + 1], c[k], sn[k], sgn);
+          }
+          *reinterpret_cast<uint4*>(xr) = repack<T, V>(b);
+        } else {
+          float ya[V];
+          unpack<T, V>(st[(U + i) * 32 + lane], b);
+#pragma unroll
+          for (int k = 0; k < V; k++) {
+            ya[k] = rotated_a(a[k], b[k], c[k], sn[k], sgn);
+            b[k] = rotated_b(a[k], b[k], c[k], sn[k], sgn);
+          }
+          *reinterpret_cast<uint4*>(xr) = repack<T, V>(ya);
+          *reinterpret_cast<uint4*>(xr + half) = repack<T, V>(b);
+        }
+      }
+    }
+    __syncwarp();  // every lane is done with stage n before a later issue refills it
+  }
+  __pipeline_wait_prior(0);  // nothing left queued at exit (the groups past the last task are empty)
+}
+
 template <typename T, int V, bool INTERLEAVED>
 static void launch_rotary_qkv_v6(T* x, const float* cos, const float* sin, uint32_t tasks, uint32_t chunks,
                                  uint32_t S, uint32_t P, uint32_t rows, uint64_t token_elems, uint32_t lanes,
-                                 uint32_t D, uint32_t R, float sgn, cudaStream_t stream) {
+                                 uint32_t D, uint32_t R, float sgn, bool v7, cudaStream_t stream) {
   constexpr int U = INTERLEAVED ? 4 : 2;  // rows per lane: 4 16-byte loads in flight either way
+  const int64_t wanted = (int64_t{tasks} + 7) / 8;  // 8 warps a block
+  if (v7) {
+    constexpr int ST = 4;  // stages a warp
+    auto kernel = rotary_qkv_kernel_v7<T, V, U, ST, INTERLEAVED>;
+    const size_t smem = size_t{8} * ST * ((INTERLEAVED ? U : 2 * U) * 32 + R / 4) * 16;
+    allow_dynamic_smem(kernel, smem);
+    const int64_t wave = resident_blocks(kernel, 256, smem);
+    const unsigned blocks = static_cast<unsigned>(wanted < wave ? wanted : wave);
+    kernel<<<blocks, 256, smem, stream>>>(x, cos, sin, tasks, fast_div(chunks), fast_div(S), fast_div(P + 1), rows,
+                                          token_elems, lanes, 32 / lanes, D, R / 2, sgn);
+    return;
+  }
   auto kernel = rotary_qkv_kernel_v6<T, V, U, INTERLEAVED>;
-  const int64_t wanted = (int64_t{tasks} + 7) / 8, wave = resident_blocks(kernel, 256);  // 8 warps a block
+  const int64_t wave = resident_blocks(kernel, 256);
   const unsigned blocks = static_cast<unsigned>(wanted < wave ? wanted : wave);
   kernel<<<blocks, 256, 0, stream>>>(x, cos, sin, tasks, fast_div(chunks), fast_div(S), fast_div(P + 1), rows,
                                      token_elems, lanes, 32 / lanes, D, R / 2, sgn);
 }
 
-// Returns the kernel run (ops.h): 6, 3, 1 (v3's scalar form), 0 (nothing to do), -1 (version 6 asked for where it
-// does not apply: nothing launched).
+// Returns the kernel run (ops.h): 7 (forced), 6, 3, 1 (v3's scalar form), 0 (nothing to do), -1 (version 6 or 7 asked
+// for where it does not apply: nothing launched).
 template <typename T>
 int rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_t S, int64_t G, int64_t P, int64_t D,
                     int64_t R, bool interleaved, bool inverse, int version, cudaStream_t stream) {
@@ -496,18 +602,20 @@ int rotary_qkv_cuda(T* x, const float* cos, const float* sin, int64_t B, int64_t
   const bool v6_fits = whole_packs && slots >= 1 && slots <= 32 && tokens * chunks < (int64_t{1} << 31) &&
                        token_rows + task_rows < (int64_t{1} << 31) && S * (R / 2) < (int64_t{1} << 31) &&
                        G * (P + 2) * D < (int64_t{1} << 32) && B * S * G * (P + 2) * D < (int64_t{1} << 40);
-  if (v6_fits && version != 3) {
+  if (v6_fits && version != 3) {  // v7 (forced) where v6 applies
     const uint64_t token_elems = static_cast<uint64_t>(G * (P + 2) * D);
     const uint32_t tasks = static_cast<uint32_t>(tokens * chunks), lanes = static_cast<uint32_t>(slots);
     if (interleaved)
       launch_rotary_qkv_v6<T, V, true>(x, cos, sin, tasks, (uint32_t)chunks, (uint32_t)S, (uint32_t)P,
-                                       (uint32_t)token_rows, token_elems, lanes, (uint32_t)D, (uint32_t)R, sgn, stream);
+                                       (uint32_t)token_rows, token_elems, lanes, (uint32_t)D, (uint32_t)R, sgn,
+                                       version == 7, stream);
     else
       launch_rotary_qkv_v6<T, V, false>(x, cos, sin, tasks, (uint32_t)chunks, (uint32_t)S, (uint32_t)P,
-                                        (uint32_t)token_rows, token_elems, lanes, (uint32_t)D, (uint32_t)R, sgn, stream);
-    return 6;
+                                        (uint32_t)token_rows, token_elems, lanes, (uint32_t)D, (uint32_t)R, sgn,
+                                        version == 7, stream);
+    return version == 7 ? 7 : 6;
   }
-  if (version == 6) return -1;
+  if (version >= 6) return -1;
   if (whole_packs && rows * slots < (int64_t{1} << 31) && B * S * G * (P + 2) * D < (int64_t{1} << 40)) {
     const uint32_t total = static_cast<uint32_t>(rows * slots), blocks = (total + 255) / 256;
     auto kernel = interleaved ? rotary_qkv_kernel_v3<T, V, true> : rotary_qkv_kernel_v3<T, V, false>;

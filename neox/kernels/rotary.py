@@ -139,7 +139,7 @@ class _RotaryQKVFn(torch.autograd.Function):
 
 
 # The CUDA kernels of rotary_qkv_ that `version` can force (csrc/rotary/rotary.cu's header says what each does).
-ROTARY_QKV_VERSIONS = (3, 6)
+ROTARY_QKV_VERSIONS = (3, 6, 7)
 
 
 def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int, interleaved: bool = False,
@@ -151,8 +151,8 @@ def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_
     it). The backward rotates its incoming gradient in place, so give the result to views/splits (as the
     attention does), not to an op that hands one gradient tensor to several inputs.
 
-    version: 0 runs the CUDA kernel made for the shapes (v6 where it applies, else v3); 3 or 6 forces that kernel
-    (CUDA only: side-by-side tests and bench/kernels.py --rotary-versions), and a forced 6 that does not apply
+    version: 0 runs the CUDA kernel made for the shapes (v6 where it applies, else v3); 3, 6 or 7 forces that kernel
+    (CUDA only: side-by-side tests and bench/kernels.py --rotary-versions), and a forced 6 or 7 that does not apply
     raises KernelError. The values are bitwise the same whichever kernel runs.
     """
     b, s, g, n, hd = _qkv_shape(qkv, q_per_kv)

@@ -176,9 +176,10 @@ VERSION_SHAPES = [(2, 33, 16, 1, 128, 32), (1, 17, 4, 1, 128, 128), (2, 9, 2, 4,
 @pytest.mark.parametrize("b,s,g,per,hd,rd", VERSION_SHAPES)
 @pytest.mark.parametrize("_", [pytest.param(None, marks=GPU, id="cuda")])
 def test_rotary_qkv_versions_match_reference_and_each_other(_, seed, dtype, interleaved, b, s, g, per, hd, rd):
-    """v3 and v6 forced side by side: each within rounding of the fp32 reference, forward and backward, with v and
-    the pass-through channels untouched, and bitwise equal to each other (the same rotate arithmetic); version 0
-    runs the kernel the rule names; a forced 6 that does not apply raises KernelError and leaves qkv as it was."""
+    """v3, v6 and v7 forced side by side: each within rounding of the fp32 reference, forward and backward, with v
+    and the pass-through channels untouched, and bitwise equal to each other (the same rotate arithmetic); version
+    0 runs the kernel the rule names; a forced 6 or 7 that does not apply (v7 applies where v6 does) raises
+    KernelError and leaves qkv as it was."""
     c, sn = (t.cuda() for t in rotary_angles(s, rd))
     x = torch.randn(b, s, g, per + 2, hd, device="cuda").to(dtype)
     grads = [torch.randn(b, s, g, m, hd, device="cuda").to(dtype) for m in (per, 1, 1)]
@@ -188,11 +189,11 @@ def test_rotary_qkv_versions_match_reference_and_each_other(_, seed, dtype, inte
     kernel = _cuda_kernel_for(dtype, hd, rd, interleaved)
     full_grad = torch.cat(grads, dim=3)
     results = {}
-    for version in (3, 6, 0):
-        if version == 6 and kernel != 6:
+    for version in (3, 6, 7, 0):
+        if version in (6, 7) and kernel != 6:
             buf = x.clone()
-            with pytest.raises(KernelError, match="version 6 does not take"):
-                K.rotary_qkv_(buf, c, sn, rd, interleaved, per, impl="fused", version=6)
+            with pytest.raises(KernelError, match=f"version {version} does not take"):
+                K.rotary_qkv_(buf, c, sn, rd, interleaved, per, impl="fused", version=version)
             assert torch.equal(buf, x)
             continue
         leaf = x.clone().requires_grad_()
@@ -210,6 +211,7 @@ def test_rotary_qkv_versions_match_reference_and_each_other(_, seed, dtype, inte
     ext = _backend.extension("cuda")[0]
     assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, False) == kernel  # version 0: the rule's kernel
     assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, True, 3) == (3 if kernel == 6 else kernel)
+    assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, True, 7) == (7 if kernel == 6 else -1)
 
 
 @pytest.mark.parametrize("_", [pytest.param(None, marks=GPU, id="cuda")])
@@ -237,7 +239,7 @@ def test_rotary_qkv_version_is_checked():
     x = torch.randn(1, 3, 2, 3, 8)
     c, sn = rotary_angles(3, 4)
     buf = x.clone()
-    for version in (6, 3, 4):
+    for version in (6, 3, 7, 4):
         with pytest.raises(KernelError, match=f"version={version} must be 0"):
             K.rotary_qkv_(buf, c, sn, 4, impl="fused", version=version)
     assert torch.equal(buf, x)
