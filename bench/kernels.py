@@ -299,7 +299,7 @@ def bench_rotary_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: i
         if not case.op.startswith("rotary ("):
             continue
         ms = {}
-        contenders = [(f"v{v}", case.inputs, functools.partial(case.fn, impl="fused", version=v)) for v in (3, 6)]
+        contenders = [(f"v{v}", case.inputs, functools.partial(case.fn, impl="fused", version=v)) for v in (3, 6, 7)]
         if liger is not None:
             contenders.append(("liger", *case.liger(liger, case.inputs)))
         for name, inputs, call in contenders:
@@ -309,8 +309,8 @@ def bench_rotary_versions(dtype: torch.dtype, tokens: int, hidden: int, iters: i
             ms[name] = _time(step, device, max(iters, 50), hide_host_ms=2.0 + 3 * wall)
         li = ms.get("liger", float("nan"))
         gbs = case.bytes_moved / ms["v6"] / 1e6
-        rows.append(f"| {case.op} | {case.shape} | {ms['v3']:.4f} | {ms['v6']:.4f} | {li:.4f} | {li / ms['v3']:.2f} | "
-                    f"{li / ms['v6']:.2f} | {ms['v3'] / ms['v6']:.2f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) |")
+        rows.append(f"| {case.op} | {case.shape} | {ms['v3']:.4f} | {ms['v6']:.4f} | {ms['v7']:.4f} | {li:.4f} | "
+                    f"{li / ms['v3']:.2f} | {li / ms['v6']:.2f} | {li / ms['v7']:.2f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) |")
     return rows
 
 
