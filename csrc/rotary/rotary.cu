@@ -44,7 +44,7 @@
 // 4 interleaved) before any store, then rotates and stores; rows are r + r / (P + 1) (v skipped) by multiply-high
 // division. A persistent grid of one wave of 256-thread blocks strides over the tasks (no tail of half-full waves).
 // Same rotate arithmetic as v3 (rotated_a/rotated_b), so bitwise v3's values. Taken where v3's packs apply and
-// L <= 32 (bf16/fp16 rotary parts up to 256 NeoX / 256 interleaved, fp32 up to 128); version 3 forces v3.
+// L <= 32 (rotary parts up to 512 NeoX / 256 interleaved in bf16/fp16, 256 / 128 in fp32); version 3 forces v3.
 // v7 (forced with version 7 only, to be measured beside v6): v6 with the loads asynchronous (cp.async into each warp's
 // shared memory, S - 1 = 3 tasks ahead), so the bytes in flight are not bounded by the registers that hold them.
 #include <cuda_pipeline.h>
