@@ -1,10 +1,10 @@
 """Time neox's CUDA bias-GeLU and SwiGLU kernels per version (NEOX_ACT_VERSION) against Liger, in one process.
 
     python bench/activations.py                         # the bench/kernels.py shapes: 8192 tokens, hidden 2048, 4096
-    python bench/activations.py --versions 1 3 4 --iters 50 --hidden 2048
+    python bench/activations.py --versions 1 3 4 5 --iters 50 --hidden 2048
 
-Versions (csrc/activations/activations.cu): 1 = the kernels before v3 (SwiGLU v1, bias_gelu v2), 3, 4 (the newest,
-what `auto` runs). Per op, shape and version, GPU-only milliseconds (the host hidden behind a sleep kernel, as in
+Versions (csrc/activations/activations.cu): 1 = the kernels before v3 (SwiGLU v1, bias_gelu v2), 3, 4 (the default,
+what `auto` runs), 5 (4 with other loads in flight: compare its fwd and bwd columns with 4's). Per op, shape and version, GPU-only milliseconds (the host hidden behind a sleep kernel, as in
 bench/kernels.py's GPU-only column), median of --iters:
   - fwd+bwd: through autograd, as bench/kernels.py times it (bias_gelu's includes the bf16 bias cast to fp32 and
     dbias cast back, two small kernels of its C++ node);
@@ -87,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--versions", nargs="+", default=["1", "3", "4"])
+    ap.add_argument("--versions", nargs="+", default=["1", "3", "4", "5"])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = ap.parse_args()

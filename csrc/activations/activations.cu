@@ -28,6 +28,9 @@
 //   - SwiGLU: 16-byte loads and stores everywhere (8 bf16 outputs per pack), U = 2 packs per thread in
 //     flight, a one-wave grid-stride loop; a tail of fewer than one pack of pairs is done in the same
 //     launch, so a pair count that is not a multiple of 8 still takes the vector path.
+// v5 = v4 with the other settings of loads in flight, to be measured against it (the bench times the
+//   forward and the backward apart): bias_gelu forward 1 row a turn (v4: 2), backward 2 (v4: 1); SwiGLU
+//   forward 4 packs (v4: 2), backward 1 (v4: 2). The faster of each stays; the other goes.
 // v4 = v3 whose backward walks the tensor from its end: the kernel that ran just before a backward (the
 //   GEMM that wrote dy in training; the forward in a bench) finished at the end, so its last tens of MB
 //   can still be in the 50 MB L2. The forward walks front to back as before.
@@ -238,8 +241,8 @@ bias_grad_kernel(const T* __restrict__ dy, float* __restrict__ part, int64_t N, 
 
 // ---- v3 / v4 ----
 
-// NEOX_ACT_VERSION picks the kernels (bench, tests): unset, empty or 0 the newest (v4); 1 or 2 the kernels
-// before v3 (SwiGLU v1, bias_gelu v2); 3 v3. Read per call (a few hundred ns of host time against kernels of
+// NEOX_ACT_VERSION picks the kernels (bench, tests): unset, empty or 0 v4; 1 or 2 the kernels before v3
+// (SwiGLU v1, bias_gelu v2); 3; 4; 5 (v4 with the other loads-in-flight settings, for a sweep). Read per call (a few hundred ns of host time against kernels of
 // tens of microseconds), so one process can time all of them; neox/kernels/activations.py checks the value.
 static int act_version() {
   const char* s = std::getenv("NEOX_ACT_VERSION");
@@ -381,9 +384,11 @@ bias_gelu_forward_kernel_v3(const T* __restrict__ x, const float* __restrict__ b
 
 // As the forward, plus dbias: each thread sums its column pack over its rows (the stored, rounded dx, as
 // the reference sums), the block adds its TY rows in shared memory in a fixed order, and writes one partial
-// row: part[blockIdx.y][c]. REV walks the rows from the end (v4).
-template <typename T, int V, bool TANH, bool REV>
-__global__ void __launch_bounds__(256)
+// row: part[blockIdx.y][c]. REV walks the rows from the end (v4). R rows a turn (the rows are summed in the
+// same order for any R: the same dbias bits). Registers bounded for 5 blocks of 256 per SM at R = 1 (6 made
+// fp16 spill), 4 at R = 2.
+template <typename T, int V, int R, bool TANH, bool REV>
+__global__ void __launch_bounds__(256, R == 1 ? 5 : 4)
 bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias,
                              T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C) {
   using PK = Pack<T, V>;
@@ -399,27 +404,38 @@ bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, 
     const int64_t step = (int64_t)gridDim.y * TY, r_first = blockIdx.y * (int64_t)TY + ty;
     const int64_t skip = REV ? -step * C : step * C;
     int64_t off = (REV ? N - 1 - r_first : r_first) * C + c;
-    for (int64_t r = r_first; r < N; r += step, off += skip) {
-      const PK gp = *reinterpret_cast<const PK*>(dy + off), vp = *reinterpret_cast<const PK*>(x + off);
-      float g[V], v[V];  // unpacked from registers (unpack's memcpy on a global reference would load bytes)
-      unpack<T, V>(gp, g);
-      unpack<T, V>(vp, v);
+    for (int64_t r0 = r_first; r0 < N; r0 += R * step, off += R * skip) {
+      PK gp[R], vp[R];  // R rows' loads issued before any is used
 #pragma unroll
-      for (int i = 0; i < V; i++) g[i] *= gelu_grad_fast<TANH>(v[i] + b[i]);
-      PK out;
-      if constexpr (V == 1) {
-        out.d[0] = from_f<T>(g[0]);
-        acc[0] += to_f(out.d[0]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; i += 2) {
-          float r0, r1;
-          round_pair<T>(g[i], g[i + 1], out.d[i], out.d[i + 1], r0, r1);
-          acc[i] += r0;
-          acc[i + 1] += r1;
+      for (int rr = 0; rr < R; rr++) {
+        if (r0 + rr * step < N) {
+          gp[rr] = *reinterpret_cast<const PK*>(dy + off + rr * skip);
+          vp[rr] = *reinterpret_cast<const PK*>(x + off + rr * skip);
         }
       }
-      *reinterpret_cast<PK*>(dx + off) = out;
+#pragma unroll
+      for (int rr = 0; rr < R; rr++) {
+        if (r0 + rr * step >= N) break;
+        float g[V], v[V];  // unpacked from registers (unpack's memcpy on a global reference would load bytes)
+        unpack<T, V>(gp[rr], g);
+        unpack<T, V>(vp[rr], v);
+#pragma unroll
+        for (int i = 0; i < V; i++) g[i] *= gelu_grad_fast<TANH>(v[i] + b[i]);
+        PK out;
+        if constexpr (V == 1) {
+          out.d[0] = from_f<T>(g[0]);
+          acc[0] += to_f(out.d[0]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; i += 2) {
+            float s0, s1;
+            round_pair<T>(g[i], g[i + 1], out.d[i], out.d[i + 1], s0, s1);
+            acc[i] += s0;
+            acc[i + 1] += s1;
+          }
+        }
+        *reinterpret_cast<PK*>(dx + off + rr * skip) = out;
+      }
     }
   }
   // The TY partial sums of each of the tile's W = TX * V columns (W divides 256): P = 256 / W threads per
@@ -440,21 +456,21 @@ bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, 
   }
 }
 
-template <typename T, int V, bool TANH>
+template <typename T, int V, int R, bool TANH>
 static void bias_gelu_forward_v3(const T* x, const float* bias, T* y, int64_t N, int64_t C, cudaStream_t stream) {
   const int tx = gelu_tx(C / V), ty = 256 / tx;
   const int64_t tiles = (C / V + tx - 1) / tx;
-  auto kernel = bias_gelu_forward_kernel_v3<T, V, 2, TANH>;
+  auto kernel = bias_gelu_forward_kernel_v3<T, V, R, TANH>;
   const int bands = gelu_bands_v3(kernel, tiles, N, ty, 65535);
   kernel<<<dim3(static_cast<unsigned>(tiles), bands), dim3(tx, ty), 0, stream>>>(x, bias, y, N, C);
 }
 
-template <typename T, int V, bool TANH, bool REV>
+template <typename T, int V, int R, bool TANH, bool REV>
 static void bias_gelu_backward_v3(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* part,
                                   int64_t part_rows, int64_t N, int64_t C, cudaStream_t stream) {
   const int tx = gelu_tx(C / V), ty = 256 / tx;
   const int64_t tiles = (C / V + tx - 1) / tx;
-  auto kernel = bias_gelu_backward_kernel_v3<T, V, TANH, REV>;
+  auto kernel = bias_gelu_backward_kernel_v3<T, V, R, TANH, REV>;
   const int bands = gelu_bands_v3(kernel, tiles, N, ty, std::max<int64_t>(part_rows, 1));
   kernel<<<dim3(static_cast<unsigned>(tiles), bands), dim3(tx, ty), 0, stream>>>(dy, x, bias, dx, part, N, C);
   column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, bands, C, C, C, dbias, nullptr);
@@ -588,14 +604,17 @@ template <typename T>
 void bias_gelu_forward_cuda(const T* x, const float* bias, T* y, int64_t N, int64_t C, bool tanh_approx,
                             cudaStream_t stream) {
   const int vec = pack_width<T>(C, {x, y, bias});
-  const bool v2 = act_version() <= 2;
+  const int version = act_version();
   NEOX_WITH_PACK(T, vec, {
-    if (v2) {
+    if (version <= 2) {
       if (tanh_approx) bias_gelu_forward_v2<T, V, true>(x, bias, y, N, C, stream);
       else bias_gelu_forward_v2<T, V, false>(x, bias, y, N, C, stream);
-    } else {  // v3 and v4 share the forward
-      if (tanh_approx) bias_gelu_forward_v3<T, V, true>(x, bias, y, N, C, stream);
-      else bias_gelu_forward_v3<T, V, false>(x, bias, y, N, C, stream);
+    } else if (version <= 4) {  // v3 and v4 share the forward
+      if (tanh_approx) bias_gelu_forward_v3<T, V, 2, true>(x, bias, y, N, C, stream);
+      else bias_gelu_forward_v3<T, V, 2, false>(x, bias, y, N, C, stream);
+    } else {  // v5: one row a turn
+      if (tanh_approx) bias_gelu_forward_v3<T, V, 1, true>(x, bias, y, N, C, stream);
+      else bias_gelu_forward_v3<T, V, 1, false>(x, bias, y, N, C, stream);
     }
   });
 }
@@ -611,11 +630,14 @@ void bias_gelu_backward_cuda(const T* dy, const T* x, const float* bias, T* dx, 
       if (tanh_approx) bias_gelu_backward_v2<T, V, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
       else bias_gelu_backward_v2<T, V, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
     } else if (version == 3) {
-      if (tanh_approx) bias_gelu_backward_v3<T, V, true, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
-      else bias_gelu_backward_v3<T, V, false, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
-    } else {
-      if (tanh_approx) bias_gelu_backward_v3<T, V, true, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
-      else bias_gelu_backward_v3<T, V, false, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      if (tanh_approx) bias_gelu_backward_v3<T, V, 1, true, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      else bias_gelu_backward_v3<T, V, 1, false, false>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+    } else if (version == 4) {
+      if (tanh_approx) bias_gelu_backward_v3<T, V, 1, true, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      else bias_gelu_backward_v3<T, V, 1, false, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+    } else {  // v5: two rows a turn
+      if (tanh_approx) bias_gelu_backward_v3<T, V, 2, true, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
+      else bias_gelu_backward_v3<T, V, 2, false, true>(dy, x, bias, dx, dbias, part, part_rows, N, C, stream);
     }
   });
 }
@@ -625,8 +647,9 @@ void swiglu_forward_cuda(const T* x, T* y, int64_t N, int64_t F, cudaStream_t st
   constexpr int P = 8 / sizeof(T);  // v1: 2P inputs = 16 bytes
   constexpr int V = 16 / sizeof(T);  // v3: V outputs = 16 bytes
   const int64_t pairs = N * F;
-  if (act_version() >= 3 && aligned16({x, y})) {  // v3 and v4 share the forward
-    auto kernel = swiglu_forward_kernel_v3<T, 2>;
+  const int version = act_version();
+  if (version >= 3 && aligned16({x, y})) {  // v3 and v4 share the forward; v5 has 4 packs in flight
+    auto kernel = version <= 4 ? swiglu_forward_kernel_v3<T, 2> : swiglu_forward_kernel_v3<T, 4>;
     const int64_t packs = pairs / V;
     kernel<<<swiglu_grid_v3(kernel, packs, pairs - packs * V), 256, 0, stream>>>(x, y, packs, pairs);
   } else if (pack_width<T>(2 * pairs, {x}) > 1 && pairs % P == 0 &&
@@ -645,13 +668,10 @@ void swiglu_backward_cuda(const T* dy, const T* x, T* dx, int64_t N, int64_t F, 
   const int version = act_version();
   if (version >= 3 && aligned16({dy, x, dx})) {
     const int64_t packs = pairs / V, tail = pairs - packs * V;
-    if (version == 3) {
-      auto kernel = swiglu_backward_kernel_v3<T, 2, false>;
-      kernel<<<swiglu_grid_v3(kernel, packs, tail), 256, 0, stream>>>(dy, x, dx, packs, pairs);
-    } else {
-      auto kernel = swiglu_backward_kernel_v3<T, 2, true>;
-      kernel<<<swiglu_grid_v3(kernel, packs, tail), 256, 0, stream>>>(dy, x, dx, packs, pairs);
-    }
+    auto kernel = version == 3   ? swiglu_backward_kernel_v3<T, 2, false>
+                  : version == 4 ? swiglu_backward_kernel_v3<T, 2, true>
+                                 : swiglu_backward_kernel_v3<T, 1, true>;  // v5: one pack in flight
+    kernel<<<swiglu_grid_v3(kernel, packs, tail), 256, 0, stream>>>(dy, x, dx, packs, pairs);
   } else if (pack_width<T>(2 * pairs, {x, dx}) > 1 && pairs % P == 0 &&
              reinterpret_cast<uintptr_t>(dy) % (P * sizeof(T)) == 0) {
     swiglu_backward_kernel<T, P><<<grid_for(pairs / P, 256), 256, 0, stream>>>(dy, x, dx, pairs / P);

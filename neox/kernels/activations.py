@@ -6,8 +6,9 @@ torch.nn.GELU) or "tanh" (as GPT-NeoX's fused bias_gelu).
 swiglu(x): x [..., 2f] holds (gate, up) pairs, i.e. x.view(..., f, 2); out [..., f] = silu(gate) * up.
 
 CUDA kernel versions (csrc/activations/activations.cu): the environment variable NEOX_ACT_VERSION picks them
-for a bench or a test, read at each call: unset, empty or 0 the newest (4); 1 or 2 the kernels before 3
-(SwiGLU v1, bias_gelu v2); 3; 4. Any other value is refused here (the C++ side would take it as the newest).
+for a bench or a test, read at each call: unset, empty or 0 the default (4); 1 or 2 the kernels before 3
+(SwiGLU v1, bias_gelu v2); 3; 4; 5 (4 with other loads-in-flight settings, for a sweep). Any other value is
+refused here (the C++ side would run 4 or 5 for it).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from neox.errors import KernelError
 from . import _backend as B
 
 
-ACT_VERSIONS = ("", "0", "1", "2", "3", "4")
+ACT_VERSIONS = ("", "0", "1", "2", "3", "4", "5")
 
 
 def check_act_version() -> None:
@@ -30,7 +31,7 @@ def check_act_version() -> None:
     v = os.environ.get("NEOX_ACT_VERSION", "")
     if v not in ACT_VERSIONS:
         raise KernelError(f"NEOX_ACT_VERSION={v!r} is not a version of the activation kernels; "
-                          "set 1 or 2 (before v3), 3, 4, or unset it for the newest")
+                          "set 1 or 2 (before v3), 3, 4, 5, or unset it for the default (4)")
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The CUDA bias-GeLU and SwiGLU kernels per version against the PyTorch reference (GPU), and the version knob.
 
 NEOX_ACT_VERSION (read by csrc/activations/activations.cu at each call) picks 1 (the kernels before v3: SwiGLU v1,
-bias_gelu v2), 3 or 4 (unset: 4). Each version runs forward and backward on odd shapes: whole 16-byte packs and
+bias_gelu v2), 3, 4 (unset: 4) or 5 (4 with other loads-in-flight settings). Each version runs forward and backward on odd shapes: whole 16-byte packs and
 not, a SwiGLU pair count that is not a multiple of a pack (v3's in-kernel tail), rows of 1 to 33,793 packs (v3's
 column tiles of 1-32 packs, full and partial), enough rows for several block rows and several grid-stride turns,
 and tensors one element off 16-byte alignment (the scalar fallbacks). The fused op runs in dtype, the reference
@@ -23,7 +23,7 @@ from neox.kernels import activations as A
 from support.kernel_checks import TOL, rel_error
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
-VERSIONS = ["1", "3", "4"]
+VERSIONS = ["1", "3", "4", "5"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -163,10 +163,10 @@ def test_swiglu_fast_sigmoid_over_the_line(monkeypatch):
 
 @CUDA
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("version", ["3", "4", "5"])
 def test_bias_gelu_dbias_deterministic(monkeypatch, version):
     """The partial dbias rows are added in fixed orders: two runs give the same bits; and v4 (rows walked from
-    the end) gives v3's y and dx bit for bit (the same arithmetic per element)."""
+    the end) and v5 (other rows in flight) give v3's y and dx bit for bit (the same arithmetic per element)."""
     x = (torch.randn(4100, 1032, device="cuda") * 2).to(torch.bfloat16)
     b = torch.randn(1032, device="cuda").to(torch.bfloat16)
     g = torch.randn(4100, 1032, device="cuda").to(torch.bfloat16)
@@ -187,27 +187,28 @@ def test_bias_gelu_dbias_deterministic(monkeypatch, version):
 
 @CUDA
 @pytest.mark.gpu
-def test_swiglu_v4_matches_v3_bitwise(monkeypatch):
-    """v4 only walks the backward from the end: the same bits as v3, forward and backward."""
+def test_swiglu_v4_v5_match_v3_bitwise(monkeypatch):
+    """v4 only walks the backward from the end, v5 also changes the packs in flight: v3's bits, fwd and bwd."""
     x = (torch.randn(257, 2 * 1000, device="cuda") * 2).to(torch.bfloat16)
     g = torch.randn(257, 1000, device="cuda").to(torch.bfloat16)
     outs = []
-    for v in ("3", "4"):
+    for v in ("3", "4", "5"):
         monkeypatch.setenv("NEOX_ACT_VERSION", v)
         xx = x.clone().requires_grad_()
         y = K.swiglu(xx, impl="fused")
         y.backward(g)
         outs.append((y, xx.grad))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for y, dx in outs[1:]:
+        assert torch.equal(outs[0][0], y) and torch.equal(outs[0][1], dx)
 
 
-@pytest.mark.parametrize("value", ["", "0", "1", "2", "3", "4"])
+@pytest.mark.parametrize("value", ["", "0", "1", "2", "3", "4", "5"])
 def test_act_version_known_values_pass(monkeypatch, value):
     monkeypatch.setenv("NEOX_ACT_VERSION", value)
     A.check_act_version()
 
 
-@pytest.mark.parametrize("value", ["5", "v3", "-1", " 3"])
+@pytest.mark.parametrize("value", ["6", "v3", "-1", " 3"])
 def test_act_version_unknown_value_refused(monkeypatch, value):
     """The C++ launchers would read an unknown value as the newest: the wrapper refuses it in one line."""
     monkeypatch.setenv("NEOX_ACT_VERSION", value)
@@ -241,5 +242,5 @@ def test_bench_activations_runs():
                           "256", "--iters", "3"], capture_output=True, text=True, timeout=600, cwd=repo)
     assert out.returncode == 0, out.stderr[-2000:]
     for op in ("bias_gelu", "swiglu"):
-        for v in ("v1", "v3", "v4"):
+        for v in ("v1", "v3", "v4", "v5"):
             assert f"| {op} | " in out.stdout and f"| {v} |" in out.stdout, out.stdout
