@@ -23,8 +23,9 @@
 //   - bias_gelu: blocks of TX column packs x TY rows (TX * TY = 256), the rows dealt round-robin over a
 //     one-wave grid (row r to block row (r / TY) % bands), so the whole grid walks the tensor front to
 //     back together; the forward keeps two rows' loads in flight per thread. The backward sums its TY
-//     rows' dbias in shared memory: one partial row per block row (33 rows, 1 MB at 8192 x 8192, where
-//     v2 wrote 264 rows, 8.6 MB), added by the same column_sum_v2 (deterministic: fixed orders).
+//     rows' dbias in shared memory: one partial row per block row (20 rows, 0.7 MB at 8192 x 8192 with
+//     5 blocks per SM, where v2 wrote 264 rows, 8.6 MB), added by the same column_sum_v2 (deterministic:
+//     fixed orders).
 //   - SwiGLU: 16-byte loads and stores everywhere (8 bf16 outputs per pack), U = 2 packs per thread in
 //     flight, a one-wave grid-stride loop; a tail of fewer than one pack of pairs is done in the same
 //     launch, so a pair count that is not a multiple of 8 still takes the vector path.
