@@ -84,7 +84,7 @@ def test_a_cuda_extension_check_raises():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 @pytest.mark.parametrize("ext", ["cpu", "cuda"])
-@pytest.mark.parametrize("call", list(RAISE_CHECK))
+@pytest.mark.parametrize("call", list(RAISE_CHECK)[:2])
 def test_each_exception_path_with_cuda_initialised(ext, call):
-    """One process per case on the GPU machine, so that one crash hides no other."""
+    """The two paths that cross the binding, each in its own process so that one crash hides no other."""
     _assert_says(ext, {call: RAISE_CHECK[call]}, setup=CUDA_INIT)
