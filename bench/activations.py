@@ -6,8 +6,8 @@
 Versions (csrc/activations/activations.cu): 1 = the kernels before v3 (SwiGLU v1, bias_gelu v2), 3, 4 (the default,
 what `auto` runs), 5 (4 with other loads in flight: compare its fwd and bwd columns with 4's). Per op, shape and version, GPU-only milliseconds (the host hidden behind a sleep kernel, as in
 bench/kernels.py's GPU-only column), median of --iters:
-  - fwd+bwd: through autograd, as bench/kernels.py times it (bias_gelu's includes the bf16 bias cast to fp32 and
-    dbias cast back, two small kernels of its C++ node);
+  - fwd+bwd: through autograd, as bench/kernels.py times it (since the native-bias change, a bias in x's dtype goes
+    to the kernels as it is: no cast launches, for every version);
   - fwd, bwd: the extension's kernels called directly (bwd: bias_gelu's includes the dbias column sum);
   - bwd cold: bwd after a 256 MB read (untimed) that evicts the 50 MB L2 with clean lines, so no input of it is left
     in L2 by the previous kernel (v4 walks the backward from the end to catch what the kernel before it, the forward here, left there;
@@ -67,11 +67,11 @@ def cases(tokens: int, hidden: int, dtype: torch.dtype):
     T, C = tokens, 4 * hidden
     x = torch.randn(T, C, device="cuda").to(dtype).requires_grad_()
     b = torch.randn(C, device="cuda").to(dtype).requires_grad_()
-    b32, y, dy, dx = b.detach().float(), torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
-    dbias = torch.empty_like(b32)
+    bd, y, dy, dx = b.detach(), torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
+    dbias = torch.empty_like(bd)  # the bias in x's dtype, as the model's (no casts on CUDA)
     xd = x.detach()
     yield ("bias_gelu", f"[{T}, {C}]", [x, b], lambda x, b, impl: K.bias_gelu(x, b, impl=impl),
-           lambda: ext.bias_gelu_forward(xd, b32, y, False), lambda: ext.bias_gelu_backward(dy, xd, b32, dx, dbias, False),
+           lambda: ext.bias_gelu_forward(xd, bd, y, False), lambda: ext.bias_gelu_backward(dy, xd, bd, dx, dbias, False),
            2 * T * C * e, 3 * T * C * e, None)
     del x, b, y, dy, dx, xd
     f = 256 * ((8 * hidden // 3 + 255) // 256)  # as bench/kernels.py: Llama-style width

@@ -74,15 +74,21 @@ __device__ __forceinline__ float gelu_grad_f(float v) {
   return 0.5f * cdf2 + v * 0.3989422804014327f * gauss;
 }
 
-template <typename T, int V, int R, bool TANH>
+// V bias values as floats: fp32 through load_f32, a 16-bit bias (W = T) as one pack.
+template <int V>
+__device__ __forceinline__ void load_param(const float* p, float (&out)[V]) { load_f32<V>(p, out); }
+template <int V, typename W>
+__device__ __forceinline__ void load_param(const W* p, float (&out)[V]) { load<W, V>(p, out); }
+
+template <typename T, int V, int R, bool TANH, typename W>
 __global__ void __launch_bounds__(256)
-bias_gelu_forward_kernel_v2(const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ y, int64_t N,
+bias_gelu_forward_kernel_v2(const T* __restrict__ x, const W* __restrict__ bias, T* __restrict__ y, int64_t N,
                             int64_t C) {
   const int64_t c = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V;
   if (c >= C) return;
   const int64_t r_begin = N * blockIdx.y / gridDim.y, r_end = N * (blockIdx.y + 1) / gridDim.y;
   float b[V];
-  load_f32<V>(bias + c, b);
+  load_param<V>(bias + c, b);
   for (int64_t r0 = r_begin; r0 < r_end; r0 += R) {
     float v[R][V];
 #pragma unroll
@@ -100,15 +106,15 @@ bias_gelu_forward_kernel_v2(const T* __restrict__ x, const float* __restrict__ b
 }
 
 // Band gridDim.y of rows per block row; part[blockIdx.y][c] = sum over the band of the stored dx.
-template <typename T, int V, int R, bool TANH>
+template <typename T, int V, int R, bool TANH, typename W>
 __global__ void __launch_bounds__(256)
-bias_gelu_backward_kernel_v2(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias,
+bias_gelu_backward_kernel_v2(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ bias,
                              T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C) {
   const int64_t c = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V;
   if (c >= C) return;
   const int64_t r_begin = N * blockIdx.y / gridDim.y, r_end = N * (blockIdx.y + 1) / gridDim.y;
   float b[V], acc[V];
-  load_f32<V>(bias + c, b);
+  load_param<V>(bias + c, b);
 #pragma unroll
   for (int i = 0; i < V; i++) acc[i] = 0.f;
   for (int64_t r0 = r_begin; r0 < r_end; r0 += R) {
@@ -199,21 +205,21 @@ static dim3 gelu_grid(K kernel, int threads, int64_t N, int64_t C, int V, int64_
   return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(bands));
 }
 
-template <typename T, int V, bool TANH>
-static void bias_gelu_forward_v2(const T* x, const float* bias, T* y, int64_t N, int64_t C, cudaStream_t stream) {
+template <typename T, int V, bool TANH, typename W>
+static void bias_gelu_forward_v2(const T* x, const W* bias, T* y, int64_t N, int64_t C, cudaStream_t stream) {
   const int threads = row_threads(C / V);
-  auto kernel = bias_gelu_forward_kernel_v2<T, V, 1, TANH>;
+  auto kernel = bias_gelu_forward_kernel_v2<T, V, 1, TANH, W>;
   kernel<<<gelu_grid(kernel, threads, N, C, V, N), threads, 0, stream>>>(x, bias, y, N, C);
 }
 
-template <typename T, int V, bool TANH>
-static void bias_gelu_backward_v2(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* part,
+template <typename T, int V, bool TANH, typename W>
+static void bias_gelu_backward_v2(const T* dy, const T* x, const W* bias, T* dx, W* dbias, float* part,
                                   int64_t part_rows, int64_t N, int64_t C, cudaStream_t stream) {
   const int threads = row_threads(C / V);
-  auto kernel = bias_gelu_backward_kernel_v2<T, V, 1, TANH>;
+  auto kernel = bias_gelu_backward_kernel_v2<T, V, 1, TANH, W>;
   const dim3 grid = gelu_grid(kernel, threads, N, C, V, part_rows);
   kernel<<<grid, threads, 0, stream>>>(dy, x, bias, dx, part, N, C);
-  column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, grid.y, C, C, C, dbias, nullptr);
+  column_sum_v2_kernel<32, W><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, grid.y, C, C, C, dbias, nullptr);
 }
 
 // bias_grad: the column sums of dy [N, C], a linear layer's bias gradient. torch takes it with a generic
@@ -351,15 +357,15 @@ static int gelu_bands_v3(K kernel, int64_t tiles, int64_t N, int ty, int64_t cap
 
 // Block (blockDim.x = TX column packs, blockDim.y = TY rows); row r goes to block row (r / TY) % gridDim.y,
 // warp row r % TY. R rows' loads are issued before any is computed.
-template <typename T, int V, int R, bool TANH>
+template <typename T, int V, int R, bool TANH, typename W>
 __global__ void __launch_bounds__(256)
-bias_gelu_forward_kernel_v3(const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ y, int64_t N,
+bias_gelu_forward_kernel_v3(const T* __restrict__ x, const W* __restrict__ bias, T* __restrict__ y, int64_t N,
                             int64_t C) {
   using PK = Pack<T, V>;
   const int64_t c = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V;
   if (c >= C) return;
   float b[V];
-  load_f32<V>(bias + c, b);
+  load_param<V>(bias + c, b);
   const int64_t step = (int64_t)gridDim.y * blockDim.y, r_first = blockIdx.y * (int64_t)blockDim.y + threadIdx.y;
   // pointers stepped (R * step rows a turn) rather than row * C + c recomputed: fewer integer instructions
   const int64_t skip = step * C;
@@ -388,9 +394,9 @@ bias_gelu_forward_kernel_v3(const T* __restrict__ x, const float* __restrict__ b
 // row: part[blockIdx.y][c]. REV walks the rows from the end (v4). R rows a turn (the rows are summed in the
 // same order for any R: the same dbias bits). Registers bounded for 5 blocks of 256 per SM at R = 1 (6 made
 // fp16 spill), 4 at R = 2.
-template <typename T, int V, int R, bool TANH, bool REV>
+template <typename T, int V, int R, bool TANH, bool REV, typename W>
 __global__ void __launch_bounds__(256, R == 1 ? 5 : 4)
-bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias,
+bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ bias,
                              T* __restrict__ dx, float* __restrict__ part, int64_t N, int64_t C) {
   using PK = Pack<T, V>;
   __shared__ float red[256 * V];
@@ -401,7 +407,7 @@ bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, 
   for (int i = 0; i < V; i++) acc[i] = 0.f;
   if (c < C) {
     float b[V];
-    load_f32<V>(bias + c, b);
+    load_param<V>(bias + c, b);
     const int64_t step = (int64_t)gridDim.y * TY, r_first = blockIdx.y * (int64_t)TY + ty;
     const int64_t skip = REV ? -step * C : step * C;
     int64_t off = (REV ? N - 1 - r_first : r_first) * C + c;
@@ -439,42 +445,42 @@ bias_gelu_backward_kernel_v3(const T* __restrict__ dy, const T* __restrict__ x, 
       }
     }
   }
-  // The TY partial sums of each of the tile's W = TX * V columns (W divides 256): P = 256 / W threads per
+  // The TY partial sums of each of the tile's TW = TX * V columns (TW divides 256): P = 256 / TW threads per
   // column add TY / P rows each, then one adds the P results. Columns past C hold zeros and are not written.
-  const int W = TX * V, lid = ty * TX + tx, col = lid % W, p = lid / W, P = 256 / W;
+  const int TW = TX * V, lid = ty * TX + tx, col = lid % TW, p = lid / TW, P = 256 / TW;
 #pragma unroll
-  for (int i = 0; i < V; i++) red[ty * W + tx * V + i] = acc[i];
+  for (int i = 0; i < V; i++) red[ty * TW + tx * V + i] = acc[i];
   __syncthreads();
   float s = 0.f;
-  for (int y = p; y < TY; y += P) s += red[y * W + col];
+  for (int y = p; y < TY; y += P) s += red[y * TW + col];
   __syncthreads();
-  red[p * W + col] = s;
+  red[p * TW + col] = s;
   __syncthreads();
-  const int64_t gc = blockIdx.x * (int64_t)W + col;
+  const int64_t gc = blockIdx.x * (int64_t)TW + col;
   if (p == 0 && gc < C) {
-    for (int q = 1; q < P; q++) s += red[q * W + col];
+    for (int q = 1; q < P; q++) s += red[q * TW + col];
     part[blockIdx.y * C + gc] = s;
   }
 }
 
-template <typename T, int V, int R, bool TANH>
-static void bias_gelu_forward_v3(const T* x, const float* bias, T* y, int64_t N, int64_t C, cudaStream_t stream) {
+template <typename T, int V, int R, bool TANH, typename W>
+static void bias_gelu_forward_v3(const T* x, const W* bias, T* y, int64_t N, int64_t C, cudaStream_t stream) {
   const int tx = gelu_tx(C / V), ty = 256 / tx;
   const int64_t tiles = (C / V + tx - 1) / tx;
-  auto kernel = bias_gelu_forward_kernel_v3<T, V, R, TANH>;
+  auto kernel = bias_gelu_forward_kernel_v3<T, V, R, TANH, W>;
   const int bands = gelu_bands_v3(kernel, tiles, N, ty, 65535);
   kernel<<<dim3(static_cast<unsigned>(tiles), bands), dim3(tx, ty), 0, stream>>>(x, bias, y, N, C);
 }
 
-template <typename T, int V, int R, bool TANH, bool REV>
-static void bias_gelu_backward_v3(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* part,
+template <typename T, int V, int R, bool TANH, bool REV, typename W>
+static void bias_gelu_backward_v3(const T* dy, const T* x, const W* bias, T* dx, W* dbias, float* part,
                                   int64_t part_rows, int64_t N, int64_t C, cudaStream_t stream) {
   const int tx = gelu_tx(C / V), ty = 256 / tx;
   const int64_t tiles = (C / V + tx - 1) / tx;
-  auto kernel = bias_gelu_backward_kernel_v3<T, V, R, TANH, REV>;
+  auto kernel = bias_gelu_backward_kernel_v3<T, V, R, TANH, REV, W>;
   const int bands = gelu_bands_v3(kernel, tiles, N, ty, std::max<int64_t>(part_rows, 1));
   kernel<<<dim3(static_cast<unsigned>(tiles), bands), dim3(tx, ty), 0, stream>>>(dy, x, bias, dx, part, N, C);
-  column_sum_v2_kernel<32, float><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, bands, C, C, C, dbias, nullptr);
+  column_sum_v2_kernel<32, W><<<(C + 31) / 32, dim3(32, 32), 0, stream>>>(part, bands, C, C, C, dbias, nullptr);
 }
 
 // SwiGLU v3: pack k = 8 bf16 outputs y[8k, 8k + 8) from the 16 inputs x[16k, 16k + 16) (two 16-byte loads).
@@ -601,8 +607,9 @@ void bias_grad_cuda(const T* dy, float* dbias, float* part, int64_t part_rows, i
   });
 }
 
-template <typename T>
-void bias_gelu_forward_cuda(const T* x, const float* bias, T* y, int64_t N, int64_t C, bool tanh_approx,
+// W: the bias (and dbias) type, float or T (NEOX_NATIVE_PARAMS: a 16-bit bias read as it is, no cast launches).
+template <typename T, typename W>
+void bias_gelu_forward_cuda(const T* x, const W* bias, T* y, int64_t N, int64_t C, bool tanh_approx,
                             cudaStream_t stream) {
   const int vec = pack_width<T>(C, {x, y, bias});
   const int version = act_version();
@@ -620,8 +627,8 @@ void bias_gelu_forward_cuda(const T* x, const float* bias, T* y, int64_t N, int6
   });
 }
 
-template <typename T>
-void bias_gelu_backward_cuda(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* part,
+template <typename T, typename W>
+void bias_gelu_backward_cuda(const T* dy, const T* x, const W* bias, T* dx, W* dbias, float* part,
                              int64_t part_rows, int64_t N, int64_t C, bool tanh_approx, cudaStream_t stream) {
   // part: part_rows x C floats from the caller; one partial row per band (v2) or block row (v3, v4).
   const int vec = pack_width<T>(C, {dy, x, dx, bias});
@@ -681,13 +688,17 @@ void swiglu_backward_cuda(const T* dy, const T* x, T* dx, int64_t N, int64_t F, 
   }
 }
 
+#define INSTANTIATE_GELU(T, W)                                                                                \
+  template void bias_gelu_forward_cuda<T, W>(const T*, const W*, T*, int64_t, int64_t, bool, cudaStream_t);     \
+  template void bias_gelu_backward_cuda<T, W>(const T*, const T*, const W*, T*, W*, float*, int64_t, int64_t,   \
+                                              int64_t, bool, cudaStream_t);
 #define INSTANTIATE(T)                                                                                        \
-  template void bias_gelu_forward_cuda<T>(const T*, const float*, T*, int64_t, int64_t, bool, cudaStream_t);   \
-  template void bias_gelu_backward_cuda<T>(const T*, const T*, const float*, T*, float*, float*, int64_t,      \
-                                           int64_t, int64_t, bool, cudaStream_t);                              \
+  INSTANTIATE_GELU(T, float)                                                                                  \
   template void swiglu_forward_cuda<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                         \
   template void swiglu_backward_cuda<T>(const T*, const T*, T*, int64_t, int64_t, cudaStream_t);             \
   template void bias_grad_cuda<T>(const T*, float*, float*, int64_t, int64_t, int64_t, cudaStream_t);
 NEOX_FOR_EACH_CUDA_DTYPE(INSTANTIATE)
+INSTANTIATE_GELU(__nv_bfloat16, __nv_bfloat16)  // 16-bit biases as they are (W = T)
+INSTANTIATE_GELU(__half, __half)
 
 }  // namespace neox

@@ -30,15 +30,16 @@ static inline float gelu_grad(float v, bool tanh_approx) {
   return 0.5f * (1.f + std::erf(v * kInvSqrt2)) + v * kInvSqrt2Pi * std::exp(-0.5f * v * v);
 }
 
-template <typename T>
-void bias_gelu_forward_cpu(const T* x, const float* bias, T* y, int64_t N, int64_t C, bool tanh_approx) {
+// W (bias/dbias) is float here: the CPU bindings cast 16-bit biases (NEOX_NATIVE_PARAMS = 0).
+template <typename T, typename W>
+void bias_gelu_forward_cpu(const T* x, const W* bias, T* y, int64_t N, int64_t C, bool tanh_approx) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < N; r++)
     for (int64_t c = 0; c < C; c++) y[r * C + c] = from_float<T>(gelu(to_float(x[r * C + c]) + bias[c], tanh_approx));
 }
 
-template <typename T>
-void bias_gelu_backward_cpu(const T* dy, const T* x, const float* bias, T* dx, float* dbias, float* /*part*/,
+template <typename T, typename W>
+void bias_gelu_backward_cpu(const T* dy, const T* x, const W* bias, T* dx, W* dbias, float* /*part*/,
                             int64_t /*part_rows*/, int64_t N, int64_t C, bool tanh_approx) {
   int nt = omp_get_max_threads();
   std::vector<float> part(static_cast<size_t>(nt) * C, 0.f);
@@ -103,8 +104,8 @@ void swiglu_backward_cpu(const T* dy, const T* x, T* dx, int64_t N, int64_t F) {
 }
 
 #define INSTANTIATE(T)                                                                                \
-  template void bias_gelu_forward_cpu<T>(const T*, const float*, T*, int64_t, int64_t, bool);          \
-  template void bias_gelu_backward_cpu<T>(const T*, const T*, const float*, T*, float*, float*, int64_t,    \
+  template void bias_gelu_forward_cpu<T, float>(const T*, const float*, T*, int64_t, int64_t, bool);   \
+  template void bias_gelu_backward_cpu<T, float>(const T*, const T*, const float*, T*, float*, float*, int64_t, \
                                           int64_t, int64_t, bool);                                                       \
   template void swiglu_forward_cpu<T>(const T*, T*, int64_t, int64_t);                                 \
   template void swiglu_backward_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                     \

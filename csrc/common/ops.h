@@ -1,8 +1,8 @@
 // Declarations of the kernel launchers, one set per backend (suffix _cpu or _cuda).
 // Each csrc/<op>/ file defines and instantiates its own; csrc/bindings_*.cpp call them.
 // NEOX_OPS(SUFFIX, EXTRA) declares the set; EXTRA is the trailing parameter (e.g. a stream) or nothing.
-// W, the norms' weight/bias type: float everywhere; also the activations' type T on CUDA
-// (NEOX_NATIVE_PARAMS), where the kernels read 16-bit parameters as they are.
+// W, the norms' weight/bias type and bias_gelu's bias/dbias type: float everywhere; also the activations' type T
+// on CUDA (NEOX_NATIVE_PARAMS), where the kernels read 16-bit parameters as they are.
 // part/part_rows: an fp32 scratch of part_rows x (columns) for per-block partial column sums (CUDA;
 // the CPU kernels ignore it and keep per-thread partials of their own).
 // split_qkv_backward's strides (elements, host memory): dq's over (b, s, group, q head), then dk's and dv's
@@ -38,11 +38,11 @@
   template <typename T>                                                                                  \
   void masked_softmax_backward##SUFFIX(const T* dy, const T* y, T* dx, int64_t rows, int64_t SQ,         \
                                        int64_t SK, float scale __VA_ARGS__);                             \
-  template <typename T>                                                                                  \
-  void bias_gelu_forward##SUFFIX(const T* x, const float* bias, T* y, int64_t N, int64_t C,              \
+  template <typename T, typename W>                                                                      \
+  void bias_gelu_forward##SUFFIX(const T* x, const W* bias, T* y, int64_t N, int64_t C,                  \
                                  bool tanh_approx __VA_ARGS__);                                          \
-  template <typename T>                                                                                  \
-  void bias_gelu_backward##SUFFIX(const T* dy, const T* x, const float* bias, T* dx, float* dbias,       \
+  template <typename T, typename W>                                                                      \
+  void bias_gelu_backward##SUFFIX(const T* dy, const T* x, const W* bias, T* dx, W* dbias,               \
                                   float* part, int64_t part_rows, int64_t N, int64_t C,                 \
                                   bool tanh_approx __VA_ARGS__);                    \
   template <typename T>                                                                                  \

@@ -244,3 +244,24 @@ def test_bench_activations_runs():
     for op in ("bias_gelu", "swiglu"):
         for v in ("v1", "v3", "v4", "v5"):
             assert f"| {op} | " in out.stdout and f"| {v} |" in out.stdout, out.stdout
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", VERSIONS)
+def test_bias_gelu_16bit_bias_launches_no_casts(monkeypatch, version):
+    """A bias in x's dtype goes to the kernels as it is and dbias comes back in it: forward + backward launch only
+    the bias_gelu kernels and the dbias column sum (before: a cast of the bias to fp32 and one of dbias back)."""
+    monkeypatch.setenv("NEOX_ACT_VERSION", version)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    K.bias_gelu(x, b, impl="fused").backward(g)  # warm
+    x.grad = b.grad = None  # no accumulation kernels below
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        K.bias_gelu(x, b, impl="fused").backward(g)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels and all("bias_gelu" in k or "column_sum" in k for k in kernels), kernels
+    assert b.grad.dtype == torch.bfloat16
