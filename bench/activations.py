@@ -9,9 +9,11 @@ bench/kernels.py's GPU-only column), median of --iters:
   - fwd+bwd: through autograd, as bench/kernels.py times it (since the native-bias change, a bias in x's dtype goes
     to the kernels as it is: no cast launches, for every version);
   - fwd, bwd: the extension's kernels called directly (bwd: bias_gelu's includes the dbias column sum);
-  - bwd cold: bwd after a 256 MB read (untimed) that evicts the 50 MB L2 with clean lines, so no input of it is left
-    in L2 by the previous kernel (v4 walks the backward from the end to catch what the kernel before it, the forward here, left there;
-    in training that is the GEMM that wrote dy, and the cold number is the bound without it).
+  - fwd cold, bwd cold: each after a 256 MB read (untimed) that evicts the 50 MB L2 with clean lines, so no input is
+    left in L2 by the kernel before. v4 walks the backward from the end to catch what the kernel before it left there:
+    in this bench the forward (x's tail), and the next forward then starts where that backward ended (x's head), gains
+    a training step does not have (there, other layers run in between; the GEMM that wrote dy just before the backward
+    is the one L2 neighbour a step has). The cold columns are the kernels' speed without any of that.
 Bytes an ideal kernel moves (bf16, e = 2): bias_gelu fwd reads x, writes y (2 T C e); bwd reads dy, x, writes dx
 (3 T C e). SwiGLU over x [T, 2f]: fwd reads 2f, writes f (3 T f e); bwd reads dy (f) and x (2f), writes dx (2f): 5 T f e;
 fwd+bwd 8 T f e (bench/kernels.py counted 6 T f e before this file).
@@ -99,9 +101,9 @@ def main() -> None:
     liger, note = load_liger("cuda")
     print(f"# activation kernels per version: {torch.cuda.get_device_name()}, {dtype}, copy bandwidth {bw:.0f} GB/s")
     print(f"# {note}\n")
-    print("| op | shape | version | fwd+bwd ms | fwd ms | bwd ms | bwd cold ms | fwd+bwd GB/s (% copy) | fwd % copy | "
-          "bwd % copy | bwd cold % copy | x liger (fwd+bwd) |")
-    print("|---" * 12 + "|", flush=True)
+    print("| op | shape | version | fwd+bwd ms | fwd ms | bwd ms | fwd cold ms | bwd cold ms | fwd+bwd GB/s (% copy) | "
+          "fwd % copy | bwd % copy | fwd cold % copy | bwd cold % copy | x liger (fwd+bwd) |")
+    print("|---" * 14 + "|", flush=True)
     flush = torch.ones(64 << 20, device="cuda")  # 256 MB, read (not written: no dirty lines to write back later)
     saved = os.environ.get("NEOX_ACT_VERSION")
     try:
@@ -111,20 +113,21 @@ def main() -> None:
                 if liger is not None and lig is not None:
                     l_inputs, l_call = lig(liger, inputs)
                     li = gpu_ms(_fwd_bwd(l_inputs, l_call), args.iters)
-                    print(f"| {op} | {shape} | liger | {li:.4f} | | | | {(bf + bb) / li / 1e6:.0f} "
-                          f"({100 * (bf + bb) / li / 1e6 / bw:.0f}%) | | | | 1.00 |", flush=True)
+                    print(f"| {op} | {shape} | liger | {li:.4f} | | | | | {(bf + bb) / li / 1e6:.0f} "
+                          f"({100 * (bf + bb) / li / 1e6 / bw:.0f}%) | | | | | 1.00 |", flush=True)
                 for v in args.versions:
                     os.environ["NEOX_ACT_VERSION"] = v
                     both = gpu_ms(_fwd_bwd(inputs, lambda *a: fn(*a, impl="fused")), args.iters)
                     tf, tb = gpu_ms(fwd, args.iters), gpu_ms(bwd, args.iters)
+                    fc = gpu_ms(fwd, args.iters, before=lambda: flush.sum())
                     tc = gpu_ms(bwd, args.iters, before=lambda: flush.sum())
 
                     def pct(nbytes: float, ms: float) -> str:
                         return f"{100 * nbytes / ms / 1e6 / bw:.0f}%"
 
-                    print(f"| {op} | {shape} | v{v} | {both:.4f} | {tf:.4f} | {tb:.4f} | {tc:.4f} | "
+                    print(f"| {op} | {shape} | v{v} | {both:.4f} | {tf:.4f} | {tb:.4f} | {fc:.4f} | {tc:.4f} | "
                           f"{(bf + bb) / both / 1e6:.0f} ({pct(bf + bb, both)}) | {pct(bf, tf)} | {pct(bb, tb)} | "
-                          f"{pct(bb, tc)} | {li / both:.3f} |", flush=True)
+                          f"{pct(bf, fc)} | {pct(bb, tc)} | {li / both:.3f} |", flush=True)
                 torch.cuda.empty_cache()
     finally:
         if saved is None:
