@@ -264,6 +264,8 @@ def test_bias_gelu_16bit_bias_launches_no_casts(monkeypatch, version):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         K.bias_gelu(x, b, impl="fused").backward(g)
         torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert kernels and all("bias_gelu" in k or "column_sum" in k for k in kernels), kernels
+    names = [e.name for e in prof.events()]
+    assert any("bias_gelu" in n for n in names), names
+    casts = [n for n in names if "copy" in n.lower() or "elementwise" in n.lower()]  # torch's .to() kernels
+    assert not casts, casts
     assert b.grad.dtype == torch.bfloat16
