@@ -9,7 +9,8 @@
 //    (round to nearest even, saturated to +-fp8_max as torchao's clamp does; NaN stays NaN): the row-major copy
 //    [R, C] and/or the transposed copy [C, R] from one read of a 64 x 64 tile, through shared memory. Block 0
 //    writes scales = {scale, 1 / scale} (IEEE division, as torch's reciprocal: the inverse is what _scaled_mm takes).
-//    The tile's loads are issued before the partials are reduced, so their latency overlaps.
+//    The tile's loads are issued before the partials are reduced, so their latency overlaps; one block a tile, one
+//    wave of 8 blocks an SM (32 registers), the row bands last-first (the amax pass read the end last: L2 may hold it).
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -20,7 +21,7 @@ namespace neox {
 namespace {
 
 constexpr int kAmaxThreads = 1024;
-constexpr int kTile = 64;  // a cast block's tile: 64 rows x 64 columns of x
+constexpr int kTileRows = 64, kTile = 64;  // a cast block's tile: 64 rows x 64 columns of x
 constexpr int kCastThreads = 256;
 constexpr double kEps = 1e-12;  // torchao.float8.float8_utils.EPS
 
@@ -71,19 +72,22 @@ __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w 
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
 template <bool E5M2, bool PLAIN, bool TRANS>
-__global__ void __launch_bounds__(kCastThreads)
+__global__ void __launch_bounds__(kCastThreads, 8)  // a full SM: 8 blocks, 64 KB of loads in flight
 fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const float* __restrict__ parts, int nparts,
                 uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* __restrict__ scales) {
-  __shared__ uint32_t tile[kTile][kTile / 4 + 1];  // fp8 bytes, 4 per word; the pad word spreads the banks
+  __shared__ uint32_t tile[kTileRows][kTile / 4 + 1];  // fp8 bytes, 4 per word; the pad word spreads the banks
   __shared__ unsigned warp_max[kCastThreads / 32];
   const int t = threadIdx.x;
-  const int64_t r0 = (int64_t)blockIdx.x * kTile, c0 = (int64_t)blockIdx.y * kTile;
-  // load: 8 threads per row of 64 columns (16 bytes each), 32 rows per pass, two passes
+  // tiles in row bands, the last band first: the amax pass has just read the tensor's end, which L2 may still hold
+  const int64_t col_tiles = (C + kTile - 1) / kTile, row_tiles = (R + kTileRows - 1) / kTileRows;
+  const int64_t r0 = (row_tiles - 1 - blockIdx.x / col_tiles) * kTileRows, c0 = (blockIdx.x % col_tiles) * kTile;
+  // load: 8 threads per row of 64 columns (16 bytes each), 32 rows per pass, all passes' loads in flight at once
+  constexpr int kPasses = kTileRows / 32;
   const int lr = t / 8, lc = (t % 8) * 8;
-  uint4 v[2];
-  bool in[2];
+  uint4 v[kPasses];
+  bool in[kPasses];
 #pragma unroll
-  for (int p = 0; p < 2; p++) {
+  for (int p = 0; p < kPasses; p++) {
     const int64_t r = r0 + lr + 32 * p, c = c0 + lc;
     in[p] = r < R && c < C;  // C % 16 == 0: a pack is wholly in or out
     if (in[p]) v[p] = __ldg(reinterpret_cast<const uint4*>(x + r * C + c));
@@ -101,12 +105,12 @@ fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const floa
   amax = amax < kEps ? kEps : amax;  // torch.clamp(amax, min=EPS); NaN stays NaN
   const float fp8_max = E5M2 ? 57344.f : 448.f;
   const float scale = static_cast<float>(static_cast<double>(fp8_max) / amax);
-  if (blockIdx.x == 0 && blockIdx.y == 0 && t == 0) {
+  if (blockIdx.x == 0 && t == 0) {
     scales[0] = scale;
     scales[1] = 1.f / scale;
   }
 #pragma unroll
-  for (int p = 0; p < 2; p++) {
+  for (int p = 0; p < kPasses; p++) {
     if (!in[p]) continue;
     const uint32_t w0 = fp8x4<E5M2>(bf16_lo(v[p].x) * scale, bf16_hi(v[p].x) * scale, bf16_lo(v[p].y) * scale,
                                     bf16_hi(v[p].y) * scale);
@@ -121,28 +125,34 @@ fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const floa
   }
   if (!TRANS) return;
   __syncthreads();
-  // store: each thread a 4 x 4 byte block, transposed with byte permutes; a warp takes 8 row groups x 4 column
+  // store: each thread 4 x 4 byte blocks, transposed with byte permutes; a warp takes 8 row groups x 4 column
   // groups (its 32 shared-memory reads hit 32 banks) and writes 32 contiguous bytes in each of 4 rows of out_t
   const int lane = t % 32, warp = t / 32;
-  const int rg = lane % 8 + 8 * (warp % 2), cg = lane / 8 + 4 * (warp / 2);
-  const int64_t r = r0 + 4 * rg, c = c0 + 4 * cg;
-  if (r >= R || c >= C) return;  // R, C % 16 == 0: a 4 x 4 block is wholly in or out
-  const uint32_t a0 = tile[4 * rg][cg], a1 = tile[4 * rg + 1][cg], a2 = tile[4 * rg + 2][cg],
-                 a3 = tile[4 * rg + 3][cg];  // a_j = x[r + j][c .. c + 3]
-  const uint32_t t01 = __byte_perm(a0, a1, 0x5140), t23 = __byte_perm(a2, a3, 0x5140);  // columns 0, 1
-  const uint32_t u01 = __byte_perm(a0, a1, 0x7362), u23 = __byte_perm(a2, a3, 0x7362);  // columns 2, 3
-  uint8_t* o = out_t + c * R + r;
-  *reinterpret_cast<uint32_t*>(o) = __byte_perm(t01, t23, 0x5410);
-  *reinterpret_cast<uint32_t*>(o + R) = __byte_perm(t01, t23, 0x7632);
-  *reinterpret_cast<uint32_t*>(o + 2 * R) = __byte_perm(u01, u23, 0x5410);
-  *reinterpret_cast<uint32_t*>(o + 3 * R) = __byte_perm(u01, u23, 0x7632);
+  const int cg = lane / 8 + 4 * (warp / 2);
+  const int64_t c = c0 + 4 * cg;
+  if (c >= C) return;  // C % 16 == 0: a 4-column group is wholly in or out
+#pragma unroll
+  for (int h = 0; h < kTileRows / 64; h++) {
+    const int rg = lane % 8 + 8 * (warp % 2) + 16 * h;
+    const int64_t r = r0 + 4 * rg;
+    if (r >= R) break;  // R % 16 == 0: so are the row groups
+    const uint32_t a0 = tile[4 * rg][cg], a1 = tile[4 * rg + 1][cg], a2 = tile[4 * rg + 2][cg],
+                   a3 = tile[4 * rg + 3][cg];  // a_j = x[r + j][c .. c + 3]
+    const uint32_t t01 = __byte_perm(a0, a1, 0x5140), t23 = __byte_perm(a2, a3, 0x5140);  // columns 0, 1
+    const uint32_t u01 = __byte_perm(a0, a1, 0x7362), u23 = __byte_perm(a2, a3, 0x7362);  // columns 2, 3
+    uint8_t* o = out_t + c * R + r;
+    *reinterpret_cast<uint32_t*>(o) = __byte_perm(t01, t23, 0x5410);
+    *reinterpret_cast<uint32_t*>(o + R) = __byte_perm(t01, t23, 0x7632);
+    *reinterpret_cast<uint32_t*>(o + 2 * R) = __byte_perm(u01, u23, 0x5410);
+    *reinterpret_cast<uint32_t*>(o + 3 * R) = __byte_perm(u01, u23, 0x7632);
+  }
 }
 
 template <bool E5M2, bool PLAIN, bool TRANS>
 void launch_cast(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, uint8_t* out,
                  uint8_t* out_t, float* scales, cudaStream_t stream) {
-  const dim3 grid((R + kTile - 1) / kTile, (C + kTile - 1) / kTile);
-  fp8_cast_kernel<E5M2, PLAIN, TRANS><<<grid, kCastThreads, 0, stream>>>(x, R, C, parts, nparts, out, out_t, scales);
+  const int64_t tiles = ((R + kTileRows - 1) / kTileRows) * ((C + kTile - 1) / kTile);
+  fp8_cast_kernel<E5M2, PLAIN, TRANS><<<tiles, kCastThreads, 0, stream>>>(x, R, C, parts, nparts, out, out_t, scales);
 }
 
 }  // namespace
