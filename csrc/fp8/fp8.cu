@@ -9,8 +9,8 @@
 //    (round to nearest even, saturated to +-fp8_max as torchao's clamp does; NaN stays NaN): the row-major copy
 //    [R, C] and/or the transposed copy [C, R] from one read of a 64 x 64 tile, through shared memory. Block 0
 //    writes scales = {scale, 1 / scale} (IEEE division, as torch's reciprocal: the inverse is what _scaled_mm takes).
-//    The tile's loads are issued before the partials are reduced, so their latency overlaps; one block a tile, one
-//    wave of 8 blocks an SM (32 registers), the row bands last-first (the amax pass read the end last: L2 may hold it).
+//    The tile's loads are issued before the partials are reduced, so their latency overlaps; one block a tile, 8
+//    blocks resident an SM (32 registers), the row bands last-first (the amax pass read the end last: L2 may hold it).
 #include <cuda_fp8.h>
 
 #include <algorithm>
