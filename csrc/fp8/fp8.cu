@@ -5,7 +5,7 @@
 //    |x| of bf16 is its bits with the sign cleared, and non-negative floats (inf and NaN included, NaN above inf)
 //    order as their bits do: the max is taken on the bits, two halves per 32-bit word (__vmaxu2), 16-byte loads.
 // 2. fp8_cast: each block reduces the partials (a few hundred floats from L2) to amax, forms the scale as torchao's
-//    amax_to_scale does (fp64: fp8_max / max(amax, 1e-12), rounded to fp32) and writes x * scale rounded to fp8
+//    amax_to_scale does (fp64: (1 / max(amax, 1e-12)) * fp8_max, rounded to fp32) and writes x * scale rounded to fp8
 //    (round to nearest even, saturated to +-fp8_max as torchao's clamp does; NaN stays NaN): the row-major copy
 //    [R, C] and/or the transposed copy [C, R] from one read of a 64 x 64 tile, through shared memory. Block 0
 //    writes scales = {scale, 1 / scale} (IEEE division, as torch's reciprocal: the inverse is what _scaled_mm takes).
@@ -104,7 +104,9 @@ fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const floa
   double amax = __uint_as_float(m);
   amax = amax < kEps ? kEps : amax;  // torch.clamp(amax, min=EPS); NaN stays NaN
   const float fp8_max = E5M2 ? 57344.f : 448.f;
-  const float scale = static_cast<float>(static_cast<double>(fp8_max) / amax);
+  // as torch evaluates torchao's `fp8_max / amax` (Tensor.__rtruediv__: reciprocal, then multiply); over every
+  // bf16 amax it equals the one-rounding quotient, yet this is the expression torchao runs
+  const float scale = static_cast<float>((1.0 / amax) * static_cast<double>(fp8_max));
   if (blockIdx.x == 0 && t == 0) {
     scales[0] = scale;
     scales[1] = 1.f / scale;

@@ -56,7 +56,9 @@ void fp8_cast_cpu(const uint16_t* x, int64_t R, int64_t C, const float* parts, i
   double amax = amax_f;
   amax = amax < kEps ? kEps : amax;  // torch.clamp(amax, min=EPS); NaN stays NaN
   const float fp8_max = e5m2 ? 57344.f : 448.f;
-  const float scale = static_cast<float>(static_cast<double>(fp8_max) / amax);
+  // as torch evaluates torchao's `fp8_max / amax` (Tensor.__rtruediv__: reciprocal, then multiply); over every
+  // bf16 amax it equals the one-rounding quotient, yet this is the expression torchao runs
+  const float scale = static_cast<float>((1.0 / amax) * static_cast<double>(fp8_max));
   scales[0] = scale;
   scales[1] = 1.f / scale;
 #pragma omp parallel for schedule(static)

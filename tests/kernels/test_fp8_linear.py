@@ -86,6 +86,21 @@ def test_every_bf16_value_in_range_rounds_as_torch(device, dtype):
     assert torch.equal(_bytes(x8), _bytes(ref)) and torch.equal(_bytes(x8_t), _bytes(ref.t().contiguous()))
 
 
+def test_the_scale_is_torchaos_for_every_eighth_bf16_amax():
+    """The scale from amax, against torchao's amax_to_scale, over a sweep of the finite bf16 range (denormals,
+    below and above EPS, up to bf16's max): both fp8 formats."""
+    from torchao.float8.float8_utils import amax_to_scale
+
+    amaxes = torch.arange(1, 0x7f80, 8, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = torch.zeros(16, 16, dtype=torch.bfloat16)
+    for dtype in (E4M3, E5M2):
+        ours = torch.empty(amaxes.numel())
+        for i, a in enumerate(amaxes):
+            x[5, 7] = -a
+            ours[i] = fp8_cast(x, e5m2=dtype is E5M2)[2]
+        assert torch.equal(ours, amax_to_scale(amaxes.float(), dtype))
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_an_all_zero_tensor_takes_the_eps_scale(device):
     """amax 0: the scale is fp8_max / 1e-12 (torchao's EPS, in float64, then fp32) and every byte is 0."""
