@@ -1,6 +1,6 @@
 """A linear layer's matmul in fp8: torchao's tensorwise dynamic scaling, with neox's cast kernels (csrc/fp8/).
 
-    y = fp8_linear(x, weight)                       # x @ weight.T; forward and backward GEMMs in fp8
+    y = fp8_linear(x, weight, bias=b)               # x @ weight.T + b; forward and backward GEMMs in fp8
     weights = Fp8Weights(); y = fp8_linear(x, weight, weights.get(weight))   # weight cast once per step
 
 The numerics are those of torchao.float8's `matmul_with_hp_or_float8_args` with its default config, bit for bit
@@ -14,6 +14,9 @@ only xᵀ in fp8 for the weight gradient (1 byte per element where autograd's li
 Inputs: x bf16 [..., K], weight bf16 [N, K]; K, N and the token count multiples of 16 (the fp8 GEMMs' rule);
 `supports(x, weight)` says whether this path takes them (neox.model.fp8 sends the rest to torchao). The weight
 gradient goes to autograd (which accumulates it into .grad): torch._scaled_mm cannot add into an output.
+A bias (x's dtype) is added in the forward GEMM's epilogue, to the fp32 sums before the one rounding (torchao's
+Float8Linear adds it to the rounded output: a separate kernel, and up to one bf16 ulp away), and its gradient is
+neox's column-sum kernel (`neox.kernels.linear.bias_grad`, fp32 sums) where autograd's reduction was ~2x slower.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from neox.errors import KernelError
 
 from . import _backend as B
+from .linear import bias_grad
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -78,44 +82,58 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w8: Fp8Weight, ext) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w8: Fp8Weight, bias: Optional[torch.Tensor],
+                ext) -> torch.Tensor:
         K, N = weight.shape[1], weight.shape[0]
         x2 = _aligned(x.reshape(-1, K))
         need_xt = ctx.needs_input_grad[1]  # xᵀ only feeds the weight gradient
         x8, x8_t, _, x_inv = ext.fp8_cast(x2, False, True, need_xt, B.POISON_OUTPUTS)
-        y = torch._scaled_mm(x8, w8.data.t(), x_inv, w8.inv_scale, out_dtype=x.dtype, use_fast_accum=True)
+        y = torch._scaled_mm(x8, w8.data.t(), x_inv, w8.inv_scale, bias=bias, out_dtype=x.dtype,
+                             use_fast_accum=True)
         ctx.save_for_backward(x8_t, x_inv, w8.data_t, w8.inv_scale)
-        ctx.ext, ctx.x_shape = ext, x.shape
+        ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        ctx.ext = ext
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x8_t, x_inv, w8_t, w_inv = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         dy2 = _aligned(dy.reshape(-1, dy.shape[-1]))
-        g8, g8_t, _, g_inv = ctx.ext.fp8_cast(dy2, True, need_dx, need_dw, B.POISON_OUTPUTS)
-        dx = dw = None
+        dx = dw = db = None
+        if need_db:
+            db = bias_grad(dy2).to(ctx.bias_dtype)
+        if need_dx or need_dw:
+            g8, g8_t, _, g_inv = ctx.ext.fp8_cast(dy2, True, need_dx, need_dw, B.POISON_OUTPUTS)
         if need_dx:
             dx = torch._scaled_mm(g8, w8_t.t(), g_inv, w_inv, out_dtype=dy.dtype).view(ctx.x_shape)
         if need_dw:
             dw = torch._scaled_mm(g8_t, x8_t.t(), g_inv, x_inv, out_dtype=dy.dtype)
-        return dx, dw, None, None
+        return dx, dw, None, db, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_fp8: Optional[Fp8Weight] = None) -> torch.Tensor:
-    """x @ weight.T with its forward and backward GEMMs in fp8 (torchao's tensorwise recipe, bit for bit).
-    weight_fp8: the weight's copies made earlier this optimizer step (`Fp8Weights.get`); None casts it now."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_fp8: Optional[Fp8Weight] = None,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) with its forward and backward GEMMs in fp8 (torchao's tensorwise recipe, bit for bit;
+    the bias in the GEMM's epilogue: see the module docstring). weight_fp8: the weight's copies made earlier this
+    optimizer step (`Fp8Weights.get`); None casts it now."""
     if not supports(x, weight):
         raise KernelError(f"fp8_linear: takes bf16 x [..., K] and weight [N, K] with K, N and the token count "
                           f"multiples of 16 on a device with neox's kernels; got x {x.dtype} {tuple(x.shape)} on "
                           f"{x.device}, weight {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],) or bias.device != x.device:
+            raise KernelError(f"fp8_linear: bias must be [{weight.shape[0]}] on {x.device}, got "
+                              f"{tuple(bias.shape)} on {bias.device}")
+        bias = bias.to(x.dtype)  # the epilogue adds x's dtype; autograd casts the gradient back
     w8 = cast_weight(weight) if weight_fp8 is None else weight_fp8
-    if not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         x8, _, _, x_inv = fp8_cast(x.reshape(-1, x.shape[-1]))  # inference: no node, no saved xᵀ
-        y = torch._scaled_mm(x8, w8.data.t(), x_inv, w8.inv_scale, out_dtype=x.dtype, use_fast_accum=True)
+        y = torch._scaled_mm(x8, w8.data.t(), x_inv, w8.inv_scale, bias=bias, out_dtype=x.dtype,
+                             use_fast_accum=True)
         return y.view(*x.shape[:-1], weight.shape[0])
-    return _Fp8Linear.apply(x, weight, w8, B.extension(x.device.type)[0])
+    return _Fp8Linear.apply(x, weight, w8, bias, B.extension(x.device.type)[0])
 
 
 class Fp8Weights:

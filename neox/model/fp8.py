@@ -52,8 +52,7 @@ def check_device(device: torch.device) -> None:
 
 def _fp8_linear(self: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ self.weight.T (+ bias) with the matmul (and its two backward matmuls) in fp8."""
-    y = self.fp8_matmul(x, self.weight)
-    return y if bias is None else y + bias.to(y.dtype)
+    return self.fp8_matmul(x, self.weight, bias)
 
 
 class FP8Linear(nn.Linear):
@@ -168,16 +167,20 @@ class Fp8Matmul:
         """Weight casts made for the cache, on either path (tests read it)."""
         return self._torchao_casts + self._neox_copies.casts
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x @ weight.T + bias: on neox's path the bias is added in the GEMM's epilogue (before the output's one
+        rounding; its gradient by neox's column-sum kernel), on torchao's to the rounded output (as its
+        Float8Linear does)."""
         if (self.neox_kernels and not torch.compiler.is_compiling() and x.dtype is torch.bfloat16
                 and weight.dtype is torch.bfloat16 and (x.numel() // x.shape[-1]) % 16 == 0 and x.numel()
                 and kernels_backend.extension(x.device.type)[0] is not None):
             weight_fp8 = self._neox_copies.get(weight) if self.cache_weights else None
-            return fp8_kernels.fp8_linear(x, weight, weight_fp8)
+            return fp8_kernels.fp8_linear(x, weight, weight_fp8, bias)
         weight_t = weight.t()
         if self.cache_weights:
             weight_t = _SharedFp8Weight.apply(weight_t, self._fp8_copy(weight))
-        return self._matmul(x, weight_t)
+        y = self._matmul(x, weight_t)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def _fp8_copy(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version)
