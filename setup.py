@@ -63,6 +63,53 @@ def _cuda_skip_reason(torch, cpp_extension) -> str:
     return ""
 
 
+# Run in a fresh process on a just-built extension: a C++ check (libc10's c10::Error) and a std::runtime_error thrown
+# by the extension must both arrive as RuntimeError (csrc/common/bindings.inc: _raise_check).
+_EXCEPTION_CHECK = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2])
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+for how in (0, 1):
+    try:
+        ext._raise_check(how)
+    except RuntimeError:
+        continue
+    sys.exit(3)
+"""
+
+
+def _exception_check(name: str, path: str) -> str:
+    """'' if a C++ exception in the built extension `path` raises a Python RuntimeError, else what happened instead.
+    A toolchain can build an extension whose exceptions end the process (seen on the H200 image): found here, at
+    build time, not by a user's first bad call."""
+    import signal
+    import subprocess
+    try:
+        proc = subprocess.run([sys.executable, "-c", _EXCEPTION_CHECK, name, path], capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        return "a C++ exception hangs the process"
+    if proc.returncode == 0:
+        return ""
+    if proc.returncode < 0:
+        return f"a C++ exception ends the process ({signal.Signals(-proc.returncode).name})"
+    last = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    return f"the exception check failed (exit {proc.returncode}: {last[0][:200]})"
+
+
+def _drop_env_compilers(compiler) -> str:
+    """Forget $CC/$CXX for the rest of this build (torch's cpp_extension reads them for each compile and -ccbin; the
+    link uses compiler_cxx): the compilers torch defaults to, c++ and nvcc's own host compiler, are used instead.
+    Returns what was dropped ('' if neither was set)."""
+    dropped = {k: os.environ.pop(k) for k in ("CC", "CXX") if os.environ.get(k)}
+    for attr, default in (("compiler_cxx", "c++"), ("linker_so", "cc"), ("compiler_so", "cc"), ("compiler", "cc")):
+        argv = getattr(compiler, attr, None)
+        if argv and argv[0] in dropped.values():
+            compiler.set_executable(attr, [default] + list(argv[1:]))
+    return " ".join(f"{k}={v}" for k, v in dropped.items())
+
+
 def _extensions():
     try:
         import torch
@@ -101,6 +148,14 @@ def _extensions():
             t0 = time.time()
             try:
                 super().build_extension(ext)
+                broken = _exception_check(ext.name, self.get_ext_fullpath(ext.name))
+                dropped = _drop_env_compilers(self.compiler) if broken else ""
+                if dropped:
+                    _log(f"{ext.name}: {broken} when built with {dropped}; rebuilding it with torch's default "
+                         f"compilers (c++, nvcc's host compiler)")
+                    self.force = True
+                    super().build_extension(ext)
+                    broken = _exception_check(ext.name, self.get_ext_fullpath(ext.name))
             except Exception as e:  # compiler errors arrive as several exception types
                 first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
                 _log(f"FAILED to build {ext.name}: {first}. neox will use the pure-PyTorch reference ops "
@@ -108,6 +163,9 @@ def _extensions():
                 status[ext.name] = {"built": False, "reason": f"build failed: {first}"}
                 return
             status[ext.name] = {"built": True, "seconds": round(time.time() - t0, 1)}
+            if broken:  # still usable (neox validates inputs in Python first), but an internal bug would crash
+                status[ext.name]["exceptions"] = broken
+                _log(f"{ext.name}: {broken}; a failing C++ check in it will end the process instead of raising")
             _log(f"built {ext.name} in {time.time() - t0:.0f} s")
 
         def _built_only(self, method, *args):

@@ -10,6 +10,10 @@ wherever it is built, this CPU machine included."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,3 +92,34 @@ def test_a_cuda_extension_check_raises():
 def test_each_exception_path_with_cuda_initialised(ext, call):
     """The two paths that cross the binding, each in its own process so that one crash hides no other."""
     _assert_says(ext, {call: RAISE_CHECK[call]}, setup=CUDA_INIT)
+
+
+@pytest.mark.slow
+def test_a_build_whose_exceptions_end_the_process_is_redone_with_the_default_compilers(tmp_path):
+    """setup.py checks each built extension's exception path in a fresh process. $CC/$CXX wrappers that link the C++
+    runtime statically (as a toolchain image may: the extension then catches libc10's exceptions with its own copy
+    of the runtime, and aborts) make it rebuild with torch's defaults, whose extension raises."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    for part in ("setup.py", "pyproject.toml", "csrc", "neox"):
+        (shutil.copytree if (root / part).is_dir() else shutil.copy)(
+            root / part, tmp_path / part, **({"ignore": shutil.ignore_patterns("*.so", "__pycache__")}
+                                             if (root / part).is_dir() else {}))
+    wrappers = tmp_path / "toolchain"
+    wrappers.mkdir()
+    for name, real in (("gcc", shutil.which("gcc")), ("g++", shutil.which("g++"))):
+        (wrappers / name).write_text(f'#!/bin/sh\nexec {real} "$@" -static-libstdc++ -static-libgcc\n')
+        (wrappers / name).chmod(0o755)
+    env = {**os.environ, "CC": str(wrappers / "gcc"), "CXX": str(wrappers / "g++"), "NEOX_BUILD_CUDA": "0"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "neox._C_cpu: a C++ exception ends the process (SIGABRT) when built with CC=" in build.stderr, \
+        build.stderr[-3000:]
+    assert "rebuilding it with torch's default compilers" in build.stderr
+    status = json.loads((tmp_path / "neox" / "kernels" / "_build_status.json").read_text())
+    assert status["neox._C_cpu"]["built"] and "exceptions" not in status["neox._C_cpu"], status
+    code = CALLS.format(ext="cpu", setup="", calls=list(RAISE_CHECK))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in env.items() if k not in ("PYTHONPATH",)})
+    said = [line for line in proc.stdout.splitlines() if not line.startswith("calling ")]
+    assert proc.returncode == 0 and said == list(RAISE_CHECK.values()), (proc.returncode, said, proc.stderr[-2000:])
