@@ -13,6 +13,7 @@ at train start why a fused path is not in use.
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -98,16 +99,30 @@ def _exception_check(name: str, path: str) -> str:
     return f"the exception check failed (exit {proc.returncode}: {last[0][:200]})"
 
 
-def _drop_env_compilers(compiler) -> str:
-    """Forget $CC/$CXX for the rest of this build (torch's cpp_extension reads them for each compile and -ccbin; the
-    link uses compiler_cxx): the compilers torch defaults to, c++ and nvcc's own host compiler, are used instead.
-    Returns what was dropped ('' if neither was set)."""
-    dropped = {k: os.environ.pop(k) for k in ("CC", "CXX") if os.environ.get(k)}
-    for attr, default in (("compiler_cxx", "c++"), ("linker_so", "cc"), ("compiler_so", "cc"), ("compiler", "cc")):
-        argv = getattr(compiler, attr, None)
-        if argv and argv[0] in dropped.values():
-            compiler.set_executable(attr, [default] + list(argv[1:]))
-    return " ".join(f"{k}={v}" for k, v in dropped.items())
+_LINK_AND_COMPILE = (("compiler_cxx", "c++"), ("linker_so", "cc"), ("compiler_so", "cc"), ("compiler", "cc"))
+
+
+def _default_compilers(compiler) -> dict:
+    """Forget $CC/$CXX (torch's cpp_extension reads them for each compile and nvcc's -ccbin; the link uses
+    compiler_cxx), so that torch's defaults build: c++, and nvcc's own host compiler (gcc on the PATH). Returns
+    what to hand to _restore_compilers; empty (nothing changed) where neither is set or a default is missing."""
+    env = {k: os.environ[k] for k in ("CC", "CXX") if os.environ.get(k)}
+    if not env or not all(shutil.which(c) for c in ("c++", "cc", "gcc", "g++")):
+        return {}
+    argv = {a: list(getattr(compiler, a)) for a, _ in _LINK_AND_COMPILE if getattr(compiler, a, None)}
+    saved = {"env": env, "argv": argv}
+    for k in env:
+        del os.environ[k]
+    for attr, default in _LINK_AND_COMPILE:
+        if attr in argv and argv[attr][0] in env.values():
+            compiler.set_executable(attr, [default] + argv[attr][1:])
+    return saved
+
+
+def _restore_compilers(compiler, saved: dict) -> None:
+    os.environ.update(saved["env"])
+    for attr, argv in saved["argv"].items():
+        compiler.set_executable(attr, argv)
 
 
 def _extensions():
@@ -149,13 +164,19 @@ def _extensions():
             try:
                 super().build_extension(ext)
                 broken = _exception_check(ext.name, self.get_ext_fullpath(ext.name))
-                dropped = _drop_env_compilers(self.compiler) if broken else ""
-                if dropped:
-                    _log(f"{ext.name}: {broken} when built with {dropped}; rebuilding it with torch's default "
+                saved = _default_compilers(self.compiler) if broken else {}
+                if saved:
+                    env = " ".join(f"{k}={v}" for k, v in saved["env"].items())
+                    _log(f"{ext.name}: {broken} when built with {env}; rebuilding it with torch's default "
                          f"compilers (c++, nvcc's host compiler)")
                     self.force = True
-                    super().build_extension(ext)
-                    broken = _exception_check(ext.name, self.get_ext_fullpath(ext.name))
+                    try:
+                        super().build_extension(ext)
+                        broken = _exception_check(ext.name, self.get_ext_fullpath(ext.name))
+                    except Exception as e:  # keep an extension whose exceptions crash over none
+                        _log(f"{ext.name}: the rebuild failed ({type(e).__name__}); building it with {env} again")
+                        _restore_compilers(self.compiler, saved)
+                        super().build_extension(ext)
             except Exception as e:  # compiler errors arrive as several exception types
                 first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
                 _log(f"FAILED to build {ext.name}: {first}. neox will use the pure-PyTorch reference ops "
