@@ -34,7 +34,7 @@
 // branch on the slot kind), the angles are read once per task, and the divisions are multiply-high + shift with
 // constants from the host. Same fp32 arithmetic as v4 (rotated_a/rotated_b), so bitwise v4's values. Taken where v4's
 // packs apply and L is a power of two up to 32 (bf16/fp16 heads of 8-256, fp32 of 4-128).
-// v6 (rotary_qkv_cuda, the default where it applies): v3's op laid out per token, as Liger's rope (one program per
+// v6 (rotary_qkv_cuda, forced with version 6 only: measured 0.95x v3 on the H200, session 20): v3's op laid out per token, as Liger's rope (one program per
 // token, all its heads) but on warps. What v3 lacked: a thread rotated one pack and re-read the pack's angles
 // (V cos + V sin floats: 64 bytes for bf16, twice the 32 bytes of q/k it moved), paid three run-time 32-bit divisions,
 // and had one load in flight. v6: a warp task is RW * U q/k rows of one token; a row's rotated part is L lanes (v3's

@@ -151,7 +151,7 @@ def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_
     it). The backward rotates its incoming gradient in place, so give the result to views/splits (as the
     attention does), not to an op that hands one gradient tensor to several inputs.
 
-    version: 0 runs the CUDA kernel made for the shapes (v6 where it applies, else v3); 3, 6 or 7 forces that kernel
+    version: 0 runs the CUDA kernel made for the shapes (v3; v6 and v7 measured slower on the H200, session 20); 3, 6 or 7 forces that kernel
     (CUDA only: side-by-side tests and bench/kernels.py --rotary-versions), and a forced 6 or 7 that does not apply
     raises KernelError. The values are bitwise the same whichever kernel runs.
     """

@@ -183,7 +183,7 @@ def test_rotary_qkv_versions_match_reference_and_each_other(_, seed, dtype, inte
     c, sn = (t.cuda() for t in rotary_angles(s, rd))
     x = torch.randn(b, s, g, per + 2, hd, device="cuda").to(dtype)
     grads = [torch.randn(b, s, g, m, hd, device="cuda").to(dtype) for m in (per, 1, 1)]
-    ref_leaf = x.float().requires_grad_()
+    ref_leaf = x.detach().float().clone().requires_grad_()  # a copy: in fp32, x.float() is x itself
     ref, _ = _run_split(ref_leaf, lambda t: K.rotary_qkv_reference(t, c, sn, rd, interleaved, per),
                         [gr.float() for gr in grads], "view")
     kernel = _cuda_kernel_for(dtype, hd, rd, interleaved)
@@ -209,7 +209,8 @@ def test_rotary_qkv_versions_match_reference_and_each_other(_, seed, dtype, inte
     for version, (out, grad) in results.items():
         assert torch.equal(out, results[3][0]) and torch.equal(grad, results[3][1]), f"version {version} vs 3"
     ext = _backend.extension("cuda")[0]
-    assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, False) == kernel  # version 0: the rule's kernel
+    # version 0: v3 (or its scalar form) where v6 applies too: v6 and v7 measured slower on the H200 (session 20)
+    assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, False) == (3 if kernel == 6 else kernel)
     assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, True, 3) == (3 if kernel == 6 else kernel)
     assert ext.rotary_qkv(x.clone(), c, sn, rd, interleaved, True, 7) == (7 if kernel == 6 else -1)
 
