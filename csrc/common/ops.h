@@ -104,14 +104,14 @@ void adamw_bf16_step_cuda(const AdamwSpan* spans, int64_t count, AdamwHyper h, c
 // csrc/fp8/: torchao's tensorwise fp8 cast of a bf16 tensor (bits as uint16), in two launches and no host sync.
 // fp8_amax writes nparts (= fp8_amax_parts(n)) partial max|x| of x's n values (n % 8 == 0); fp8_cast reduces them to
 // the scale, writes x [R, C] (R, C % 16 == 0) as e4m3fn or e5m2 into out [R, C] and/or out_t [C, R] (null: not
-// wanted; one at least) and scales = {scale, 1 / scale}.
+// wanted; one at least), scale and inv_scale = 1 / scale.
 namespace neox {
 int fp8_amax_parts_cpu(int64_t n);
 void fp8_amax_cpu(const uint16_t* x, int64_t n, float* parts, int nparts);
 void fp8_cast_cpu(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, bool e5m2, uint8_t* out,
-                  uint8_t* out_t, float* scales);
+                  uint8_t* out_t, float* scale, float* inv_scale);
 int fp8_amax_parts_cuda(int64_t n);
 void fp8_amax_cuda(const uint16_t* x, int64_t n, float* parts, int nparts, CUstream_st* stream);
 void fp8_cast_cuda(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, bool e5m2, uint8_t* out,
-                   uint8_t* out_t, float* scales, CUstream_st* stream);
+                   uint8_t* out_t, float* scale, float* inv_scale, CUstream_st* stream);
 }  // namespace neox

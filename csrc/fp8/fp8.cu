@@ -8,7 +8,8 @@
 //    amax_to_scale does (fp64: (1 / max(amax, 1e-12)) * fp8_max, rounded to fp32) and writes x * scale rounded to fp8
 //    (round to nearest even, saturated to +-fp8_max as torchao's clamp does; NaN stays NaN): the row-major copy
 //    [R, C] and/or the transposed copy [C, R] from one read of a 64 x 64 tile, through shared memory. Block 0
-//    writes scales = {scale, 1 / scale} (IEEE division, as torch's reciprocal: the inverse is what _scaled_mm takes).
+//    writes scale and inv_scale = 1 / scale (IEEE division, as torch's reciprocal: the inverse is what _scaled_mm
+//    takes), each its own allocation (fp8_bindings.inc says why).
 //    The tile's loads are issued before the partials are reduced, so their latency overlaps; one block a tile, 8
 //    blocks resident an SM (32 registers), the row bands last-first (the amax pass read the end last: L2 may hold it).
 #include <cuda_fp8.h>
@@ -74,7 +75,8 @@ __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w 
 template <bool E5M2, bool PLAIN, bool TRANS>
 __global__ void __launch_bounds__(kCastThreads, 8)  // a full SM: 8 blocks, 64 KB of loads in flight
 fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const float* __restrict__ parts, int nparts,
-                uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* __restrict__ scales) {
+                uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* __restrict__ scale_out,
+                float* __restrict__ inv_scale_out) {
   __shared__ uint32_t tile[kTileRows][kTile / 4 + 1];  // fp8 bytes, 4 per word; the pad word spreads the banks
   __shared__ unsigned warp_max[kCastThreads / 32];
   const int t = threadIdx.x;
@@ -108,8 +110,8 @@ fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const floa
   // bf16 amax it equals the one-rounding quotient, yet this is the expression torchao runs
   const float scale = static_cast<float>((1.0 / amax) * static_cast<double>(fp8_max));
   if (blockIdx.x == 0 && t == 0) {
-    scales[0] = scale;
-    scales[1] = 1.f / scale;
+    *scale_out = scale;
+    *inv_scale_out = 1.f / scale;
   }
 #pragma unroll
   for (int p = 0; p < kPasses; p++) {
@@ -152,9 +154,10 @@ fp8_cast_kernel(const uint16_t* __restrict__ x, int64_t R, int64_t C, const floa
 
 template <bool E5M2, bool PLAIN, bool TRANS>
 void launch_cast(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, uint8_t* out,
-                 uint8_t* out_t, float* scales, cudaStream_t stream) {
+                 uint8_t* out_t, float* scale, float* inv_scale, cudaStream_t stream) {
   const int64_t tiles = ((R + kTileRows - 1) / kTileRows) * ((C + kTile - 1) / kTile);
-  fp8_cast_kernel<E5M2, PLAIN, TRANS><<<tiles, kCastThreads, 0, stream>>>(x, R, C, parts, nparts, out, out_t, scales);
+  fp8_cast_kernel<E5M2, PLAIN, TRANS><<<tiles, kCastThreads, 0, stream>>>(x, R, C, parts, nparts, out, out_t, scale,
+                                                                          inv_scale);
 }
 
 }  // namespace
@@ -170,12 +173,12 @@ void fp8_amax_cuda(const uint16_t* x, int64_t n, float* parts, int nparts, cudaS
 }
 
 void fp8_cast_cuda(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, bool e5m2, uint8_t* out,
-                   uint8_t* out_t, float* scales, cudaStream_t stream) {
+                   uint8_t* out_t, float* scale, float* inv_scale, cudaStream_t stream) {
   const bool plain = out != nullptr, trans = out_t != nullptr;
-#define NEOX_FP8_CAST(E5M2)                                                                            \
-  if (plain && trans) launch_cast<E5M2, true, true>(x, R, C, parts, nparts, out, out_t, scales, stream); \
-  else if (plain) launch_cast<E5M2, true, false>(x, R, C, parts, nparts, out, out_t, scales, stream);   \
-  else launch_cast<E5M2, false, true>(x, R, C, parts, nparts, out, out_t, scales, stream);
+#define NEOX_FP8_CAST(E5M2)                                                                                \
+  if (plain && trans) launch_cast<E5M2, true, true>(x, R, C, parts, nparts, out, out_t, scale, inv_scale, stream); \
+  else if (plain) launch_cast<E5M2, true, false>(x, R, C, parts, nparts, out, out_t, scale, inv_scale, stream);   \
+  else launch_cast<E5M2, false, true>(x, R, C, parts, nparts, out, out_t, scale, inv_scale, stream);
   if (e5m2) {
     NEOX_FP8_CAST(true)
   } else {

@@ -44,7 +44,7 @@ void fp8_amax_cpu(const uint16_t* x, int64_t n, float* parts, int) {
 }
 
 void fp8_cast_cpu(const uint16_t* x, int64_t R, int64_t C, const float* parts, int nparts, bool e5m2, uint8_t* out,
-                  uint8_t* out_t, float* scales) {
+                  uint8_t* out_t, float* scale_out, float* inv_scale_out) {
   uint32_t bits = 0;
   for (int i = 0; i < nparts; i++) {
     uint32_t u;
@@ -59,8 +59,8 @@ void fp8_cast_cpu(const uint16_t* x, int64_t R, int64_t C, const float* parts, i
   // as torch evaluates torchao's `fp8_max / amax` (Tensor.__rtruediv__: reciprocal, then multiply); over every
   // bf16 amax it equals the one-rounding quotient, yet this is the expression torchao runs
   const float scale = static_cast<float>((1.0 / amax) * static_cast<double>(fp8_max));
-  scales[0] = scale;
-  scales[1] = 1.f / scale;
+  *scale_out = scale;
+  *inv_scale_out = 1.f / scale;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < R; r++) {
     for (int64_t c = 0; c < C; c++) {

@@ -247,16 +247,16 @@ def apply_fp8(model: nn.Module, device: torch.device, cache_weights: bool = True
     """The trainer's entry: check the GPU, convert, and say in one line what runs in fp8. The trainer clears
     `fp8_matmul(model)` before each optimizer step (`caches_weights` says when to cache at all)."""
     check_device(device)
-    # torchao's compiled casts: neox's fp8_linear (neox.kernels.fp8) is not yet taken in training: on the H200
-    # (session 20) its torch._scaled_mm calls were refused by cuBLASLt (CUBLAS_STATUS_NOT_SUPPORTED); it runs on
-    # the CPU against torchao's casts bit for bit (tests/kernels/test_fp8_linear.py) until that is fixed
-    done = convert_to_fp8(model, compiled=True, cache_weights=cache_weights)
+    # neox's cast kernels and torch._scaled_mm (neox.kernels.fp8); torchao's casts compiled where they are not built
+    compiled = kernels_backend.extension(device.type)[0] is None
+    done = convert_to_fp8(model, compiled=compiled, cache_weights=cache_weights)
     if not done["fp8"]:
         raise ConfigError("train.precision=fp8: no linear layer has dims that are multiples of 16; "
                           "use train.precision=bf16")
     kept = done["bf16"][:3] + ([f"{len(done['bf16']) - 3} more"] if len(done["bf16"]) > 3 else [])
     kept = f"; kept in bf16: {', '.join(kept)}" if kept else ""
     cached = ", each weight cast once per optimizer step" if fp8_matmul(model).cache_weights else ""
-    casts = "torchao's casts compiled, the first steps include compile time"
+    casts = ("torchao's casts compiled, the first steps include compile time" if compiled
+             else "neox's cast kernels")
     return (f"fp8: {len(done['fp8'])} linear layers' matmuls in fp8 (torchao's tensorwise dynamic scaling; "
             f"{casts}{cached}){kept}")
